@@ -1,0 +1,239 @@
+"""The permutohedral lattice: fast high-dimensional Gaussian filtering in pure PyTorch.
+
+Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the Permutohedral Lattice", Eurographics 2010,
+in the variant that Krähenbühl & Koltun's densecrf uses (NIPS 2011): features scaled so that the lattice
+approximates a Gaussian of unit standard deviation, splat with barycentric weights onto the d+1 vertices of
+the enclosing simplex, blur with [1 2 1] along each of the d+1 lattice directions, slice with the same
+weights, and scale by 1 / (1 + 2^-d).
+
+The lattice is built once per feature map (:func:`build_lattice`) and then filters any number of value
+channels (:meth:`PermutohedralLattice.filter`). Every operator is a sparse matrix product, so the transpose
+of the whole filter (used by the backward pass) is the same products in reverse blur order. A batch of
+images becomes one lattice whose vertex keys include the image index, so images never exchange mass.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PermutohedralLattice", "build_lattice", "lattice_filter"]
+
+_PACK_LIMIT = 2**62
+
+
+@dataclass(frozen=True, eq=False)
+class PermutohedralLattice:
+    """A built lattice: the sparse operators of one (batched) permutohedral filter.
+
+    Attributes:
+        batch_size: number of images B.
+        num_points: points per image N (pixels).
+        dim: feature dimension d.
+        num_vertices: lattice vertices M over the whole batch.
+        splat: CSR matrix (Tensor[M, B*N]) of barycentric weights.
+        slice: CSR matrix (Tensor[B*N, M]), the transpose of ``splat`` times 1 / (1 + 2^-d).
+        blur: d+1 CSR matrices (Tensor[M, M]), ``I + (P_j + P_jᵀ) / 2`` for lattice direction j.
+    """
+
+    batch_size: int
+    num_points: int
+    dim: int
+    num_vertices: int
+    splat: Tensor
+    slice: Tensor
+    blur: tuple[Tensor, ...]
+
+    def filter(self, values: Tensor, *, transpose: bool = False) -> Tensor:
+        """Applies the lattice Gaussian ``K`` (or ``Kᵀ``) to values.
+
+        Args:
+            values: Tensor[B, N, C], any number of channels C, the lattice's dtype and device.
+            transpose: apply ``Kᵀ`` (blur directions in reverse order) — the adjoint used by backward.
+
+        Returns:
+            Tensor[B, N, C]: ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice approximation ``k``.
+        """
+        b, n, c = values.shape
+        assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
+        x = torch.sparse.mm(self.splat, values.reshape(b * n, c))  # [M, C]
+        order = reversed(self.blur) if transpose else self.blur
+        for blur in order:
+            x = torch.sparse.mm(blur, x)
+        return torch.sparse.mm(self.slice, x).view(b, n, c)
+
+
+def _scale_factors(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # densecrf's choice: the [1 2 1] blur along d+1 directions then has unit variance in feature space.
+    i = torch.arange(d, dtype=dtype, device=device)
+    return math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt((i + 1) * (i + 2))
+
+
+class _Vertices:
+    """Numbers the lattice vertices that the points touch, and finds vertices' neighbours.
+
+    A vertex is identified by the image index and the first d coordinates of its key. Keys are packed into
+    one int64 (mixed radix, image most significant) whenever the coordinate spans allow it — the usual case,
+    a sort of scalars, and packing is linear so a neighbour's code is the vertex's code plus a constant.
+    Otherwise (extreme bandwidths on huge images) whole key rows are ranked with ``unique(dim=0)``.
+
+    Attributes:
+        ids: Tensor[P * (d+1)], the vertex id of every (point, remainder) entry, ids in [0, num).
+        order: Tensor[P * (d+1)], the entries sorted by vertex id (stable).
+        num: the number of vertices M.
+    """
+
+    def __init__(self, image: Tensor, rem0: Tensor, rank: Tensor, num_images: int) -> None:
+        p, d1 = rank.shape
+        d = d1 - 1
+        device = rank.device
+        k = torch.arange(d1, device=device)
+        lo = rem0[:, :d].min(0).values - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
+        span = [num_images] + (rem0[:, :d].max(0).values + 2 * d1 - lo + 1).tolist()
+        self.packed = math.prod(span) < _PACK_LIMIT
+        if self.packed:
+            radix = [1] * len(span)
+            for i in range(len(span) - 2, -1, -1):
+                radix[i] = radix[i + 1] * span[i + 1]
+            self.radix = torch.tensor(radix, device=device)
+            base = image * radix[0] + ((rem0[:, :d] - lo) * self.radix[1:]).sum(1)  # [P]
+            # key_i = rem0_i + k - (d+1)·[k >= d + 1 - rank_i]; sum the radix-weighted indicator by a cumsum.
+            jumps = torch.zeros(p, d + 2, dtype=torch.long, device=device)
+            jumps.scatter_add_(1, d + 1 - rank[:, :d], self.radix[1:].expand(p, d))
+            codes = base[:, None] + k * int(self.radix[1:].sum()) - d1 * jumps.cumsum(1)[:, :d1]
+            codes, self.order = torch.sort(codes.reshape(-1), stable=True)
+            first = torch.ones_like(codes, dtype=torch.bool)
+            first[1:] = codes[1:] != codes[:-1]
+            self.codes = codes[first]  # sorted unique vertex codes
+            self.ids = torch.empty_like(self.order)
+            self.ids[self.order] = torch.cumsum(first, 0) - 1
+        else:
+            keys = rem0[:, None, :d] + k[:, None] - d1 * (rank[:, None, :d] > d - k[:, None])  # [P, d+1, d]
+            rows = torch.cat([image[:, None, None].expand(p, d1, 1), keys], 2).reshape(-1, d1)
+            self.rows, self.ids = torch.unique(rows, dim=0, return_inverse=True)
+            self.order = torch.sort(self.ids, stable=True).indices
+        self.num = int(self.ids.max()) + 1
+
+    def neighbours(self, step: Tensor) -> Tensor:
+        """Ids of the vertices at key + step (Tensor[d], the image fixed): Tensor[M], -1 where absent."""
+        if self.packed:
+            query = self.codes + int((step * self.radix[1:]).sum())
+            pos = torch.searchsorted(self.codes, query).clamp_max(self.num - 1)
+            return torch.where(self.codes[pos] == query, pos, -1)
+        shifted = self.rows.clone()
+        shifted[:, 1:] += step
+        _, ids = torch.unique(torch.cat([self.rows, shifted]), dim=0, return_inverse=True)
+        table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=step.device)
+        table[ids[: self.num]] = torch.arange(self.num, device=step.device)
+        return table[ids[self.num :]]
+
+
+def _csr(crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, val, shape, check_invariants=False)
+
+
+def _row_csr(col: Tensor, val: Tensor, num_cols: int) -> Tensor:
+    """CSR matrix with the entries ``col[r, :]`` (-1 = absent) and values ``val[r, :]`` in row r."""
+    col, order = torch.sort(torch.where(col < 0, num_cols, col), dim=1)  # sorted within rows, absent last
+    val = torch.gather(val, 1, order)
+    present = col < num_cols
+    crow = torch.zeros(col.shape[0] + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(present.sum(1), 0, out=crow[1:])
+    return _csr(crow, col[present], val[present], (col.shape[0], num_cols))
+
+
+@torch.no_grad()
+def build_lattice(features: Tensor) -> PermutohedralLattice:
+    """Builds the permutohedral lattice of a batch of feature maps.
+
+    Args:
+        features: Tensor[B, d, H, W] or Tensor[B, d, N], floating point, already divided by the kernel's
+            bandwidths (the filter approximates ``exp(-|f_i - f_j|² / 2)``). Positions are computed in the
+            features' precision (float32 as in densecrf, or float64).
+
+    Returns:
+        The lattice, in ``features``' dtype and device, reusable for any number of filterings.
+    """
+    if features.dim() not in (3, 4) or not features.is_floating_point():
+        raise ValueError(
+            f"features must be a floating-point Tensor[B, d, H, W] or [B, d, N], got shape "
+            f"{tuple(features.shape)} and dtype {features.dtype}"
+        )
+    b, d = features.shape[:2]
+    if b < 1 or d < 1 or features[0, 0].numel() < 1:
+        raise ValueError(f"features need B, d, N >= 1, got shape {tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
+    dtype, device = features.dtype, features.device
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    f = features.reshape(b, d, -1).transpose(1, 2).reshape(-1, d).to(dtype)  # [P, d], P = B*N
+    p = f.shape[0]
+    n = p // b
+    d1 = d + 1
+
+    # Elevate onto the hyperplane x·1 = 0 of R^{d+1}: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j.
+    cf = f * _scale_factors(d, dtype, device)  # cf[:, j-1] = c_j
+    suffix = cf.flip(1).cumsum(1).flip(1)  # Σ_{k>=j} c_k
+    j = torch.arange(1, d1, dtype=dtype, device=device)
+    elevated = torch.cat([suffix[:, :1], suffix - (j + 1) * cf], 1)  # [P, d+1]
+
+    # The nearest remainder-0 lattice point, and the rank of each coordinate's differential.
+    v = elevated / d1
+    up, down = torch.ceil(v) * d1, torch.floor(v) * d1
+    rem0 = torch.where(up - elevated < elevated - down, up, down)
+    total = torch.round(rem0.sum(1) / d1).long()
+    diff = elevated - rem0
+    idx = torch.arange(d1, device=device)
+    later = idx[None, :] > idx[:, None]  # [i, j]: j comes after i
+    di, dj = diff[:, :, None], diff[:, None, :]
+    rank = torch.where(later, dj > di, dj >= di).sum(2) - 1 + total[:, None]  # the j = i term counts once
+    rem0 = rem0.long()
+    low, high = rank < 0, rank > d  # bring the point back onto the plane
+    rank = rank + d1 * low - d1 * high
+    rem0 = rem0 + d1 * low - d1 * high
+
+    # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k).
+    delta = (elevated - rem0.to(dtype)) / d1
+    bary = torch.zeros(p, d + 2, dtype=dtype, device=device)
+    bary.scatter_add_(1, d - rank, delta)
+    bary.scatter_add_(1, d1 - rank, -delta)
+    bary[:, 0] += 1.0 + bary[:, d1]
+    bary = bary[:, :d1]
+
+    # Vertices: image index + key; the image index keeps images from sharing vertices.
+    image = torch.arange(b, device=device).repeat_interleave(n)
+    vertices = _Vertices(image, rem0, rank, b)
+    m = vertices.num
+
+    # Splat (Tensor[M, P]): entries grouped by vertex, point indices ascending within a vertex.
+    crow = torch.zeros(m + 1, dtype=torch.long, device=device)
+    torch.cumsum(torch.bincount(vertices.ids, minlength=m), 0, out=crow[1:])
+    entry = vertices.order
+    splat = _csr(crow, entry // d1, bary.reshape(-1)[entry], (m, p))
+    alpha = 1.0 / (1.0 + 2.0 ** (-d))
+    slice_ = _row_csr(vertices.ids.view(p, d1), bary * alpha, m)
+
+    # Blur along direction j: neighbours key ± (1, .., 1, -d at j, 1, .., 1); direction d moves all by ±1.
+    steps = torch.ones(d1, d, dtype=torch.long, device=device)
+    steps[torch.arange(d, device=device), torch.arange(d, device=device)] = -d
+    here = torch.arange(m, device=device)
+    weights = torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device).expand(m, 3)
+    blur = []
+    for step in steps:
+        plus = vertices.neighbours(step)
+        minus = torch.full_like(plus, -1)
+        has = plus >= 0
+        minus[plus[has]] = here[has]  # the blur is symmetric: a's + neighbour has a as its - neighbour
+        blur.append(_row_csr(torch.stack([here, plus, minus], 1), weights, m))
+    return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur))
+
+
+def lattice_filter(values: Tensor, lattice: PermutohedralLattice) -> Tensor:
+    return lattice.filter(values)
