@@ -1,0 +1,302 @@
+"""The fully-connected CRF as a differentiable layer: mean-field inference unrolled (CRF-as-RNN).
+
+Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with Gaussian Edge Potentials", NIPS 2011;
+Zheng et al., "Conditional Random Fields as Recurrent Neural Networks", ICCV 2015. See DESIGN §2.
+
+One mean-field iteration (Zheng et al., Algorithm 1), repeated T times from ``z_0`` = the network's logits::
+
+    Q       = softmax(z_t)                          over classes
+    M       = Σ_m W_m · (K̃_m Q)                     W_m: C×C, one per kernel (spatial, bilateral)
+    z_{t+1} = z_0 - μ · M                           μ: C×C label compatibility
+
+``K̃_m`` is the Gaussian kernel filter with its normalisation, ``symmetric`` ``D^-½ K D^-½`` (densecrf) or
+``after`` ``D^-1 K`` (the CRF-as-RNN code), ``D = K·1``. The spatial kernel is an exact separable
+convolution (:mod:`.spatial_filter`); the bilateral kernel is the permutohedral lattice (:mod:`.permutohedral`),
+built once per forward call and shared by every iteration, class channel, the normaliser and the backward.
+
+All the layer's tensors are kept channels-last (``[B, H, W, C]``), the layout both filters want.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
+from .spatial_filter import spatial_gaussian
+
+__all__ = ["MeanFieldCRF", "CRFKernels", "build_kernels", "mean_field_step", "check_crf_inputs"]
+
+logger = logging.getLogger(__name__)
+
+Normalization = Literal["symmetric", "after"]
+_EPS = 1e-20  # densecrf's guard in D^-½
+
+
+@dataclass(eq=False)
+class CRFKernels:
+    """The two normalised kernel filters of one batch, built once and applied every iteration.
+
+    Attributes:
+        lattice: the bilateral kernel's lattice (features ``(x/θα, y/θα, rgb/θβ)``).
+        raw: Tensor[B, N, 5], the unscaled bilateral features ``(x, y, r, g, b)``.
+        scale: Tensor[5], ``(1/θα, 1/θα, 1/θβ, 1/θβ, 1/θβ)`` (differentiable).
+        theta_gamma: Tensor[], the spatial bandwidth (differentiable).
+        shape: (B, H, W).
+        mask: Tensor[B, H, W, 1] of 0/1 (valid pixels), or None.
+        normalization: "symmetric" or "after".
+        norm_spatial, norm_bilateral: Tensor[B, H, W, 1], ``D^-½`` (symmetric) or ``D^-1`` (after), zero on
+            masked pixels.
+    """
+
+    lattice: PermutohedralLattice
+    raw: Tensor
+    scale: Tensor
+    theta_gamma: Tensor
+    shape: tuple[int, int, int]
+    mask: Tensor | None
+    normalization: Normalization
+    norm_spatial: Tensor
+    norm_bilateral: Tensor
+
+    def bilateral(self, q: Tensor) -> Tensor:
+        """Unnormalised bilateral filtering: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
+        b, h, w, c = q.shape
+        out = lattice_gaussian(q.reshape(b, h * w, c), self.raw, self.scale, self.lattice)
+        return out.view(b, h, w, c)
+
+    def spatial(self, q: Tensor) -> Tensor:
+        """Unnormalised spatial filtering: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
+        return spatial_gaussian(q, self.theta_gamma)
+
+    def apply(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalised messages ``(K̃_spatial q, K̃_bilateral q)``, each Tensor[B, H, W, C]."""
+        if self.normalization == "symmetric":
+            return (
+                self.norm_spatial * self.spatial(self.norm_spatial * q),
+                self.norm_bilateral * self.bilateral(self.norm_bilateral * q),
+            )
+        sent = q if self.mask is None else q * self.mask
+        return self.norm_spatial * self.spatial(sent), self.norm_bilateral * self.bilateral(sent)
+
+
+def build_kernels(
+    image: Tensor,
+    *,
+    theta_alpha: Tensor,
+    theta_beta: Tensor,
+    theta_gamma: Tensor,
+    valid_mask: Tensor | None = None,
+    normalization: Normalization = "symmetric",
+) -> CRFKernels:
+    """Builds the bilateral lattice and both normalisers for a batch.
+
+    Args:
+        image: Tensor[B, 3, H, W], raw RGB in 0–255, floating point.
+        theta_alpha, theta_beta: Tensor[] bilateral bandwidths (pixels, intensity units).
+        theta_gamma: Tensor[] spatial bandwidth (pixels).
+        valid_mask: Tensor[B, H, W] bool, or None (all valid).
+        normalization: "symmetric" (densecrf) or "after" (CRF-as-RNN).
+
+    Returns:
+        The kernels, ready for :func:`mean_field_step`.
+    """
+    b, _, h, w = image.shape
+    dtype, device = image.dtype, image.device
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=dtype, device=device), torch.arange(w, dtype=dtype, device=device), indexing="ij"
+    )
+    position = torch.stack([xs, ys]).expand(b, 2, h, w)  # densecrf's order: x (column), y (row)
+    raw = torch.cat([position, image], 1).reshape(b, 5, h * w).transpose(1, 2).contiguous()  # [B, N, 5]
+    scale = torch.cat([(1.0 / theta_alpha).expand(2), (1.0 / theta_beta).expand(3)]).to(dtype)
+    lattice = build_lattice((raw * scale.detach()).transpose(1, 2))
+
+    mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, H, W, 1]
+    ones = torch.ones(b, h, w, 1, dtype=dtype, device=device) if mask is None else mask
+    theta_gamma = theta_gamma.to(dtype)
+    kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, h, w), mask, normalization, ones, ones)
+    d_spatial, d_bilateral = kernels.spatial(ones), kernels.bilateral(ones)  # D = K·1 over valid pixels
+    if normalization == "symmetric":
+        kernels.norm_spatial = ones * (d_spatial + _EPS).rsqrt()
+        kernels.norm_bilateral = ones * (d_bilateral + _EPS).rsqrt()
+    else:
+        kernels.norm_spatial = ones / (d_spatial + _EPS)
+        kernels.norm_bilateral = ones / (d_bilateral + _EPS)
+    return kernels
+
+
+def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor]) -> Tensor:
+    """One mean-field iteration (Zheng et al. 2015, Alg. 1): ``z_0 - Σ_m (μ W_m) K̃_m softmax(z_t)``.
+
+    Args:
+        unary: Tensor[B, H, W, C], ``z_0``.
+        logits: Tensor[B, H, W, C], ``z_t``.
+        kernels: the batch's kernel filters.
+        pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
+
+    Returns:
+        Tensor[B, H, W, C], ``z_{t+1}``. Masked pixels get no message: their output is ``z_0``.
+    """
+    q = torch.softmax(logits, dim=-1)
+    spatial, bilateral = kernels.apply(q)
+    return unary - spatial @ pairwise[0].T - bilateral @ pairwise[1].T
+
+
+def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -> None:
+    """Raises a clear error for inputs the CRF cannot take (shapes, dtypes, ranges, non-finite values)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 4:
+        raise ValueError(f"logits must be a Tensor[B, C, H, W], got shape {tuple(getattr(logits, 'shape', ()))}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(
+            f"image must be a raw RGB Tensor[B, 3, H, W] in 0-255, got shape {tuple(getattr(image, 'shape', ()))}"
+        )
+    b, _, h, w = logits.shape
+    if image.shape[0] != b or image.shape[2:] != logits.shape[2:]:
+        raise ValueError(
+            f"image {tuple(image.shape)} does not match logits {tuple(logits.shape)}: expected ({b}, 3, {h}, {w})"
+        )
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(f"image must be real RGB values in 0-255, got {image.dtype}")
+    if valid_mask is not None:
+        if not isinstance(valid_mask, Tensor) or tuple(valid_mask.shape) != (b, h, w):
+            raise ValueError(
+                f"valid_mask must be a Tensor[B, H, W] = ({b}, {h}, {w}), got {tuple(getattr(valid_mask, 'shape', ()))}"
+            )
+        if valid_mask.dtype != torch.bool:
+            raise TypeError(f"valid_mask must be a bool tensor, got {valid_mask.dtype}")
+        if valid_mask.device != logits.device:
+            raise ValueError(f"valid_mask is on {valid_mask.device}, logits on {logits.device}")
+    if image.device != logits.device:
+        raise ValueError(f"image is on {image.device}, logits on {logits.device}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contain NaN or infinite values")
+    if image.is_floating_point() and not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values")
+    if image.numel() and image.min() < 0:
+        raise ValueError(
+            f"image has negative values (min {float(image.min()):.3g}): the CRF expects the raw RGB image in "
+            "0-255, not the normalised network input"
+        )
+
+
+class MeanFieldCRF(nn.Module):
+    """A fully-connected CRF with Gaussian edge potentials as a trainable layer (CRF-as-RNN).
+
+    With its initial parameters (``W_m = w_m·I``, Potts ``μ = 1 - I``) and ``symmetric`` normalisation it
+    computes densecrf's ``inference(T)`` on unaries ``-logits`` (Krähenbühl & Koltun 2011, Eq. 3–4 and §4);
+    every parameter can then be learned by backpropagation (Zheng et al. 2015), including the bandwidths.
+
+    Args:
+        num_classes: C.
+        spatial_weight: ``w`` of the spatial (smoothness) kernel.
+        bilateral_weight: ``w`` of the bilateral (appearance) kernel.
+        theta_alpha: bilateral position bandwidth (pixels).
+        theta_beta: bilateral colour bandwidth (0–255 intensity units).
+        theta_gamma: spatial bandwidth (pixels).
+        normalization: "symmetric" (``D^-½ K D^-½``, densecrf) or "after" (``D^-1 K``, CRF-as-RNN).
+        train_iterations: mean-field iterations in training mode.
+        eval_iterations: mean-field iterations in eval mode.
+        learn_kernel_weights: learn the C×C matrices ``W_m``.
+        learn_compatibility: learn ``μ``.
+        learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        spatial_weight: float = 3.0,
+        bilateral_weight: float = 10.0,
+        theta_alpha: float = 80.0,
+        theta_beta: float = 13.0,
+        theta_gamma: float = 3.0,
+        normalization: Normalization = "symmetric",
+        train_iterations: int = 5,
+        eval_iterations: int = 10,
+        learn_kernel_weights: bool = True,
+        learn_compatibility: bool = True,
+        learn_bandwidths: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        for name, value in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite bandwidth > 0, got {value!r}")
+        for name, value in (("train_iterations", train_iterations), ("eval_iterations", eval_iterations)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if normalization not in ("symmetric", "after"):
+            raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+        eye = torch.eye(num_classes)
+        self.num_classes = num_classes
+        self.normalization: Normalization = normalization
+        self.train_iterations = train_iterations
+        self.eval_iterations = eval_iterations
+        self.spatial_weight = nn.Parameter(spatial_weight * eye, requires_grad=learn_kernel_weights)
+        self.bilateral_weight = nn.Parameter(bilateral_weight * eye, requires_grad=learn_kernel_weights)
+        self.compatibility = nn.Parameter(1.0 - eye, requires_grad=learn_compatibility)
+        self.log_theta_alpha = nn.Parameter(torch.tensor(math.log(theta_alpha)), requires_grad=learn_bandwidths)
+        self.log_theta_beta = nn.Parameter(torch.tensor(math.log(theta_beta)), requires_grad=learn_bandwidths)
+        self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(theta_gamma)), requires_grad=learn_bandwidths)
+
+    @property
+    def bandwidths(self) -> dict[str, float]:
+        """The current bandwidths ``{"theta_alpha", "theta_beta", "theta_gamma"}`` as floats."""
+        return {
+            "theta_alpha": float(self.log_theta_alpha.exp()),
+            "theta_beta": float(self.log_theta_beta.exp()),
+            "theta_gamma": float(self.log_theta_gamma.exp()),
+        }
+
+    def extra_repr(self) -> str:
+        bw = ", ".join(f"{k}={v:.4g}" for k, v in self.bandwidths.items())
+        return (
+            f"num_classes={self.num_classes}, {bw}, normalization={self.normalization!r}, "
+            f"iterations=(train {self.train_iterations}, eval {self.eval_iterations})"
+        )
+
+    def forward(self, logits: Tensor, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        """Runs T mean-field iterations on the unary logits.
+
+        Args:
+            logits: Tensor[B, C, H, W], the network's unary logits ``z_0`` (at image resolution).
+            image: Tensor[B, 3, H, W], the raw RGB image in 0–255 (not the normalised network input).
+            valid_mask: Tensor[B, H, W] bool, or None. Masked pixels neither send nor receive messages;
+                their output equals their input logits.
+
+        Returns:
+            Tensor[B, C, H, W] float32 logits (also under autocast: the CRF always computes in float32, or in
+            float64 when the logits are float64).
+        """
+        check_crf_inputs(logits, image, valid_mask)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the CRF was built for {self.num_classes}")
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        if image.is_floating_point() and image.numel() and float(image.max()) <= 1.0 and float(image.max()) > 0:
+            logger.warning("CRF image has max %.3g <= 1: expected raw RGB in 0-255", float(image.max()))
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            unary = logits.to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
+            kernels = build_kernels(
+                image.to(dtype),
+                theta_alpha=self.log_theta_alpha.exp(),
+                theta_beta=self.log_theta_beta.exp(),
+                theta_gamma=self.log_theta_gamma.exp(),
+                valid_mask=valid_mask,
+                normalization=self.normalization,
+            )
+            pairwise = (
+                (self.compatibility @ self.spatial_weight).to(dtype),
+                (self.compatibility @ self.bilateral_weight).to(dtype),
+            )
+            z = unary
+            for _ in range(self.train_iterations if self.training else self.eval_iterations):
+                z = mean_field_step(unary, z, kernels, pairwise)
+        return z.permute(0, 3, 1, 2)

@@ -1,0 +1,54 @@
+"""Exact Gaussian filtering over pixel positions (the CRF's spatial kernel), by separable convolution.
+
+The spatial kernel ``k(i, j) = exp(-|p_i - p_j|² / 2θγ²)`` depends on positions only, so it factorises into
+a row and a column filter. Both are depthwise convolutions on channels-last memory, which is what the
+mean-field CRF keeps its tensors in. Taps are kept to ``truncate · θ`` pixels (and never further than the
+image reaches, where taps only meet zero padding), so the filter is exact up to ``exp(-truncate² / 2)``.
+Gradients w.r.t. θ come from autograd through the taps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["gaussian_taps", "spatial_gaussian"]
+
+TRUNCATE = 4.0
+
+
+def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> Tensor:
+    """Taps ``exp(-t² / 2θ²)`` for ``t = -r..r``, ``r = min(ceil(truncate·θ), length - 1)``.
+
+    Args:
+        theta: Tensor[] bandwidth in pixels (differentiable).
+        length: image extent along the filtered axis.
+
+    Returns:
+        Tensor[2r + 1].
+    """
+    radius = min(math.ceil(truncate * float(theta)), length - 1)
+    t = torch.arange(-radius, radius + 1, dtype=theta.dtype, device=theta.device)
+    return torch.exp(-0.5 * (t / theta) ** 2)
+
+
+def spatial_gaussian(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) -> Tensor:
+    """``out_i = Σ_j exp(-|p_i - p_j|² / 2θ²) v_j`` over the pixel grid (zero outside the image).
+
+    Args:
+        values: Tensor[B, H, W, C] (channels last; any number of channels).
+        theta: Tensor[] bandwidth in pixels, > 0.
+
+    Returns:
+        Tensor[B, H, W, C], contiguous.
+    """
+    _, h, w, c = values.shape
+    x = values.permute(0, 3, 1, 2)  # [B, C, H, W] view of channels-last memory
+    row = gaussian_taps(theta, w, truncate=truncate).to(values.dtype)
+    col = gaussian_taps(theta, h, truncate=truncate).to(values.dtype)
+    x = F.conv2d(x, row.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, row.numel() // 2), groups=c)
+    x = F.conv2d(x, col.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(col.numel() // 2, 0), groups=c)
+    return x.permute(0, 2, 3, 1).contiguous()
