@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from .permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
 from .spatial_filter import spatial_gaussian
 
-__all__ = ["MeanFieldCRF", "CRFKernels", "build_kernels", "mean_field_step", "check_crf_inputs"]
+__all__ = [
+    "MeanFieldCRF",
+    "CRFKernels",
+    "build_kernels",
+    "check_crf_inputs",
+    "mean_field_inference",
+    "mean_field_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +152,41 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     q = torch.softmax(logits, dim=-1)
     spatial, bilateral = kernels.apply(q)
     return unary - spatial @ pairwise[0].T - bilateral @ pairwise[1].T
+
+
+@torch.no_grad()
+def mean_field_inference(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
+    """``iterations`` mean-field steps without autograd, with the normalisation folded into the lattice.
+
+    Computes what repeated :func:`mean_field_step` computes, in fewer passes over the pixels: the
+    normalisers become splat/slice weights, the compatibility matrix mixes channels on the lattice (far
+    fewer rows than pixels), and the subtraction from ``z_0`` is fused into the slice.
+
+    Args:
+        unary: Tensor[B, H, W, C], ``z_0``.
+        kernels: the batch's kernel filters.
+        pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
+        iterations: T.
+
+    Returns:
+        Tensor[B, H, W, C], ``z_T``.
+    """
+    b, h, w, c = unary.shape
+    ns, nb = kernels.norm_spatial, kernels.norm_bilateral
+    if kernels.normalization == "symmetric":
+        lattice, before = kernels.lattice.weighted(nb.view(b, -1), nb.view(b, -1)), ns
+    else:
+        sent = torch.ones_like(nb) if kernels.mask is None else kernels.mask
+        lattice, before = kernels.lattice.weighted(sent.view(b, -1), nb.view(b, -1)), kernels.mask
+    mix_spatial, mix_bilateral = pairwise[0].T.contiguous(), pairwise[1].T.contiguous()
+    flat = unary.view(b, h * w, c)
+    z = unary
+    for _ in range(iterations):
+        q = torch.softmax(z, dim=-1)
+        z = lattice.filter(q.view(b, h * w, c), mix=mix_bilateral, add_to=flat, alpha=-1.0).view(b, h, w, c)
+        spatial = spatial_gaussian(q if before is None else q * before, kernels.theta_gamma)
+        z.addcmul_(ns, spatial @ mix_spatial, value=-1.0)
+    return z
 
 
 def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -> None:
@@ -296,7 +338,11 @@ class MeanFieldCRF(nn.Module):
                 (self.compatibility @ self.spatial_weight).to(dtype),
                 (self.compatibility @ self.bilateral_weight).to(dtype),
             )
-            z = unary
-            for _ in range(self.train_iterations if self.training else self.eval_iterations):
-                z = mean_field_step(unary, z, kernels, pairwise)
+            iterations = self.train_iterations if self.training else self.eval_iterations
+            if torch.is_grad_enabled() and (logits.requires_grad or any(p.requires_grad for p in self.parameters())):
+                z = unary
+                for _ in range(iterations):
+                    z = mean_field_step(unary, z, kernels, pairwise)
+            else:
+                z = mean_field_inference(unary, kernels, pairwise, iterations)
         return z.permute(0, 3, 1, 2)

@@ -48,23 +48,56 @@ class PermutohedralLattice:
     slice: Tensor
     blur: tuple[Tensor, ...]
 
-    def filter(self, values: Tensor, *, transpose: bool = False) -> Tensor:
+    def filter(
+        self,
+        values: Tensor,
+        *,
+        transpose: bool = False,
+        mix: Tensor | None = None,
+        add_to: Tensor | None = None,
+        alpha: float = 1.0,
+    ) -> Tensor:
         """Applies the lattice Gaussian ``K`` (or ``Kᵀ``) to values.
 
         Args:
             values: Tensor[B, N, C], any number of channels C, the lattice's dtype and device.
             transpose: apply ``Kᵀ`` (blur directions in reverse order) — the adjoint used by backward.
+            mix: optional Tensor[C, C'] applied to the channels on the lattice (``(K v) @ mix`` computed as
+                ``K (v @ mix)`` where the lattice has far fewer rows than there are pixels).
+            add_to: optional Tensor[B, N, C']; returns ``add_to + alpha · K v`` in one fused pass.
+            alpha: scale of ``K v`` when ``add_to`` is given.
 
         Returns:
-            Tensor[B, N, C]: ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice approximation ``k``.
+            Tensor[B, N, C] (or C' with ``mix``): ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice's ``k``.
         """
         b, n, c = values.shape
         assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
         x = torch.sparse.mm(self.splat, values.reshape(b * n, c))  # [M, C]
-        order = reversed(self.blur) if transpose else self.blur
-        for blur in order:
+        for blur in reversed(self.blur) if transpose else self.blur:
             x = torch.sparse.mm(blur, x)
-        return torch.sparse.mm(self.slice, x).view(b, n, c)
+        if mix is not None:
+            x = x @ mix
+        if add_to is not None:
+            return torch.sparse.addmm(add_to.reshape(b * n, -1), self.slice, x, alpha=alpha).view(b, n, -1)
+        return torch.sparse.mm(self.slice, x).view(b, n, -1)
+
+    def weighted(self, before: Tensor, after: Tensor) -> "PermutohedralLattice":
+        """The lattice of ``diag(after) · K · diag(before)`` (e.g. a normalised kernel), at no extra cost.
+
+        Args:
+            before: Tensor[B, N], multiplies the values before splatting.
+            after: Tensor[B, N], multiplies the result after slicing.
+        """
+        splat_values = self.splat.values() * before.reshape(-1)[self.splat.col_indices()]
+        rows = torch.repeat_interleave(
+            torch.arange(self.slice.shape[0], device=before.device), self.slice.crow_indices().diff()
+        )
+        slice_values = self.slice.values() * after.reshape(-1)[rows]
+        splat = _csr(self.splat.crow_indices(), self.splat.col_indices(), splat_values, tuple(self.splat.shape))
+        slice_ = _csr(self.slice.crow_indices(), self.slice.col_indices(), slice_values, tuple(self.slice.shape))
+        return PermutohedralLattice(
+            self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur
+        )
 
 
 def _scale_factors(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -30,7 +30,7 @@ def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> 
     Returns:
         Tensor[2r + 1].
     """
-    radius = min(math.ceil(truncate * float(theta)), length - 1)
+    radius = min(math.ceil(truncate * float(theta.detach())), length - 1)
     t = torch.arange(-radius, radius + 1, dtype=theta.dtype, device=theta.device)
     return torch.exp(-0.5 * (t / theta) ** 2)
 

@@ -1,0 +1,166 @@
+"""The permutohedral lattice against a brute-force Gaussian, against densecrf's lattice, and its adjoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from crfrnn_deeplab import permutohedral
+from crfrnn_deeplab._dense_reference import dense_gaussian
+from crfrnn_deeplab.permutohedral import build_lattice, lattice_gaussian
+
+dcrf = pytest.importorskip("pydensecrf.densecrf")
+
+
+def densecrf_lattice_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """densecrf's own lattice ``K v`` (features [N, d], values [N]), read back from one mean-field step.
+
+    With zero unaries, one Potts kernel of weight 1 and no normalisation, a step gives
+    ``Q_l ∝ exp((K Q_in)_l)``; with ``Q_in = (0, v)`` the log-ratio of the two outputs is ``(K v)``.
+    """
+    n = features.shape[0]
+    crf = dcrf.DenseCRF(n, 2)
+    crf.setUnaryEnergy(np.zeros((2, n), np.float32))
+    crf.addPairwiseEnergy(
+        np.ascontiguousarray(features.T, dtype=np.float32),
+        compat=1.0,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NO_NORMALIZATION,
+    )
+    _, tmp1, tmp2 = crf.startInference()
+    q = np.zeros((2, n), np.float32)
+    q[1] = values
+    q = dcrf.eigen.matrixXf(q)
+    crf.stepInference(q, tmp1, tmp2)
+    out = np.array(q, dtype=np.float64)
+    return np.log(out[1] / out[0])
+
+
+def image_features(rng: np.random.Generator, h: int, w: int, d: int) -> np.ndarray:
+    """Pixel positions plus (d - 2) smooth 'colour' channels with edges, scaled like a CRF would."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = [xs / 4.0, ys / 4.0]
+    for _ in range(d - 2):
+        level = rng.uniform(0, 255, 4)[(ys > h / 2).astype(int) * 2 + (xs > w / 3).astype(int)]
+        chans.append((level + rng.normal(0, 6, (h, w))) / 20.0)
+    return np.stack(chans, -1).reshape(-1, d)
+
+
+@pytest.mark.parametrize("d", [2, 5])
+@pytest.mark.parametrize("kind", ["random", "image"])
+def test_lattice_matches_brute_force_as_well_as_densecrf(d, kind):
+    rng = np.random.default_rng(d)
+    if kind == "random":
+        feats = rng.normal(0, 1.5, (400, d))
+    else:
+        feats = image_features(rng, 20, 24, d)
+    values = rng.uniform(0.0, 1.0, feats.shape[0])
+    exact = dense_gaussian(torch.tensor(feats)) @ torch.tensor(values)
+    lattice = build_lattice(torch.tensor(feats).T[None])
+    ours = lattice.filter(torch.tensor(values)[None, :, None])[0, :, 0]
+    theirs = torch.tensor(densecrf_lattice_filter(feats, values))
+    err_ours = float((ours - exact).norm() / exact.norm())
+    err_theirs = float((theirs - exact).norm() / exact.norm())
+    # Same algorithm: the same approximation, to float32 rounding of densecrf's arithmetic.
+    assert err_ours <= err_theirs * 1.001 + 1e-5, (err_ours, err_theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lattice_is_exact_for_coincident_points():
+    # Points on one lattice vertex: K is then alpha·(blurred self-weight) times the all-ones matrix.
+    feats = torch.zeros(1, 3, 10, dtype=torch.float64)
+    v = torch.rand(1, 10, 2, dtype=torch.float64)
+    out = build_lattice(feats).filter(v)
+    assert torch.allclose(out, out[:, :1].expand_as(out))
+    assert torch.allclose(out[0, 0] / v[0].sum(0), (out[0, 0] / v[0].sum(0))[0].expand(2))
+
+
+def test_transpose_is_the_adjoint():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 7, 9, dtype=torch.float64) * 2
+    lattice = build_lattice(feats)
+    v = torch.randn(2, 63, 3, dtype=torch.float64)
+    g = torch.randn(2, 63, 3, dtype=torch.float64)
+    lhs = (lattice.filter(v) * g).sum()
+    rhs = (v * lattice.filter(g, transpose=True)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    assert not torch.allclose(lattice.filter(v), lattice.filter(v, transpose=True))
+
+
+def test_gradcheck_values():
+    torch.manual_seed(0)
+    raw = torch.randn(2, 6, 3, dtype=torch.float64) * 3
+    scale = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    lattice = build_lattice((raw * scale).transpose(1, 2))
+    v = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lattice_gaussian(x, raw, scale, lattice), (v,))
+
+
+def test_scale_gradient_matches_exact_gaussian_derivative():
+    # ∂/∂s Σ g ⊙ K(s) v with the lattice's K replaced by the exact kernel in the moment expansion: compare
+    # against the exact kernel's analytic derivative (the lattice only approximates K itself).
+    torch.manual_seed(1)
+    raw = torch.randn(1, 200, 2, dtype=torch.float64) * 2
+    scale = torch.tensor([0.6, 0.9], dtype=torch.float64, requires_grad=True)
+    v = torch.rand(1, 200, 3, dtype=torch.float64)
+    g = torch.rand(1, 200, 3, dtype=torch.float64)
+    lattice = build_lattice((raw * scale.detach()).transpose(1, 2))
+    (lattice_gaussian(v, raw, scale, lattice) * g).sum().backward()
+    exact_scale = scale.detach().clone().requires_grad_(True)
+    ((dense_gaussian(raw[0] * exact_scale) @ v[0]) * g[0]).sum().backward()
+    cos = torch.nn.functional.cosine_similarity(scale.grad, exact_scale.grad, dim=0)
+    assert cos > 0.99, (scale.grad, exact_scale.grad)
+
+
+def test_batch_has_no_cross_talk():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 6, 7) * 2
+    feats[1] = feats[0] + 0.01  # nearly identical images: a shared lattice would mix them
+    v = torch.rand(2, 42, 4)
+    together = build_lattice(feats).filter(v)
+    for i in range(2):
+        alone = build_lattice(feats[i : i + 1]).filter(v[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone)
+
+
+def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 40, dtype=torch.float64) * 3
+    v = torch.rand(2, 40, 3, dtype=torch.float64)
+    packed = build_lattice(feats).filter(v)
+    monkeypatch.setattr(permutohedral, "_PACK_LIMIT", 0)
+    rows = build_lattice(feats)
+    assert rows.num_vertices == build_lattice(feats[:1]).num_vertices + build_lattice(feats[1:]).num_vertices
+    torch.testing.assert_close(rows.filter(v), packed)
+
+
+def test_float32_matches_float64():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 5, 300, dtype=torch.float64) * 2
+    v = torch.rand(1, 300, 3, dtype=torch.float64)
+    out64 = build_lattice(feats).filter(v)
+    out32 = build_lattice(feats.float()).filter(v.float())
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(5, 3), "Tensor\\[B, d, H, W\\]"),
+        (torch.zeros(1, 2, 4, dtype=torch.long), "floating-point"),
+        (torch.full((1, 2, 4), float("nan")), "NaN"),
+    ],
+)
+def test_bad_features(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_lattice(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 30, 40) * 2
+    v = torch.rand(2, 1200, 6)
+    cpu = build_lattice(feats).filter(v)
+    gpu = build_lattice(feats.cuda()).filter(v.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
