@@ -1,11 +1,56 @@
-"""crfrnn_deeplab: DeepLab v2 with a trainable fully-connected CRF (CRF-as-RNN), in pure PyTorch."""
+"""crfrnn_deeplab: DeepLab v2 with a trainable fully-connected CRF (CRF-as-RNN), in pure PyTorch.
 
+The public API (see README.md):
+
+- models: :func:`get_model`, :func:`list_models`, :class:`DeepLabV2`, :class:`MSC`, the atrous backbones and
+  the ASPP heads;
+- the CRF: :class:`MeanFieldCRF` (the layer), :func:`build_lattice` / :func:`lattice_gaussian` (the
+  permutohedral lattice), :func:`spatial_gaussian`;
+- data: :mod:`crfrnn_deeplab.datasets`, :class:`TrainTransform`, :class:`EvalTransform`;
+- preprocessing: :class:`InputConvention` and the two conventions weights come with.
+"""
+
+from crfrnn_deeplab import datasets
+from crfrnn_deeplab.aspp import ASPP, ASPP_L_RATES, ASPP_S_RATES, HEAD_RATES, LARGEFOV_RATES, build_head
+from crfrnn_deeplab.backbone import AtrousResNet, resnet18_atrous, resnet34_atrous, resnet50_atrous, resnet101_atrous
+from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.deeplab import MSC, MSC_SCALES, DeepLabV2, MSCOutput
+from crfrnn_deeplab.permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.preprocessing import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
+from crfrnn_deeplab.registry import get_model, list_models, register_model
+from crfrnn_deeplab.spatial_filter import spatial_gaussian
+from crfrnn_deeplab.transforms import EvalTransform, TrainTransform
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "InputConvention",
-    "TORCHVISION_CONVENTION",
+    "ASPP",
+    "ASPP_L_RATES",
+    "ASPP_S_RATES",
+    "AtrousResNet",
     "CAFFE_CONVENTION",
+    "DeepLabV2",
+    "EvalTransform",
+    "HEAD_RATES",
+    "InputConvention",
+    "LARGEFOV_RATES",
+    "MSC",
+    "MSCOutput",
+    "MSC_SCALES",
+    "MeanFieldCRF",
+    "PermutohedralLattice",
+    "TORCHVISION_CONVENTION",
+    "TrainTransform",
+    "build_head",
+    "build_lattice",
+    "datasets",
+    "get_model",
+    "lattice_gaussian",
+    "list_models",
+    "register_model",
+    "resnet101_atrous",
+    "resnet18_atrous",
+    "resnet34_atrous",
+    "resnet50_atrous",
+    "spatial_gaussian",
 ]
