@@ -14,6 +14,7 @@ from crfrnn_deeplab import datasets
 from crfrnn_deeplab.aspp import ASPP, ASPP_L_RATES, ASPP_S_RATES, HEAD_RATES, LARGEFOV_RATES, build_head
 from crfrnn_deeplab.backbone import AtrousResNet, resnet18_atrous, resnet34_atrous, resnet50_atrous, resnet101_atrous
 from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.crfrnn import CRFRNN, CRFRNNOutput
 from crfrnn_deeplab.deeplab import MSC, MSC_SCALES, DeepLabV2, MSCOutput
 from crfrnn_deeplab.permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.preprocessing import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
@@ -29,6 +30,8 @@ __all__ = [
     "ASPP_S_RATES",
     "AtrousResNet",
     "CAFFE_CONVENTION",
+    "CRFRNN",
+    "CRFRNNOutput",
     "DeepLabV2",
     "EvalTransform",
     "HEAD_RATES",

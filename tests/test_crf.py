@@ -342,3 +342,22 @@ def test_cuda_matches_cpu():
         cpu = crf(z, im)
         gpu = crf.cuda()(z.cuda(), im.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_crfrnn_composes_network_and_crf():
+    from crfrnn_deeplab import CRFRNN, get_model
+
+    torch.manual_seed(0)
+    net = get_model("deeplabv2_resnet18_msc", num_classes=3, base_width=8)
+    model = CRFRNN(network=net, crf=MeanFieldCRF(num_classes=3, train_iterations=2))
+    raw = torch.rand(2, 3, 33, 35) * 255
+    out = model.train()(model.preprocess(raw), raw)
+    assert len(out.network.per_scale) == 3 and out.crf.shape == (2, 3, 33, 35)
+    (out.crf.sum() + out.network.fused.sum()).backward()
+    groups = model.backbone_parameters() + model.head_weights() + model.head_biases() + model.crf_parameters()
+    assert {id(p) for p in groups} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in groups)
+    with pytest.raises(ValueError, match="network has 3 classes, the CRF 4"):
+        CRFRNN(network=net, crf=MeanFieldCRF(num_classes=4))
+    with pytest.raises(ValueError, match="raw must be the raw RGB image"):
+        model(model.preprocess(raw), raw[:, :, :10])
