@@ -35,7 +35,12 @@ def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> 
     return torch.exp(-0.5 * (t / theta) ** 2)
 
 
-def spatial_gaussian(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) -> Tensor:
+def spatial_gaussian(
+    values: Tensor,
+    theta: Tensor,
+    *,
+    truncate: float = TRUNCATE,
+) -> Tensor:
     """``out_i = Σ_j exp(-|p_i - p_j|² / 2θ²) v_j`` over the pixel grid (zero outside the image).
 
     Args:
@@ -49,6 +54,9 @@ def spatial_gaussian(values: Tensor, theta: Tensor, *, truncate: float = TRUNCAT
     x = values.permute(0, 3, 1, 2)  # [B, C, H, W] view of channels-last memory
     row = gaussian_taps(theta, w, truncate=truncate).to(values.dtype)
     col = gaussian_taps(theta, h, truncate=truncate).to(values.dtype)
-    x = F.conv2d(x, row.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, row.numel() // 2), groups=c)
-    x = F.conv2d(x, col.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(col.numel() // 2, 0), groups=c)
+    row = row.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous()  # depthwise: one filter per channel
+    col = col.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous()
+    rpad, cpad = [0, row.shape[-1] // 2], [col.shape[-2] // 2, 0]
+    x = F.conv2d(x, row, padding=rpad, groups=c)
+    x = F.conv2d(x, col, padding=cpad, groups=c)
     return x.permute(0, 2, 3, 1).contiguous()
