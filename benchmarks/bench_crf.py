@@ -1,0 +1,241 @@
+"""Benchmarks of the dense CRF layer (issue #3): accuracy, speed against densecrf, training cost, scaling.
+
+Every figure is measured in this run; ratios compare against a reference timed in the same process.
+
+    python benchmarks/bench_crf.py                 # everything, CPU, 2 threads
+    python benchmarks/bench_crf.py --only speed    # one section: accuracy | speed | training | scaling | cuda
+    python benchmarks/bench_crf.py --malloc default  # glibc's default allocator settings (see runtime.py)
+
+Sections:
+    accuracy  lattice filtering vs the brute-force Gaussian (d = 2, 5), ours and densecrf's lattice.
+    speed     inference, 500×375, 21 classes, 10 iterations, densecrf's usual parameters, vs pydensecrf2.
+    training  5 iterations forward+backward at 321×321, 21 classes, vs deeplabv2_resnet101 forward+backward.
+    scaling   time and peak memory from 128² to 1024² (each size in a fresh process), and a 1024×2048
+              Cityscapes frame with 19 classes.
+    cuda      milliseconds per iteration at 513×513 and 1024×2048 (skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from crfrnn_deeplab import MeanFieldCRF
+from crfrnn_deeplab.datasets.synthetic import render_synthetic
+from crfrnn_deeplab.runtime import retain_freed_memory
+
+DENSECRF_PARAMS = dict(spatial_weight=3.0, bilateral_weight=10.0, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
+
+
+def scene(height: int, width: int, num_classes: int, seed: int = 0, kind: str = "synthetic"):
+    """A test input: an image (uint8 [H, W, 3]) and noisy unary logits (float32 [C, H, W])."""
+    rng = np.random.default_rng(seed)
+    if kind == "synthetic":
+        image, label = render_synthetic(np.random.default_rng([seed, 7]), height, width)
+    else:  # uniform noise: the worst case for a lattice (every pixel its own colour)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label = rng.integers(0, num_classes, (height, width))
+    label = label % num_classes
+    logits = 2.0 * np.eye(num_classes, dtype=np.float32)[label].transpose(2, 0, 1)
+    logits += rng.normal(0, 1.5, logits.shape).astype(np.float32)
+    return np.ascontiguousarray(image), logits
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_densecrf(image: np.ndarray, logits: np.ndarray, iterations: int) -> np.ndarray:
+    import pydensecrf.densecrf as dcrf
+
+    c, h, w = logits.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-logits.reshape(c, -1)))
+    p = DENSECRF_PARAMS
+    crf.addPairwiseGaussian(sxy=p["theta_gamma"], compat=p["spatial_weight"])
+    crf.addPairwiseBilateral(sxy=p["theta_alpha"], srgb=p["theta_beta"], rgbim=image, compat=p["bilateral_weight"])
+    return np.array(crf.inference(iterations)).reshape(c, h, w)
+
+
+def ours_inference(image: np.ndarray, logits: np.ndarray, iterations: int, device: str = "cpu"):
+    crf = MeanFieldCRF(num_classes=logits.shape[0], eval_iterations=iterations, **DENSECRF_PARAMS).eval().to(device)
+    z = torch.from_numpy(logits)[None].to(device)
+    im = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
+
+    def fn():
+        with torch.no_grad():
+            out = crf(z, im)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return fn
+
+
+def section_accuracy(args) -> None:
+    sys.path.insert(0, "tests")
+    from test_permutohedral import densecrf_lattice_filter, image_features
+
+    from crfrnn_deeplab._dense_reference import dense_gaussian
+    from crfrnn_deeplab.permutohedral import build_lattice
+
+    print("\n## Lattice accuracy: relative L2 error of K·v against the brute-force Gaussian")
+    print(f"{'data':<22}{'d':>3}{'ours':>10}{'densecrf':>10}{'max |ours-densecrf|':>22}")
+    for d in (2, 5):
+        for kind in ("random N(0,1.5²), N=400", "image 20×24"):
+            rng = np.random.default_rng(d)
+            feats = rng.normal(0, 1.5, (400, d)) if kind.startswith("random") else image_features(rng, 20, 24, d)
+            values = rng.uniform(0, 1, feats.shape[0])
+            exact = (dense_gaussian(torch.tensor(feats)) @ torch.tensor(values)).numpy()
+            ours = build_lattice(torch.tensor(feats).T[None]).filter(torch.tensor(values)[None, :, None])[0, :, 0].numpy()
+            theirs = densecrf_lattice_filter(feats, values)
+            rel = lambda x: np.linalg.norm(x - exact) / np.linalg.norm(exact)  # noqa: E731
+            print(f"{kind:<22}{d:>3}{rel(ours):>10.4f}{rel(theirs):>10.4f}{np.abs(ours - theirs).max():>22.2e}")
+
+
+def section_speed(args) -> None:
+    print(f"\n## Inference 500×375, 21 classes, 10 iterations, CPU, {torch.get_num_threads()} threads (ours) vs pydensecrf2 (1 thread)")
+    print(f"{'image':<12}{'densecrf ms':>13}{'ours ms':>10}{'ratio':>8}{'mean|ΔQ|':>11}{'argmax agree':>14}")
+    for kind in ("synthetic", "noise"):
+        image, logits = scene(375, 500, 21, kind=kind)
+        ref = run_densecrf(image, logits, 10)
+        fn = ours_inference(image, logits, 10)
+        q = torch.softmax(fn(), 1)[0].numpy()
+        t_theirs = timed(lambda: run_densecrf(image, logits, 10), args.repeats)
+        t_ours = timed(fn, args.repeats)
+        print(
+            f"{kind:<12}{t_theirs * 1e3:>13.1f}{t_ours * 1e3:>10.1f}{t_ours / t_theirs:>8.2f}"
+            f"{np.abs(q - ref).mean():>11.2e}{(q.argmax(0) == ref.argmax(0)).mean():>14.4f}"
+        )
+
+
+def section_training(args) -> None:
+    print(f"\n## Training cost at 321×321, batch 1, 21 classes, CPU, {torch.get_num_threads()} threads")
+    image, logits = scene(321, 321, 21)
+    crf = MeanFieldCRF(num_classes=21, train_iterations=5).train()
+    z = torch.from_numpy(logits)[None].requires_grad_(True)
+    im = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+
+    def crf_step():
+        crf.zero_grad()
+        crf(z, im).square().mean().backward()
+
+    t_crf = timed(crf_step, args.repeats)
+    crf.log_theta_alpha.requires_grad_(False)
+    crf.log_theta_beta.requires_grad_(False)
+    crf.log_theta_gamma.requires_grad_(False)
+    t_crf_fixed_bw = timed(crf_step, args.repeats)
+    try:
+        from crfrnn_deeplab import get_model
+
+        net, name = get_model("deeplabv2_resnet101", num_classes=21).train(), "deeplabv2_resnet101"
+    except ImportError:  # the network has not landed
+        from torchvision.models.segmentation import deeplabv3_resnet101
+
+        net = deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21, aux_loss=False).train()
+        name = "deeplabv3_resnet101 (stand-in)"
+    x = torch.randn(1, 3, 321, 321)
+
+    def net_step():
+        net.zero_grad()
+        out = net(x)
+        out = out["out"] if isinstance(out, dict) else out
+        out.square().mean().backward()
+
+    t_net = timed(net_step, max(2, args.repeats // 2))
+    print(f"{'what':<52}{'ms':>10}{'% of network':>14}")
+    print(f"{name + ' forward+backward':<52}{t_net * 1e3:>10.1f}{100.0:>14.1f}")
+    print(f"{'CRF 5 it. fwd+bwd, all parameters learned':<52}{t_crf * 1e3:>10.1f}{100 * t_crf / t_net:>14.1f}")
+    print(f"{'CRF 5 it. fwd+bwd, bandwidths fixed':<52}{t_crf_fixed_bw * 1e3:>10.1f}{100 * t_crf_fixed_bw / t_net:>14.1f}")
+
+
+def _measure_one(height: int, width: int, classes: int, repeats: int) -> None:
+    """Child process: one size, prints JSON {seconds, peak_mib}."""
+    image, logits = scene(height, width, classes)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn = ours_inference(image, logits, 10)
+    seconds = timed(fn, repeats, warmup=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_mib": (peak - base) / 1024}))
+
+
+def _child(height: int, width: int, classes: int, repeats: int, threads: int, malloc: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", f"{height},{width},{classes}", "--repeats", str(repeats),
+           "--threads", str(threads), "--malloc", malloc]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def section_scaling(args) -> None:
+    print(f"\n## Scaling: inference, 10 iterations, CPU, {args.threads} threads, each run in a fresh process")
+    print("peak = peak RSS above the inputs; malloc 'retain' = runtime.retain_freed_memory(), 'default' = glibc's")
+    print(f"{'size':<12}{'classes':>8}{'malloc':>9}{'ms':>10}{'× previous':>12}{'peak MiB':>10}")
+    for malloc in ("retain", "default"):
+        previous = None
+        for side in (128, 256, 512, 1024):
+            r = _child(side, side, 21, max(1, args.repeats // (1 + side // 512)), args.threads, malloc)
+            growth = "" if previous is None else f"{r['seconds'] / previous:.2f}"
+            print(f"{f'{side}×{side}':<12}{21:>8}{malloc:>9}{r['seconds'] * 1e3:>10.1f}{growth:>12}{r['peak_mib']:>10.0f}")
+            previous = r["seconds"]
+        r = _child(1024, 2048, 19, 1, args.threads, malloc)
+        print(f"{'1024×2048':<12}{19:>8}{malloc:>9}{r['seconds'] * 1e3:>10.1f}{'':>12}{r['peak_mib']:>10.0f}")
+
+
+def section_cuda(args) -> None:
+    if not torch.cuda.is_available():
+        print("\n## CUDA: no GPU available, skipped")
+        return
+    print(f"\n## CUDA ({torch.cuda.get_device_name()}): inference, 10 iterations")
+    print(f"{'size':<12}{'classes':>8}{'total ms':>10}{'ms / iteration':>16}{'peak MiB':>10}")
+    for h, w, c in ((513, 513, 21), (1024, 2048, 19)):
+        image, logits = scene(h, w, c)
+        fn10 = ours_inference(image, logits, 10, "cuda")
+        fn0 = ours_inference(image, logits, 0, "cuda")
+        torch.cuda.reset_peak_memory_stats()
+        t10, t0 = timed(fn10, args.repeats, 2), timed(fn0, args.repeats, 2)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(f"{f'{h}×{w}':<12}{c:>8}{t10 * 1e3:>10.1f}{(t10 - t0) * 100:>16.2f}{peak:>10.0f}")
+
+
+SECTIONS = {"accuracy": section_accuracy, "speed": section_speed, "training": section_training,
+            "scaling": section_scaling, "cuda": section_cuda}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                        help="'retain': keep freed memory (runtime.retain_freed_memory, as train.py does)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        retain_freed_memory()
+    if args.child:
+        _measure_one(*map(int, args.child.split(",")), args.repeats)
+        return
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, malloc: {args.malloc}")
+    for name in args.only or list(SECTIONS):
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
