@@ -293,9 +293,9 @@ class MeanFieldCRF(nn.Module):
     def bandwidths(self) -> dict[str, float]:
         """The current bandwidths ``{"theta_alpha", "theta_beta", "theta_gamma"}`` as floats."""
         return {
-            "theta_alpha": float(self.log_theta_alpha.exp()),
-            "theta_beta": float(self.log_theta_beta.exp()),
-            "theta_gamma": float(self.log_theta_gamma.exp()),
+            "theta_alpha": float(self.log_theta_alpha.detach().exp()),
+            "theta_beta": float(self.log_theta_beta.detach().exp()),
+            "theta_gamma": float(self.log_theta_gamma.detach().exp()),
         }
 
     def extra_repr(self) -> str:
