@@ -70,26 +70,36 @@ class CRFKernels:
     normalization: Normalization
     norm_spatial: Tensor
     norm_bilateral: Tensor
+    _folded: PermutohedralLattice | None = None
 
-    def bilateral(self, q: Tensor) -> Tensor:
-        """Unnormalised bilateral filtering: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
+    def bilateral(self, q: Tensor, mix: Tensor | None = None) -> Tensor:
+        """Unnormalised bilateral filtering (then ``@ mix``, applied on the lattice): Tensor[B, H, W, C(')]."""
         b, h, w, c = q.shape
-        out = lattice_gaussian(q.reshape(b, h * w, c), self.raw, self.scale, self.lattice)
-        return out.view(b, h, w, c)
+        out = lattice_gaussian(q.reshape(b, h * w, c), self.raw, self.scale, self.lattice, mix=mix)
+        return out.view(b, h, w, -1)
 
     def spatial(self, q: Tensor) -> Tensor:
         """Unnormalised spatial filtering: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
         return spatial_gaussian(q, self.theta_gamma)
 
-    def apply(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """The normalised messages ``(K̃_spatial q, K̃_bilateral q)``, each Tensor[B, H, W, C]."""
+    def message(self, q: Tensor, pairwise: tuple[Tensor, Tensor]) -> Tensor:
+        """``Σ_m (μ W_m) K̃_m q`` for ``pairwise = (μ W_spatial, μ W_bilateral)``: Tensor[B, H, W, C]."""
+        b, h, w, c = q.shape
+        ns, nb = self.norm_spatial, self.norm_bilateral
         if self.normalization == "symmetric":
-            return (
-                self.norm_spatial * self.spatial(self.norm_spatial * q),
-                self.norm_bilateral * self.bilateral(self.norm_bilateral * q),
-            )
-        sent = q if self.mask is None else q * self.mask
-        return self.norm_spatial * self.spatial(sent), self.norm_bilateral * self.bilateral(sent)
+            spatial = ns * self.spatial(ns * q)
+            if not nb.requires_grad:  # fixed bandwidths: D^-½ K D^-½ and μ W folded into the lattice
+                if self._folded is None:
+                    n = nb.view(b, -1)
+                    self._folded = self.lattice.weighted(n, n)
+                flat = q.reshape(b, h * w, c)
+                bilateral = lattice_gaussian(flat, self.raw, self.scale, self._folded, mix=pairwise[1].T)
+                return spatial @ pairwise[0].T + bilateral.view(b, h, w, -1)
+            bilateral = nb * self.bilateral(nb * q, mix=pairwise[1].T)
+        else:
+            sent = q if self.mask is None else q * self.mask
+            spatial, bilateral = ns * self.spatial(sent), nb * self.bilateral(sent, mix=pairwise[1].T)
+        return spatial @ pairwise[0].T + bilateral
 
 
 def build_kernels(
@@ -149,9 +159,7 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     Returns:
         Tensor[B, H, W, C], ``z_{t+1}``. Masked pixels get no message: their output is ``z_0``.
     """
-    q = torch.softmax(logits, dim=-1)
-    spatial, bilateral = kernels.apply(q)
-    return unary - spatial @ pairwise[0].T - bilateral @ pairwise[1].T
+    return unary - kernels.message(torch.softmax(logits, dim=-1), pairwise)
 
 
 @torch.no_grad()
@@ -174,7 +182,8 @@ def mean_field_inference(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Ten
     b, h, w, c = unary.shape
     ns, nb = kernels.norm_spatial, kernels.norm_bilateral
     if kernels.normalization == "symmetric":
-        lattice, before = kernels.lattice.weighted(nb.view(b, -1), nb.view(b, -1)), ns
+        n = nb.view(b, -1)
+        lattice, before = kernels.lattice.weighted(n, n), ns
     else:
         sent = torch.ones_like(nb) if kernels.mask is None else kernels.mask
         lattice, before = kernels.lattice.weighted(sent.view(b, -1), nb.view(b, -1)), kernels.mask

@@ -28,16 +28,20 @@ _PACK_LIMIT = 2**62
 
 @dataclass(frozen=True, eq=False)
 class PermutohedralLattice:
-    """A built lattice: the sparse operators of one (batched) permutohedral filter.
+    """A built lattice: the sparse operators of one (batched) permutohedral filter ``K = slice·blur·splat``.
 
     Attributes:
         batch_size: number of images B.
         num_points: points per image N (pixels).
         dim: feature dimension d.
         num_vertices: lattice vertices M over the whole batch.
-        splat: CSR matrix (Tensor[M, B*N]) of barycentric weights.
-        slice: CSR matrix (Tensor[B*N, M]), the transpose of ``splat`` times 1 / (1 + 2^-d).
+        splat: CSR matrix (Tensor[M, B*N]) of barycentric weights (times the ``before`` weights, if any).
+        slice: CSR matrix (Tensor[B*N, M]), the transpose of the barycentric weights times
+            ``alpha = 1 / (1 + 2^-d)`` (times the ``after`` weights, if any).
         blur: d+1 CSR matrices (Tensor[M, M]), ``I + (P_j + P_jᵀ) / 2`` for lattice direction j.
+        alpha: the slice's scale ``1 / (1 + 2^-d)``.
+        symmetric: ``slice = alpha · spatᵀ`` (unweighted, or equal weights before and after), so that ``Kᵀ`` is
+            the same splat and slice with the blur directions reversed.
     """
 
     batch_size: int
@@ -47,6 +51,28 @@ class PermutohedralLattice:
     splat: Tensor
     slice: Tensor
     blur: tuple[Tensor, ...]
+    alpha: float
+    symmetric: bool = True
+
+    def to_lattice(self, values: Tensor, *, transpose: bool = False, blur: bool = True) -> Tensor:
+        """Splat then blur: Tensor[B, N, C] -> lattice values Tensor[M, C] (``Kᵀ``'s blur order if transpose)."""
+        b, n, c = values.shape
+        assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
+        x = torch.sparse.mm(self.splat, values.reshape(b * n, c))  # [M, C]
+        return self.blur_lattice(x, transpose=transpose) if blur else x
+
+    def blur_lattice(self, x: Tensor, *, transpose: bool = False) -> Tensor:
+        """The [1 2 1] blurs along the d+1 directions (reverse order for ``Kᵀ``): Tensor[M, C] -> Tensor[M, C]."""
+        for blur in reversed(self.blur) if transpose else self.blur:
+            x = torch.sparse.mm(blur, x)
+        return x
+
+    def from_lattice(self, x: Tensor, *, add_to: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+        """Slice lattice values Tensor[M, C] back to Tensor[B, N, C] (``add_to + alpha · slice(x)`` fused)."""
+        b, n = self.batch_size, self.num_points
+        if add_to is not None:
+            return torch.sparse.addmm(add_to.reshape(b * n, -1), self.slice, x, alpha=alpha).view(b, n, -1)
+        return torch.sparse.mm(self.slice, x).view(b, n, -1)
 
     def filter(
         self,
@@ -61,7 +87,8 @@ class PermutohedralLattice:
 
         Args:
             values: Tensor[B, N, C], any number of channels C, the lattice's dtype and device.
-            transpose: apply ``Kᵀ`` (blur directions in reverse order) — the adjoint used by backward.
+            transpose: apply ``Kᵀ`` (blur directions in reverse order) — the adjoint used by backward; needs a
+                ``symmetric`` lattice.
             mix: optional Tensor[C, C'] applied to the channels on the lattice (``(K v) @ mix`` computed as
                 ``K (v @ mix)`` where the lattice has far fewer rows than there are pixels).
             add_to: optional Tensor[B, N, C']; returns ``add_to + alpha · K v`` in one fused pass.
@@ -70,23 +97,19 @@ class PermutohedralLattice:
         Returns:
             Tensor[B, N, C] (or C' with ``mix``): ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice's ``k``.
         """
-        b, n, c = values.shape
-        assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
-        x = torch.sparse.mm(self.splat, values.reshape(b * n, c))  # [M, C]
-        for blur in reversed(self.blur) if transpose else self.blur:
-            x = torch.sparse.mm(blur, x)
+        assert self.symmetric or not transpose, "Kᵀ of a lattice with different before/after weights"
+        x = self.to_lattice(values, transpose=transpose)
         if mix is not None:
             x = x @ mix
-        if add_to is not None:
-            return torch.sparse.addmm(add_to.reshape(b * n, -1), self.slice, x, alpha=alpha).view(b, n, -1)
-        return torch.sparse.mm(self.slice, x).view(b, n, -1)
+        return self.from_lattice(x, add_to=add_to, alpha=alpha)
 
     def weighted(self, before: Tensor, after: Tensor) -> "PermutohedralLattice":
         """The lattice of ``diag(after) · K · diag(before)`` (e.g. a normalised kernel), at no extra cost.
 
         Args:
             before: Tensor[B, N], multiplies the values before splatting.
-            after: Tensor[B, N], multiplies the result after slicing.
+            after: Tensor[B, N], multiplies the result after slicing. Pass the same tensor as ``before`` to
+                keep the lattice ``symmetric`` (transposable).
         """
         splat_values = self.splat.values() * before.reshape(-1)[self.splat.col_indices()]
         rows = torch.repeat_interleave(
@@ -96,7 +119,8 @@ class PermutohedralLattice:
         splat = _csr(self.splat.crow_indices(), self.splat.col_indices(), splat_values, tuple(self.splat.shape))
         slice_ = _csr(self.slice.crow_indices(), self.slice.col_indices(), slice_values, tuple(self.slice.shape))
         return PermutohedralLattice(
-            self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur
+            self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur, self.alpha,
+            self.symmetric and before is after,
         )
 
 
@@ -287,48 +311,58 @@ def build_lattice(features: Tensor) -> PermutohedralLattice:
         has = plus >= 0
         minus[plus[has]] = here[has]  # the blur is symmetric: a's + neighbour has a as its - neighbour
         blur.append(_row_csr(torch.stack([here, plus, minus], 1), weights, m))
-    return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur))
+    return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur), alpha)
 
 
 class _LatticeGaussian(torch.autograd.Function):
-    """``K v`` through a built lattice, differentiable w.r.t. the values and the feature scales.
+    """``(K v) @ mix`` through a built lattice, differentiable w.r.t. the values, the mix and the feature scales.
 
-    The backward pass w.r.t. the values is ``Kᵀ g`` (the same lattice, blur directions reversed). For the
-    scales ``s`` (features ``f = raw · s``) it uses the derivative of the exact Gaussian,
-    ``∂k_ij/∂s_k = -(f_ik - f_jk)² k_ij / s_k``, and expands the squared difference so that every term is
-    a lattice filtering (DESIGN §2):
+    The backward pass w.r.t. the values is ``Kᵀ g mixᵀ`` (the same lattice, blur directions reversed, mixed on
+    the lattice); w.r.t. ``mix`` it is a product of lattice-sized matrices. For the scales ``s`` (features
+    ``f = raw · s``) it uses the derivative of the exact Gaussian, ``∂k_ij/∂s_k = -(f_ik - f_jk)² k_ij / s_k``,
+    and expands the squared difference so that every term is a lattice filtering (DESIGN §2):
     ``Σ_ij g_i k_ij (f_i - f_j)² v_j = Σ_i g_i f_i² (Kv)_i - 2 Σ_i g_i f_i (K(f v))_i + Σ_j v_j f_j² (Kᵀg)_j``.
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, scale: Tensor, lattice: PermutohedralLattice, raw: Tensor) -> Tensor:
-        out = lattice.filter(values)
+    def forward(ctx, values, scale, mix, lattice: PermutohedralLattice, raw):
+        assert lattice.symmetric, "the backward pass needs a transposable lattice"
+        on_lattice = lattice.to_lattice(values)  # [M, C]
+        out = lattice.from_lattice(on_lattice if mix is None else on_lattice @ mix)
         ctx.lattice = lattice
-        ctx.save_for_backward(values, scale, raw, out)
+        ctx.save_for_backward(values, scale, mix, raw, out, on_lattice)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        values, scale, raw, out = ctx.saved_tensors
+        values, scale, mix, raw, out, on_lattice = ctx.saved_tensors
         lattice: PermutohedralLattice = ctx.lattice
-        kt_grad = lattice.filter(grad.contiguous(), transpose=True)
+        # Symmetric lattice: slice = alpha·splatᵀ, so Kᵀ g = slice(blurᵀ(splat(g))) and sliceᵀ g = alpha·splat(g).
+        grad_lattice = lattice.to_lattice(grad.contiguous(), blur=False)  # splat(g), [M, C']
+        grad_mix = None
+        if mix is not None and ctx.needs_input_grad[2]:
+            grad_mix = lattice.alpha * on_lattice.T @ grad_lattice
+        grad_lattice = lattice.blur_lattice(grad_lattice, transpose=True)
+        kt_grad = lattice.from_lattice(grad_lattice if mix is None else grad_lattice @ mix.T)  # Kᵀ g mixᵀ
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            terms = []
-            g_out = (grad * out).sum(-1)  # [B, N]
-            v_ktg = (values * kt_grad).sum(-1)  # [B, N]
-            for k in range(raw.shape[-1]):  # one lattice filtering of C channels per feature dimension
-                f = raw[..., k] * scale[k]  # [B, N]
-                k_fv = lattice.filter(values * f[..., None])
-                cross = (grad * k_fv).sum(-1)
-                terms.append((f * f * (g_out + v_ktg) - 2.0 * f * cross).sum())
-            grad_scale = -torch.stack(terms) / scale
+            g = grad if mix is None else grad @ mix.T  # gradient w.r.t. K v
+            k_v = out if mix is None else lattice.from_lattice(on_lattice)
+            b, n, c = values.shape
+            f = raw * scale  # [B, N, d]
+            d = f.shape[-1]
+            moments = (f[..., :, None] * values[..., None, :]).reshape(b, n, d * c)  # f_k v, all k at once
+            cross = (lattice.filter(moments).view(b, n, d, c) * g[..., None, :]).sum(-1)  # [B, N, d]
+            weight = (g * k_v).sum(-1) + (values * kt_grad).sum(-1)  # kt_grad = Kᵀ g' (K commutes with the mix)
+            grad_scale = -(f * f * weight[..., None] - 2.0 * f * cross).sum((0, 1)) / scale
         grad_values = kt_grad if ctx.needs_input_grad[0] else None
-        return grad_values, grad_scale, None, None
+        return grad_values, grad_scale, grad_mix, None, None
 
 
-def lattice_gaussian(values: Tensor, raw_features: Tensor, scale: Tensor, lattice: PermutohedralLattice) -> Tensor:
+def lattice_gaussian(
+    values: Tensor, raw_features: Tensor, scale: Tensor, lattice: PermutohedralLattice, mix: Tensor | None = None
+) -> Tensor:
     """Differentiable Gaussian filtering ``Σ_j exp(-|s⊙(r_i - r_j)|² / 2) v_j`` through a built lattice.
 
     Args:
@@ -337,9 +371,10 @@ def lattice_gaussian(values: Tensor, raw_features: Tensor, scale: Tensor, lattic
         scale: Tensor[d], the inverse bandwidth of each feature; ``lattice`` must have been built from
             ``raw_features * scale`` (it is not rebuilt here; gradients w.r.t. ``scale`` use the exact
             Gaussian's derivative, evaluated with the lattice).
-        lattice: the lattice of ``raw_features * scale``.
+        lattice: the (symmetric) lattice of ``raw_features * scale``.
+        mix: optional Tensor[C, C'], a channel mixing applied on the lattice: returns ``(K v) @ mix``.
 
     Returns:
-        Tensor[B, N, C].
+        Tensor[B, N, C] (C' with ``mix``).
     """
-    return _LatticeGaussian.apply(values, scale, lattice, raw_features)
+    return _LatticeGaussian.apply(values, scale, mix, lattice, raw_features)

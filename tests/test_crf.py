@@ -97,11 +97,13 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
     assert (q.argmax(1) == ref.argmax(1)).double().mean() > 0.97
 
 
+@pytest.mark.parametrize("learn_bandwidths", [True, False])
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])
-def test_autograd_path_equals_inference_path(normalization):
+def test_autograd_path_equals_inference_path(normalization, learn_bandwidths):
     logits, image = small_inputs(b=2, c=4, h=12, w=10)
     mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2
-    crf = MeanFieldCRF(num_classes=4, theta_alpha=6.0, normalization=normalization).double().eval()
+    crf = MeanFieldCRF(num_classes=4, theta_alpha=6.0, normalization=normalization, learn_bandwidths=learn_bandwidths)
+    crf = crf.double().eval()
     with torch.no_grad():
         crf.compatibility.add_(torch.rand(4, 4, dtype=torch.float64))
         fast = crf(logits, image, mask)
@@ -109,9 +111,11 @@ def test_autograd_path_equals_inference_path(normalization):
     torch.testing.assert_close(fast, slow.detach())
 
 
-def test_gradcheck_logits_weights_compatibility():
+@pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path
+def test_gradcheck_logits_weights_compatibility(learn_bandwidths):
     logits, image = small_inputs(c=3, h=4, w=5)
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2).double().train()
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths)
+    crf = crf.double().train()
     weights = [crf.spatial_weight.detach().clone(), crf.bilateral_weight.detach().clone(), crf.compatibility.detach().clone()]
     inputs = [logits.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
 

@@ -95,6 +95,20 @@ def test_gradcheck_values():
     assert torch.autograd.gradcheck(lambda x: lattice_gaussian(x, raw, scale, lattice), (v,))
 
 
+def test_gradcheck_mixed_weighted_lattice():
+    # The folded form the CRF uses with fixed bandwidths: diag(n) K diag(n) v @ mix, mixed on the lattice.
+    torch.manual_seed(0)
+    raw = torch.randn(2, 6, 3, dtype=torch.float64) * 3
+    scale = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    n = torch.rand(2, 6, dtype=torch.float64) + 0.5
+    lattice = build_lattice((raw * scale).transpose(1, 2)).weighted(n, n)
+    v = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, m: lattice_gaussian(x, raw, scale, lattice, mix=m), (v, mix))
+    dense = n[..., None] * build_lattice((raw * scale).transpose(1, 2)).filter(n[..., None] * v.detach())
+    torch.testing.assert_close(lattice_gaussian(v, raw, scale, lattice, mix=mix).detach(), dense @ mix.detach())
+
+
 def test_scale_gradient_matches_exact_gaussian_derivative():
     # ∂/∂s Σ g ⊙ K(s) v with the lattice's K replaced by the exact kernel in the moment expansion: compare
     # against the exact kernel's analytic derivative (the lattice only approximates K itself).
@@ -109,6 +123,13 @@ def test_scale_gradient_matches_exact_gaussian_derivative():
     ((dense_gaussian(raw[0] * exact_scale) @ v[0]) * g[0]).sum().backward()
     cos = torch.nn.functional.cosine_similarity(scale.grad, exact_scale.grad, dim=0)
     assert cos > 0.99, (scale.grad, exact_scale.grad)
+    # The same with a channel mix applied on the lattice.
+    mix = torch.rand(3, 2, dtype=torch.float64)
+    scale.grad = None
+    (lattice_gaussian(v, raw, scale, lattice, mix=mix) * g[..., :2]).sum().backward()
+    exact_scale.grad = None
+    ((dense_gaussian(raw[0] * exact_scale) @ v[0] @ mix) * g[0, :, :2]).sum().backward()
+    assert torch.nn.functional.cosine_similarity(scale.grad, exact_scale.grad, dim=0) > 0.99
 
 
 def test_batch_has_no_cross_talk():
