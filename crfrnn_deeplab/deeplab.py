@@ -22,6 +22,7 @@ default scales (1, 0.75, 0.5)).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -313,6 +314,29 @@ class MSC(nn.Module):
 # (they are meant for CPU demos trained from scratch).
 
 
+def _msc_variant(builder):
+    """Registers ``<builder>_msc``: the builder's model in an :class:`MSC` wrapper, with the builder's typed
+    keyword options plus ``scales`` (default 1, 0.75, 0.5)."""
+
+    def msc_builder(*, num_classes: int, scales: Sequence[float] = MSC_SCALES, **options) -> MSC:
+        return MSC(model=builder(num_classes=num_classes, **options), scales=scales)
+
+    msc_builder.__name__ = msc_builder.__qualname__ = f"{builder.__name__}_msc"
+    msc_builder.__doc__ = (
+        f":func:`{builder.__name__}` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5); "
+        f"the other options are :func:`{builder.__name__}`'s."
+    )
+    signature = inspect.signature(builder)
+    scales = inspect.Parameter(
+        "scales", inspect.Parameter.KEYWORD_ONLY, default=MSC_SCALES, annotation="Sequence[float]"
+    )
+    parameters = list(signature.parameters.values())  # num_classes first, then scales, then the builder's
+    msc_builder.__signature__ = signature.replace(
+        parameters=parameters[:1] + [scales] + parameters[1:], return_annotation="MSC"
+    )
+    return register_model(msc_builder)
+
+
 def _deeplabv2(
     backbone: AtrousResNet, *, num_classes: int, head: HeadKind, input_convention: InputConvention
 ) -> DeepLabV2:
@@ -356,32 +380,6 @@ def deeplabv2_resnet101(
     return _deeplabv2(backbone, num_classes=num_classes, head=head, input_convention=input_convention)
 
 
-@register_model
-def deeplabv2_resnet101_msc(
-    *,
-    num_classes: int,
-    scales: Sequence[float] = MSC_SCALES,
-    output_stride: int = 8,
-    head: HeadKind = "aspp_l",
-    norm: NormKind = "frozen",
-    stride_in_1x1: bool = True,
-    ceil_mode: bool = True,
-    dilate_first_block: bool = True,
-    input_convention: InputConvention = CAFFE_CONVENTION,
-) -> MSC:
-    """:func:`deeplabv2_resnet101` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5)."""
-    model = deeplabv2_resnet101(
-        num_classes=num_classes,
-        output_stride=output_stride,
-        head=head,
-        norm=norm,
-        stride_in_1x1=stride_in_1x1,
-        ceil_mode=ceil_mode,
-        dilate_first_block=dilate_first_block,
-        input_convention=input_convention,
-    )
-    return MSC(model=model, scales=scales)
-
 
 @register_model
 def deeplabv2_resnet50(
@@ -405,32 +403,6 @@ def deeplabv2_resnet50(
     )
     return _deeplabv2(backbone, num_classes=num_classes, head=head, input_convention=input_convention)
 
-
-@register_model
-def deeplabv2_resnet50_msc(
-    *,
-    num_classes: int,
-    scales: Sequence[float] = MSC_SCALES,
-    output_stride: int = 8,
-    head: HeadKind = "aspp_l",
-    norm: NormKind = "frozen",
-    stride_in_1x1: bool = True,
-    ceil_mode: bool = True,
-    dilate_first_block: bool = True,
-    input_convention: InputConvention = CAFFE_CONVENTION,
-) -> MSC:
-    """:func:`deeplabv2_resnet50` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5)."""
-    model = deeplabv2_resnet50(
-        num_classes=num_classes,
-        output_stride=output_stride,
-        head=head,
-        norm=norm,
-        stride_in_1x1=stride_in_1x1,
-        ceil_mode=ceil_mode,
-        dilate_first_block=dilate_first_block,
-        input_convention=input_convention,
-    )
-    return MSC(model=model, scales=scales)
 
 
 @register_model
@@ -467,32 +439,6 @@ def deeplabv2_resnet18(
     return _deeplabv2(backbone, num_classes=num_classes, head=head, input_convention=input_convention)
 
 
-@register_model
-def deeplabv2_resnet18_msc(
-    *,
-    num_classes: int,
-    scales: Sequence[float] = MSC_SCALES,
-    output_stride: int = 8,
-    head: HeadKind = "aspp_l",
-    norm: NormKind = "batch",
-    ceil_mode: bool = True,
-    dilate_first_block: bool = True,
-    base_width: int = 64,
-    input_convention: InputConvention = TORCHVISION_CONVENTION,
-) -> MSC:
-    """:func:`deeplabv2_resnet18` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5)."""
-    model = deeplabv2_resnet18(
-        num_classes=num_classes,
-        output_stride=output_stride,
-        head=head,
-        norm=norm,
-        ceil_mode=ceil_mode,
-        dilate_first_block=dilate_first_block,
-        base_width=base_width,
-        input_convention=input_convention,
-    )
-    return MSC(model=model, scales=scales)
-
 
 @register_model
 def deeplabv2_resnet34(
@@ -517,28 +463,7 @@ def deeplabv2_resnet34(
     return _deeplabv2(backbone, num_classes=num_classes, head=head, input_convention=input_convention)
 
 
-@register_model
-def deeplabv2_resnet34_msc(
-    *,
-    num_classes: int,
-    scales: Sequence[float] = MSC_SCALES,
-    output_stride: int = 8,
-    head: HeadKind = "aspp_l",
-    norm: NormKind = "batch",
-    ceil_mode: bool = True,
-    dilate_first_block: bool = True,
-    base_width: int = 64,
-    input_convention: InputConvention = TORCHVISION_CONVENTION,
-) -> MSC:
-    """:func:`deeplabv2_resnet34` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5)."""
-    model = deeplabv2_resnet34(
-        num_classes=num_classes,
-        output_stride=output_stride,
-        head=head,
-        norm=norm,
-        ceil_mode=ceil_mode,
-        dilate_first_block=dilate_first_block,
-        base_width=base_width,
-        input_convention=input_convention,
-    )
-    return MSC(model=model, scales=scales)
+deeplabv2_resnet101_msc = _msc_variant(deeplabv2_resnet101)
+deeplabv2_resnet50_msc = _msc_variant(deeplabv2_resnet50)
+deeplabv2_resnet18_msc = _msc_variant(deeplabv2_resnet18)
+deeplabv2_resnet34_msc = _msc_variant(deeplabv2_resnet34)
