@@ -163,7 +163,9 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
 
 
 @torch.no_grad()
-def mean_field_inference(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
+def mean_field_inference(
+    unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int
+) -> Tensor:
     """``iterations`` mean-field steps without autograd, with the normalisation folded into the lattice.
 
     Computes what repeated :func:`mean_field_step` computes, in fewer passes over the pixels: the

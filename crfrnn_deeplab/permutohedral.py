@@ -338,7 +338,7 @@ class _LatticeGaussian(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         values, scale, mix, raw, out, on_lattice = ctx.saved_tensors
         lattice: PermutohedralLattice = ctx.lattice
-        # Symmetric lattice: slice = alpha·splatᵀ, so Kᵀ g = slice(blurᵀ(splat(g))) and sliceᵀ g = alpha·splat(g).
+        # Symmetric lattice: slice = alpha·splatᵀ, so Kᵀ g = slice(blurᵀ(splat(g))), sliceᵀ g = alpha·splat(g).
         grad_lattice = lattice.to_lattice(grad.contiguous(), blur=False)  # splat(g), [M, C']
         grad_mix = None
         if mix is not None and ctx.needs_input_grad[2]:

@@ -114,9 +114,11 @@ def test_autograd_path_equals_inference_path(normalization, learn_bandwidths):
 @pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path
 def test_gradcheck_logits_weights_compatibility(learn_bandwidths):
     logits, image = small_inputs(c=3, h=4, w=5)
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths)
+    crf = MeanFieldCRF(
+        num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths
+    )
     crf = crf.double().train()
-    weights = [crf.spatial_weight.detach().clone(), crf.bilateral_weight.detach().clone(), crf.compatibility.detach().clone()]
+    weights = [p.detach().clone() for p in (crf.spatial_weight, crf.bilateral_weight, crf.compatibility)]
     inputs = [logits.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
 
     def layer(z, ws, wb, mu):
@@ -148,7 +150,8 @@ def test_bandwidth_gradient_matches_finite_differences_of_exact_crf():
 
     base = torch.tensor([math.log(10.0), math.log(40.0), math.log(2.0)], dtype=torch.float64)
     eps = 1e-4
-    fd = torch.tensor([(exact(base + eps * e) - exact(base - eps * e)) / (2 * eps) for e in torch.eye(3).double()], dtype=torch.float64)
+    steps = torch.eye(3, dtype=torch.float64) * eps
+    fd = torch.tensor([(exact(base + e) - exact(base - e)) / (2 * eps) for e in steps], dtype=torch.float64)
     assert torch.nn.functional.cosine_similarity(ours, fd, dim=0) >= 0.99, (ours, fd)
     assert torch.nn.functional.cosine_similarity(ours[:2], fd[:2], dim=0) >= 0.99, (ours, fd)  # bilateral alone
     torch.testing.assert_close(ours[2], fd[2], rtol=1e-3, atol=1e-3)  # the spatial kernel is exact
@@ -166,7 +169,8 @@ def test_learning_switches_freeze_parameters():
     crf = MeanFieldCRF(num_classes=3, learn_kernel_weights=False, learn_compatibility=False, learn_bandwidths=False)
     assert not any(p.requires_grad for p in crf.parameters())
     crf = MeanFieldCRF(num_classes=3, learn_bandwidths=False)
-    assert {n for n, p in crf.named_parameters() if p.requires_grad} == {"spatial_weight", "bilateral_weight", "compatibility"}
+    learned = {n for n, p in crf.named_parameters() if p.requires_grad}
+    assert learned == {"spatial_weight", "bilateral_weight", "compatibility"}
 
 
 def test_batch_equals_single_images():
