@@ -36,6 +36,7 @@ __all__ = [
     "EvalTransform",
     "HEAD_RATES",
     "InputConvention",
+    "LoadReport",
     "LARGEFOV_RATES",
     "MSC",
     "MSCOutput",
@@ -50,6 +51,8 @@ __all__ = [
     "get_model",
     "lattice_gaussian",
     "list_models",
+    "load_into",
+    "model_for_checkpoint",
     "register_model",
     "resnet101_atrous",
     "resnet18_atrous",
@@ -57,3 +60,13 @@ __all__ = [
     "resnet50_atrous",
     "spatial_gaussian",
 ]
+
+
+def __getattr__(name: str):
+    # The converter is also a script (`python -m crfrnn_deeplab.convert`): importing it lazily keeps runpy from
+    # finding it half-imported.
+    if name in ("LoadReport", "load_into", "model_for_checkpoint"):
+        from crfrnn_deeplab import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module 'crfrnn_deeplab' has no attribute {name!r}")

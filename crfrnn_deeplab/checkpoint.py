@@ -81,7 +81,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"re-save its state_dict with torch.save(state_dict, ...) or convert it with "
             f"`python -m crfrnn_deeplab.convert`."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError) as e:
+        # A truncated archive fails in whichever structure the cut lands: zip directory, pickle memo, storage.
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file): {e}"
         ) from e
