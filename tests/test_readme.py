@@ -1,4 +1,7 @@
-"""The README's Python examples run as written (so they cannot rot)."""
+"""The README's Python examples run as written (so they cannot rot).
+
+``python`` blocks run here; ``py`` blocks are illustrations that need files only a user has (checkpoints).
+"""
 
 import re
 from pathlib import Path
