@@ -8,7 +8,8 @@ Layouts (``detect_layout`` recognises them; ``layout=`` forces one):
     max-pool, ``layer2..layer5`` = residual stages of ``block{1..n}`` bottlenecks with
     ``{reduce,conv3x3,increase,shortcut}.{conv,bn}`` (stride in ``reduce``, the 1×1; every block of a
     dilated stage dilated), and ``aspp.c{0..3}`` summed 3×3 branches with bias), optionally under ``base.``
-    (its MSC wrapper). Its COCO-pretrained DeepLab v1 initialisation has the same trunk and an ``fc*``
+    (its MSC wrapper); its older releases' ``proj`` / ``aspp.stages.c{i}`` names are read too. Its
+    COCO-pretrained DeepLab v1 initialisation has the same trunk and an ``fc*``
     classifier, which is dropped by name and reported.
 ``scale_ports``
     The older torchvision-named ports (isht7/pytorch-deeplab-resnet: ``Scale.conv1``, ``Scale.bn1``,
@@ -178,7 +179,11 @@ _CAFFE_PART = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increas
 
 
 def _caffe_key(key: str) -> str | None:
-    """kazuto1011 key -> canonical key (None: not part of the trunk/head)."""
+    """kazuto1011 key -> canonical key (None: not part of the trunk/head).
+
+    Its older releases named the projection ``proj`` and nested the ASPP as ``aspp.stages.c{i}``; both read.
+    """
+    key = re.sub(r"\.proj\.", ".shortcut.", key).replace("aspp.stages.", "aspp.")
     m = re.fullmatch(r"layer1\.conv1\.(conv|bn)\.(\w+)", key)
     if m:
         return f"backbone.{'conv1' if m[1] == 'conv' else 'bn1'}.{m[2]}"

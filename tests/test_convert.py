@@ -135,6 +135,13 @@ def test_caffe_layout_loads_exactly(caffe_reference, wrap):
     assert not report.dropped
 
 
+def test_caffe_layout_older_names(caffe_reference):
+    ref, x, y = caffe_reference
+    old = {k.replace(".shortcut.", ".proj.").replace("aspp.", "aspp.stages."): v for k, v in ref.state_dict().items()}
+    model, _ = model_for_checkpoint(old)
+    torch.testing.assert_close(scores(model, x), y, rtol=1e-4, atol=1e-4)
+
+
 def test_caffe_coco_init_drops_fc_by_name(caffe_reference):
     ref, x, y = caffe_reference
     sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("aspp.")}
