@@ -36,6 +36,15 @@ class DatasetError(ValueError):
     """A dataset on disk is malformed: corrupt file, size mismatch, bad label values, empty split."""
 
 
+def _require(path: PathLike, what: str, layout: str, *, directory: bool) -> Path:
+    p = Path(path)
+    if not (p.is_dir() if directory else p.is_file()):
+        kind = "a directory" if directory else "a file"
+        state = f"is not {kind}" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} {str(p)!r} {state}; expected layout:\n{layout}")
+    return p
+
+
 def require_dir(path: PathLike, what: str, layout: str) -> Path:
     """Return ``path`` as a ``Path`` if it is a directory, else raise naming it and the expected layout.
 
@@ -47,11 +56,7 @@ def require_dir(path: PathLike, what: str, layout: str) -> Path:
     Raises:
         FileNotFoundError: the directory does not exist (or is a file).
     """
-    p = Path(path)
-    if not p.is_dir():
-        state = "is not a directory" if p.exists() else "does not exist"
-        raise FileNotFoundError(f"{what} {str(p)!r} {state}; expected layout:\n{layout}")
-    return p
+    return _require(path, what, layout, directory=True)
 
 
 def require_file(path: PathLike, what: str, layout: str) -> Path:
@@ -60,11 +65,7 @@ def require_file(path: PathLike, what: str, layout: str) -> Path:
     Raises:
         FileNotFoundError: the file does not exist (or is a directory).
     """
-    p = Path(path)
-    if not p.is_file():
-        state = "is not a file" if p.exists() else "does not exist"
-        raise FileNotFoundError(f"{what} {str(p)!r} {state}; expected layout:\n{layout}")
-    return p
+    return _require(path, what, layout, directory=False)
 
 
 def read_id_list(path: PathLike) -> list[str]:

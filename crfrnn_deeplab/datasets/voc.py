@@ -126,6 +126,16 @@ class _PairListDataset(SegmentationDataset):
         self._images: list[str] = []
         self._labels: list[str] = []
 
+    def _use_list(self, list_file: Path, image_dir: Path, label_dir: Path, label_suffix: str) -> None:
+        """Reads the ids of ``list_file``: images ``image_dir/<id>.jpg``, labels ``label_dir/<id><suffix>``."""
+        self.ids = read_id_list(list_file)
+        image_paths = [image_dir / f"{i}.jpg" for i in self.ids]
+        label_paths = [label_dir / f"{i}{label_suffix}" for i in self.ids]
+        check_files_exist(image_paths, f"images listed in {str(list_file)!r}")
+        check_files_exist(label_paths, f"labels listed in {str(list_file)!r}")
+        self._images, self._labels = [str(p) for p in image_paths], [str(p) for p in label_paths]
+        self._check_not_empty(str(list_file))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return _load_pair(self._images[index], self._labels[index], self.num_classes, self.ignore_index)
 
@@ -151,13 +161,7 @@ class VOCSegmentation(_PairListDataset):
         list_path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
         list_file = require_file(list_path, f"VOC {split!r} split file", _VOC_LAYOUT)
         self.root, self.split = root, split
-        self.ids = read_id_list(list_file)
-        images = [root / "JPEGImages" / f"{i}.jpg" for i in self.ids]
-        labels = [root / "SegmentationClass" / f"{i}.png" for i in self.ids]
-        check_files_exist(images, f"images listed in {str(list_file)!r}")
-        check_files_exist(labels, f"labels listed in {str(list_file)!r}")
-        self._images, self._labels = [str(p) for p in images], [str(p) for p in labels]
-        self._check_not_empty(str(list_file))
+        self._use_list(list_file, root / "JPEGImages", root / "SegmentationClass", ".png")
 
 
 class SBDSegmentation(_PairListDataset):
@@ -178,13 +182,7 @@ class SBDSegmentation(_PairListDataset):
         root = _sbd_root(root)
         list_file = require_file(root / f"{split}.txt", f"SBD {split!r} split file", _SBD_LAYOUT)
         self.root, self.split = root, split
-        self.ids = read_id_list(list_file)
-        images = [root / "img" / f"{i}.jpg" for i in self.ids]
-        labels = [root / "cls" / f"{i}.mat" for i in self.ids]
-        check_files_exist(images, f"images listed in {str(list_file)!r}")
-        check_files_exist(labels, f"labels listed in {str(list_file)!r}")
-        self._images, self._labels = [str(p) for p in images], [str(p) for p in labels]
-        self._check_not_empty(str(list_file))
+        self._use_list(list_file, root / "img", root / "cls", ".mat")
 
 
 class VOCAugSegmentation(_PairListDataset):
