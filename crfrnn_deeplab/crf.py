@@ -138,13 +138,20 @@ def build_kernels(
     theta_gamma = theta_gamma.to(dtype)
     kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, h, w), mask, normalization, ones, ones)
     d_spatial, d_bilateral = kernels.spatial(ones), kernels.bilateral(ones)  # D = K·1 over valid pixels
-    if normalization == "symmetric":
-        kernels.norm_spatial = ones * (d_spatial + _EPS).rsqrt()
-        kernels.norm_bilateral = ones * (d_bilateral + _EPS).rsqrt()
-    else:
-        kernels.norm_spatial = ones / (d_spatial + _EPS)
-        kernels.norm_bilateral = ones / (d_bilateral + _EPS)
+    kernels.norm_spatial = _normaliser(d_spatial, ones, normalization)
+    kernels.norm_bilateral = _normaliser(d_bilateral, ones, normalization)
     return kernels
+
+
+def _normaliser(d: Tensor, valid: Tensor, normalization: Normalization) -> Tensor:
+    """``D^-½`` or ``D^-1`` on valid pixels, exactly 0 on masked ones.
+
+    Masked pixels far from any valid one have ``D`` = 0 up to rounding (the lattice's barycentric weights can be
+    -1e-9 in float32), where ``D^-½`` would be NaN and 0·NaN stays NaN: select instead of multiplying.
+    """
+    d = d.clamp_min(0.0) + _EPS
+    value = d.rsqrt() if normalization == "symmetric" else d.reciprocal()
+    return torch.where(valid > 0, value, torch.zeros_like(value))
 
 
 def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor]) -> Tensor:

@@ -278,7 +278,8 @@ def build_lattice(features: Tensor) -> PermutohedralLattice:
     bary.scatter_add_(1, d - rank, delta)
     bary.scatter_add_(1, d1 - rank, -delta)
     bary[:, 0] += 1.0 + bary[:, d1]
-    bary = bary[:, :d1]
+    # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
+    bary = bary[:, :d1].clamp_min(0.0)
 
     # Vertices: image index + key; the image index keeps images from sharing vertices.
     image = torch.arange(b, device=device).repeat_interleave(n)

@@ -369,3 +369,32 @@ def test_crfrnn_composes_network_and_crf():
         CRFRNN(network=net, crf=MeanFieldCRF(num_classes=4))
     with pytest.raises(ValueError, match="raw must be the raw RGB image"):
         model(model.preprocess(raw), raw[:, :, :10])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_large_masked_region_stays_finite_in_float32(normalization):
+    # Far from every valid pixel D = K·mask is 0 up to float32 rounding (it came out -1e-9 in a padded training
+    # batch and D^-½ turned it into NaN); masked pixels must get exactly no message instead.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 48, 40, generator=g, requires_grad=True)
+    image = torch.rand(1, 3, 48, 40, generator=g) * 255
+    image[..., 30:, :] = 104.0  # padding filled with a mean colour, as the transforms do
+    mask = torch.zeros(1, 48, 40, dtype=torch.bool)
+    mask[:, :30, :25] = True
+    crf = MeanFieldCRF(num_classes=4, theta_alpha=3.0, theta_beta=5.0, normalization=normalization).train()
+    out = crf(logits, image, mask)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    torch.testing.assert_close(out[..., 30:, :], logits[..., 30:, :])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_normaliser_is_zero_on_masked_pixels_even_for_rounding_negatives(normalization):
+    from crfrnn_deeplab.crf import _normaliser
+
+    d = torch.tensor([4.0, -3e-7, 0.0, 1e-30])
+    valid = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    n = _normaliser(d, valid, normalization)
+    assert torch.isfinite(n).all() and n[1] == 0 and n[2] == 0
+    assert n[0] == pytest.approx(0.5 if normalization == "symmetric" else 0.25)

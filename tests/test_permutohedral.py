@@ -74,6 +74,19 @@ def test_lattice_is_exact_for_coincident_points():
     assert torch.allclose(out[0, 0] / v[0].sum(0), (out[0, 0] / v[0].sum(0))[0].expand(2))
 
 
+def test_barycentric_weights_are_a_partition_of_unity_in_float32():
+    # Pixel grids over a constant colour (the padding of a training crop) gave weights of -6e-8 in float32,
+    # and then a negative K·mask and a NaN normaliser.
+    ys, xs = torch.meshgrid(torch.arange(129.0), torch.arange(129.0), indexing="ij")
+    colour = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 129, 129)
+    lattice = build_lattice(torch.cat([torch.stack([xs, ys]) / 20.0, colour / 30.0])[None])
+    weights = lattice.splat.values()
+    assert weights.min() >= 0
+    per_point = torch.zeros(129 * 129).index_add_(0, lattice.splat.col_indices(), weights)
+    torch.testing.assert_close(per_point, torch.ones_like(per_point), rtol=0, atol=1e-6)
+    assert (lattice.filter(torch.ones(1, 129 * 129, 1)) > 0).all()
+
+
 def test_transpose_is_the_adjoint():
     torch.manual_seed(0)
     feats = torch.randn(2, 5, 7, 9, dtype=torch.float64) * 2
