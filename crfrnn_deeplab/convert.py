@@ -301,12 +301,12 @@ def _layout_of(backbone: nn.Module) -> dict[str, bool]:
 
 
 def _check_architecture(net: DeepLabV2, layout: str) -> None:
+    if layout == "crfrnn_deeplab":  # our checkpoints record their own builder options
+        return
     if not hasattr(net.backbone.layer2[0], "conv3"):
         raise ConversionError(
             f"{layout!r} checkpoints hold a ResNet-50/101 (bottleneck) trunk; the model has BasicBlocks"
         )
-    if layout == "crfrnn_deeplab":
-        return
     caffe = layout in _CAFFE_LAYOUTS
     wrong = [name for name, value in _layout_of(net.backbone).items() if value != caffe]
     if wrong:
