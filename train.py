@@ -39,6 +39,7 @@ from crfrnn_deeplab.runtime import retain_freed_memory
 
 logger = logging.getLogger("train")
 BANDS = (2, 5, 10)
+GRID = {"bilateral_weight": (3.0, 5.0, 10.0), "theta_alpha": (10.0, 20.0, 40.0, 80.0), "theta_beta": (5.0, 13.0, 30.0, 60.0)}
 
 
 def seed_everything(seed: int) -> None:
@@ -47,17 +48,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_datasets(cfg: Config, convention) -> tuple[Any, Any]:
-    """Training and validation datasets with the DeepLab augmentation / evaluation transforms."""
+def build_datasets(cfg: Config, convention) -> tuple[Any, Any, Any]:
+    """Training, validation and held-out (CRF grid search) datasets with the DeepLab transforms.
+
+    The held-out images never appear in the validation numbers: synthetic data draws them from another seed;
+    real datasets use the first ``data.held_out_images`` of the validation list (the DeepLab protocol) — the
+    validation numbers then include them, as in the paper.
+    """
     d = cfg.data
     train_tf = TrainTransform(convention, crop_size=d.crop_size, ignore_index=d.ignore_index, seed=cfg.seed)
     eval_tf = EvalTransform(convention)
     if d.dataset == "synthetic":
-        common = dict(size=d.image_size, seed=cfg.seed)
+        common = dict(size=d.image_size, transform=eval_tf)
         return (
-            ds.SyntheticSegmentation(split="train", num_images=d.train_images, transform=train_tf, **common),
-            ds.SyntheticSegmentation(split="val", num_images=d.val_images, transform=eval_tf, **common),
+            ds.SyntheticSegmentation(split="train", num_images=d.train_images, seed=cfg.seed, size=d.image_size,
+                                     transform=train_tf),
+            ds.SyntheticSegmentation(split="val", num_images=d.val_images, seed=cfg.seed, **common),
+            ds.SyntheticSegmentation(split="val", num_images=d.held_out_images, seed=cfg.seed + 1, **common),
         )
+    train_set, val_set = _real_datasets(cfg, train_tf, eval_tf)
+    subset = torch.utils.data.Subset(val_set, range(min(d.held_out_images, len(val_set))))
+    return train_set, val_set, subset
+
+
+def _real_datasets(cfg: Config, train_tf, eval_tf) -> tuple[Any, Any]:
+    d = cfg.data
     root = Path(d.root)
     if d.dataset == "voc12_aug":
         return ds.VOCAugSegmentation(root / "VOC2012", root / "SBD", transform=train_tf), ds.VOCSegmentation(
@@ -187,6 +202,31 @@ def evaluate(network: nn.Module, crfs: dict[str, MeanFieldCRF | None], loader: D
     return results
 
 
+def grid_search_crf(network: nn.Module, loader: DataLoader, cfg: Config) -> tuple[MeanFieldCRF, dict[str, float]]:
+    """The post-processing baseline (Chen et al., DeepLab v2, Sec. 4.1): a fixed-weight CRF whose bilateral
+    weight, θα and θβ are grid-searched for mIoU on held-out images (spatial kernel fixed)."""
+    device = torch.device(cfg.device)
+    network.eval()
+    cached = []
+    with torch.no_grad():
+        for batch in loader:
+            cached.append((network(batch["image"].to(device)), batch["raw"].to(device), batch["valid"].to(device),
+                           batch["label"]))
+    best, best_miou = None, -1.0
+    for w, alpha, beta in itertools.product(GRID["bilateral_weight"], GRID["theta_alpha"], GRID["theta_beta"]):
+        crf = MeanFieldCRF(num_classes=cfg.model.num_classes, spatial_weight=cfg.crf.spatial_weight,
+                           bilateral_weight=w, theta_alpha=alpha, theta_beta=beta, theta_gamma=cfg.crf.theta_gamma,
+                           eval_iterations=cfg.crf.eval_iterations).to(device).eval()
+        cm = ConfusionMatrix(cfg.model.num_classes, ignore_index=cfg.data.ignore_index)
+        with torch.no_grad():
+            for logits, raw, valid, label in cached:
+                cm.update(crf(logits, raw, valid).argmax(1).cpu(), label)
+        miou = cm.scores()["miou"]
+        if miou > best_miou:
+            best, best_miou, params = crf, miou, {"bilateral_weight": w, "theta_alpha": alpha, "theta_beta": beta}
+    return best, dict(params, held_out_miou=best_miou)
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     cols = ["miou", "pixel_acc"] + [f"boundary_miou_{w}px" for w in BANDS]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -231,18 +271,27 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
 
     network = build_network(cfg).to(cfg.device)
-    train_set, val_set = build_datasets(cfg, network.input_convention)
+    train_set, val_set, held_out = build_datasets(cfg, network.input_convention)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.data.workers, generator=generator)
-    val_loader = DataLoader(val_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.workers)
+    # Real validation images differ in size, so they go one by one (no resizing of labels for evaluation).
+    eval_batch = cfg.data.batch_size if cfg.data.dataset == "synthetic" else 1
+    val_loader = DataLoader(val_set, batch_size=eval_batch, num_workers=cfg.data.workers)
 
     if cfg.stage1.iterations:
         train_steps(network, train_loader, cfg.stage1, cfg, "stage 1: DeepLab v2")
         checkpoint(out / "stage1.pt", network, cfg, cfg.stage1.iterations, crf=False)
     initial_crf = build_crf(cfg).to(cfg.device)
+    searched_crf, searched = grid_search_crf(network, DataLoader(held_out, batch_size=eval_batch), cfg)
+    logger.info("grid-searched post-processing CRF: %s", searched)
     joint = CRFRNN(network=network, crf=build_crf(cfg)).to(cfg.device)
-    results = evaluate(network, {"network": None, "network + initial CRF": initial_crf}, val_loader, cfg)
+    results = evaluate(
+        network,
+        {"network": None, "network + initial CRF": initial_crf, "network + grid-searched CRF": searched_crf},
+        val_loader,
+        cfg,
+    )
     if cfg.stage2.iterations:
         train_steps(joint, train_loader, cfg.stage2, cfg, "stage 2: CRF-as-RNN")
         checkpoint(out / "final.pt", joint, cfg, cfg.stage2.iterations, crf=True)

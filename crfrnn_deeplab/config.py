@@ -42,6 +42,7 @@ class DataConfig:
     image_size: int = 161  # synthetic images (square)
     train_images: int = 1000  # synthetic training split length
     val_images: int = 100  # synthetic validation split length
+    held_out_images: int = 30  # images for the post-processing CRF grid search
     crop_size: int = 129
     batch_size: int = 8
     workers: int = 0

@@ -17,7 +17,8 @@ train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train)
 
 TINY = [
-    "data.image_size=65", "data.crop_size=49", "data.train_images=32", "data.val_images=4", "data.batch_size=4",
+    "data.image_size=65", "data.crop_size=49", "data.train_images=32", "data.val_images=4", "data.held_out_images=4",
+    "data.batch_size=4",
     "model.options={base_width: 8}", "crf.train_iterations=2", "crf.eval_iterations=2", "log_every=5",
 ]
 
@@ -49,7 +50,7 @@ def test_a_few_steps_lower_the_loss():
     cfg = load_config(None, TINY + ["stage1.iterations=40", "stage1.lr=2.5e-3"])
     torch.manual_seed(0)
     net = train.build_network(cfg)
-    train_set, _ = train.build_datasets(cfg, net.input_convention)
+    train_set, _, _ = train.build_datasets(cfg, net.input_convention)
     loader = torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=True, drop_last=True)
     losses = train.train_steps(net, loader, cfg.stage1, cfg, "test")
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
@@ -59,7 +60,9 @@ def test_a_few_steps_lower_the_loss():
 def test_main_runs_both_stages_and_writes_a_reloadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     results = train.main(TINY + ["stage1.iterations=10", "stage2.iterations=3", f"out_dir={out}"])
-    assert set(results) == {"network", "network + initial CRF", "joint network", "joint network + learned CRF"}
+    assert set(results) == {
+        "network", "network + initial CRF", "network + grid-searched CRF", "joint network", "joint network + learned CRF"
+    }
     assert json.loads((out / "results.json").read_text())["network"]["miou"] == results["network"]["miou"]
     assert (out / "config.yaml").is_file() and (out / "results.md").is_file()
     model, report = model_for_checkpoint(out / "final.pt")
