@@ -69,3 +69,15 @@ def test_main_runs_both_stages_and_writes_a_reloadable_checkpoint(tmp_path):
     assert isinstance(model, CRFRNN) and report.layout == "crfrnn_deeplab" and not [
         k for k, r in report.initialised.items() if not k.endswith("num_batches_tracked")
     ]
+
+
+def test_init_from_loads_a_checkpoint(tmp_path):
+    cfg = load_config(None, TINY)
+    source = train.build_network(cfg)
+    with torch.no_grad():
+        source.head.branches[0].bias.fill_(0.5)
+    train.checkpoint(tmp_path / "stage1.pt", source, cfg, step=1, crf=False)
+    cfg = load_config(None, TINY + [f"model.init_from={tmp_path / 'stage1.pt'}"])
+    loaded = train.build_network(cfg)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
