@@ -483,14 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         "model_config": {
             "name": f"deeplabv2_resnet{depth}",
             "num_classes": net.num_classes,
-            "options": dict(_layout_of(backbone), input_convention=net.input_convention),
+            "options": _layout_of(backbone),  # the convention is recorded below, as plain data
             "crf": None,
         },
         "input_convention": net.input_convention.to_dict(),
         "class_names": None,
         "source": {"path": str(args.src), "layout": report.layout, "dropped": sorted(report.dropped)},
     }
-    payload["model_config"]["options"].pop("input_convention")
     save_checkpoint(args.dst, payload)
     print(report)
     print(f"wrote {args.dst}")
