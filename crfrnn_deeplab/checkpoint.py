@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint"]
 
 FORMAT = "crfrnn_deeplab/1"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
+_PICKLE_PROTO = b"\x80"  # the legacy format: a pickle, protocol >= 2
 
 
 class CheckpointError(ValueError):
@@ -72,14 +75,23 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head.startswith(_ZIP_MAGIC) and not head.startswith(_PICKLE_PROTO):
+        # Anything else would reach the unpickler and fail with a misleading message (or a bare KeyError).
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: torch.save writes a zip archive (or, before PyTorch 1.6, "
+            f"a pickle), this file starts with {head!r}"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles {found[1]}" if found else str(e).strip().splitlines()[-1][:200]
         raise CheckpointError(
             f"{path} cannot be loaded with weights_only=True: it contains pickled Python objects beyond tensors "
-            f"and plain containers ({str(e).splitlines()[0][:200]}). Only load it if you trust its source; then "
-            f"re-save its state_dict with torch.save(state_dict, ...) or convert it with "
-            f"`python -m crfrnn_deeplab.convert`."
+            f"and plain containers ({what}). Only load it if you trust its source; then re-save its state_dict "
+            f"with torch.save(state_dict, ...) or convert it with `python -m crfrnn_deeplab.convert`."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError) as e:
         # A truncated archive fails in whichever structure the cut lands: zip directory, pickle memo, storage.
