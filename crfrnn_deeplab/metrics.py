@@ -8,18 +8,25 @@
 - :func:`boundary_band`: the trimap of Kohli et al. (2009) used by DeepLab (Chen et al., TPAMI 2017, Fig. 5):
   pixels within ``width`` pixels of a ground-truth label edge. Accumulating a second confusion matrix on the
   band gives the boundary mIoU.
+- :class:`SegmentationMeter`: one confusion matrix for the whole image and one per boundary band, the report
+  every evaluation prints (``miou``, ``pixel_acc``, ``mean_class_acc``, ``fwiou``, ``iou``,
+  ``boundary_miou_{w}px``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ConfusionMatrix", "scores", "boundary_band"]
+__all__ = ["ConfusionMatrix", "scores", "boundary_band", "boundary_bands", "SegmentationMeter", "BOUNDARY_WIDTHS"]
+
+#: Half-widths (pixels) of the boundary bands reported by default.
+BOUNDARY_WIDTHS: tuple[int, ...] = (2, 5, 10)
 
 
 class ConfusionMatrix:
@@ -126,3 +133,52 @@ def boundary_band(target: Tensor, width: int, *, ignore_index: int = 255) -> Ten
     k = 2 * (width - 1) + 1
     band = F.max_pool2d(edge[:, None].float(), k, stride=1, padding=width - 1)[:, 0] > 0
     return band if target.dim() == 3 else band[0]
+
+
+def boundary_bands(target: Tensor, widths: Sequence[int] = BOUNDARY_WIDTHS, *, ignore_index: int = 255) -> dict[int, Tensor]:
+    """:func:`boundary_band` for each width (computed once per batch and shared by every prediction scored)."""
+    return {w: boundary_band(target, w, ignore_index=ignore_index) for w in widths}
+
+
+class SegmentationMeter:
+    """Whole-image and boundary-band confusion matrices of one model's predictions.
+
+    Args:
+        num_classes: C.
+        widths: boundary band half-widths in pixels.
+        ignore_index: label value that is not counted.
+        device: where the counts live (the device of the process group's backend when distributed).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        widths: Sequence[int] = BOUNDARY_WIDTHS,
+        ignore_index: int = 255,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.widths = tuple(widths)
+        self.whole = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+        self.bands = {w: ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device) for w in self.widths}
+
+    def update(self, prediction: Tensor, target: Tensor, bands: dict[int, Tensor] | None = None) -> None:
+        """Adds a batch; ``bands`` from :func:`boundary_bands` (computed here when omitted)."""
+        if bands is None:
+            bands = boundary_bands(target, self.widths, ignore_index=self.whole.ignore_index)
+        self.whole.update(prediction, target)
+        for w in self.widths:
+            self.bands[w].update(prediction, target, mask=bands[w])
+
+    def reduce(self) -> None:
+        """Sums every matrix over the ranks (no-op when not distributed)."""
+        self.whole.reduce()
+        for cm in self.bands.values():
+            cm.reduce()
+
+    def summary(self) -> dict[str, float | list[float]]:
+        """:func:`scores` of the whole image plus ``boundary_miou_{w}px`` for each band."""
+        out = self.whole.scores()
+        for w in self.widths:
+            out[f"boundary_miou_{w}px"] = self.bands[w].scores()["miou"]
+        return out

@@ -153,6 +153,14 @@ class _Transform:
         if self._pipeline is not None:
             self._pipeline.set_random_seed(seed)
 
+    def seed_sample(self, seed: int) -> None:
+        """Fix the augmentation of the next sample exactly, in any process (the per-worker re-seeding is skipped
+        until the next :meth:`set_random_seed`): what makes training resumable and independent of the number of
+        workers when the seed is derived from the run's seed and the sample's position."""
+        self.set_random_seed(seed)
+        info = get_worker_info()
+        self._worker_key = None if info is None else (info.id, info.seed)
+
     def _sync_worker_seed(self) -> None:
         info = get_worker_info()
         if info is None or self._pipeline is None:
