@@ -7,11 +7,8 @@ and reads the config.
 Reproducibility: a training sample's augmentation is seeded from ``(seed, epoch, index)``
 (:class:`SeededAugmentation`), the sampler shuffles from ``(seed, epoch)`` and can start in the middle of an
 epoch (:class:`TrainBatches`), so a resumed run sees exactly the batches the uninterrupted run would have
-seen, in one process or in ``N`` (each rank gets its share of the same global batch), with
-``data.workers = 0``. With worker processes the augmentation also mixes in the worker's seed (see
-:mod:`crfrnn_deeplab.transforms`); :class:`TrainBatches` seeds the workers per epoch and restarts an epoch in
-the same worker rotation, so resuming stays exact there too, but N processes no longer see the augmentations
-one process would.
+seen, in one process or in ``N`` (each rank gets its share of the same global batch), whatever the number of
+DataLoader workers (:meth:`~crfrnn_deeplab.TrainTransform.seed_sample` overrides the per-worker seeding).
 """
 
 from __future__ import annotations
@@ -63,7 +60,7 @@ class SeededAugmentation(Dataset):
 
     Args:
         dataset: a dataset returning raw sample dicts (built with ``transform=None``).
-        transform: a transform with ``set_random_seed(int)``, e.g. :class:`~crfrnn_deeplab.TrainTransform`.
+        transform: a transform with ``seed_sample(int)``, e.g. :class:`~crfrnn_deeplab.TrainTransform`.
         seed: the run's seed.
     """
 
@@ -75,7 +72,7 @@ class SeededAugmentation(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        self.transform.set_random_seed(derive_seed(self.seed, epoch, index))
+        self.transform.seed_sample(derive_seed(self.seed, epoch, index))
         return self.transform(self.dataset[index])
 
 
@@ -157,16 +154,12 @@ class TrainBatches:
         self._iterator = None
 
     def _start_epoch(self) -> None:
-        # Batch j of an epoch is loaded by worker j mod W, whose seed is drawn from the generator: restart at
-        # the beginning of the current worker rotation and drop the batches already taken.
-        rotation = max(1, self.loader.num_workers)
-        skip = self.batch % rotation
+        # Every sample's augmentation is seeded from its key, so starting in the middle of an epoch only needs
+        # the sampler to skip the batches already taken (the workers' own seeds play no part).
         self.sampler.set_epoch(self.epoch)
-        self.sampler.start = (self.batch - skip) * self.batch_size
+        self.sampler.start = self.batch * self.batch_size
         self._generator.manual_seed(derive_seed(self.seed, self.epoch))
         self._iterator = iter(self.loader)
-        for _ in range(skip):
-            next(self._iterator)
 
     def __iter__(self) -> TrainBatches:
         return self

@@ -16,7 +16,9 @@ from crfrnn_deeplab import CRFRNN
 from crfrnn_deeplab.checkpoint import load_checkpoint, save_checkpoint
 from crfrnn_deeplab.config import load_config
 from crfrnn_deeplab.convert import model_for_checkpoint
-from crfrnn_deeplab.engine import sliding_window_logits
+from crfrnn_deeplab import TORCHVISION_CONVENTION, TrainTransform
+from crfrnn_deeplab.datasets import SyntheticSegmentation
+from crfrnn_deeplab.engine import SeededAugmentation, TrainBatches, sliding_window_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -191,6 +193,28 @@ def test_sliding_window_matches_whole_image_for_a_pointwise_network():
     torch.testing.assert_close(out, net(image))
     small = sliding_window_logits(net, image[:, :, :9, :9], window=16, stride=10)  # padded, then cropped
     torch.testing.assert_close(small, net(image[:, :, :9, :9]))
+
+
+def test_training_batches_do_not_depend_on_workers_and_restart_mid_epoch():
+    raw = SyntheticSegmentation(split="train", num_images=10, seed=3, size=40)
+    samples = SeededAugmentation(raw, TrainTransform(TORCHVISION_CONVENTION, crop_size=33, seed=0), seed=5)
+
+    def stream(workers, state=None, count=7):
+        batches = TrainBatches(samples, batch_size=3, workers=workers, seed=5)
+        if state is not None:
+            batches.load_state_dict(state)
+        out = [next(batches) for _ in range(count)]
+        return out, batches.state_dict()
+
+    plain, state = stream(0)
+    assert state == {"epoch": 2, "batch": 1}  # 3 batches per epoch (10 // 3), so two epochs and one batch
+    parallel, _ = stream(2)
+    resumed, _ = stream(2, state={"epoch": 1, "batch": 2}, count=2)  # batches 6 and 7 of the plain stream
+    for a, b in zip(plain, parallel):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    for a, b in zip(plain[5:], resumed):
+        assert torch.equal(a["image"], b["image"])
+    assert not torch.equal(plain[0]["image"], plain[3]["image"])  # each epoch is shuffled and augmented anew
 
 
 def _kill_during_saves(path: Path, delay: float) -> None:
