@@ -4,7 +4,7 @@ The public API (see README.md):
 
 - models: :func:`get_model`, :func:`list_models`, :class:`DeepLabV2`, :class:`MSC`, the atrous backbones and
   the ASPP heads;
-- the CRF: :class:`MeanFieldCRF` (the layer), :func:`build_lattice` / :func:`lattice_gaussian` (the
+- the CRF: :class:`MeanFieldCRF` (the layer), :class:`DenseCRF` (one-call post-processing), :func:`build_lattice` / :func:`lattice_gaussian` (the
   permutohedral lattice), :func:`spatial_gaussian`;
 - data: :mod:`crfrnn_deeplab.datasets`, :class:`TrainTransform`, :class:`EvalTransform`;
 - preprocessing: :class:`InputConvention` and the two conventions weights come with.
@@ -15,6 +15,7 @@ from crfrnn_deeplab.aspp import ASPP, ASPP_L_RATES, ASPP_S_RATES, HEAD_RATES, LA
 from crfrnn_deeplab.backbone import AtrousResNet, resnet18_atrous, resnet34_atrous, resnet50_atrous, resnet101_atrous
 from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crfrnn import CRFRNN, CRFRNNOutput
+from crfrnn_deeplab.dense_crf import DenseCRF
 from crfrnn_deeplab.deeplab import MSC, MSC_SCALES, DeepLabV2, MSCOutput
 from crfrnn_deeplab.permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.preprocessing import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
@@ -33,6 +34,7 @@ __all__ = [
     "CRFRNN",
     "CRFRNNOutput",
     "DeepLabV2",
+    "DenseCRF",
     "EvalTransform",
     "HEAD_RATES",
     "InputConvention",
