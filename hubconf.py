@@ -1,0 +1,71 @@
+"""``torch.hub`` entry points: every registered DeepLab v2 model, optionally with the CRF-as-RNN layer on top.
+
+    model = torch.hub.load("/path/to/crfrnn_deeplab", "deeplabv2_resnet101", source="local", num_classes=21)
+    model = torch.hub.load(repo, "deeplabv2_resnet101_msc", source="local", checkpoint="runs/voc12/stage2/last.pt")
+    model = torch.hub.load(repo, "deeplabv2_resnet18", source="local", num_classes=6, crf=True)
+
+No weights are hosted or downloaded: ``pretrained=True`` is an error; ``checkpoint=`` loads a file you have
+(ours or any layout :mod:`crfrnn_deeplab.convert` reads): without ``num_classes`` the model is the one the
+checkpoint records (it must be the named architecture); with it, the named model is built and the weights are
+loaded into it strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+dependencies = ["torch", "torchvision", "numpy", "PIL"]
+
+
+def _entry(name: str):
+    def build(*, pretrained: bool = False, checkpoint: str | None = None, num_classes: int | None = None,
+              crf: bool | dict[str, Any] = False, **options: Any):
+        from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
+        from crfrnn_deeplab.convert import load_into, model_for_checkpoint
+
+        if pretrained:
+            raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "
+                             "checkpoint='path/to/weights.pt' (ours, torchvision's or a converted DeepLab v2 model)")
+        if checkpoint is not None and num_classes is None:  # everything from the checkpoint
+            model, _ = model_for_checkpoint(checkpoint, msc=name.endswith("_msc"), **options)
+            if _model_name(model) != name.removesuffix("_msc"):
+                raise ValueError(f"{checkpoint} holds a {_model_name(model)} network, not {name}")
+        else:
+            if num_classes is None:
+                raise TypeError(f"{name}: num_classes is required without a checkpoint")
+            model = get_model(name, num_classes=num_classes, **options)
+            if checkpoint is not None:  # e.g. a bare state dict: strict, every mismatch is an error
+                load_into(model, checkpoint)
+        if crf and not isinstance(model, CRFRNN):
+            crf_options = crf if isinstance(crf, dict) else {}
+            model = CRFRNN(network=model, crf=MeanFieldCRF(num_classes=model.num_classes, **crf_options))
+        return model
+
+    build.__name__ = name
+    build.__doc__ = (
+        f"``{name}`` (see crfrnn_deeplab.get_model). Keyword arguments: ``num_classes`` (required without a "
+        "checkpoint), ``checkpoint`` (a weights file to load), ``crf`` (True or MeanFieldCRF options: add the "
+        "CRF-as-RNN layer), and the builder's options (e.g. ``output_stride=16``, ``norm='frozen'``)."
+    )
+    return build
+
+
+def _model_name(model) -> str:
+    """The single-scale registry name of a built model's network, e.g. ``deeplabv2_resnet101``."""
+    from crfrnn_deeplab import CRFRNN, MSC
+
+    net = model.network if isinstance(model, CRFRNN) else model
+    net = net.model if isinstance(net, MSC) else net
+    blocks = [block for i in range(1, 5) for block in getattr(net.backbone, f"layer{i}")]
+    convs_per_block = 3 if hasattr(blocks[0], "conv3") else 2  # bottleneck or basic blocks
+    return f"deeplabv2_resnet{convs_per_block * len(blocks) + 2}"
+
+
+def _register() -> None:
+    from crfrnn_deeplab import list_models
+
+    for name in list_models():
+        globals()[name] = _entry(name)
+
+
+_register()
