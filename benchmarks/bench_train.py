@@ -1,0 +1,105 @@
+"""Training throughput (issue #5): images/s of one ``train.py`` optimiser step at 321×321 for
+``deeplabv2_resnet101`` alone (stage 1) and with the CRF layer (stage 2, CRF-as-RNN), and the CRF's share.
+
+The step is train.py's own (``optimizer_step``: forward, loss, backward, SGD update with DeepLab's parameter
+groups), on synthetic images, so the figures are what a training run pays. Both models are measured in the
+same process, alternately, and the median of the repeats is reported.
+
+    python benchmarks/bench_train.py                      # CPU, 2 threads, batch 1
+    python benchmarks/bench_train.py --device cuda --batch 10 --repeats 20   # CUDA (mixed precision)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crfrnn_deeplab import CRFRNN
+from crfrnn_deeplab.config import load_config
+from crfrnn_deeplab.datasets.synthetic import render_synthetic
+from crfrnn_deeplab.runtime import retain_freed_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_train():
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def batch_of(size: int, batch: int, num_classes: int, network) -> dict[str, torch.Tensor]:
+    """A training batch as train.py's data pipeline delivers it (image, raw, label, valid)."""
+    rng = np.random.default_rng(0)
+    images, labels = zip(*(render_synthetic(rng, size, size) for _ in range(batch)))
+    raw = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    label = torch.from_numpy(np.stack(labels) % num_classes).long()
+    return {"image": network.preprocess(raw), "raw": raw, "label": label,
+            "valid": torch.ones(batch, size, size, dtype=torch.bool)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=321)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="deeplabv2_resnet101", help="single-scale by default (as the issue)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    train = import_train()
+    device = torch.device(args.device)
+    cfg = load_config(ROOT / "configs" / "voc12_crfrnn.yaml",
+                      [f"model.name={args.model}", f"stage1.batch_size={args.batch}", f"stage2.batch_size={args.batch}",
+                       "stage1.iterations=1000", f"amp={device.type == 'cuda'}"])
+    network = train.build_network(cfg).to(device)
+    models = {"network (stage 1)": network,
+              "network + CRF, 5 iterations (stage 2)": CRFRNN(network=network, crf=train.build_crf(cfg)).to(device)}
+    batch = batch_of(args.size, args.batch, cfg.model.num_classes, network)
+    dtype = train.autocast_dtype(cfg, device)
+    steps = {}
+    for name, model in models.items():
+        stage = cfg.stage1 if name.startswith("network (") else cfg.stage2
+        optimizer = train.build_optimizer(model, stage)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        model.train()
+
+        def step(model=model, optimizer=optimizer, scaler=scaler, stage=stage):
+            train.optimizer_step(model, optimizer, scaler, [batch], stage=stage, device=device, dtype=dtype,
+                                 stop=train.StopRequest())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        step()  # warm-up
+        steps[name] = step
+    times = {name: [] for name in models}
+    for _ in range(args.repeats):  # alternate, so that drifting machine load hits both alike
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    where = f"{torch.cuda.get_device_name(device)}, {dtype}" if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}; {args.model}, {args.size}×{args.size}, batch {args.batch}, {where}; "
+          f"median of {args.repeats} train.py optimiser steps")
+    print(f"{'model':<42}{'s/step':>9}{'images/s':>10}")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in median.items():
+        print(f"{name:<42}{t:>9.3f}{args.batch / t:>10.2f}")
+    net_t, crf_t = median.values()
+    print(f"CRF layer's share of a stage-2 step: {100 * (crf_t - net_t) / crf_t:.1f}% "
+          f"(stage 2 step = {crf_t / net_t:.2f}× stage 1 step)")
+
+
+if __name__ == "__main__":
+    main()
