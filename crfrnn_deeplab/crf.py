@@ -131,7 +131,7 @@ def build_kernels(
     position = torch.stack([xs, ys]).expand(b, 2, h, w)  # densecrf's order: x (column), y (row)
     raw = torch.cat([position, image], 1).reshape(b, 5, h * w).transpose(1, 2).contiguous()  # [B, N, 5]
     scale = torch.cat([(1.0 / theta_alpha).expand(2), (1.0 / theta_beta).expand(3)]).to(dtype)
-    lattice = build_lattice((raw * scale.detach()).transpose(1, 2))
+    lattice = build_lattice((raw * scale.detach()).transpose(1, 2), valid_mask)
 
     mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, H, W, 1]
     ones = torch.ones(b, h, w, 1, dtype=dtype, device=device) if mask is None else mask

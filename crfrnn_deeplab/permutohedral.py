@@ -225,13 +225,16 @@ def _row_csr(col: Tensor, val: Tensor, num_cols: int) -> Tensor:
 
 
 @torch.no_grad()
-def build_lattice(features: Tensor) -> PermutohedralLattice:
+def build_lattice(features: Tensor, valid: Tensor | None = None) -> PermutohedralLattice:
     """Builds the permutohedral lattice of a batch of feature maps.
 
     Args:
         features: Tensor[B, d, H, W] or Tensor[B, d, N], floating point, already divided by the kernel's
             bandwidths (the filter approximates ``exp(-|f_i - f_j|² / 2)``). Positions are computed in the
             features' precision (float32 as in densecrf, or float64).
+        valid: optional bool Tensor[B, H, W] or [B, N]: only these points are on the lattice. The others get
+            no vertices (their splat columns and slice rows are empty: they send and receive nothing), so a
+            padded image filters its valid region exactly as the unpadded image would.
 
     Returns:
         The lattice, in ``features``' dtype and device, reusable for any number of filterings.
@@ -250,9 +253,20 @@ def build_lattice(features: Tensor) -> PermutohedralLattice:
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
     f = features.reshape(b, d, -1).transpose(1, 2).reshape(-1, d).to(dtype)  # [P, d], P = B*N
-    p = f.shape[0]
-    n = p // b
+    total_points = f.shape[0]
+    n = total_points // b
     d1 = d + 1
+    # The points on the lattice: all, or the valid ones (kept[i] = the index of the i-th among all points).
+    kept = None
+    if valid is not None:
+        if valid.dtype != torch.bool or valid.numel() != total_points or valid.shape[0] != b:
+            raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] with B*N = {total_points} points, got "
+                             f"{tuple(valid.shape)} {valid.dtype}")
+        flat_valid = valid.reshape(-1).to(device)
+        if not bool(flat_valid.all()) and bool(flat_valid.any()):  # all or none valid: every point on the lattice
+            kept = flat_valid.nonzero()[:, 0]
+            f = f[kept]
+    p = f.shape[0]
 
     # Elevate onto the hyperplane x·1 = 0 of R^{d+1}: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j.
     cf = f * _scale_factors(d, dtype, device)  # cf[:, j-1] = c_j
@@ -283,22 +297,28 @@ def build_lattice(features: Tensor) -> PermutohedralLattice:
 
     # Vertices: image index + key; the image index keeps images from sharing vertices.
     image = torch.arange(b, device=device).repeat_interleave(n)
-    vertices = _Vertices(image, rem0, rank, b)
+    vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
     m = vertices.num
 
     # Splat (Tensor[M, P]): entries grouped by vertex, point indices ascending within a vertex.
     crow = torch.zeros(m + 1, dtype=torch.long, device=device)
     torch.cumsum(torch.bincount(vertices.ids, minlength=m), 0, out=crow[1:])
     entry = vertices.order
-    splat = _csr(crow, entry // d1, bary.reshape(-1)[entry], (m, p))
+    point = entry // d1 if kept is None else kept[entry // d1]
+    splat = _csr(crow, point, bary.reshape(-1)[entry], (m, total_points))
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
     # Slice (Tensor[P, M]): every point has exactly d+1 distinct vertices; order them by id within the row.
     ids = vertices.ids.view(p, d1)
     position = _rank_in_rows(ids, descending=False)
     slice_cols = torch.empty_like(ids).scatter_(1, position, ids)
     slice_vals = torch.empty_like(bary).scatter_(1, position, bary * alpha)
-    crow = torch.arange(0, p * d1 + 1, d1, device=device)
-    slice_ = _csr(crow, slice_cols.reshape(-1), slice_vals.reshape(-1), (p, m))
+    if kept is None:
+        crow = torch.arange(0, p * d1 + 1, d1, device=device)
+    else:  # the rows of points off the lattice are empty
+        crow = torch.zeros(total_points + 1, dtype=torch.long, device=device)
+        crow[kept + 1] = d1
+        crow = crow.cumsum(0)
+    slice_ = _csr(crow, slice_cols.reshape(-1), slice_vals.reshape(-1), (total_points, m))
 
     # Blur along direction j: neighbours key ± (1, .., 1, -d at j, 1, .., 1); direction d moves all by ±1.
     steps = torch.ones(d1, d, dtype=torch.long, device=device)

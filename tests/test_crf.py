@@ -197,6 +197,24 @@ def test_padding_with_mask_equals_unpadded_image():
     torch.testing.assert_close(padded[..., :, 9:], pad_logits[..., :, 9:])
 
 
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_padding_is_exact_for_realistic_bandwidths_in_float32(normalization):
+    # The padded pixels' colours would add lattice vertices that carry the blur between valid pixels: they are
+    # kept off the lattice, so the valid region is filtered as if the padding were not there.
+    _, image, logits = scene(4, 33, 29, 4)
+    crf = MeanFieldCRF(num_classes=4, eval_iterations=3, spatial_weight=0.0, normalization=normalization,
+                       theta_alpha=40.0, theta_beta=13.0).eval()
+    logits, image = torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float()
+    pad_image = torch.nn.functional.pad(image, (0, 21, 0, 7), value=0.0)
+    pad_image[..., 33:, :] = torch.rand(3, 7, 50) * 255  # padding of any colour
+    pad_logits = torch.nn.functional.pad(logits, (0, 21, 0, 7))
+    mask = torch.zeros(1, 40, 50, dtype=torch.bool)
+    mask[:, :33, :29] = True
+    with torch.no_grad():
+        alone, padded = crf(logits, image), crf(pad_logits, pad_image, mask)
+    torch.testing.assert_close(padded[..., :33, :29], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_iterations_follow_mode():
     logits, image = small_inputs(c=3)
     crf = MeanFieldCRF(num_classes=3, train_iterations=0, eval_iterations=2).double()

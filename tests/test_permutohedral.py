@@ -156,6 +156,20 @@ def test_batch_has_no_cross_talk():
         torch.testing.assert_close(together[i : i + 1], alone)
 
 
+def test_points_off_the_lattice_neither_send_nor_receive():
+    rng = np.random.default_rng(5)
+    feats = torch.tensor(rng.normal(0, 2.0, (2, 3, 90)))
+    valid = torch.tensor(rng.uniform(size=(2, 90)) < 0.6)
+    values = torch.tensor(rng.uniform(size=(2, 90, 4)))
+    out = build_lattice(feats, valid).filter(values)
+    assert (out[~valid] == 0).all()
+    for i in range(2):  # each image's valid points alone: the same filter, bit for bit up to summation order
+        alone = build_lattice(feats[i : i + 1, :, valid[i]]).filter(values[i : i + 1, valid[i]])
+        torch.testing.assert_close(out[i, valid[i]], alone[0], rtol=1e-12, atol=1e-12)
+    everything = build_lattice(feats).filter(values)
+    assert (everything[valid] - out[valid]).abs().max() > 1e-3  # the invalid points did change the lattice
+
+
 def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     torch.manual_seed(0)
     feats = torch.randn(2, 5, 40, dtype=torch.float64) * 3
