@@ -498,7 +498,7 @@ def evaluate_baselines(network: nn.Module, data: Data, cfg: Config, device: torc
                                  ignore_index=IGNORE)
         del cached
         grid = {"params": result.params, "held_out_miou": result.miou, "held_out_images": len(data.held_out),
-                "seconds": time.perf_counter() - start, "trials": result.trials}
+                "seconds": time.perf_counter() - start, "trials": result.trials, "at_edge": result.at_edge}
         logger.info("grid-searched post-processing CRF: %s (held-out mIoU %.2f, %d combinations, %.0f s)",
                     result.params, 100 * result.miou, len(result.trials), grid["seconds"])
         crfs["network + grid-searched CRF"] = fixed_crf(
@@ -652,7 +652,8 @@ def write_report(results: dict[str, dict[str, Any]], cfg: Config, out: Path, *, 
         p = grid["params"]
         lines.append(f"Grid-searched CRF ({len(grid['trials'])} combinations on {grid['held_out_images']} held-out "
                      f"images): bilateral weight {p['bilateral_weight']:g}, θα {p['theta_alpha']:g}, "
-                     f"θβ {p['theta_beta']:g} (spatial weight {cfg.crf.spatial_weight:g}, θγ {cfg.crf.theta_gamma:g}).")
+                     f"θβ {p['theta_beta']:g} (spatial weight {cfg.crf.spatial_weight:g}, θγ {cfg.crf.theta_gamma:g})"
+                     + (f"; on the edge of the grid in {', '.join(grid['at_edge'])}." if grid.get("at_edge") else "."))
     if learned is not None:
         lines.append(f"Learned CRF bandwidths: θα {learned['theta_alpha']:.3g}, θβ {learned['theta_beta']:.3g}, "
                      f"θγ {learned['theta_gamma']:.3g}.")

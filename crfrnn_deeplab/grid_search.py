@@ -53,11 +53,14 @@ class GridSearchResult:
         params: ``{"bilateral_weight", "theta_alpha", "theta_beta"}`` of the best combination.
         miou: its held-out mIoU.
         trials: ``[{"bilateral_weight", "theta_alpha", "theta_beta", "miou"}, ...]`` in search order.
+        at_edge: the parameters whose best value is the smallest or largest searched (a warning is logged:
+            the optimum may lie outside the grid).
     """
 
     params: dict[str, float]
     miou: float
     trials: list[dict[str, float]] = field(default_factory=list)
+    at_edge: list[str] = field(default_factory=list)
 
 
 def fixed_crf(
@@ -176,4 +179,9 @@ def grid_search_crf(
     best = max(trials, key=lambda t: (t["miou"], -trials.index(t)))
     params = {k: best[k] for k in ("bilateral_weight", "theta_alpha", "theta_beta")}
     logger.info("grid search over %d combinations: best %s (held-out mIoU %.4f)", len(combos), params, best["miou"])
-    return GridSearchResult(params=params, miou=best["miou"], trials=trials)
+    axes = {"bilateral_weight": bilateral_weights, "theta_alpha": theta_alphas, "theta_beta": theta_betas}
+    at_edge = [k for k, values in axes.items() if len(set(values)) > 1 and params[k] in (min(values), max(values))]
+    if at_edge:
+        logger.warning("the best post-processing CRF lies on the edge of the grid in %s: the optimum may be "
+                       "outside it; extend the grid there for a fair baseline", ", ".join(at_edge))
+    return GridSearchResult(params=params, miou=best["miou"], trials=trials, at_edge=at_edge)
