@@ -103,3 +103,15 @@ class CRFRNN(nn.Module):
     def predict_logits(self, x: Tensor, raw: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """CRF logits in eval mode without autograd (Tensor[B, C, H, W])."""
         return self(x, raw, valid_mask).crf
+
+    def predict(self, images, **options) -> Prediction | list[Prediction]:
+        """Segments raw RGB images (numpy ``uint8 [H, W, 3]``, PIL, or ``Tensor[3, H, W]`` / ``[B, 3, H, W]`` in
+        0-255) in eval mode, network then CRF (``crf=False``: network only): :func:`crfrnn_deeplab.inference.predict`,
+        whose keyword options it takes.
+
+        Returns:
+            One :class:`~crfrnn_deeplab.inference.Prediction` for one image, a list for a list or a 4-D tensor.
+        """
+        from crfrnn_deeplab.inference import _predict_method  # here: inference imports this module
+
+        return _predict_method(self, images, **options)

@@ -198,6 +198,17 @@ class DeepLabV2(nn.Module):
         """Trainable one-dimensional parameters of the head (biases; no weight decay in DeepLab v2)."""
         return [p for p in self.head.parameters() if p.requires_grad and p.ndim <= 1]
 
+    def predict(self, images, **options) -> Prediction | list[Prediction]:
+        """Segments raw RGB images (numpy ``uint8 [H, W, 3]``, PIL, or ``Tensor[3, H, W]`` / ``[B, 3, H, W]`` in
+        0-255) in eval mode: :func:`crfrnn_deeplab.inference.predict`, whose keyword options it takes.
+
+        Returns:
+            One :class:`~crfrnn_deeplab.inference.Prediction` for one image, a list for a list or a 4-D tensor.
+        """
+        from crfrnn_deeplab.inference import _predict_method  # here: inference imports this module
+
+        return _predict_method(self, images, **options)
+
 
 class MSCOutput(NamedTuple):
     """What :class:`MSC` returns in training mode (every entry gets a loss).
@@ -306,6 +317,17 @@ class MSC(nn.Module):
     def head_biases(self) -> list[nn.Parameter]:
         """Trainable head biases; see :meth:`DeepLabV2.head_biases`."""
         return self.model.head_biases()
+
+    def predict(self, images, **options) -> Prediction | list[Prediction]:
+        """Segments raw RGB images (numpy ``uint8 [H, W, 3]``, PIL, or ``Tensor[3, H, W]`` / ``[B, 3, H, W]`` in
+        0-255) in eval mode: :func:`crfrnn_deeplab.inference.predict`, whose keyword options it takes.
+
+        Returns:
+            One :class:`~crfrnn_deeplab.inference.Prediction` for one image, a list for a list or a 4-D tensor.
+        """
+        from crfrnn_deeplab.inference import _predict_method  # here: inference imports this module
+
+        return _predict_method(self, images, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------
