@@ -62,7 +62,10 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = load_config(ROOT / "configs" / "voc12_crfrnn.yaml",
                       [f"model.name={args.model}", f"stage1.batch_size={args.batch}", f"stage2.batch_size={args.batch}",
-                       "stage1.iterations=1000", f"amp={device.type == 'cuda'}"])
+                       "stage1.iterations=1000", f"amp={device.type == 'cuda'}", "data.root=unused",
+                       # a randomly initialised ResNet-101 with frozen BatchNorm diverges at real learning rates;
+                       # the cost of a step does not depend on the rate's value
+                       "stage1.lr=1e-12", "stage2.lr=1e-12", "stage2.crf_lr=1e-12"])
     network = train.build_network(cfg).to(device)
     models = {"network (stage 1)": network,
               "network + CRF, 5 iterations (stage 2)": CRFRNN(network=network, crf=train.build_crf(cfg)).to(device)}
