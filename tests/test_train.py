@@ -92,6 +92,12 @@ def test_both_stages_write_self_describing_checkpoints_and_the_table(tmp_path, c
         assert {"miou", "pixel_acc", "mean_class_acc", "fwiou", "iou", "boundary_miou_2px", "boundary_miou_5px",
                 "boundary_miou_10px"} <= set(row)
     assert "| joint: CRF-as-RNN" in printed and (out / "results.md").read_text() in printed + "\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    losses = [e.value for e in events.Scalars("stage1/train/loss")]
+    assert losses == pytest.approx(train_losses(out)[:7])  # the same numbers as metrics.jsonl
+    assert "stage2/eval/network + CRF/miou" in events.Tags()["scalars"]
     assert (out / "config.yaml").is_file() and load_config(out / "config.yaml").stage2.iterations == 5
     for name in ("stage1/last.pt", "stage1/best.pt", "stage2/last.pt", "stage2/best.pt", "panels/joint.png",
                  "panels/baselines.png", "stage2/panels/step_000002.png"):
