@@ -495,7 +495,7 @@ def evaluate_baselines(network: nn.Module, data: Data, cfg: Config, device: torc
                                  theta_alphas=g.theta_alphas, theta_betas=g.theta_betas,
                                  spatial_weight=cfg.crf.spatial_weight, theta_gamma=cfg.crf.theta_gamma,
                                  iterations=cfg.crf.eval_iterations, normalization=cfg.crf.normalization,
-                                 ignore_index=IGNORE)
+                                 ignore_index=IGNORE, progress=dist.is_main_process())
         del cached
         grid = {"params": result.params, "held_out_miou": result.miou, "held_out_images": len(data.held_out),
                 "seconds": time.perf_counter() - start, "trials": result.trials, "at_edge": result.at_edge}

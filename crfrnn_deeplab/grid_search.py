@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from crfrnn_deeplab.crf import MeanFieldCRF, Normalization, build_kernels, mean_field_inference
 from crfrnn_deeplab.metrics import ConfusionMatrix
@@ -126,11 +127,15 @@ def grid_search_crf(
     iterations: int = 10,
     normalization: Normalization = "symmetric",
     ignore_index: int = 255,
+    progress: bool = False,
 ) -> GridSearchResult:
     """Searches ``bilateral_weights × theta_alphas × theta_betas`` for the best mIoU on ``samples``.
 
     Under ``torch.distributed`` each rank passes its shard of the held-out images; the confusion matrices are
     summed over the ranks, so every rank returns the same result.
+
+    Args:
+        progress: show a progress bar (one step per held-out batch and combination).
 
     Returns:
         The :class:`GridSearchResult`; ties go to the combination searched first.
@@ -147,6 +152,7 @@ def grid_search_crf(
         ).to(device)
         for a, b, w in combos
     }
+    bar = tqdm(total=len(samples) * len(combos), desc="CRF grid search", disable=not progress, dynamic_ncols=True)
     for sample in samples:
         unary = sample.logits.float().permute(0, 2, 3, 1).contiguous()  # [B, H, W, C], as MeanFieldCRF
         raw = sample.raw.float()
@@ -170,6 +176,8 @@ def grid_search_crf(
                 cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
                 cm.update(z.argmax(-1), sample.label)
                 counts[index] += cm.counts
+                bar.update(1)
+    bar.close()
     all_reduce_sum(counts)
     trials = []
     for (alpha, beta, w), c in zip(combos, counts):
