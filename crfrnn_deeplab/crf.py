@@ -102,6 +102,7 @@ class CRFKernels:
         return spatial @ pairwise[0].T + bilateral
 
 
+@torch.compiler.disable  # the lattice and the normalisers: eager even inside a compiled model (see build_lattice)
 def build_kernels(
     image: Tensor,
     *,

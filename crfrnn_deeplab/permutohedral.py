@@ -225,8 +225,11 @@ def _row_csr(col: Tensor, val: Tensor, num_cols: int) -> Tensor:
 
 
 @torch.no_grad()
+@torch.compiler.disable  # data-dependent sizes: under torch.compile it ran 2.2x slower than eager (bench_predict)
 def build_lattice(features: Tensor, valid: Tensor | None = None) -> PermutohedralLattice:
     """Builds the permutohedral lattice of a batch of feature maps.
+
+    Always runs eagerly, also inside a ``torch.compile``'d model: the number of vertices depends on the data.
 
     Args:
         features: Tensor[B, d, H, W] or Tensor[B, d, N], floating point, already divided by the kernel's
