@@ -210,6 +210,20 @@ class DeepLabV2(nn.Module):
         return _predict_method(self, images, **options)
 
 
+def check_scales(scales: object) -> tuple[float, ...]:
+    """Input scales (MSC, test-time augmentation) as a tuple of floats.
+
+    Raises:
+        ValueError: not a non-empty sequence of positive finite numbers.
+    """
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
+    return tuple(float(s) for s in scales)
+
+
 class MSCOutput(NamedTuple):
     """What :class:`MSC` returns in training mode (every entry gets a loss).
 
@@ -251,13 +265,8 @@ class MSC(nn.Module):
         super().__init__()
         if not isinstance(model, DeepLabV2):
             raise TypeError(f"model must be a DeepLabV2, got {type(model).__name__}")
-        if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
-            raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
-        for s in scales:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-                raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
         self.model = model
-        self.scales = tuple(float(s) for s in scales)
+        self.scales = check_scales(scales)
         min_size = model.min_input_size
         while any(_scaled_size(min_size, s) < model.min_input_size for s in self.scales):
             min_size += 1

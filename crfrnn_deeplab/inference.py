@@ -21,7 +21,6 @@ max fusion inside each pass.
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from crfrnn_deeplab.crfrnn import CRFRNN
-from crfrnn_deeplab.deeplab import _resize, _scaled_size
+from crfrnn_deeplab.deeplab import _resize, _scaled_size, check_scales
 
 __all__ = ["Prediction", "predict", "to_raw_batch"]
 
@@ -157,15 +156,6 @@ def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
     return raws
 
 
-def _check_scales(scales: object) -> tuple[float, ...]:
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
-    return tuple(float(s) for s in scales)
-
-
 def _network_logits(network: nn.Module, raw: Tensor, *, scales: tuple[float, ...], flip: bool,
                     dtype: torch.dtype) -> Tensor:
     """The network's logits, averaged over the test-time augmentations.
@@ -261,7 +251,7 @@ def predict(
             raise ValueError(f"crf_iterations={crf_iterations} given but no CRF runs ({reason})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    scales = _check_scales(scales)
+    scales = check_scales(scales)
     raws = to_raw_batch(images)
     min_size = getattr(network, "min_input_size", 1)
     for i, raw in enumerate(raws):
