@@ -51,7 +51,8 @@ from crfrnn_deeplab.convert import load_into, model_for_checkpoint
 from crfrnn_deeplab.engine import MetricsWriter, SeededAugmentation, StopRequest, TrainBatches, derive_seed
 from crfrnn_deeplab.engine import format_table, poly_schedule, rng_state, segmentation_loss, set_rng_state
 from crfrnn_deeplab.engine import sliding_window_logits
-from crfrnn_deeplab.grid_search import cache_logits, fixed_crf, grid_search_crf
+from crfrnn_deeplab.crf import fixed_crf
+from crfrnn_deeplab.grid_search import cache_logits, grid_search_crf
 from crfrnn_deeplab.metrics import BOUNDARY_WIDTHS, SegmentationMeter, boundary_bands
 from crfrnn_deeplab.runtime import retain_freed_memory
 from crfrnn_deeplab.visualize import save_panel

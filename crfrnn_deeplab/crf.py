@@ -35,6 +35,7 @@ __all__ = [
     "CRFKernels",
     "build_kernels",
     "check_crf_inputs",
+    "fixed_crf",
     "mean_field_inference",
     "mean_field_step",
 ]
@@ -324,6 +325,29 @@ class MeanFieldCRF(nn.Module):
             f"iterations=(train {self.train_iterations}, eval {self.eval_iterations})"
         )
 
+    def kernels(self, image: Tensor, valid_mask: Tensor | None = None) -> CRFKernels:
+        """The kernel filters of a batch at the current bandwidths (:func:`build_kernels`).
+
+        Args:
+            image: Tensor[B, 3, H, W], raw RGB in 0–255, in the dtype to compute in.
+            valid_mask: Tensor[B, H, W] bool, or None.
+        """
+        return build_kernels(
+            image,
+            theta_alpha=self.log_theta_alpha.exp(),
+            theta_beta=self.log_theta_beta.exp(),
+            theta_gamma=self.log_theta_gamma.exp(),
+            valid_mask=valid_mask,
+            normalization=self.normalization,
+        )
+
+    def pairwise(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(μ W_spatial, μ W_bilateral)`` in ``dtype``: what :func:`mean_field_step` takes."""
+        return (
+            (self.compatibility @ self.spatial_weight).to(dtype),
+            (self.compatibility @ self.bilateral_weight).to(dtype),
+        )
+
     def forward(self, logits: Tensor, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """Runs T mean-field iterations on the unary logits.
 
@@ -345,18 +369,8 @@ class MeanFieldCRF(nn.Module):
             logger.warning("CRF image has max %.3g <= 1: expected raw RGB in 0-255", float(image.max()))
         with torch.autocast(device_type=logits.device.type, enabled=False):
             unary = logits.to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
-            kernels = build_kernels(
-                image.to(dtype),
-                theta_alpha=self.log_theta_alpha.exp(),
-                theta_beta=self.log_theta_beta.exp(),
-                theta_gamma=self.log_theta_gamma.exp(),
-                valid_mask=valid_mask,
-                normalization=self.normalization,
-            )
-            pairwise = (
-                (self.compatibility @ self.spatial_weight).to(dtype),
-                (self.compatibility @ self.bilateral_weight).to(dtype),
-            )
+            kernels = self.kernels(image.to(dtype), valid_mask)
+            pairwise = self.pairwise(dtype)
             iterations = self.train_iterations if self.training else self.eval_iterations
             if torch.is_grad_enabled() and (logits.requires_grad or any(p.requires_grad for p in self.parameters())):
                 z = unary
@@ -365,3 +379,32 @@ class MeanFieldCRF(nn.Module):
             else:
                 z = mean_field_inference(unary, kernels, pairwise, iterations)
         return z.permute(0, 3, 1, 2)
+
+
+def fixed_crf(
+    *,
+    num_classes: int,
+    bilateral_weight: float,
+    theta_alpha: float,
+    theta_beta: float,
+    spatial_weight: float,
+    theta_gamma: float,
+    iterations: int,
+    normalization: Normalization = "symmetric",
+) -> MeanFieldCRF:
+    """A :class:`MeanFieldCRF` with nothing learnable (Potts compatibility, ``W_m = w_m·I``) running
+    ``iterations`` in either mode, in eval mode: densecrf's post-processing CRF."""
+    return MeanFieldCRF(
+        num_classes=num_classes,
+        spatial_weight=spatial_weight,
+        bilateral_weight=bilateral_weight,
+        theta_alpha=theta_alpha,
+        theta_beta=theta_beta,
+        theta_gamma=theta_gamma,
+        normalization=normalization,
+        train_iterations=iterations,
+        eval_iterations=iterations,
+        learn_kernel_weights=False,
+        learn_compatibility=False,
+        learn_bandwidths=False,
+    ).eval()

@@ -11,7 +11,8 @@ Parameters map one to one onto pydensecrf's: ``addPairwiseGaussian(sxy=θγ, com
 ``addPairwiseBilateral(sxy=θα, srgb=θβ, compat=bilateral_weight)`` with Potts compatibility, densecrf's
 symmetric normalisation, and the unary ``-log p``. The defaults are densecrf's example values; DeepLab v2's
 grid-searched VOC values are ``bilateral_weight=4, theta_alpha=121, theta_beta=5`` (Chen et al., TPAMI 2017).
-The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF` with nothing learnable, in float32.
+The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF` with nothing learnable
+(:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf import MeanFieldCRF, Normalization
+from crfrnn_deeplab.crf import MeanFieldCRF, Normalization, fixed_crf
 
 __all__ = ["DenseCRF"]
 
@@ -73,10 +74,7 @@ class DenseCRF:
     def _layer(self, num_classes: int, device: torch.device) -> MeanFieldCRF:
         key = (num_classes, device)
         if key not in self._layers:
-            self._layers[key] = MeanFieldCRF(
-                num_classes=num_classes, eval_iterations=self.iterations, train_iterations=self.iterations,
-                learn_kernel_weights=False, learn_compatibility=False, learn_bandwidths=False, **self.params,
-            ).eval().to(device)
+            self._layers[key] = fixed_crf(num_classes=num_classes, iterations=self.iterations, **self.params).to(device)
         return self._layers[key]
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from crfrnn_deeplab.crf import MeanFieldCRF, Normalization, build_kernels, mean_field_inference
+from crfrnn_deeplab.crf import Normalization, fixed_crf, mean_field_inference
 from crfrnn_deeplab.metrics import ConfusionMatrix
 from crfrnn_deeplab.distributed import all_reduce_sum
 
@@ -62,35 +62,6 @@ class GridSearchResult:
     miou: float
     trials: list[dict[str, float]] = field(default_factory=list)
     at_edge: list[str] = field(default_factory=list)
-
-
-def fixed_crf(
-    *,
-    num_classes: int,
-    bilateral_weight: float,
-    theta_alpha: float,
-    theta_beta: float,
-    spatial_weight: float,
-    theta_gamma: float,
-    iterations: int,
-    normalization: Normalization = "symmetric",
-) -> MeanFieldCRF:
-    """A :class:`MeanFieldCRF` with nothing learnable (Potts compatibility, ``W_m = w_m·I``), in eval mode:
-    densecrf's post-processing CRF."""
-    return MeanFieldCRF(
-        num_classes=num_classes,
-        spatial_weight=spatial_weight,
-        bilateral_weight=bilateral_weight,
-        theta_alpha=theta_alpha,
-        theta_beta=theta_beta,
-        theta_gamma=theta_gamma,
-        normalization=normalization,
-        train_iterations=iterations,
-        eval_iterations=iterations,
-        learn_kernel_weights=False,
-        learn_compatibility=False,
-        learn_bandwidths=False,
-    ).eval()
 
 
 @torch.no_grad()
@@ -158,21 +129,11 @@ def grid_search_crf(
         raw = sample.raw.float()
         for (alpha, beta), group in itertools.groupby(enumerate(combos), key=lambda x: x[1][:2]):
             group = list(group)
-            first = crfs[group[0][1]]
             # The lattice depends on the bandwidths only: built once, shared by every weight (what
             # MeanFieldCRF.forward computes, with the kernels hoisted out of the loop over weights).
-            kernels = build_kernels(
-                raw,
-                theta_alpha=first.log_theta_alpha.exp(),
-                theta_beta=first.log_theta_beta.exp(),
-                theta_gamma=first.log_theta_gamma.exp(),
-                valid_mask=sample.valid,
-                normalization=normalization,
-            )
+            kernels = crfs[group[0][1]].kernels(raw, sample.valid)
             for index, combo in group:
-                crf = crfs[combo]
-                pairwise = (crf.compatibility @ crf.spatial_weight, crf.compatibility @ crf.bilateral_weight)
-                z = mean_field_inference(unary, kernels, pairwise, iterations)
+                z = mean_field_inference(unary, kernels, crfs[combo].pairwise(), iterations)
                 cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
                 cm.update(z.argmax(-1), sample.label)
                 counts[index] += cm.counts
