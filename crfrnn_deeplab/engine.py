@@ -104,7 +104,7 @@ class TrainBatches:
         dataset: a :class:`SeededAugmentation`.
         batch_size: images per batch (per process).
         workers: DataLoader worker processes.
-        seed: seeds the shuffling and the workers (per epoch).
+        seed: seeds the shuffling (per epoch, see :class:`TrainSampler`).
         rank, world_size: this process's share (see :class:`TrainSampler`).
         pin_memory: pin batches (CUDA).
 
@@ -124,16 +124,16 @@ class TrainBatches:
         world_size: int = 1,
         pin_memory: bool = False,
     ) -> None:
-        self.seed = seed
         self.batch_size = batch_size
         self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
-        self.batches_per_epoch = self.sampler.num_samples // batch_size
-        if self.batches_per_epoch == 0:
+        if self.sampler.num_samples < batch_size:
             raise ValueError(
                 f"{len(dataset)} training images are fewer than one batch of {batch_size} per process "
                 f"({world_size} process(es)); lower the batch size or add images"
             )
-        self._generator = torch.Generator()
+        # The loader's own generator only draws the workers' base seeds, which no sample depends on
+        # (SeededAugmentation); it keeps the loader from consuming the global torch RNG that checkpoints restore.
+        self._generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -158,7 +158,6 @@ class TrainBatches:
         # the sampler to skip the batches already taken (the workers' own seeds play no part).
         self.sampler.set_epoch(self.epoch)
         self.sampler.start = self.batch * self.batch_size
-        self._generator.manual_seed(derive_seed(self.seed, self.epoch))
         self._iterator = iter(self.loader)
 
     def __iter__(self) -> TrainBatches:
