@@ -457,10 +457,10 @@ def evaluate(
             crf.eval()
     meters = {name: SegmentationMeter(cfg.model.num_classes, ignore_index=IGNORE, device=device) for name in crfs}
     rows: list[list[torch.Tensor]] = []
+    dtype = autocast_dtype(cfg, device)
     for batch in loader:
         image, label = batch["image"].to(device), batch["label"].to(device)
         raw, valid = batch["raw"].to(device), batch["valid"].to(device)
-        dtype = autocast_dtype(cfg, device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = predict_logits(network, image, cfg)
         bands = boundary_bands(label, BOUNDARY_WIDTHS, ignore_index=IGNORE)

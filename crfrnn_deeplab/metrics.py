@@ -19,9 +19,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from crfrnn_deeplab.distributed import all_reduce_sum
 
 __all__ = ["ConfusionMatrix", "scores", "boundary_band", "boundary_bands", "SegmentationMeter", "BOUNDARY_WIDTHS"]
 
@@ -72,8 +73,7 @@ class ConfusionMatrix:
 
     def reduce(self) -> None:
         """Sums the counts over all ranks of the default process group (no-op when not distributed)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts)
+        all_reduce_sum(self.counts)
 
     def scores(self) -> dict[str, float | list[float]]:
         """See :func:`scores`."""

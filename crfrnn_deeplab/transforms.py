@@ -34,9 +34,9 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import get_worker_info
 
+from crfrnn_deeplab.distributed import get_rank
 from crfrnn_deeplab.preprocessing import InputConvention
 
 __all__ = ["TrainTransform", "EvalTransform"]
@@ -167,7 +167,7 @@ class _Transform:
             return
         key = (info.id, info.seed)
         if key != self._worker_key:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            rank = get_rank()
             entropy = [info.seed, rank] + ([self.seed] if self.seed is not None else [])
             self._pipeline.set_random_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
             self._worker_key = key
