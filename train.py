@@ -44,7 +44,7 @@ from tqdm import tqdm
 from crfrnn_deeplab import CRFRNN, EvalTransform, InputConvention, MeanFieldCRF, TrainTransform, get_model
 from crfrnn_deeplab import datasets as ds
 from crfrnn_deeplab import distributed as dist
-from crfrnn_deeplab.checkpoint import load_checkpoint, save_checkpoint
+from crfrnn_deeplab.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from crfrnn_deeplab.config import Config, ConfigError, StageConfig, config_from_dict, load_config, save_config
 from crfrnn_deeplab.config import apply_overrides, to_dict, validate
 from crfrnn_deeplab.convert import load_into, model_for_checkpoint
@@ -276,12 +276,6 @@ def checkpoint_payload(model: nn.Module, cfg: Config, data: Data, *, stage: int,
 
 def stage_dir(cfg: Config, stage: int) -> Path:
     return Path(cfg.out_dir) / f"stage{stage}"
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    """Deletes temporary files left by a save that was killed (the checkpoints themselves are intact)."""
-    for tmp in directory.glob(".*.pt.*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def find_resume_checkpoint(path: Path) -> Path:

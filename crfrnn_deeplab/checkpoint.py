@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "remove_stale_temporaries"]
 
 FORMAT = "crfrnn_deeplab/1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
 _PICKLE_PROTO = b"\x80"  # the legacy format: a pickle, protocol >= 2
+_TMP_SUFFIX = ".tmp"  # save_checkpoint writes ".<name>.<random>.tmp" next to <name>, then renames it
 
 
 class CheckpointError(ValueError):
@@ -51,7 +52,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -62,6 +63,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, *, suffix: str = ".pt") -> None:
+    """Deletes the temporary files that killed :func:`save_checkpoint` calls left in ``directory`` for
+    checkpoints named ``*<suffix>`` (the checkpoints themselves are intact)."""
+    for tmp in Path(directory).glob(f".*{suffix}.*{_TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crfrnn_deeplab import CRFRNN
-from crfrnn_deeplab.checkpoint import load_checkpoint, save_checkpoint
+from crfrnn_deeplab.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from crfrnn_deeplab.config import load_config
 from crfrnn_deeplab.convert import model_for_checkpoint
 from crfrnn_deeplab import TORCHVISION_CONVENTION, TrainTransform
@@ -248,7 +248,7 @@ def test_a_killed_save_never_leaves_a_corrupt_last_checkpoint(tmp_path):
         _kill_during_saves(path, delay)
         ckpt = load_checkpoint(path)  # complete, whatever moment the kill hit
         assert torch.equal(ckpt["model"]["w"], torch.full((2_000_000,), float(ckpt["step"])))
-    train.remove_stale_temporaries(tmp_path)  # what a resumed run does with the killed writes' leftovers
+    remove_stale_temporaries(tmp_path)  # what a resumed run does with the killed writes' leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
