@@ -21,15 +21,16 @@ def _entry(name: str):
     def build(*, pretrained: bool = False, checkpoint: str | None = None, num_classes: int | None = None,
               crf: bool | dict[str, Any] = False, **options: Any):
         from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
-        from crfrnn_deeplab.convert import load_into, model_for_checkpoint
+        from crfrnn_deeplab.convert import load_into, model_for_checkpoint, network_name
 
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "
                              "checkpoint='path/to/weights.pt' (ours, torchvision's or a converted DeepLab v2 model)")
         if checkpoint is not None and num_classes is None:  # everything from the checkpoint
             model, _ = model_for_checkpoint(checkpoint, msc=name.endswith("_msc"), **options)
-            if _model_name(model) != name.removesuffix("_msc"):
-                raise ValueError(f"{checkpoint} holds a {_model_name(model)} network, not {name}")
+            held = network_name(model)
+            if held != name.removesuffix("_msc"):
+                raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
         else:
             if num_classes is None:
                 raise TypeError(f"{name}: num_classes is required without a checkpoint")
@@ -48,17 +49,6 @@ def _entry(name: str):
         "CRF-as-RNN layer), and the builder's options (e.g. ``output_stride=16``, ``norm='frozen'``)."
     )
     return build
-
-
-def _model_name(model) -> str:
-    """The single-scale registry name of a built model's network, e.g. ``deeplabv2_resnet101``."""
-    from crfrnn_deeplab import CRFRNN, MSC
-
-    net = model.network if isinstance(model, CRFRNN) else model
-    net = net.model if isinstance(net, MSC) else net
-    blocks = [block for i in range(1, 5) for block in getattr(net.backbone, f"layer{i}")]
-    convs_per_block = 3 if hasattr(blocks[0], "conv3") else 2  # bottleneck or basic blocks
-    return f"deeplabv2_resnet{convs_per_block * len(blocks) + 2}"
 
 
 def _register() -> None:

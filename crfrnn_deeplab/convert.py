@@ -108,6 +108,7 @@ __all__ = [
     "load_into",
     "main",
     "model_for_checkpoint",
+    "network_name",
     "strip_prefixes",
 ]
 
@@ -506,6 +507,14 @@ def _backbone_architecture(backbone: nn.Module) -> dict[str, Any] | None:
     if bottleneck:
         arch["stride_in_1x1"] = stages[1][0].conv1.stride != (1, 1)
     return arch
+
+
+def network_name(model: nn.Module) -> str | None:
+    """The registry name of a model's single-scale network (``"deeplabv2_resnet101"`` for a ResNet-101 DeepLab v2,
+    also inside MSC or CRFRNN), or ``None`` for a trunk of no registered depth."""
+    arch = _backbone_architecture(_parts(model)[0].backbone)
+    depth = None if arch is None else _DEPTHS.get((arch["blocks"], arch["bottleneck"]))
+    return None if depth is None else f"deeplabv2_resnet{depth}"
 
 
 def _checkpoint_blocks(canonical: Mapping[str, Tensor]) -> tuple[tuple[int, ...], bool] | None:
