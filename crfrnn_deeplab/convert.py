@@ -906,9 +906,16 @@ def model_for_checkpoint(
             a classifier and no ``num_classes``, or a trunk of an unsupported depth.
     """
     obj, where = _read(source)
+    _, model, report = _build_and_load(obj, where, num_classes=num_classes, layout=layout, msc=msc, options=options)
+    return model, report
+
+
+def _build_and_load(obj: Any, where: str, *, num_classes: int | None, layout: str, msc: bool | None,
+                    options: dict[str, Any]) -> tuple[_Recipe, nn.Module, LoadReport]:
+    """The recipe a loaded checkpoint needs, the model built from it, and the strict load's report."""
     recipe, layout = _recipe(obj, num_classes=num_classes, layout=layout, msc=msc, options=options)
     model = recipe.build()
-    return model, _load(model, obj, where, layout=layout, strict=True)
+    return recipe, model, _load(model, obj, where, layout=layout, strict=True)
 
 
 def _sha256(path: Path) -> str:
@@ -945,9 +952,7 @@ def convert_checkpoint(
     if dst.resolve() == src.resolve():
         raise ValueError(f"the destination must differ from the source, got {dst} for both")
     obj = load_checkpoint(src)
-    recipe, layout = _recipe(obj, num_classes=num_classes, layout=layout, msc=msc, options={})
-    model = recipe.build()
-    report = _load(model, obj, str(src), layout=layout, strict=True)
+    recipe, model, report = _build_and_load(obj, str(src), num_classes=num_classes, layout=layout, msc=msc, options={})
     _, meta = _unwrap_checkpoint(obj)
     net, _, _ = _parts(model)
     payload = {
