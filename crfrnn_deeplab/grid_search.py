@@ -113,6 +113,10 @@ def grid_search_crf(
     """
     if not samples:
         raise ValueError("grid_search_crf needs at least one held-out sample")
+    axes = {"bilateral_weights": bilateral_weights, "theta_alphas": theta_alphas, "theta_betas": theta_betas}
+    for name, values in axes.items():
+        if len(values) == 0:
+            raise ValueError(f"grid_search_crf: {name} is empty; give at least one value to search")
     combos = list(itertools.product(theta_alphas, theta_betas, bilateral_weights))
     device = samples[0].logits.device
     counts = torch.zeros(len(combos), num_classes, num_classes, dtype=torch.long, device=device)

@@ -654,3 +654,13 @@ def test_report_reads_well(kazuto_model):
         "caffe_deeplabv2 checkpoint <in-memory checkpoint>, prefix 'base.' removed: 326 of 326 model tensors loaded"
     )
     assert "input convention: BGR, 0–255, mean (104.008, 116.669, 122.675), no std" in text
+
+
+def test_network_name_reads_the_architecture_through_wrappers():
+    from crfrnn_deeplab.convert import network_name
+
+    assert network_name(get_model("deeplabv2_resnet34", num_classes=3, base_width=8)) == "deeplabv2_resnet34"
+    msc = get_model("deeplabv2_resnet50_msc", num_classes=3)
+    assert network_name(CRFRNN(network=msc, crf=MeanFieldCRF(num_classes=3))) == "deeplabv2_resnet50"
+    with pytest.raises(TypeError, match="DeepLabV2, MSC or CRFRNN model, got Conv2d"):
+        network_name(nn.Conv2d(3, 3, 1))

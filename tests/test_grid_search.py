@@ -3,6 +3,7 @@ CRF layer would, and says when the optimum is on the edge of the grid."""
 
 import logging
 
+import pytest
 import torch
 
 from crfrnn_deeplab.grid_search import CachedSample, fixed_crf, grid_search_crf
@@ -40,3 +41,10 @@ def test_each_trial_is_the_crf_layers_miou_and_the_best_is_chosen(caplog):
     assert "theta_beta" not in result.at_edge
     assert set(result.at_edge) <= {"bilateral_weight", "theta_alpha"} and bool(result.at_edge)
     assert "edge of the grid" in caplog.text
+
+
+def test_an_empty_grid_or_no_samples_is_a_clear_error():
+    with pytest.raises(ValueError, match="theta_betas is empty"):
+        grid_search_crf(samples(), num_classes=3, bilateral_weights=[1.0], theta_alphas=[5.0], theta_betas=[])
+    with pytest.raises(ValueError, match="at least one held-out sample"):
+        grid_search_crf([], num_classes=3, bilateral_weights=[1.0], theta_alphas=[5.0], theta_betas=[5.0])

@@ -170,6 +170,13 @@ def test_points_off_the_lattice_neither_send_nor_receive():
     assert (everything[valid] - out[valid]).abs().max() > 1e-3  # the invalid points did change the lattice
 
 
+@pytest.mark.parametrize("valid, match", [(torch.ones(2, 42, dtype=torch.bool), "B\\*N = 42"),
+                                          (torch.ones(1, 42), "bool Tensor")])
+def test_bad_valid_mask(valid, match):
+    with pytest.raises(ValueError, match=match):
+        build_lattice(torch.randn(1, 5, 6, 7), valid)
+
+
 def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     torch.manual_seed(0)
     feats = torch.randn(2, 5, 40, dtype=torch.float64) * 3
