@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gaussian_taps", "spatial_gaussian"]
+__all__ = ["channel_blocks", "gaussian_taps", "spatial_gaussian"]
 
 TRUNCATE = 4.0
+# On the CPU the depthwise convolutions cost per channel least in blocks of 16 (AVX-512's float lanes):
+# 375×500, both passes: 16 channels 3.4 ms, 8: 2.2, 21: 7.4, 24: 6.5, 32: 8.2 (2 threads, bench_crf.py).
+_CPU_BLOCK = 16
 
 
 def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> Tensor:
@@ -60,3 +63,20 @@ def spatial_gaussian(
     x = F.conv2d(x, row, padding=rpad, groups=c)
     x = F.conv2d(x, col, padding=cpad, groups=c)
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, int, int]]:
+    """How to split C channels for :func:`spatial_gaussian`'s fastest layout: ``(start, stop, first)`` blocks.
+
+    Each block filters channels ``start:stop`` together and owns the results for ``first:stop``. On the CPU:
+    blocks of 16, the remainder in a last block of 8 or 16 that ends at C (overlapping the one before, so no
+    zero padding is filtered); elsewhere, or for C <= 16, one block.
+    """
+    if torch.device(device).type != "cpu" or num_channels <= _CPU_BLOCK:
+        return [(0, num_channels, 0)]
+    blocks = [(start, start + _CPU_BLOCK, start) for start in range(0, num_channels - _CPU_BLOCK + 1, _CPU_BLOCK)]
+    done = blocks[-1][1]
+    if done < num_channels:
+        width = _CPU_BLOCK // 2 if num_channels - done <= _CPU_BLOCK // 2 else _CPU_BLOCK
+        blocks.append((num_channels - width, num_channels, done))
+    return blocks

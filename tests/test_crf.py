@@ -99,16 +99,22 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
 
 @pytest.mark.parametrize("learn_bandwidths", [True, False])
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])
-def test_autograd_path_equals_inference_path(normalization, learn_bandwidths):
-    logits, image = small_inputs(b=2, c=4, h=12, w=10)
-    mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2
-    crf = MeanFieldCRF(num_classes=4, theta_alpha=6.0, normalization=normalization, learn_bandwidths=learn_bandwidths)
+@pytest.mark.parametrize("compatibility", ["potts", "learned"])  # the inference path's two spatial mixes
+@pytest.mark.parametrize("num_classes, masked", [(4, True), (21, True), (21, False)])  # 21: channel blocks
+def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, compatibility, num_classes, masked):
+    logits, image = small_inputs(b=2, c=num_classes, h=12, w=10)
+    mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2 if masked else None
+    crf = MeanFieldCRF(num_classes=num_classes, theta_alpha=6.0, normalization=normalization,
+                       learn_bandwidths=learn_bandwidths)
     crf = crf.double().eval()
     with torch.no_grad():
-        crf.compatibility.add_(torch.rand(4, 4, dtype=torch.float64))
+        if compatibility == "learned":
+            crf.compatibility.add_(torch.rand(num_classes, num_classes, dtype=torch.float64))
         fast = crf(logits, image, mask)
     slow = crf(logits.clone().requires_grad_(True), image, mask)
     torch.testing.assert_close(fast, slow.detach())
+    if masked:
+        torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask])
 
 
 @pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path

@@ -80,9 +80,9 @@ def test_barycentric_weights_are_a_partition_of_unity_in_float32():
     ys, xs = torch.meshgrid(torch.arange(129.0), torch.arange(129.0), indexing="ij")
     colour = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 129, 129)
     lattice = build_lattice(torch.cat([torch.stack([xs, ys]) / 20.0, colour / 30.0])[None])
-    weights = lattice.splat.values()
+    weights = lattice.splat.weights
     assert weights.min() >= 0
-    per_point = torch.zeros(129 * 129).index_add_(0, lattice.splat.col_indices(), weights)
+    per_point = torch.zeros(129 * 129).index_add_(0, lattice.splat.columns, weights)
     torch.testing.assert_close(per_point, torch.ones_like(per_point), rtol=0, atol=1e-6)
     assert (lattice.filter(torch.ones(1, 129 * 129, 1)) > 0).all()
 
