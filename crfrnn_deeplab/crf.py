@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .permutohedral import PermutohedralLattice, SparseRows, build_lattice, lattice_gaussian
-from .spatial_filter import channel_blocks, spatial_gaussian
+from .permutohedral import PermutohedralLattice, SparseRows, _all_finite, build_lattice, lattice_gaussian
+from .spatial_filter import channel_blocks, gaussian_1d, spatial_gaussian
 
 __all__ = [
     "MeanFieldCRF",
@@ -139,10 +139,22 @@ def build_kernels(
     ones = torch.ones(b, h, w, 1, dtype=dtype, device=device) if mask is None else mask
     theta_gamma = theta_gamma.to(dtype)
     kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, h, w), mask, normalization, ones, ones)
-    d_spatial, d_bilateral = kernels.spatial(ones), kernels.bilateral(ones)  # D = K·1 over valid pixels
+    # D = K·1 over valid pixels; for an unmasked image the spatial one is an outer product of 1-D sums.
+    d_spatial = _unmasked_spatial(theta_gamma, b, h, w, "ones") if mask is None else kernels.spatial(ones)
+    d_bilateral = kernels.bilateral(ones)
     kernels.norm_spatial = _normaliser(d_spatial, ones, normalization)
     kernels.norm_bilateral = _normaliser(d_bilateral, ones, normalization)
     return kernels
+
+
+def _unmasked_spatial(theta: Tensor, b: int, h: int, w: int, of: Literal["ones", "rsqrt"]) -> Tensor:
+    """``K_s(1)`` (= D) or ``K_s(D^-½)`` of an unmasked image, Tensor[B, H, W, 1], from 1-D filterings:
+    ``K_s`` of an outer product is the outer product of the filtered factors, and ``D`` = ``r cᵀ`` is one."""
+    r = gaussian_1d(torch.ones(h, dtype=theta.dtype, device=theta.device), theta)
+    c = gaussian_1d(torch.ones(w, dtype=theta.dtype, device=theta.device), theta)
+    if of == "rsqrt":
+        r, c = gaussian_1d(r.rsqrt(), theta), gaussian_1d(c.rsqrt(), theta)
+    return (r[:, None] * c[None, :]).expand(b, h, w)[..., None]
 
 
 def _normaliser(d: Tensor, valid: Tensor, normalization: Normalization) -> Tensor:
@@ -227,8 +239,11 @@ def mean_field_inference(
         update = _update_gather(lattice.slice, p, -ns.view(-1))
     else:  # table rows: z_0 - α·ns·K_s(before) | mixed lattice values
         alpha, beta = potts
-        ones = torch.ones_like(ns) if before is None else before
-        constant = spatial_gaussian(ones.view(b, h, w, 1), kernels.theta_gamma).view(p, 1)
+        if kernels.mask is None:  # K_s(ns) or K_s(1), both outer products
+            constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, "rsqrt" if before is not None else "ones")
+        else:
+            constant = spatial_gaussian(kernels.mask if before is None else before.view(b, h, w, 1), kernels.theta_gamma)
+        constant = constant.reshape(p, 1)
         table = unary.new_empty(p + m, c)
         torch.addcmul(unary.reshape(p, c), ns, constant, value=-alpha, out=table[:p])
         update = _update_gather(lattice.slice, p)
@@ -321,9 +336,9 @@ def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -
             raise ValueError(f"valid_mask is on {valid_mask.device}, logits on {logits.device}")
     if image.device != logits.device:
         raise ValueError(f"image is on {image.device}, logits on {logits.device}")
-    if not torch.isfinite(logits).all():
+    if not _all_finite(logits):
         raise ValueError("logits contain NaN or infinite values")
-    if image.is_floating_point() and not torch.isfinite(image).all():
+    if image.is_floating_point() and not _all_finite(image):
         raise ValueError("image contains NaN or infinite values")
     if image.numel() and image.min() < 0:
         raise ValueError(

@@ -163,12 +163,18 @@ class PermutohedralLattice:
             after: Tensor[B, N], multiplies the result after slicing. Pass the same tensor as ``before`` to
                 keep the lattice ``symmetric`` (transposable).
         """
-        splat = self.splat.reweighted(self.splat.weights * before.reshape(-1)[self.splat.columns])
+        splat = self.splat.reweighted(self.splat.weights * before.reshape(-1).index_select(0, self.splat.columns))
         slice_ = self.slice.scale_rows(after)
         return PermutohedralLattice(
             self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur, self.alpha,
             self.symmetric and before is after,
         )
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of x is finite: one sum (a NaN or inf anywhere makes it non-finite), and the
+    elementwise check only when the sum overflowed."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _scale_factors(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -219,7 +225,8 @@ class _Vertices:
             if math.prod(span) < 2**31:  # int32 sorts about twice as fast
                 codes = codes.int()
             self.codes, ids = torch.unique(codes, return_inverse=True)  # sorted unique vertex codes
-            self.ids = ids if point_simplex is None else ids[point_simplex]
+            ids = ids.int() if self.codes.numel() < 2**31 else ids
+            self.ids = ids if point_simplex is None else ids.index_select(0, point_simplex)
         else:
             keys = rem0[:, None, :d] + k[:, None] - d1 * (rank[:, None, :d] > d - k[:, None])  # [P, d+1, d]
             rows = torch.cat([image[:, None, None].expand(p, d1, 1), keys], 2).reshape(-1, d1)
@@ -227,35 +234,40 @@ class _Vertices:
             self.ids = ids.view(p, d1)
         self.num = self.codes.numel() if self.packed else self.rows.shape[0]
 
-    def neighbours(self, step: Tensor) -> Tensor:
-        """Ids of the vertices at key + step (Tensor[d], the image fixed): Tensor[M], -1 where absent."""
+    def neighbours(self, steps: Tensor) -> Tensor:
+        """Ids of the vertices at key + step for each step (Tensor[S, d], the image fixed): Tensor[M, S],
+        -1 where absent."""
         if self.packed:
-            query = self.codes + int((step * self.radix[1:]).sum())
+            query = self.codes[:, None] + (steps * self.radix[1:]).sum(1).to(self.codes.dtype)
             pos = torch.searchsorted(self.codes, query).clamp_max(self.num - 1)
             return torch.where(self.codes[pos] == query, pos, -1)
-        shifted = self.rows.clone()
-        shifted[:, 1:] += step
-        _, ids = torch.unique(torch.cat([self.rows, shifted]), dim=0, return_inverse=True)
-        table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=step.device)
-        table[ids[: self.num]] = torch.arange(self.num, device=step.device)
-        return table[ids[self.num :]]
+        found = []
+        for step in steps:
+            shifted = self.rows.clone()
+            shifted[:, 1:] += step
+            _, ids = torch.unique(torch.cat([self.rows, shifted]), dim=0, return_inverse=True)
+            table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=step.device)
+            table[ids[: self.num]] = torch.arange(self.num, device=step.device)
+            found.append(table[ids[self.num :]])
+        return torch.stack(found, 1)
 
 
 def _rank_in_rows(x: Tensor, *, descending: bool) -> Tensor:
-    """Position of each entry of a row of x (Tensor[P, K], small K) in a stable sort of that row.
+    """Position of each entry of a row of x (Tensor[P, K], small K) in a stable sort of that row: Tensor[K, P].
 
     With ``descending``, ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 comparisons of
-    columns: far faster than ``torch.sort`` along a short last dimension.
+    columns: far faster than ``torch.sort`` along a short last dimension. Returned transposed (column k
+    contiguous), int16 (K < 2^15).
     """
     p, k = x.shape
     cols = x.T.contiguous()
-    rank = torch.zeros(k, p, dtype=torch.uint8 if k < 256 else torch.long, device=x.device)
+    rank = torch.zeros(k, p, dtype=torch.int16, device=x.device)
     for i in range(k):
         for j in range(i + 1, k):
             j_first = cols[j] > cols[i] if descending else cols[j] < cols[i]
             rank[i] += j_first
             rank[j] += ~j_first
-    return rank.T.long()
+    return rank
 
 
 @torch.no_grad()
@@ -284,7 +296,7 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     b, d = features.shape[:2]
     if b < 1 or d < 1 or features[0, 0].numel() < 1:
         raise ValueError(f"features need B, d, N >= 1, got shape {tuple(features.shape)}")
-    if not torch.isfinite(features).all():
+    if not _all_finite(features):
         raise ValueError("features contain NaN or infinite values")
     dtype, device = features.dtype, features.device
     if dtype not in (torch.float32, torch.float64):
@@ -305,32 +317,31 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
             f = f[kept]
     p = f.shape[0]
 
-    # Elevate onto the hyperplane x·1 = 0 of R^{d+1}: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j.
-    cf = f * _scale_factors(d, dtype, device)  # cf[:, j-1] = c_j
-    suffix = cf.flip(1).cumsum(1).flip(1)  # Σ_{k>=j} c_k
-    j = torch.arange(1, d1, dtype=dtype, device=device)
-    elevated = torch.cat([suffix[:, :1], suffix - (j + 1) * cf], 1)  # [P, d+1]
+    # Elevate onto the hyperplane x·1 = 0 of R^{d+1}, a linear map: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j
+    # for the scaled features c_k = s_k f_k (k = 1..d).
+    k = torch.arange(1, d1, device=device)[:, None]  # rows: c_k
+    j = torch.arange(d1, device=device)[None, :]  # columns: e_j
+    elevate = (k > j).to(dtype) - j * (k == j).to(dtype)
+    elevated = f @ (_scale_factors(d, dtype, device)[:, None] * elevate)  # [P, d+1]
 
-    # The nearest remainder-0 lattice point, and the rank of each coordinate's differential.
-    v = elevated / d1
-    up, down = torch.ceil(v) * d1, torch.floor(v) * d1
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
-    total = torch.round(rem0.sum(1) / d1).long()
-    diff = elevated - rem0
-    rank = _rank_in_rows(diff, descending=True) + total[:, None]
-    rem0 = rem0.long()
-    low, high = rank < 0, rank > d  # bring the point back onto the plane
-    rank = rank + d1 * low - d1 * high
-    rem0 = rem0 + d1 * low - d1 * high
+    # The nearest remainder-0 lattice point (ties round down, as in densecrf), and the rank of each
+    # coordinate's differential; then shift the point back onto the plane x·1 = 0.
+    rem0 = torch.ceil(elevated / d1 - 0.5) * d1
+    rank = _rank_in_rows(elevated - rem0, descending=True)  # Tensor[d+1, P]
+    rank += torch.round(rem0.sum(1) / d1).to(rank.dtype)
+    wrapped = rank.remainder(d1)
+    rem0 += (wrapped - rank).T  # ± (d+1) where the rank left 0..d
+    rank = wrapped.T.long()
 
-    # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k).
-    delta = (elevated - rem0.to(dtype)) / d1
-    bary = torch.zeros(p, d + 2, dtype=dtype, device=device)
-    bary.scatter_add_(1, d - rank, delta)
-    bary.scatter_add_(1, d1 - rank, -delta)
-    bary[:, 0] += 1.0 + bary[:, d1]
+    # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k): with u_{d - rank_i} =
+    # delta_i, b_0 = 1 - u_d + u_0 and b_k = u_k - u_{k-1}.
+    u = torch.empty_like(elevated).scatter_(1, d - rank, (elevated - rem0) / d1)
+    bary = torch.empty_like(u)
+    torch.sub(u[:, 1:], u[:, :-1], out=bary[:, 1:])
+    bary[:, 0] = u[:, 0] + (1.0 - u[:, d])
     # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
-    bary = bary[:, :d1].clamp_min(0.0)
+    bary = bary.clamp_min_(0.0)
+    rem0 = rem0.long()
 
     # Vertices: image index + key; the image index keeps images from sharing vertices.
     image = torch.arange(b, device=device).repeat_interleave(n)
@@ -342,8 +353,8 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     # Splat (Tensor[M, B*N]): a vertex's entries are the points that touch it, in ascending order.
     vertex, entry = torch.sort(ids.reshape(-1), stable=True)
     offsets = torch.searchsorted(vertex, torch.arange(m + 1, dtype=index, device=device)).to(index)
-    point = entry // d1 if kept is None else kept[entry // d1]
-    splat = SparseRows(point.to(index), offsets, bary.reshape(-1)[entry], total_points)
+    point = entry // d1 if kept is None else kept.index_select(0, entry // d1)
+    splat = SparseRows(point.to(index), offsets, bary.view(-1).index_select(0, entry), total_points)
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
     # Slice (Tensor[B*N, M]): every point on the lattice has its d+1 vertices, the others none.
     if kept is None:
@@ -355,21 +366,20 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     slice_ = SparseRows(ids.reshape(-1), offsets, (bary * alpha).reshape(-1), m, row_length)
 
     # Blur along direction j: neighbours key ± (1, .., 1, -d at j, 1, .., 1); direction d moves all by ±1.
+    # Three entries per row (itself, + and - neighbour); an absent neighbour is the vertex itself, weight 0.
     steps = torch.ones(d1, d, dtype=torch.long, device=device)
     steps[torch.arange(d, device=device), torch.arange(d, device=device)] = -d
+    plus = vertices.neighbours(steps)  # [M, d+1]
     here = torch.arange(m, device=device)
-    weights = torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device).expand(m, 3)
-    blur = []
-    for step in steps:
-        plus = vertices.neighbours(step)
-        minus = torch.full_like(plus, -1)
-        has = plus >= 0
-        minus[plus[has]] = here[has]  # the blur is symmetric: a's + neighbour has a as its - neighbour
-        columns = torch.stack([here, plus, minus], 1)
-        present = columns >= 0
-        offsets = torch.zeros(m + 1, dtype=index, device=device)
-        torch.cumsum(present.sum(1), 0, dtype=index, out=offsets[1:])
-        blur.append(SparseRows(columns[present].to(index), offsets, weights[present], m))
+    minus = torch.full_like(plus, -1)  # the blur is symmetric: a's + neighbour has a as its - neighbour
+    has = plus >= 0
+    minus.view(-1)[(plus * d1 + torch.arange(d1, device=device))[has]] = here[:, None].expand(m, d1)[has]
+    columns = torch.stack([here[:, None].expand(m, d1), plus, minus], 2)  # [M, d+1, 3]
+    present = columns >= 0
+    columns = torch.where(present, columns, here[:, None, None]).to(index).transpose(0, 1)
+    weights = (present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)).transpose(0, 1)
+    offsets = torch.arange(0, 3 * m + 1, 3, dtype=index, device=device)
+    blur = [SparseRows(columns[j].reshape(-1), offsets, weights[j].reshape(-1), m, 3) for j in range(d1)]
     return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur), alpha)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["channel_blocks", "gaussian_taps", "spatial_gaussian"]
+__all__ = ["channel_blocks", "gaussian_1d", "gaussian_taps", "spatial_gaussian"]
 
 TRUNCATE = 4.0
 # On the CPU the depthwise convolutions cost per channel least in blocks of 16 (AVX-512's float lanes):
@@ -63,6 +63,16 @@ def spatial_gaussian(
     x = F.conv2d(x, row, padding=rpad, groups=c)
     x = F.conv2d(x, col, padding=cpad, groups=c)
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def gaussian_1d(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) -> Tensor:
+    """The spatial Gaussian along one axis, zero outside: Tensor[L] -> Tensor[L].
+
+    ``spatial_gaussian`` of an outer product ``a bᵀ`` is ``gaussian_1d(a) gaussian_1d(b)ᵀ``: the normalisers of
+    an unmasked image are computed this way, in O(H + W).
+    """
+    taps = gaussian_taps(theta, values.numel(), truncate=truncate).to(values.dtype)
+    return F.conv1d(values.view(1, 1, -1), taps.view(1, 1, -1), padding=taps.numel() // 2).view(-1)
 
 
 def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, int, int]]:

@@ -219,3 +219,13 @@ def test_cuda_matches_cpu():
     cpu = build_lattice(feats).filter(v)
     gpu = build_lattice(feats.cuda()).filter(v.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_all_finite_checks_every_entry_even_when_the_sum_overflows():
+    big = torch.full((4,), 3e38)  # finite, but the sum is inf in float32
+    assert permutohedral._all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[2] = bad
+        assert not permutohedral._all_finite(x)
+        assert not permutohedral._all_finite(torch.tensor([1.0, bad, 2.0]))
