@@ -49,8 +49,9 @@ def scene(height: int, width: int, num_classes: int, seed: int = 0, kind: str = 
     return np.ascontiguousarray(image), logits
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds, after ``warmup`` calls (the allocator's heap reaches its steady
+    size: the first calls of a process pay page faults that later ones do not)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -225,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
                         help="'retain': keep freed memory (runtime.retain_freed_memory, as train.py does)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

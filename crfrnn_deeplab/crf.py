@@ -221,13 +221,17 @@ def mean_field_inference(
     blocks = channel_blocks(c, unary.device)
     buffers = [unary.new_empty(p, stop - start) for start, stop, _ in blocks]
 
-    def spatial_blocks(q: Tensor):
-        """``K_s(before ⊙ q)`` by channel blocks: (first, stop, Tensor[P, stop - first]) for channels first:stop."""
-        for (start, stop, first), buffer in zip(blocks, buffers):
+    def to_blocks(q: Tensor) -> None:
+        """Writes ``before ⊙ q`` into the channel blocks' buffers."""
+        for (start, stop, _), buffer in zip(blocks, buffers):
             if before is None:
                 buffer.copy_(q[:, start:stop])
             else:
                 torch.mul(q[:, start:stop], before, out=buffer)
+
+    def spatial_blocks():
+        """``K_s`` of the blocks' buffers: (first, stop, Tensor[P, stop - first]) for channels first:stop."""
+        for (start, stop, first), buffer in zip(blocks, buffers):
             filtered = spatial_gaussian(buffer.view(b, h, w, -1), kernels.theta_gamma).view(p, -1)
             yield first, stop, filtered[:, first - start :]
 
@@ -250,18 +254,20 @@ def mean_field_inference(
     z = unary.reshape(p, c)
     for _ in range(iterations):
         q = torch.softmax(z, dim=-1)
+        to_blocks(q)  # while q is in cache
         torch.mm(lattice.to_lattice(q.view(b, -1, c)), mix_bilateral, out=table[-m:])
         if potts is None:
             spatial = table[p : 2 * p]
-            for i, (first, stop, filtered) in enumerate(spatial_blocks(q)):
+            for i, (first, stop, filtered) in enumerate(spatial_blocks()):
                 if i == 0:
                     torch.mm(filtered, mix_spatial[first:stop], out=spatial)
                 else:
                     spatial.addmm_(filtered, mix_spatial[first:stop])
             z = update @ table
         else:
+            spatial = list(spatial_blocks())
             z = update @ table
-            for first, stop, filtered in spatial_blocks(q):
+            for first, stop, filtered in spatial:
                 z[:, first:stop].addcmul_(ns, filtered, value=-beta)
     return z.view(b, h, w, c)
 
