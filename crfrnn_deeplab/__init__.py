@@ -17,7 +17,7 @@ from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crfrnn import CRFRNN, CRFRNNOutput
 from crfrnn_deeplab.dense_crf import DenseCRF
 from crfrnn_deeplab.deeplab import MSC, MSC_SCALES, DeepLabV2, MSCOutput
-from crfrnn_deeplab.permutohedral import PermutohedralLattice, build_lattice, lattice_gaussian
+from crfrnn_deeplab.permutohedral import PermutohedralLattice, SparseRows, build_lattice, lattice_gaussian
 from crfrnn_deeplab.preprocessing import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
 from crfrnn_deeplab.registry import get_model, list_models, register_model
 from crfrnn_deeplab.spatial_filter import spatial_gaussian
@@ -45,6 +45,7 @@ __all__ = [
     "MSC_SCALES",
     "MeanFieldCRF",
     "PermutohedralLattice",
+    "SparseRows",
     "TORCHVISION_CONVENTION",
     "TrainTransform",
     "build_head",

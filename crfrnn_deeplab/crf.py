@@ -314,8 +314,10 @@ def _update_gather(slice_: SparseRows, p: int, spatial: Tensor | None = None) ->
     return SparseRows(columns, offsets.to(index), weights, num_columns)
 
 
+@torch.compiler.disable  # data-dependent checks: eager also inside a compiled model
 def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -> None:
-    """Raises a clear error for inputs the CRF cannot take (shapes, dtypes, ranges, non-finite values)."""
+    """Raises a clear error for inputs the CRF cannot take (shapes, dtypes, ranges, non-finite values), and
+    warns about an image that looks normalised to 0-1."""
     if not isinstance(logits, Tensor) or logits.dim() != 4:
         raise ValueError(f"logits must be a Tensor[B, C, H, W], got shape {tuple(getattr(logits, 'shape', ()))}")
     if not logits.is_floating_point():
@@ -346,6 +348,8 @@ def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -
         raise ValueError("logits contain NaN or infinite values")
     if image.is_floating_point() and not _all_finite(image):
         raise ValueError("image contains NaN or infinite values")
+    if image.is_floating_point() and image.numel() and 0 < float(image.max()) <= 1.0:
+        logger.warning("CRF image has max %.3g <= 1: expected raw RGB in 0-255", float(image.max()))
     if image.numel() and image.min() < 0:
         raise ValueError(
             f"image has negative values (min {float(image.min()):.3g}): the CRF expects the raw RGB image in "
@@ -470,8 +474,6 @@ class MeanFieldCRF(nn.Module):
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} classes, the CRF was built for {self.num_classes}")
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        if image.is_floating_point() and image.numel() and float(image.max()) <= 1.0 and float(image.max()) > 0:
-            logger.warning("CRF image has max %.3g <= 1: expected raw RGB in 0-255", float(image.max()))
         with torch.autocast(device_type=logits.device.type, enabled=False):
             unary = logits.to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
             kernels = self.kernels(image.to(dtype), valid_mask)

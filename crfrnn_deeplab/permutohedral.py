@@ -189,8 +189,9 @@ class _Vertices:
     A vertex is identified by the image index and the first d coordinates of its key. Keys are packed into
     one int64 (mixed radix, image most significant) whenever the coordinate spans allow it — the usual case,
     a sort of scalars, and packing is linear so a neighbour's code is the vertex's code plus a constant.
-    Neighbouring pixels mostly lie in the same simplex (the same d+1 vertices), so the distinct simplices
-    are found first and only their vertices are numbered: on a natural image a few percent of the points.
+    Neighbouring pixels often lie in the same simplex (the same d+1 vertices), so the distinct simplices are
+    found first and only their vertices are numbered (52,425 simplices for the 187,500 pixels of
+    ``bench_crf.py``'s 500×375 scene at densecrf's usual bandwidths).
     Otherwise (extreme bandwidths on huge images) whole key rows are ranked with ``unique(dim=0)``.
 
     Attributes:
@@ -252,19 +253,18 @@ class _Vertices:
         return torch.stack(found, 1)
 
 
-def _rank_in_rows(x: Tensor, *, descending: bool) -> Tensor:
-    """Position of each entry of a row of x (Tensor[P, K], small K) in a stable sort of that row: Tensor[K, P].
+def _rank_descending(x: Tensor) -> Tensor:
+    """Position of each entry of a row of x (Tensor[P, K], small K) in a stable descending sort of that row.
 
-    With ``descending``, ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 comparisons of
-    columns: far faster than ``torch.sort`` along a short last dimension. Returned transposed (column k
-    contiguous), int16 (K < 2^15).
+    Ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 comparisons of columns: far faster
+    than ``torch.sort`` along a short last dimension. Returned transposed, Tensor[K, P] of int16.
     """
     p, k = x.shape
     cols = x.T.contiguous()
     rank = torch.zeros(k, p, dtype=torch.int16, device=x.device)
     for i in range(k):
         for j in range(i + 1, k):
-            j_first = cols[j] > cols[i] if descending else cols[j] < cols[i]
+            j_first = cols[j] > cols[i]
             rank[i] += j_first
             rank[j] += ~j_first
     return rank
@@ -327,7 +327,7 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     # The nearest remainder-0 lattice point (ties round down, as in densecrf), and the rank of each
     # coordinate's differential; then shift the point back onto the plane x·1 = 0.
     rem0 = torch.ceil(elevated / d1 - 0.5) * d1
-    rank = _rank_in_rows(elevated - rem0, descending=True)  # Tensor[d+1, P]
+    rank = _rank_descending(elevated - rem0)  # Tensor[d+1, P]
     rank += torch.round(rem0.sum(1) / d1).to(rank.dtype)
     wrapped = rank.remainder(d1)
     rem0 += (wrapped - rank).T  # ± (d+1) where the rank left 0..d

@@ -229,3 +229,24 @@ def test_all_finite_checks_every_entry_even_when_the_sum_overflows():
         x[2] = bad
         assert not permutohedral._all_finite(x)
         assert not permutohedral._all_finite(torch.tensor([1.0, bad, 2.0]))
+
+
+def test_lattice_operators_equal_their_dense_matrices():
+    # The embedding_bag products against explicit matrices, with points off the lattice (empty slice rows).
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 40, dtype=torch.float64) * 2
+    valid = torch.rand(2, 40) < 0.7
+    lattice = build_lattice(feats, valid)
+    v = torch.rand(80, 4, dtype=torch.float64)
+    splat, slice_ = lattice.splat.to_dense(), lattice.slice.to_dense()
+    assert splat.shape == (lattice.num_vertices, 80) and slice_.shape == (80, lattice.num_vertices)
+    assert (slice_[~valid.reshape(-1)] == 0).all() and (splat[:, ~valid.reshape(-1)] == 0).all()
+    torch.testing.assert_close(slice_, lattice.alpha * splat.T)  # symmetric: slice = alpha·splatᵀ
+    on_lattice = torch.rand(lattice.num_vertices, 4, dtype=torch.float64)
+    for blur in lattice.blur:
+        matrix = blur.to_dense()
+        torch.testing.assert_close(matrix, matrix.T)  # I + (P + Pᵀ)/2
+        assert torch.equal(matrix.diagonal(), torch.ones(lattice.num_vertices, dtype=torch.float64))
+        torch.testing.assert_close(blur @ on_lattice, matrix @ on_lattice)
+        splat = matrix @ splat  # the blurs follow the splat, direction 0 first
+    torch.testing.assert_close(lattice.filter(v.view(2, 40, 4)).view(80, 4), slice_ @ splat @ v)
