@@ -198,7 +198,8 @@ def mean_field_inference(
       (:class:`SparseRows`) from a table holding ``z_0``, the mixed spatial message and the lattice values;
     - a Potts-like spatial mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
       ``Σ_c q_c = 1`` makes its ``α`` part the same in every iteration, folded into ``z_0`` once, as
-      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4).
+      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part is added to the
+      gathered update by channel block.
 
     Args:
         unary: Tensor[B, H, W, C], ``z_0``.
