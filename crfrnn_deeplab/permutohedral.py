@@ -119,23 +119,11 @@ class PermutohedralLattice:
             x = blur @ x
         return x
 
-    def from_lattice(self, x: Tensor, *, add_to: Tensor | None = None, alpha: float = 1.0) -> Tensor:
-        """Slice lattice values Tensor[M, C] back to Tensor[B, N, C] (``add_to + alpha · slice(x)``)."""
-        b, n = self.batch_size, self.num_points
-        out = (self.slice @ x).view(b, n, -1)
-        if add_to is not None:
-            out = torch.add(add_to.view(b, n, -1), out, alpha=alpha, out=out)
-        return out
+    def from_lattice(self, x: Tensor) -> Tensor:
+        """Slice lattice values Tensor[M, C] back to Tensor[B, N, C]."""
+        return (self.slice @ x).view(self.batch_size, self.num_points, -1)
 
-    def filter(
-        self,
-        values: Tensor,
-        *,
-        transpose: bool = False,
-        mix: Tensor | None = None,
-        add_to: Tensor | None = None,
-        alpha: float = 1.0,
-    ) -> Tensor:
+    def filter(self, values: Tensor, *, transpose: bool = False, mix: Tensor | None = None) -> Tensor:
         """Applies the lattice Gaussian ``K`` (or ``Kᵀ``) to values.
 
         Args:
@@ -144,8 +132,6 @@ class PermutohedralLattice:
                 ``symmetric`` lattice.
             mix: optional Tensor[C, C'] applied to the channels on the lattice (``(K v) @ mix`` computed as
                 ``K (v @ mix)`` where the lattice has far fewer rows than there are pixels).
-            add_to: optional Tensor[B, N, C']; returns ``add_to + alpha · K v``.
-            alpha: scale of ``K v`` when ``add_to`` is given.
 
         Returns:
             Tensor[B, N, C] (or C' with ``mix``): ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice's ``k``.
@@ -154,7 +140,7 @@ class PermutohedralLattice:
         x = self.to_lattice(values, transpose=transpose)
         if mix is not None:
             x = x @ mix
-        return self.from_lattice(x, add_to=add_to, alpha=alpha)
+        return self.from_lattice(x)
 
     def weighted(self, before: Tensor, after: Tensor) -> "PermutohedralLattice":
         """The lattice of ``diag(after) · K · diag(before)`` (e.g. a normalised kernel), at no extra cost.
