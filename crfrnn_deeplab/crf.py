@@ -244,11 +244,11 @@ def mean_field_inference(
         update = _update_gather(lattice.slice, p, -ns.view(-1))
     else:  # table rows: z_0 - α·ns·K_s(before) | mixed lattice values
         alpha, beta = potts
-        if kernels.mask is None:  # K_s(ns) or K_s(1), both outer products
-            constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, "rsqrt" if before is not None else "ones")
-        else:
-            constant = spatial_gaussian(kernels.mask if before is None else before.view(b, h, w, 1), kernels.theta_gamma)
-        constant = constant.reshape(p, 1)
+        if kernels.mask is None:  # K_s(before) is K_s(ns) (symmetric) or K_s(1) (after): outer products
+            of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
+            constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, of).reshape(p, 1)
+        else:  # before is ns or the mask
+            constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma).view(p, 1)
         table = unary.new_empty(p + m, c)
         torch.addcmul(unary.reshape(p, c), ns, constant, value=-alpha, out=table[:p])
         update = _update_gather(lattice.slice, p)
