@@ -48,12 +48,26 @@ class SparseRows:
     num_columns: int
     row_length: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.columns.dim() != 1 or self.offsets.dim() != 1 or self.offsets.numel() < 1:
+            raise ValueError(f"columns and offsets must be 1-D (offsets of length R + 1 >= 1), got shapes "
+                             f"{tuple(self.columns.shape)} and {tuple(self.offsets.shape)}")
+        if self.columns.dtype not in (torch.int32, torch.long) or self.offsets.dtype != self.columns.dtype:
+            raise TypeError(f"columns and offsets must share an int32 or int64 dtype, got {self.columns.dtype} "
+                            f"and {self.offsets.dtype}")
+        if self.weights.shape != self.columns.shape or not self.weights.is_floating_point():
+            raise ValueError(f"weights must be floating point with the columns' shape {tuple(self.columns.shape)}, "
+                             f"got {tuple(self.weights.shape)} {self.weights.dtype}")
+
     @property
     def num_rows(self) -> int:
         return self.offsets.numel() - 1
 
     def __matmul__(self, x: Tensor) -> Tensor:
         """The product with dense values: Tensor[K, C] -> Tensor[R, C] (empty rows give zeros)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != self.num_columns or x.dtype != self.weights.dtype:
+            raise ValueError(f"values must be a Tensor[{self.num_columns}, C] of {self.weights.dtype}, got "
+                             f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
         return F.embedding_bag(
             self.columns, x, self.offsets, mode="sum", per_sample_weights=self.weights, include_last_offset=True
         )

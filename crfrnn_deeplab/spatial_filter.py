@@ -71,6 +71,8 @@ def gaussian_1d(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) ->
     ``spatial_gaussian`` of an outer product ``a bᵀ`` is ``gaussian_1d(a) gaussian_1d(b)ᵀ``: the normalisers of
     an unmasked image are computed this way, in O(H + W).
     """
+    if values.dim() != 1 or not values.is_floating_point():
+        raise ValueError(f"values must be a floating-point Tensor[L], got {tuple(values.shape)} {values.dtype}")
     taps = gaussian_taps(theta, values.numel(), truncate=truncate).to(values.dtype)
     return F.conv1d(values.view(1, 1, -1), taps.view(1, 1, -1), padding=taps.numel() // 2).view(-1)
 
@@ -82,6 +84,8 @@ def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, i
     blocks of 16, the remainder in a last block of 8 or 16 that ends at C (overlapping the one before, so no
     zero padding is filtered); elsewhere, or for C <= 16, one block.
     """
+    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"num_channels must be an int >= 1, got {num_channels!r}")
     if torch.device(device).type != "cpu" or num_channels <= _CPU_BLOCK:
         return [(0, num_channels, 0)]
     blocks = [(start, start + _CPU_BLOCK, start) for start in range(0, num_channels - _CPU_BLOCK + 1, _CPU_BLOCK)]

@@ -8,7 +8,7 @@ import torch
 
 from crfrnn_deeplab._dense_reference import dense_crf
 from crfrnn_deeplab.crf import MeanFieldCRF
-from crfrnn_deeplab.spatial_filter import spatial_gaussian
+from crfrnn_deeplab.spatial_filter import channel_blocks, gaussian_1d, spatial_gaussian
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
 
@@ -325,6 +325,34 @@ def test_spatial_filter_is_exact_gaussian():
     k = torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * theta**2))
     ref = torch.einsum("ij,bjc->bic", k, x.reshape(2, 63, 3)).reshape(2, 7, 9, 3)
     torch.testing.assert_close(spatial_gaussian(x, theta), ref, rtol=0, atol=5e-4)  # truncation at 4θ
+
+
+def test_gaussian_1d_filters_outer_products_like_the_2d_filter():
+    theta = torch.tensor(2.3, dtype=torch.float64)
+    a, b = torch.rand(11, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    outer = (a[:, None] * b[None, :])[None, ..., None]  # Tensor[1, H, W, 1]
+    expected = (gaussian_1d(a, theta)[:, None] * gaussian_1d(b, theta)[None, :])[None, ..., None]
+    torch.testing.assert_close(spatial_gaussian(outer, theta), expected)
+    with pytest.raises(ValueError, match="Tensor\\[L\\]"):
+        gaussian_1d(torch.rand(3, 4), theta)  # would otherwise be flattened into one axis
+    with pytest.raises(ValueError, match="floating-point"):
+        gaussian_1d(torch.ones(5, dtype=torch.long), theta)
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 17, 21, 24, 33, 59])
+def test_channel_blocks_cover_every_channel_once(c):
+    owned = []
+    for start, stop, first in channel_blocks(c, "cpu"):
+        assert 0 <= start <= first < stop <= c and stop - start in (c, 8, 16)
+        owned += range(first, stop)
+    assert owned == list(range(c))
+    assert channel_blocks(c, "cuda") == [(0, c, 0)]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+def test_channel_blocks_reject_bad_counts(bad):
+    with pytest.raises(ValueError, match="num_channels"):
+        channel_blocks(bad, "cpu")
 
 
 def iou(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:

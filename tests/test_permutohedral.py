@@ -250,3 +250,20 @@ def test_lattice_operators_equal_their_dense_matrices():
         torch.testing.assert_close(blur @ on_lattice, matrix @ on_lattice)
         splat = matrix @ splat  # the blurs follow the splat, direction 0 first
     torch.testing.assert_close(lattice.filter(v.view(2, 40, 4)).view(80, 4), slice_ @ splat @ v)
+
+
+def test_sparse_rows_reject_bad_input():
+    rows = build_lattice(torch.randn(1, 2, 30)).slice  # Tensor[30, M]
+    m = rows.num_columns
+    with pytest.raises(ValueError, match=f"Tensor\\[{m}, C\\]"):
+        rows @ torch.rand(m + 1, 3)  # wrong number of rows
+    with pytest.raises(ValueError, match="float32"):
+        rows @ torch.rand(m, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Tensor\\["):
+        rows @ torch.rand(m)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        permutohedral.SparseRows(rows.columns.float(), rows.offsets, rows.weights, m)
+    with pytest.raises(ValueError, match="weights"):
+        permutohedral.SparseRows(rows.columns, rows.offsets, rows.weights[1:], m)
+    with pytest.raises(ValueError, match="1-D"):
+        permutohedral.SparseRows(rows.columns.view(-1, 1), rows.offsets, rows.weights, m)
