@@ -49,6 +49,8 @@ class SparseRows:
     row_length: int | None = None
 
     def __post_init__(self) -> None:
+        if torch.compiler.is_compiling():  # sizes are symbolic under torch.compile: checked in eager mode only
+            return
         if self.columns.dim() != 1 or self.offsets.dim() != 1 or self.offsets.numel() < 1:
             raise ValueError(f"columns and offsets must be 1-D (offsets of length R + 1 >= 1), got shapes "
                              f"{tuple(self.columns.shape)} and {tuple(self.offsets.shape)}")
