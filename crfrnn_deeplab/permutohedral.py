@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = ["PermutohedralLattice", "SparseRows", "build_lattice", "lattice_gaussian"]
 
 _PACK_LIMIT = 2**62
+_SHORT_KEY_LIMIT = 2**15 - 1  # fewer vertices than this: the splat's sort uses int16 keys
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,25 +204,30 @@ class _Vertices:
     """
 
     def __init__(self, image: Tensor, rem0: Tensor, rank: Tensor, num_images: int) -> None:
-        p, d1 = rank.shape
+        """image: Tensor[P], each point's image index; rem0: Tensor[d+1, P] int64, the remainder-0 points;
+        rank: Tensor[d+1, P] (integer), the ranks; num_images: B."""
+        d1, p = rank.shape
         d = d1 - 1
         device = rank.device
         k = torch.arange(d1, device=device)
-        lo = rem0[:, :d].min(0).values - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
-        span = [num_images] + (rem0[:, :d].max(0).values + 2 * d1 - lo + 1).tolist()
+        lo = rem0[:d].min(1).values - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
+        span = [num_images] + (rem0[:d].max(1).values + 2 * d1 - lo + 1).tolist()
         self.packed = math.prod(span) < _PACK_LIMIT
         if self.packed:
             radix = [1] * len(span)
             for i in range(len(span) - 2, -1, -1):
                 radix[i] = radix[i + 1] * span[i + 1]
             self.radix = torch.tensor(radix, device=device)
-            base = image * radix[0] + ((rem0[:, :d] - lo) * self.radix[1:]).sum(1)  # [P]
-            rank = rank[:, :d]  # a permutation of 0..d: its first d entries determine it
+            base = image * radix[0] + ((rem0[:d] - lo[:, None]) * self.radix[1:, None]).sum(0)  # [P]
+            rank = rank[:d]  # a permutation of 0..d: its first d entries determine it
             point_simplex = None
             if math.prod(span) * d1**d < _PACK_LIMIT:  # a simplex = its remainder-0 key and its rank order
                 digits = d1 ** torch.arange(d, device=device)
-                simplices, point_simplex = torch.unique(base * d1**d + (rank * digits).sum(1), return_inverse=True)
-                base, rank = simplices // d1**d, simplices[:, None] // digits % d1
+                code = base * d1**d + (rank * digits[:, None]).sum(0)
+                simplices, point_simplex = torch.unique(code, return_inverse=True)
+                base, rank = simplices // d1**d, simplices[:, None] // digits % d1  # [S], [S, d]
+            else:
+                rank = rank.T.long()
             # key_k = rem0 + k - (d+1)·[k >= d + 1 - rank]; sum the radix-weighted indicator by a cumsum.
             jumps = torch.zeros(base.shape[0], d + 2, dtype=torch.long, device=device)
             jumps.scatter_add_(1, d + 1 - rank, self.radix[1:].expand(base.shape[0], d))
@@ -232,6 +238,7 @@ class _Vertices:
             ids = ids.int() if self.codes.numel() < 2**31 else ids
             self.ids = ids if point_simplex is None else ids.index_select(0, point_simplex)
         else:
+            rem0, rank = rem0.T, rank.T
             keys = rem0[:, None, :d] + k[:, None] - d1 * (rank[:, None, :d] > d - k[:, None])  # [P, d+1, d]
             rows = torch.cat([image[:, None, None].expand(p, d1, 1), keys], 2).reshape(-1, d1)
             self.rows, ids = torch.unique(rows, dim=0, return_inverse=True)
@@ -257,20 +264,30 @@ class _Vertices:
 
 
 def _rank_descending(x: Tensor) -> Tensor:
-    """Position of each entry of a row of x (Tensor[P, K], small K) in a stable descending sort of that row.
+    """Position of each entry of a column of x (Tensor[K, P], small K) in a stable descending sort of that column.
 
-    Ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 comparisons of columns: far faster
-    than ``torch.sort`` along a short last dimension. Returned transposed, Tensor[K, P] of int16.
+    Ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 comparisons of rows: far faster than
+    ``torch.sort`` along a short dimension. Returns Tensor[K, P] of int16.
     """
-    p, k = x.shape
-    cols = x.T.contiguous()
+    k, p = x.shape
     rank = torch.zeros(k, p, dtype=torch.int16, device=x.device)
     for i in range(k):
         for j in range(i + 1, k):
-            j_first = cols[j] > cols[i]
+            j_first = x[j] > x[i]
             rank[i] += j_first
             rank[j] += ~j_first
     return rank
+
+
+def _sort_columns(x: Tensor) -> list[Tensor]:
+    """The columns of x (Tensor[K, P], small K) sorted ascending, as K rows Tensor[P]: odd-even transposition
+    sort, K rounds of elementwise min/max of neighbouring rows (500×375, K = 6: 0.5 ms; a scatter by rank took
+    2.6 ms and ``torch.sort(dim=0)`` 6.4 ms)."""
+    rows = list(x.unbind(0))
+    for r in range(len(rows)):
+        for i in range(r % 2, len(rows) - 1, 2):
+            rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
+    return rows
 
 
 @torch.no_grad()
@@ -304,8 +321,9 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     dtype, device = features.dtype, features.device
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    f = features.reshape(b, d, -1).transpose(1, 2).reshape(-1, d).to(dtype)  # [P, d], P = B*N
-    total_points = f.shape[0]
+    # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
+    f = features.reshape(b, d, -1).transpose(0, 1).reshape(d, -1).to(dtype)
+    total_points = f.shape[1]
     n = total_points // b
     d1 = d + 1
     # The points on the lattice: all, or the valid ones (kept[i] = the index of the i-th among all points).
@@ -317,31 +335,31 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
         flat_valid = valid.reshape(-1).to(device)
         if not bool(flat_valid.all()) and bool(flat_valid.any()):  # all or none valid: every point on the lattice
             kept = flat_valid.nonzero()[:, 0]
-            f = f[kept]
-    p = f.shape[0]
+            f = f.index_select(1, kept)
+    p = f.shape[1]
 
     # Elevate onto the hyperplane x·1 = 0 of R^{d+1}, a linear map: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j
     # for the scaled features c_k = s_k f_k (k = 1..d).
     k = torch.arange(1, d1, device=device)[:, None]  # rows: c_k
     j = torch.arange(d1, device=device)[None, :]  # columns: e_j
     elevate = (k > j).to(dtype) - j * (k == j).to(dtype)
-    elevated = f @ (_scale_factors(d, dtype, device)[:, None] * elevate)  # [P, d+1]
+    elevated = (_scale_factors(d, dtype, device)[:, None] * elevate).T @ f  # [d+1, P]
 
     # The nearest remainder-0 lattice point (ties round down, as in densecrf), and the rank of each
-    # coordinate's differential; then shift the point back onto the plane x·1 = 0.
+    # coordinate's differential; then shift the point back onto the plane x·1 = 0. Each coordinate rounds by
+    # at most (d+1)/2 and the elevated coordinates sum to 0, so |Σ rem0 / (d+1)| <= (d+1)/2 and one wrap of
+    # the rank into 0..d suffices (densecrf's loop makes the same single correction).
     rem0 = torch.ceil(elevated / d1 - 0.5) * d1
-    rank = _rank_descending(elevated - rem0)  # Tensor[d+1, P]
-    rank += torch.round(rem0.sum(1) / d1).to(rank.dtype)
-    wrapped = rank.remainder(d1)
-    rem0 += (wrapped - rank).T  # ± (d+1) where the rank left 0..d
-    rank = wrapped.T.long()
+    rank = _rank_descending(elevated - rem0)  # Tensor[d+1, P] int16
+    rank += torch.round(rem0.sum(0) / d1).to(rank.dtype)
+    wrap = (rank < 0).to(rank.dtype) - (rank > d).to(rank.dtype)  # +1 below 0, -1 above d
+    rank += wrap * d1
+    rem0 += wrap * d1
 
     # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k): with u_{d - rank_i} =
-    # delta_i, b_0 = 1 - u_d + u_0 and b_k = u_k - u_{k-1}.
-    u = torch.empty_like(elevated).scatter_(1, d - rank, (elevated - rem0) / d1)
-    bary = torch.empty_like(u)
-    torch.sub(u[:, 1:], u[:, :-1], out=bary[:, 1:])
-    bary[:, 0] = u[:, 0] + (1.0 - u[:, d])
+    # delta_i / (d+1), i.e. u = the differentials sorted ascending, b_0 = 1 - u_d + u_0 and b_k = u_k - u_{k-1}.
+    u = _sort_columns((elevated - rem0) / d1)
+    bary = torch.stack([u[0] + (1.0 - u[d])] + [u[i] - u[i - 1] for i in range(1, d1)], 1)  # [P, d+1]
     # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
     bary = bary.clamp_min_(0.0)
     rem0 = rem0.long()
@@ -354,8 +372,9 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     ids = vertices.ids.to(index)  # [P, d+1]
 
     # Splat (Tensor[M, B*N]): a vertex's entries are the points that touch it, in ascending order.
-    vertex, entry = torch.sort(ids.reshape(-1), stable=True)
-    offsets = torch.searchsorted(vertex, torch.arange(m + 1, dtype=index, device=device)).to(index)
+    key = torch.int16 if m < _SHORT_KEY_LIMIT else index  # a narrower key sorts faster (500×375: 7.0 -> 3.9 ms)
+    vertex, entry = torch.sort(ids.reshape(-1).to(key), stable=True)
+    offsets = torch.searchsorted(vertex, torch.arange(m + 1, dtype=key, device=device)).to(index)
     point = entry // d1 if kept is None else kept.index_select(0, entry // d1)
     splat = SparseRows(point.to(index), offsets, bary.view(-1).index_select(0, entry), total_points)
     alpha = 1.0 / (1.0 + 2.0 ** (-d))

@@ -53,16 +53,19 @@ def spatial_gaussian(
     Returns:
         Tensor[B, H, W, C], contiguous.
     """
-    _, h, w, c = values.shape
+    b, h, w, c = values.shape
     x = values.permute(0, 3, 1, 2)  # [B, C, H, W] view of channels-last memory
     row = gaussian_taps(theta, w, truncate=truncate).to(values.dtype)
     col = gaussian_taps(theta, h, truncate=truncate).to(values.dtype)
     row = row.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous()  # depthwise: one filter per channel
-    col = col.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous()
-    rpad, cpad = [0, row.shape[-1] // 2], [col.shape[-2] // 2, 0]
-    x = F.conv2d(x, row, padding=rpad, groups=c)
-    x = F.conv2d(x, col, padding=cpad, groups=c)
-    return x.permute(0, 2, 3, 1).contiguous()
+    x = F.conv2d(x, row, padding=[0, row.shape[-1] // 2], groups=c)
+    # The column pass mixes rows only, so a row of W pixels × C channels may be read as W·C/L pixels × L
+    # channels: fewer than _CPU_BLOCK channels fill the vector lanes that way.
+    lanes = _CPU_BLOCK if c < _CPU_BLOCK and (w * c) % _CPU_BLOCK == 0 else c
+    x = x.permute(0, 2, 3, 1).reshape(b, h, w * c // lanes, lanes).permute(0, 3, 1, 2)
+    col = col.view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
+    x = F.conv2d(x, col, padding=[col.shape[-2] // 2, 0], groups=lanes)
+    return x.permute(0, 2, 3, 1).reshape(b, h, w, c).contiguous()
 
 
 def gaussian_1d(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) -> Tensor:

@@ -188,6 +188,26 @@ def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     torch.testing.assert_close(rows.filter(v), packed)
 
 
+def test_splat_is_the_same_with_wide_sort_keys(monkeypatch):
+    torch.manual_seed(0)
+    feats = torch.randn(1, 5, 500, dtype=torch.float64) * 3
+    v = torch.rand(1, 500, 3, dtype=torch.float64)
+    short = build_lattice(feats)
+    monkeypatch.setattr(permutohedral, "_SHORT_KEY_LIMIT", 0)
+    wide = build_lattice(feats)
+    assert torch.equal(short.splat.to_dense(), wide.splat.to_dense())
+    torch.testing.assert_close(short.filter(v), wide.filter(v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", range(1, 8))
+def test_sort_columns_sorts_every_column(k):
+    # 0-1 principle: a comparator network that sorts every 0/1 column sorts every column
+    bits = ((torch.arange(2**k)[:, None] >> torch.arange(k)) & 1).T.double()  # [k, 2^k]: every 0/1 column
+    torch.testing.assert_close(torch.stack(permutohedral._sort_columns(bits)), bits.sort(0).values, rtol=0, atol=0)
+    x = torch.randint(0, 4, (k, 300)).float()  # with ties
+    torch.testing.assert_close(torch.stack(permutohedral._sort_columns(x)), x.sort(0).values, rtol=0, atol=0)
+
+
 def test_float32_matches_float64():
     torch.manual_seed(0)
     feats = torch.randn(1, 5, 300, dtype=torch.float64) * 2
