@@ -212,12 +212,15 @@ def mean_field_inference(
     """
     b, h, w, c = unary.shape
     p = b * h * w
-    ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(b, -1)
+    if iterations == 0:
+        return unary.clone(memory_format=torch.contiguous_format)
+    ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(-1)
     if kernels.normalization == "symmetric":
-        lattice, before = kernels.lattice.weighted(nb, nb), ns
+        splat, before = kernels.lattice.splat.scale_columns(nb), ns
     else:
-        sent = torch.ones_like(nb) if kernels.mask is None else kernels.mask.view(b, -1)
-        lattice, before = kernels.lattice.weighted(sent, nb), None if kernels.mask is None else kernels.mask.view(p, 1)
+        sent = None if kernels.mask is None else kernels.mask.view(-1)
+        splat = kernels.lattice.splat if sent is None else kernels.lattice.splat.scale_columns(sent)
+        before = None if sent is None else sent.view(p, 1)
     mix_spatial, mix_bilateral = pairwise[0].T, pairwise[1].T.contiguous()
     blocks = channel_blocks(c, unary.device)
     buffers = [unary.new_empty(p, stop - start) for start, stop, _ in blocks]
@@ -236,27 +239,29 @@ def mean_field_inference(
             filtered = spatial_gaussian(buffer.view(b, h, w, -1), kernels.theta_gamma).view(p, -1)
             yield first, stop, filtered[:, first - start :]
 
-    m = lattice.num_vertices
+    m = kernels.lattice.num_vertices
     potts = _potts_form(mix_spatial)
     if potts is None:  # table rows: z_0 | mixed spatial message | mixed lattice values
         table = unary.new_empty(2 * p + m, c)
-        table[:p] = unary.reshape(p, c)
-        update = _update_gather(lattice.slice, p, -ns.view(-1))
+        table[:p].view(b, h, w, c).copy_(unary)
+        update = _update_gather(kernels.lattice.slice, nb, -ns.view(-1))
     else:  # table rows: z_0 - α·ns·K_s(before) | mixed lattice values
         alpha, beta = potts
         if kernels.mask is None:  # K_s(before) is K_s(ns) (symmetric) or K_s(1) (after): outer products
             of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
-            constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, of).reshape(p, 1)
+            constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, of)
         else:  # before is ns or the mask
-            constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma).view(p, 1)
+            constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma)
         table = unary.new_empty(p + m, c)
-        torch.addcmul(unary.reshape(p, c), ns, constant, value=-alpha, out=table[:p])
-        update = _update_gather(lattice.slice, p)
-    z = unary.reshape(p, c)
+        torch.add(unary, (-alpha) * ns.view(b, h, w, 1) * constant, out=table[:p].view(b, h, w, c))
+        update = _update_gather(kernels.lattice.slice, nb)
+    # The first softmax reads z_0 from the table: the Potts term there is the same for every class of a pixel,
+    # and softmax ignores such a shift.
+    z = table[:p]
     for _ in range(iterations):
         q = torch.softmax(z, dim=-1)
         to_blocks(q)  # while q is in cache
-        torch.mm(lattice.to_lattice(q.view(b, -1, c)), mix_bilateral, out=table[-m:])
+        torch.mm(kernels.lattice.blur_lattice(splat @ q), mix_bilateral, out=table[-m:])
         if potts is None:
             spatial = table[p : 2 * p]
             for i, (first, stop, filtered) in enumerate(spatial_blocks()):
@@ -285,10 +290,11 @@ def _potts_form(mix: Tensor) -> tuple[float, float] | None:
     return None
 
 
-def _update_gather(slice_: SparseRows, p: int, spatial: Tensor | None = None) -> SparseRows:
+def _update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = None) -> SparseRows:
     """Row i of the mean-field update as a gather from the table ``[z_0; spatial message; lattice values]``:
-    ``z_0[i] + spatial_i · message[i] - Σ_k slice_ik · lattice[k]`` (without the message when ``spatial`` is
-    None; ``spatial``: Tensor[P], the message rows' weights)."""
+    ``z_0[i] + spatial_i · message[i] - after_i Σ_k slice_ik · lattice[k]`` (without the message when ``spatial``
+    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows)."""
+    p = slice_.num_rows
     device, dtype = slice_.weights.device, slice_.weights.dtype
     head = 1 if spatial is None else 2  # the entries before the lattice's
     num_columns = head * p + slice_.num_columns
@@ -296,12 +302,15 @@ def _update_gather(slice_: SparseRows, p: int, spatial: Tensor | None = None) ->
     pixels = torch.arange(p, device=device, dtype=index)
     if slice_.row_length is not None:  # every row the same length: [P, head + length] entries
         k = slice_.row_length
-        columns = [pixels[:, None]] + ([] if spatial is None else [pixels[:, None] + p])
-        columns.append(slice_.columns.view(p, k).to(index) + head * p)
-        weights = [torch.ones(p, 1, dtype=dtype, device=device)] + ([] if spatial is None else [spatial[:, None]])
-        weights.append(-slice_.weights.view(p, k))
+        columns = torch.empty(p, head + k, dtype=index, device=device)
+        weights = torch.empty(p, head + k, dtype=dtype, device=device)
+        columns[:, 0], weights[:, 0] = pixels, 1.0
+        if spatial is not None:
+            columns[:, 1], weights[:, 1] = pixels + p, spatial
+        torch.add(slice_.columns.view(p, k), head * p, out=columns[:, head:])
+        torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
         offsets = torch.arange(0, p * (k + head) + 1, k + head, dtype=index, device=device)
-        return SparseRows(torch.cat(columns, 1).view(-1), offsets, torch.cat(weights, 1).view(-1), num_columns, k + head)
+        return SparseRows(columns.view(-1), offsets, weights.view(-1), num_columns, k + head)
     rows = slice_.rows()
     offsets = slice_.offsets.long() + head * torch.arange(p + 1, device=device)
     first = offsets[:-1]
@@ -311,7 +320,7 @@ def _update_gather(slice_: SparseRows, p: int, spatial: Tensor | None = None) ->
     if spatial is not None:
         columns[first + 1], weights[first + 1] = pixels + p, spatial
     rest = torch.arange(rows.numel(), device=device) + head * (rows + 1)
-    columns[rest], weights[rest] = slice_.columns.to(index) + head * p, -slice_.weights
+    columns[rest], weights[rest] = slice_.columns.to(index) + head * p, -slice_.weights * after[rows]
     return SparseRows(columns, offsets.to(index), weights, num_columns)
 
 

@@ -89,6 +89,10 @@ class SparseRows:
             return self.reweighted((self.weights.view(-1, self.row_length) * scale.reshape(-1, 1)).view(-1))
         return self.reweighted(self.weights * scale.reshape(-1)[self.rows()])
 
+    def scale_columns(self, scale: Tensor) -> "SparseRows":
+        """``self · diag(scale)`` for scale Tensor[K]."""
+        return self.reweighted(self.weights * scale.reshape(-1).index_select(0, self.columns))
+
     def to_dense(self) -> Tensor:
         """Tensor[R, K] (for tests and small problems)."""
         dense = self.weights.new_zeros(self.num_rows, self.num_columns)
@@ -167,8 +171,7 @@ class PermutohedralLattice:
             after: Tensor[B, N], multiplies the result after slicing. Pass the same tensor as ``before`` to
                 keep the lattice ``symmetric`` (transposable).
         """
-        splat = self.splat.reweighted(self.splat.weights * before.reshape(-1).index_select(0, self.splat.columns))
-        slice_ = self.slice.scale_rows(after)
+        splat, slice_ = self.splat.scale_columns(before), self.slice.scale_rows(after)
         return PermutohedralLattice(
             self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur, self.alpha,
             self.symmetric and before is after,
