@@ -196,10 +196,10 @@ def mean_field_inference(
     - the spatial filter runs on the channel blocks it is fastest for (:func:`.spatial_filter.channel_blocks`);
     - the update ``z_0 - ns·(spatial @ mix) - slice(lattice values)`` is one weighted gather
       (:class:`SparseRows`) from a table holding ``z_0``, the mixed spatial message and the lattice values;
-    - a Potts-like spatial mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
-      ``Σ_c q_c = 1`` makes its ``α`` part the same in every iteration, folded into ``z_0`` once, as
-      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part is added to the
-      gathered update by channel block.
+    - a Potts-form mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
+      ``Σ_c q_c = 1`` makes its ``α`` part the same for every class and iteration, added to ``z_0`` once, as
+      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part of the spatial mix
+      is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather.
 
     Args:
         unary: Tensor[B, H, W, C], ``z_0``.
@@ -215,10 +215,10 @@ def mean_field_inference(
     if iterations == 0:
         return unary.clone(memory_format=torch.contiguous_format)
     ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(-1)
+    sent = None if kernels.mask is None else kernels.mask.view(-1)  # 'after': what each pixel sends
     if kernels.normalization == "symmetric":
         splat, before = kernels.lattice.splat.scale_columns(nb), ns
     else:
-        sent = None if kernels.mask is None else kernels.mask.view(-1)
         splat = kernels.lattice.splat if sent is None else kernels.lattice.splat.scale_columns(sent)
         before = None if sent is None else sent.view(p, 1)
     mix_spatial, mix_bilateral = pairwise[0].T, pairwise[1].T.contiguous()
@@ -239,30 +239,42 @@ def mean_field_inference(
             filtered = spatial_gaussian(buffer.view(b, h, w, -1), kernels.theta_gamma).view(p, -1)
             yield first, stop, filtered[:, first - start :]
 
-    m = kernels.lattice.num_vertices
-    potts = _potts_form(mix_spatial)
-    if potts is None:  # table rows: z_0 | mixed spatial message | mixed lattice values
-        table = unary.new_empty(2 * p + m, c)
-        table[:p].view(b, h, w, c).copy_(unary)
-        update = _update_gather(kernels.lattice.slice, nb, -ns.view(-1))
-    else:  # table rows: z_0 - α·ns·K_s(before) | mixed lattice values
-        alpha, beta = potts
-        if kernels.mask is None:  # K_s(before) is K_s(ns) (symmetric) or K_s(1) (after): outer products
+    # A Potts-form mix α·J + β·I sends every class of a pixel the same α·K̃1 in every iteration (Σ_c q_c = 1):
+    # those terms are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
+    spatial_potts, bilateral_potts = _potts_form(mix_spatial), _potts_form(mix_bilateral)
+    shift = unary.new_zeros(b, h, w, 1)
+    if spatial_potts is not None:  # K_s(before): K_s(ns) (symmetric) or K_s(1) (after) or K_s(mask)
+        if kernels.mask is None:  # outer products of 1-D filterings
             of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
             constant = _unmasked_spatial(kernels.theta_gamma, b, h, w, of)
-        else:  # before is ns or the mask
+        else:
             constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma)
-        table = unary.new_empty(p + m, c)
-        torch.add(unary, (-alpha) * ns.view(b, h, w, 1) * constant, out=table[:p].view(b, h, w, c))
-        update = _update_gather(kernels.lattice.slice, nb)
-    # The first softmax reads z_0 from the table: the Potts term there is the same for every class of a pixel,
+        shift -= spatial_potts[0] * ns.view(b, h, w, 1) * constant
+    if bilateral_potts is not None:
+        ones = torch.ones_like(nb)[:, None]
+        lattice_ones = kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones)
+        shift -= bilateral_potts[0] * (nb[:, None] * lattice_ones).view(b, h, w, 1)
+    m = kernels.lattice.num_vertices
+    # Table rows: z_0 + shift | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
+    table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
+    torch.add(unary, shift, out=table[:p].view(b, h, w, c))
+    update = _update_gather(
+        kernels.lattice.slice,
+        nb if bilateral_potts is None else bilateral_potts[1] * nb,
+        -ns.view(-1) if spatial_potts is None else None,
+    )
+    # The first softmax reads z_0 from the table: the shift there is the same for every class of a pixel,
     # and softmax ignores such a shift.
     z = table[:p]
     for _ in range(iterations):
         q = torch.softmax(z, dim=-1)
         to_blocks(q)  # while q is in cache
-        torch.mm(kernels.lattice.blur_lattice(splat @ q), mix_bilateral, out=table[-m:])
-        if potts is None:
+        on_lattice = kernels.lattice.blur_lattice(splat @ q)
+        if bilateral_potts is None:
+            torch.mm(on_lattice, mix_bilateral, out=table[-m:])
+        else:
+            table[-m:] = on_lattice
+        if spatial_potts is None:
             spatial = table[p : 2 * p]
             for i, (first, stop, filtered) in enumerate(spatial_blocks()):
                 if i == 0:
@@ -274,7 +286,7 @@ def mean_field_inference(
             spatial = list(spatial_blocks())
             z = update @ table
             for first, stop, filtered in spatial:
-                z[:, first:stop].addcmul_(ns, filtered, value=-beta)
+                z[:, first:stop].addcmul_(ns, filtered, value=-spatial_potts[1])
     return z.view(b, h, w, c)
 
 

@@ -249,10 +249,10 @@ class _Vertices:
         self.num = self.codes.numel() if self.packed else self.rows.shape[0]
 
     def neighbours(self, steps: Tensor) -> Tensor:
-        """Ids of the vertices at key + step for each step (Tensor[S, d], the image fixed): Tensor[M, S],
+        """Ids of the vertices at key + step for each step (Tensor[S, d], the image fixed): Tensor[S, M],
         -1 where absent."""
-        if self.packed:
-            query = self.codes[:, None] + (steps * self.radix[1:]).sum(1).to(self.codes.dtype)
+        if self.packed:  # each row of queries is sorted, as the codes are
+            query = self.codes + (steps * self.radix[1:]).sum(1, keepdim=True).to(self.codes.dtype)
             pos = torch.searchsorted(self.codes, query).clamp_max(self.num - 1)
             return torch.where(self.codes[pos] == query, pos, -1)
         found = []
@@ -263,7 +263,7 @@ class _Vertices:
             table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=step.device)
             table[ids[: self.num]] = torch.arange(self.num, device=step.device)
             found.append(table[ids[self.num :]])
-        return torch.stack(found, 1)
+        return torch.stack(found)
 
 
 def _rank_descending(x: Tensor) -> Tensor:
@@ -394,17 +394,17 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     # Three entries per row (itself, + and - neighbour); an absent neighbour is the vertex itself, weight 0.
     steps = torch.ones(d1, d, dtype=torch.long, device=device)
     steps[torch.arange(d, device=device), torch.arange(d, device=device)] = -d
-    plus = vertices.neighbours(steps)  # [M, d+1]
-    here = torch.arange(m, device=device)
-    minus = torch.full_like(plus, -1)  # the blur is symmetric: a's + neighbour has a as its - neighbour
-    has = plus >= 0
-    minus.view(-1)[(plus * d1 + torch.arange(d1, device=device))[has]] = here[:, None].expand(m, d1)[has]
-    columns = torch.stack([here[:, None].expand(m, d1), plus, minus], 2)  # [M, d+1, 3]
+    plus = vertices.neighbours(steps).to(index)  # [d+1, M]
+    here = torch.arange(m, dtype=index, device=device)
+    # The blur is symmetric: a's + neighbour b has a as its - neighbour (absent ones go to a spare column m).
+    minus = torch.full((d1, m + 1), -1, dtype=index, device=device)
+    minus.scatter_(1, torch.where(plus >= 0, plus, m).long(), here.expand(d1, m))
+    columns = torch.stack([here.expand(d1, m), plus, minus[:, :m]], 2)  # [d+1, M, 3]
     present = columns >= 0
-    columns = torch.where(present, columns, here[:, None, None]).to(index).transpose(0, 1)
-    weights = (present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)).transpose(0, 1)
+    columns = torch.where(present, columns, here[:, None])
+    weights = present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)
     offsets = torch.arange(0, 3 * m + 1, 3, dtype=index, device=device)
-    blur = [SparseRows(columns[j].reshape(-1), offsets, weights[j].reshape(-1), m, 3) for j in range(d1)]
+    blur = [SparseRows(columns[j].view(-1), offsets, weights[j].view(-1), m, 3) for j in range(d1)]
     return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur), alpha)
 
 

@@ -99,7 +99,8 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
 
 @pytest.mark.parametrize("learn_bandwidths", [True, False])
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])
-@pytest.mark.parametrize("compatibility", ["potts", "learned"])  # the inference path's two spatial mixes
+# the inference path's Potts-form and general mixes, for either kernel
+@pytest.mark.parametrize("compatibility", ["potts", "learned", "spatial learned", "bilateral learned"])
 @pytest.mark.parametrize("num_classes, masked", [(4, True), (21, True), (21, False)])  # 21: channel blocks
 def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, compatibility, num_classes, masked):
     logits, image = small_inputs(b=2, c=num_classes, h=12, w=10)
@@ -108,8 +109,13 @@ def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, co
                        learn_bandwidths=learn_bandwidths)
     crf = crf.double().eval()
     with torch.no_grad():
+        noise = torch.rand(num_classes, num_classes, dtype=torch.float64)
         if compatibility == "learned":
-            crf.compatibility.add_(torch.rand(num_classes, num_classes, dtype=torch.float64))
+            crf.compatibility.add_(noise)
+        elif compatibility == "spatial learned":
+            crf.spatial_weight.add_(noise)
+        elif compatibility == "bilateral learned":
+            crf.bilateral_weight.add_(noise)
         fast = crf(logits, image, mask)
     slow = crf(logits.clone().requires_grad_(True), image, mask)
     torch.testing.assert_close(fast, slow.detach())
