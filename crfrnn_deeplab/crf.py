@@ -184,6 +184,7 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
 
 
 @torch.no_grad()
+@torch.compiler.disable  # data-dependent (the lattice's size, the Potts test): eager even in a compiled model
 def mean_field_inference(
     unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int
 ) -> Tensor:
