@@ -272,6 +272,18 @@ def test_lattice_operators_equal_their_dense_matrices():
     torch.testing.assert_close(lattice.filter(v.view(2, 40, 4)).view(80, 4), slice_ @ splat @ v)
 
 
+def test_sparse_rows_scale_rows_and_columns():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 3, 30, dtype=torch.float64) * 2
+    valid = torch.rand(1, 30) < 0.7
+    for lattice in (build_lattice(feats), build_lattice(feats, valid)):  # fixed and variable row lengths
+        for rows in (lattice.splat, lattice.slice):
+            dense = rows.to_dense()
+            left, right = torch.rand(dense.shape[0], dtype=torch.float64), torch.rand(dense.shape[1], dtype=torch.float64)
+            torch.testing.assert_close(rows.scale_rows(left).to_dense(), left[:, None] * dense)
+            torch.testing.assert_close(rows.scale_columns(right).to_dense(), dense * right)
+
+
 def test_sparse_rows_reject_bad_input():
     rows = build_lattice(torch.randn(1, 2, 30)).slice  # Tensor[30, M]
     m = rows.num_columns
