@@ -85,13 +85,22 @@ class SparseRows:
 
     def scale_rows(self, scale: Tensor) -> "SparseRows":
         """``diag(scale) · self`` for scale Tensor[R]."""
+        self._check_scale(scale, self.num_rows, "R")
         if self.row_length is not None:
             return self.reweighted((self.weights.view(-1, self.row_length) * scale.reshape(-1, 1)).view(-1))
         return self.reweighted(self.weights * scale.reshape(-1)[self.rows()])
 
     def scale_columns(self, scale: Tensor) -> "SparseRows":
         """``self · diag(scale)`` for scale Tensor[K]."""
+        self._check_scale(scale, self.num_columns, "K")
         return self.reweighted(self.weights * scale.reshape(-1).index_select(0, self.columns))
+
+    def _check_scale(self, scale: Tensor, size: int, name: str) -> None:
+        if torch.compiler.is_compiling():  # sizes are symbolic under torch.compile: checked in eager mode only
+            return
+        if not isinstance(scale, Tensor) or scale.numel() != size or scale.dtype != self.weights.dtype:
+            raise ValueError(f"scale must hold {name} = {size} values of {self.weights.dtype}, got "
+                             f"{tuple(getattr(scale, 'shape', ()))} {getattr(scale, 'dtype', type(scale).__name__)}")
 
     def to_dense(self) -> Tensor:
         """Tensor[R, K] (for tests and small problems)."""

@@ -299,3 +299,8 @@ def test_sparse_rows_reject_bad_input():
         permutohedral.SparseRows(rows.columns, rows.offsets, rows.weights[1:], m)
     with pytest.raises(ValueError, match="1-D"):
         permutohedral.SparseRows(rows.columns.view(-1, 1), rows.offsets, rows.weights, m)
+    for bad in (torch.rand(m + 1), torch.rand(m - 1), torch.rand(m, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=f"K = {m} values"):
+            rows.scale_columns(bad)
+    with pytest.raises(ValueError, match="R = 30 values"):
+        rows.scale_rows(torch.rand(31))
