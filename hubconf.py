@@ -5,7 +5,7 @@
     model = torch.hub.load(repo, "deeplabv2_resnet18", source="local", num_classes=6, crf=True)
 
 No weights are hosted or downloaded: ``pretrained=True`` is an error; ``checkpoint=`` loads a file you have
-(ours or any layout :mod:`crfrnn_deeplab.convert` reads): without ``num_classes`` the model is the one the
+(ours or any layout :mod:`crfrnn_deeplab.weights.convert` reads): without ``num_classes`` the model is the one the
 checkpoint records (it must be the named architecture); with it, the named model is built and the weights are
 loaded into it strictly.
 """
@@ -21,7 +21,7 @@ def _entry(name: str):
     def build(*, pretrained: bool = False, checkpoint: str | None = None, num_classes: int | None = None,
               crf: bool | dict[str, Any] = False, **options: Any):
         from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
-        from crfrnn_deeplab.convert import load_into, model_for_checkpoint, network_name
+        from crfrnn_deeplab.weights.convert import load_into, model_for_checkpoint, network_name
 
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "

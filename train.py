@@ -44,17 +44,17 @@ from tqdm import tqdm
 from crfrnn_deeplab import CRFRNN, EvalTransform, InputConvention, MeanFieldCRF, TrainTransform, get_model
 from crfrnn_deeplab import datasets as ds
 from crfrnn_deeplab import distributed as dist
-from crfrnn_deeplab.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from crfrnn_deeplab.config import Config, ConfigError, StageConfig, config_from_dict, load_config, save_config
-from crfrnn_deeplab.config import apply_overrides, to_dict, validate
-from crfrnn_deeplab.convert import load_into, model_for_checkpoint
-from crfrnn_deeplab.engine import MetricsWriter, SeededAugmentation, StopRequest, TrainBatches, derive_seed
-from crfrnn_deeplab.engine import format_table, poly_schedule, rng_state, segmentation_loss, set_rng_state
-from crfrnn_deeplab.engine import sliding_window_logits
-from crfrnn_deeplab.crf import fixed_crf
-from crfrnn_deeplab.grid_search import cache_logits, grid_search_crf
-from crfrnn_deeplab.metrics import BOUNDARY_WIDTHS, SegmentationMeter, boundary_bands
-from crfrnn_deeplab.runtime import retain_freed_memory
+from crfrnn_deeplab.weights.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, config_from_dict, load_config, save_config
+from crfrnn_deeplab.training.config import apply_overrides, to_dict, validate
+from crfrnn_deeplab.weights.convert import load_into, model_for_checkpoint
+from crfrnn_deeplab.training.engine import MetricsWriter, SeededAugmentation, StopRequest, TrainBatches, derive_seed
+from crfrnn_deeplab.training.engine import format_table, poly_schedule, rng_state, segmentation_loss, set_rng_state
+from crfrnn_deeplab.training.engine import sliding_window_logits
+from crfrnn_deeplab.crf.mean_field import fixed_crf
+from crfrnn_deeplab.training.grid_search import cache_logits, grid_search_crf
+from crfrnn_deeplab.training.metrics import BOUNDARY_WIDTHS, SegmentationMeter, boundary_bands
+from crfrnn_deeplab.allocator import retain_freed_memory
 from crfrnn_deeplab.visualize import save_panel
 
 logger = logging.getLogger("train")
@@ -250,7 +250,7 @@ def use_sync_batchnorm(network: nn.Module, device: torch.device) -> nn.Module:
 def checkpoint_payload(model: nn.Module, cfg: Config, data: Data, *, stage: int, step: int, optimizer=None,
                        scheduler=None, scaler=None, batches: TrainBatches | None = None,
                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The self-describing checkpoint dict (see :mod:`crfrnn_deeplab.checkpoint`)."""
+    """The self-describing checkpoint dict (see :mod:`crfrnn_deeplab.weights.checkpoint`)."""
     network = model.network if isinstance(model, CRFRNN) else model
     payload = {
         "model": model.state_dict(),
@@ -702,7 +702,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "without a value, the out_dir of the config. The run's own config is used, with the "
                              "command-line overrides on top")
     parser.add_argument("--eval-only", type=Path, default=None, metavar="CHECKPOINT",
-                        help="only evaluate this checkpoint (ours or any layout crfrnn_deeplab.convert reads)")
+                        help="only evaluate this checkpoint (ours or any layout crfrnn_deeplab.weights.convert reads)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                         help="stop after this many optimiser steps, saving a checkpoint as on SIGTERM")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

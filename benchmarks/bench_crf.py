@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from crfrnn_deeplab import MeanFieldCRF
-from crfrnn_deeplab.datasets.synthetic import render_synthetic
-from crfrnn_deeplab.runtime import retain_freed_memory
+from crfrnn_deeplab.data.synthetic import render_synthetic
+from crfrnn_deeplab.allocator import retain_freed_memory
 
 DENSECRF_PARAMS = dict(spatial_weight=3.0, bilateral_weight=10.0, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
 
@@ -109,8 +109,8 @@ def section_accuracy(args) -> None:
     sys.path.insert(0, "tests")
     from test_permutohedral import densecrf_lattice_filter, image_features
 
-    from crfrnn_deeplab._dense_reference import dense_gaussian
-    from crfrnn_deeplab.permutohedral import build_lattice
+    from crfrnn_deeplab.crf.reference import dense_gaussian
+    from crfrnn_deeplab.crf.lattice import build_lattice
 
     print("\n## Lattice accuracy: relative L2 error of K·v against the brute-force Gaussian")
     print("(the lattice is off by a near-constant factor that the CRF's normalisation removes; 'shape' is the")

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from crfrnn_deeplab.datasets import SyntheticSegmentation, VOCSegmentation, render_synthetic, voc_colormap
-from crfrnn_deeplab.preprocessing import TORCHVISION_CONVENTION
-from crfrnn_deeplab.transforms import TrainTransform
+from crfrnn_deeplab.data import SyntheticSegmentation, VOCSegmentation, render_synthetic, voc_colormap
+from crfrnn_deeplab.models.conventions import TORCHVISION_CONVENTION
+from crfrnn_deeplab.data.transforms import TrainTransform
 
 
 def write_voc_folder(root: Path, num_images: int, height: int = 375, width: int = 500) -> None:

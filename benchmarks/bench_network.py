@@ -29,8 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import crfrnn_deeplab.deeplab  # noqa: F401  (registers the models)
-from crfrnn_deeplab.registry import get_model
+from crfrnn_deeplab.models.registry import get_model
 
 
 def _parse_args() -> argparse.Namespace:

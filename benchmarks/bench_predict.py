@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
-from crfrnn_deeplab.datasets.synthetic import render_synthetic
-from crfrnn_deeplab.runtime import retain_freed_memory
+from crfrnn_deeplab.data.synthetic import render_synthetic
+from crfrnn_deeplab.allocator import retain_freed_memory
 
 
 def timed(fn, repeats: int, sync) -> float:

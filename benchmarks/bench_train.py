@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from crfrnn_deeplab import CRFRNN
-from crfrnn_deeplab.config import load_config
-from crfrnn_deeplab.datasets.synthetic import render_synthetic
-from crfrnn_deeplab.runtime import retain_freed_memory
+from crfrnn_deeplab.training.config import load_config
+from crfrnn_deeplab.data.synthetic import render_synthetic
+from crfrnn_deeplab.allocator import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,27 +1,52 @@
 """crfrnn_deeplab: DeepLab v2 with a trainable fully-connected CRF (CRF-as-RNN), in pure PyTorch.
 
-The public API (see README.md):
+The subsystems (README "Architecture"):
 
-- models: :func:`get_model`, :func:`list_models`, :class:`DeepLabV2`, :class:`MSC`, the atrous backbones and
-  the ASPP heads;
-- the CRF: :class:`MeanFieldCRF` (the layer), :class:`DenseCRF` (one-call post-processing), :func:`build_lattice` / :func:`lattice_gaussian` (the
-  permutohedral lattice), :func:`spatial_gaussian`;
-- data: :mod:`crfrnn_deeplab.datasets`, :class:`TrainTransform`, :class:`EvalTransform`;
-- preprocessing: :class:`InputConvention` and the two conventions weights come with.
+- :mod:`crfrnn_deeplab.models`: the network (atrous ResNet, ASPP, DeepLab v2, MSC, network + CRF) and the
+  model registry (:func:`get_model`, :func:`list_models`);
+- :mod:`crfrnn_deeplab.crf`: the dense CRF (:class:`MeanFieldCRF`, the layer; :class:`DenseCRF`, one-call
+  post-processing; the permutohedral lattice; the spatial Gaussian; the exact reference);
+- :mod:`crfrnn_deeplab.data`: datasets and the DeepLab transforms;
+- :mod:`crfrnn_deeplab.weights`: checkpoints, external checkpoint layouts, strict loading with a report;
+- :mod:`crfrnn_deeplab.predict`: prediction on raw images (API and command line);
+- :mod:`crfrnn_deeplab.training`: what ``train.py`` is built from (config, data stream, loss, metrics, ...);
+- :mod:`crfrnn_deeplab.images`: the validators and resizing rules every entry point shares.
 """
 
-from crfrnn_deeplab import datasets
-from crfrnn_deeplab.aspp import ASPP, ASPP_L_RATES, ASPP_S_RATES, HEAD_RATES, LARGEFOV_RATES, build_head
-from crfrnn_deeplab.backbone import AtrousResNet, resnet18_atrous, resnet34_atrous, resnet50_atrous, resnet101_atrous
-from crfrnn_deeplab.crf import MeanFieldCRF
-from crfrnn_deeplab.crfrnn import CRFRNN, CRFRNNOutput
-from crfrnn_deeplab.dense_crf import DenseCRF
-from crfrnn_deeplab.deeplab import MSC, MSC_SCALES, DeepLabV2, MSCOutput
-from crfrnn_deeplab.permutohedral import PermutohedralLattice, SparseRows, build_lattice, lattice_gaussian
-from crfrnn_deeplab.preprocessing import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
-from crfrnn_deeplab.registry import get_model, list_models, register_model
-from crfrnn_deeplab.spatial_filter import spatial_gaussian
-from crfrnn_deeplab.transforms import EvalTransform, TrainTransform
+from crfrnn_deeplab import data
+from crfrnn_deeplab.crf import DenseCRF, MeanFieldCRF, PermutohedralLattice, SparseRows, build_lattice
+from crfrnn_deeplab.crf import lattice_gaussian, spatial_gaussian
+from crfrnn_deeplab.data import EvalTransform, TrainTransform
+from crfrnn_deeplab.models import (
+    ASPP,
+    ASPP_L_RATES,
+    ASPP_S_RATES,
+    CAFFE_CONVENTION,
+    CRFRNN,
+    HEAD_RATES,
+    LARGEFOV_RATES,
+    MSC,
+    MSC_SCALES,
+    TORCHVISION_CONVENTION,
+    AtrousResNet,
+    CRFRNNOutput,
+    DeepLabV2,
+    InputConvention,
+    MSCOutput,
+    build_head,
+    get_model,
+    list_models,
+    register_model,
+    resnet18_atrous,
+    resnet34_atrous,
+    resnet50_atrous,
+    resnet101_atrous,
+)
+from crfrnn_deeplab.predict import Prediction, predict
+from crfrnn_deeplab.weights import LoadReport, load_into, model_for_checkpoint
+
+#: The datasets (an alias of :mod:`crfrnn_deeplab.data`, the name earlier versions exported).
+datasets = data
 
 __version__ = "0.1.0"
 
@@ -45,17 +70,20 @@ __all__ = [
     "MSC_SCALES",
     "MeanFieldCRF",
     "PermutohedralLattice",
+    "Prediction",
     "SparseRows",
     "TORCHVISION_CONVENTION",
     "TrainTransform",
     "build_head",
     "build_lattice",
+    "data",
     "datasets",
     "get_model",
     "lattice_gaussian",
     "list_models",
     "load_into",
     "model_for_checkpoint",
+    "predict",
     "register_model",
     "resnet101_atrous",
     "resnet18_atrous",
@@ -63,13 +91,3 @@ __all__ = [
     "resnet50_atrous",
     "spatial_gaussian",
 ]
-
-
-def __getattr__(name: str):
-    # The converter is also a script (`python -m crfrnn_deeplab.convert`): importing it lazily keeps runpy from
-    # finding it half-imported.
-    if name in ("LoadReport", "load_into", "model_for_checkpoint"):
-        from crfrnn_deeplab import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module 'crfrnn_deeplab' has no attribute {name!r}")

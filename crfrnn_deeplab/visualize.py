@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from crfrnn_deeplab.datasets import voc_colormap
+from crfrnn_deeplab.data import voc_colormap
 
 __all__ = ["palette", "colorize", "make_panel", "save_panel"]
 

@@ -1,0 +1,28 @@
+"""The dense CRF: the permutohedral lattice, the separable spatial Gaussian, the kernels, mean-field inference
+as a trainable layer (:class:`MeanFieldCRF`), the one-call post-processing CRF (:class:`DenseCRF`) and the exact
+O(N²) reference (:mod:`.reference`, for tests on small images)."""
+
+from crfrnn_deeplab.crf.dense_crf import DenseCRF
+from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels
+from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
+from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, check_crf_inputs, fixed_crf, mean_field_step
+from crfrnn_deeplab.crf.fast_inference import mean_field_inference
+from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.spatial import spatial_gaussian
+
+__all__ = [
+    "CRFKernels",
+    "DenseCRF",
+    "MeanFieldCRF",
+    "Normalization",
+    "PermutohedralLattice",
+    "SparseRows",
+    "build_kernels",
+    "build_lattice",
+    "check_crf_inputs",
+    "fixed_crf",
+    "lattice_gaussian",
+    "mean_field_inference",
+    "mean_field_step",
+    "spatial_gaussian",
+]

@@ -1,0 +1,172 @@
+"""Mean-field inference without autograd: the fast path of :class:`~crfrnn_deeplab.crf.MeanFieldCRF` in eval mode
+and of ``DenseCRF``.
+
+It computes what repeated :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` (the reference path, used with
+autograd) computes, to float rounding, with the work restructured around the lattice; the tests check the two
+paths equal for Potts and learned compatibilities, both normalisations and masked batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
+from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
+
+__all__ = ["mean_field_inference", "potts_form"]
+
+
+@torch.no_grad()
+@torch.compiler.disable  # data-dependent (the lattice's size, the Potts test): eager even in a compiled model
+def mean_field_inference(
+    unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int
+) -> Tensor:
+    """``iterations`` mean-field steps without autograd, in fewer passes over the pixels.
+
+    Computes what repeated :func:`mean_field_step` computes (to float rounding), restructured for speed:
+
+    - the normalisers become splat/slice weights, and the bilateral compatibility mixes channels on the
+      lattice (far fewer rows than pixels);
+    - the spatial filter runs on the channel blocks it is fastest for (:func:`.spatial.channel_blocks`);
+    - the update ``z_0 - ns·(spatial @ mix) - slice(lattice values)`` is one weighted gather
+      (:class:`SparseRows`) from a table holding ``z_0``, the mixed spatial message and the lattice values;
+    - a Potts-form mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
+      ``Σ_c q_c = 1`` makes its ``α`` part the same for every class and iteration, added to ``z_0`` once, as
+      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part of the spatial mix
+      is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather.
+
+    Args:
+        unary: Tensor[B, H, W, C], ``z_0``.
+        kernels: the batch's kernel filters.
+        pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
+        iterations: T.
+
+    Returns:
+        Tensor[B, H, W, C], ``z_T``.
+    """
+    b, h, w, c = unary.shape
+    p = b * h * w
+    if iterations == 0:
+        return unary.clone(memory_format=torch.contiguous_format)
+    ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(-1)
+    sent = None if kernels.mask is None else kernels.mask.view(-1)  # 'after': what each pixel sends
+    if kernels.normalization == "symmetric":
+        splat, before = kernels.lattice.splat.scale_columns(nb), ns
+    else:
+        splat = kernels.lattice.splat if sent is None else kernels.lattice.splat.scale_columns(sent)
+        before = None if sent is None else sent.view(p, 1)
+    mix_spatial, mix_bilateral = pairwise[0].T, pairwise[1].T.contiguous()
+    blocks = channel_blocks(c, unary.device)
+    buffers = [unary.new_empty(p, stop - start) for start, stop, _ in blocks]
+
+    def to_blocks(q: Tensor) -> None:
+        """Writes ``before ⊙ q`` into the channel blocks' buffers."""
+        for (start, stop, _), buffer in zip(blocks, buffers):
+            if before is None:
+                buffer.copy_(q[:, start:stop])
+            else:
+                torch.mul(q[:, start:stop], before, out=buffer)
+
+    def spatial_blocks():
+        """``K_s`` of the blocks' buffers: (first, stop, Tensor[P, stop - first]) for channels first:stop."""
+        for (start, stop, first), buffer in zip(blocks, buffers):
+            filtered = spatial_gaussian(buffer.view(b, h, w, -1), kernels.theta_gamma).view(p, -1)
+            yield first, stop, filtered[:, first - start :]
+
+    # A Potts-form mix α·J + β·I sends every class of a pixel the same α·K̃1 in every iteration (Σ_c q_c = 1):
+    # those terms are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
+    spatial_potts, bilateral_potts = potts_form(mix_spatial), potts_form(mix_bilateral)
+    shift = unary.new_zeros(b, h, w, 1)
+    if spatial_potts is not None:  # K_s(before): K_s(ns) (symmetric) or K_s(1) (after) or K_s(mask)
+        if kernels.mask is None:  # outer products of 1-D filterings
+            of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
+            constant = unmasked_spatial(kernels.theta_gamma, b, h, w, of)
+        else:
+            constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma)
+        shift -= spatial_potts[0] * ns.view(b, h, w, 1) * constant
+    if bilateral_potts is not None:
+        ones = torch.ones_like(nb)[:, None]
+        lattice_ones = kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones)
+        shift -= bilateral_potts[0] * (nb[:, None] * lattice_ones).view(b, h, w, 1)
+    m = kernels.lattice.num_vertices
+    # Table rows: z_0 + shift | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
+    table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
+    torch.add(unary, shift, out=table[:p].view(b, h, w, c))
+    update = _update_gather(
+        kernels.lattice.slice,
+        nb if bilateral_potts is None else bilateral_potts[1] * nb,
+        -ns.view(-1) if spatial_potts is None else None,
+    )
+    # The first softmax reads z_0 from the table: the shift there is the same for every class of a pixel,
+    # and softmax ignores such a shift.
+    z = table[:p]
+    for _ in range(iterations):
+        q = torch.softmax(z, dim=-1)
+        to_blocks(q)  # while q is in cache
+        on_lattice = kernels.lattice.blur_lattice(splat @ q)
+        if bilateral_potts is None:
+            torch.mm(on_lattice, mix_bilateral, out=table[-m:])
+        else:
+            table[-m:] = on_lattice
+        if spatial_potts is None:
+            spatial = table[p : 2 * p]
+            for i, (first, stop, filtered) in enumerate(spatial_blocks()):
+                if i == 0:
+                    torch.mm(filtered, mix_spatial[first:stop], out=spatial)
+                else:
+                    spatial.addmm_(filtered, mix_spatial[first:stop])
+            z = update @ table
+        else:
+            spatial = list(spatial_blocks())
+            z = update @ table
+            for first, stop, filtered in spatial:
+                z[:, first:stop].addcmul_(ns, filtered, value=-spatial_potts[1])
+    return z.view(b, h, w, c)
+
+
+def potts_form(mix: Tensor) -> tuple[float, float] | None:
+    """``(α, β)`` when ``mix = α·J + β·I`` exactly (J all ones: a Potts compatibility times ``w·I``), else None."""
+    c = mix.shape[0]
+    diagonal = mix.diagonal()
+    if c == 1:
+        return 0.0, float(diagonal[0])
+    off = mix.masked_select(~torch.eye(c, dtype=torch.bool, device=mix.device))
+    if bool((off == off[0]).all()) and bool((diagonal == diagonal[0]).all()):
+        return float(off[0]), float(diagonal[0] - off[0])
+    return None
+
+
+def _update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = None) -> SparseRows:
+    """Row i of the mean-field update as a gather from the table ``[z_0; spatial message; lattice values]``:
+    ``z_0[i] + spatial_i · message[i] - after_i Σ_k slice_ik · lattice[k]`` (without the message when ``spatial``
+    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows)."""
+    p = slice_.num_rows
+    device, dtype = slice_.weights.device, slice_.weights.dtype
+    head = 1 if spatial is None else 2  # the entries before the lattice's
+    num_columns = head * p + slice_.num_columns
+    index = slice_.columns.dtype if num_columns < 2**31 else torch.long
+    pixels = torch.arange(p, device=device, dtype=index)
+    if slice_.row_length is not None:  # every row the same length: [P, head + length] entries
+        k = slice_.row_length
+        columns = torch.empty(p, head + k, dtype=index, device=device)
+        weights = torch.empty(p, head + k, dtype=dtype, device=device)
+        columns[:, 0], weights[:, 0] = pixels, 1.0
+        if spatial is not None:
+            columns[:, 1], weights[:, 1] = pixels + p, spatial
+        torch.add(slice_.columns.view(p, k), head * p, out=columns[:, head:])
+        torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
+        offsets = torch.arange(0, p * (k + head) + 1, k + head, dtype=index, device=device)
+        return SparseRows(columns.view(-1), offsets, weights.view(-1), num_columns, k + head)
+    rows = slice_.rows()
+    offsets = slice_.offsets.long() + head * torch.arange(p + 1, device=device)
+    first = offsets[:-1]
+    columns = torch.empty(int(offsets[-1]), dtype=index, device=device)
+    weights = torch.empty(int(offsets[-1]), dtype=dtype, device=device)
+    columns[first], weights[first] = pixels, 1.0
+    if spatial is not None:
+        columns[first + 1], weights[first + 1] = pixels + p, spatial
+    rest = torch.arange(rows.numel(), device=device) + head * (rows + 1)
+    columns[rest], weights[rest] = slice_.columns.to(index) + head * p, -slice_.weights * after[rows]
+    return SparseRows(columns, offsets.to(index), weights, num_columns)

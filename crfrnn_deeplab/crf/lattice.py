@@ -1,0 +1,399 @@
+"""The permutohedral lattice: fast high-dimensional Gaussian filtering in pure PyTorch.
+
+Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the Permutohedral Lattice", Eurographics 2010,
+in the variant that Krähenbühl & Koltun's densecrf uses (NIPS 2011): features scaled so that the lattice
+approximates a Gaussian of unit standard deviation, splat with barycentric weights onto the d+1 vertices of
+the enclosing simplex, blur with [1 2 1] along each of the d+1 lattice directions, slice with the same
+weights, and scale by 1 / (1 + 2^-d).
+
+The lattice is built once per feature map (:func:`build_lattice`) and then filters any number of value
+channels (:meth:`PermutohedralLattice.filter`). Every operator is a sparse matrix stored row by row
+(:class:`~crfrnn_deeplab.crf.sparse_rows.SparseRows`), applied as a weighted gather-and-sum. The transpose of
+the whole filter (used by the backward pass) is the same operators in reverse blur order. A batch of images becomes one lattice whose vertex keys include the image
+index, so images never exchange mass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.images import all_finite
+
+__all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian"]
+
+_PACK_LIMIT = 2**62
+_SHORT_KEY_LIMIT = 2**15 - 1  # fewer vertices than this: the splat's sort uses int16 keys
+
+
+@dataclass(frozen=True, eq=False)
+class PermutohedralLattice:
+    """A built lattice: the sparse operators of one (batched) permutohedral filter ``K = slice·blur·splat``.
+
+    Attributes:
+        batch_size: number of images B.
+        num_points: points per image N (pixels).
+        dim: feature dimension d.
+        num_vertices: lattice vertices M over the whole batch.
+        splat: Tensor[M, B*N] of barycentric weights (times the ``before`` weights, if any).
+        slice: Tensor[B*N, M], the transpose of the barycentric weights times ``alpha = 1 / (1 + 2^-d)`` (times
+            the ``after`` weights, if any).
+        blur: d+1 Tensor[M, M], ``I + (P_j + P_jᵀ) / 2`` for lattice direction j.
+        alpha: the slice's scale ``1 / (1 + 2^-d)``.
+        symmetric: ``slice = alpha · splatᵀ`` (unweighted, or equal weights before and after), so that ``Kᵀ`` is
+            the same splat and slice with the blur directions reversed.
+    """
+
+    batch_size: int
+    num_points: int
+    dim: int
+    num_vertices: int
+    splat: SparseRows
+    slice: SparseRows
+    blur: tuple[SparseRows, ...]
+    alpha: float
+    symmetric: bool = True
+
+    def to_lattice(self, values: Tensor, *, transpose: bool = False, blur: bool = True) -> Tensor:
+        """Splat then blur: Tensor[B, N, C] -> lattice values Tensor[M, C] (``Kᵀ``'s blur order if transpose)."""
+        b, n, c = values.shape
+        assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
+        x = self.splat @ values.reshape(b * n, c)  # [M, C]
+        return self.blur_lattice(x, transpose=transpose) if blur else x
+
+    def blur_lattice(self, x: Tensor, *, transpose: bool = False) -> Tensor:
+        """The [1 2 1] blurs along the d+1 directions (reverse order for ``Kᵀ``): Tensor[M, C] -> Tensor[M, C]."""
+        for blur in reversed(self.blur) if transpose else self.blur:
+            x = blur @ x
+        return x
+
+    def from_lattice(self, x: Tensor) -> Tensor:
+        """Slice lattice values Tensor[M, C] back to Tensor[B, N, C]."""
+        return (self.slice @ x).view(self.batch_size, self.num_points, -1)
+
+    def filter(self, values: Tensor, *, transpose: bool = False, mix: Tensor | None = None) -> Tensor:
+        """Applies the lattice Gaussian ``K`` (or ``Kᵀ``) to values.
+
+        Args:
+            values: Tensor[B, N, C], any number of channels C, the lattice's dtype and device.
+            transpose: apply ``Kᵀ`` (blur directions in reverse order) — the adjoint used by backward; needs a
+                ``symmetric`` lattice.
+            mix: optional Tensor[C, C'] applied to the channels on the lattice (``(K v) @ mix`` computed as
+                ``K (v @ mix)`` where the lattice has far fewer rows than there are pixels).
+
+        Returns:
+            Tensor[B, N, C] (or C' with ``mix``): ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice's ``k``.
+        """
+        assert self.symmetric or not transpose, "Kᵀ of a lattice with different before/after weights"
+        x = self.to_lattice(values, transpose=transpose)
+        if mix is not None:
+            x = x @ mix
+        return self.from_lattice(x)
+
+    def weighted(self, before: Tensor, after: Tensor) -> "PermutohedralLattice":
+        """The lattice of ``diag(after) · K · diag(before)`` (e.g. a normalised kernel), at no extra cost.
+
+        Args:
+            before: Tensor[B, N], multiplies the values before splatting.
+            after: Tensor[B, N], multiplies the result after slicing. Pass the same tensor as ``before`` to
+                keep the lattice ``symmetric`` (transposable).
+        """
+        splat, slice_ = self.splat.scale_columns(before), self.slice.scale_rows(after)
+        return PermutohedralLattice(
+            self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur, self.alpha,
+            self.symmetric and before is after,
+        )
+
+
+def _scale_factors(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # densecrf's choice: the [1 2 1] blur along d+1 directions then has unit variance in feature space.
+    i = torch.arange(d, dtype=dtype, device=device)
+    return math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt((i + 1) * (i + 2))
+
+
+class _Vertices:
+    """Numbers the lattice vertices that the points touch, and finds vertices' neighbours.
+
+    A vertex is identified by the image index and the first d coordinates of its key. Keys are packed into
+    one int64 (mixed radix, image most significant) whenever the coordinate spans allow it — the usual case,
+    a sort of scalars, and packing is linear so a neighbour's code is the vertex's code plus a constant.
+    Neighbouring pixels often lie in the same simplex (the same d+1 vertices), so the distinct simplices are
+    found first and only their vertices are numbered (52,425 simplices for the 187,500 pixels of
+    ``bench_crf.py``'s 500×375 scene at densecrf's usual bandwidths).
+    Otherwise (extreme bandwidths on huge images) whole key rows are ranked with ``unique(dim=0)``.
+
+    Attributes:
+        ids: Tensor[P, d+1], the vertex ids of every point's d+1 enclosing vertices, in [0, num).
+        num: the number of vertices M.
+    """
+
+    def __init__(self, image: Tensor, rem0: Tensor, rank: Tensor, num_images: int) -> None:
+        """image: Tensor[P], each point's image index; rem0: Tensor[d+1, P] int64, the remainder-0 points;
+        rank: Tensor[d+1, P] (integer), the ranks; num_images: B."""
+        d1, p = rank.shape
+        d = d1 - 1
+        device = rank.device
+        k = torch.arange(d1, device=device)
+        lo = rem0[:d].min(1).values - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
+        span = [num_images] + (rem0[:d].max(1).values + 2 * d1 - lo + 1).tolist()
+        self.packed = math.prod(span) < _PACK_LIMIT
+        if self.packed:
+            radix = [1] * len(span)
+            for i in range(len(span) - 2, -1, -1):
+                radix[i] = radix[i + 1] * span[i + 1]
+            self.radix = torch.tensor(radix, device=device)
+            base = image * radix[0] + ((rem0[:d] - lo[:, None]) * self.radix[1:, None]).sum(0)  # [P]
+            rank = rank[:d]  # a permutation of 0..d: its first d entries determine it
+            point_simplex = None
+            if math.prod(span) * d1**d < _PACK_LIMIT:  # a simplex = its remainder-0 key and its rank order
+                digits = d1 ** torch.arange(d, device=device)
+                code = base * d1**d + (rank * digits[:, None]).sum(0)
+                simplices, point_simplex = torch.unique(code, return_inverse=True)
+                base, rank = simplices // d1**d, simplices[:, None] // digits % d1  # [S], [S, d]
+            else:
+                rank = rank.T.long()
+            # key_k = rem0 + k - (d+1)·[k >= d + 1 - rank]; sum the radix-weighted indicator by a cumsum.
+            jumps = torch.zeros(base.shape[0], d + 2, dtype=torch.long, device=device)
+            jumps.scatter_add_(1, d + 1 - rank, self.radix[1:].expand(base.shape[0], d))
+            codes = base[:, None] + k * int(self.radix[1:].sum()) - d1 * jumps.cumsum(1)[:, :d1]  # [S, d+1]
+            if math.prod(span) < 2**31:  # int32 sorts about twice as fast
+                codes = codes.int()
+            self.codes, ids = torch.unique(codes, return_inverse=True)  # sorted unique vertex codes
+            ids = ids.int() if self.codes.numel() < 2**31 else ids
+            self.ids = ids if point_simplex is None else ids.index_select(0, point_simplex)
+        else:
+            rem0, rank = rem0.T, rank.T
+            keys = rem0[:, None, :d] + k[:, None] - d1 * (rank[:, None, :d] > d - k[:, None])  # [P, d+1, d]
+            rows = torch.cat([image[:, None, None].expand(p, d1, 1), keys], 2).reshape(-1, d1)
+            self.rows, ids = torch.unique(rows, dim=0, return_inverse=True)
+            self.ids = ids.view(p, d1)
+        self.num = self.codes.numel() if self.packed else self.rows.shape[0]
+
+    def neighbours(self, steps: Tensor) -> Tensor:
+        """Ids of the vertices at key + step for each step (Tensor[S, d], the image fixed): Tensor[S, M],
+        -1 where absent."""
+        if self.packed:  # each row of queries is sorted, as the codes are
+            query = self.codes + (steps * self.radix[1:]).sum(1, keepdim=True).to(self.codes.dtype)
+            pos = torch.searchsorted(self.codes, query).clamp_max(self.num - 1)
+            return torch.where(self.codes[pos] == query, pos, -1)
+        found = []
+        for step in steps:
+            shifted = self.rows.clone()
+            shifted[:, 1:] += step
+            _, ids = torch.unique(torch.cat([self.rows, shifted]), dim=0, return_inverse=True)
+            table = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=step.device)
+            table[ids[: self.num]] = torch.arange(self.num, device=step.device)
+            found.append(table[ids[self.num :]])
+        return torch.stack(found)
+
+
+def _rank_descending(x: Tensor) -> Tensor:
+    """Position of each entry of a column of x (Tensor[K, P], small K) in a stable descending sort of that column.
+
+    Ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 elementwise comparisons of rows, because
+    ``torch.sort`` along a dimension of 3-7 entries is slow. Returns Tensor[K, P] of int16.
+    """
+    k, p = x.shape
+    rank = torch.zeros(k, p, dtype=torch.int16, device=x.device)
+    for i in range(k):
+        for j in range(i + 1, k):
+            j_first = x[j] > x[i]
+            rank[i] += j_first
+            rank[j] += ~j_first
+    return rank
+
+
+def _sort_columns(x: Tensor) -> list[Tensor]:
+    """The columns of x (Tensor[K, P], small K) sorted ascending, as K rows Tensor[P]: odd-even transposition
+    sort, K rounds of elementwise min/max of neighbouring rows; a sorting network needs no scatter and no sort
+    along a short dimension."""
+    rows = list(x.unbind(0))
+    for r in range(len(rows)):
+        for i in range(r % 2, len(rows) - 1, 2):
+            rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(rows[i], rows[i + 1])
+    return rows
+
+
+@torch.no_grad()
+@torch.compiler.disable  # data-dependent sizes (sort, unique): compiled code gains nothing and recompiles per size
+def build_lattice(features: Tensor, valid: Tensor | None = None) -> PermutohedralLattice:
+    """Builds the permutohedral lattice of a batch of feature maps.
+
+    Always runs eagerly, also inside a ``torch.compile``'d model: the number of vertices depends on the data.
+
+    Args:
+        features: Tensor[B, d, H, W] or Tensor[B, d, N], floating point, already divided by the kernel's
+            bandwidths (the filter approximates ``exp(-|f_i - f_j|² / 2)``). Positions are computed in the
+            features' precision (float32 as in densecrf, or float64).
+        valid: optional bool Tensor[B, H, W] or [B, N]: only these points are on the lattice. The others get
+            no vertices (their splat columns and slice rows are empty: they send and receive nothing), so a
+            padded image filters its valid region exactly as the unpadded image would.
+
+    Returns:
+        The lattice, in ``features``' dtype and device, reusable for any number of filterings.
+    """
+    if features.dim() not in (3, 4) or not features.is_floating_point():
+        raise ValueError(
+            f"features must be a floating-point Tensor[B, d, H, W] or [B, d, N], got shape "
+            f"{tuple(features.shape)} and dtype {features.dtype}"
+        )
+    b, d = features.shape[:2]
+    if b < 1 or d < 1 or features[0, 0].numel() < 1:
+        raise ValueError(f"features need B, d, N >= 1, got shape {tuple(features.shape)}")
+    if not all_finite(features):
+        raise ValueError("features contain NaN or infinite values")
+    dtype, device = features.dtype, features.device
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
+    f = features.reshape(b, d, -1).transpose(0, 1).reshape(d, -1).to(dtype)
+    total_points = f.shape[1]
+    n = total_points // b
+    d1 = d + 1
+    # The points on the lattice: all, or the valid ones (kept[i] = the index of the i-th among all points).
+    kept = None
+    if valid is not None:
+        if valid.dtype != torch.bool or valid.numel() != total_points or valid.shape[0] != b:
+            raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] with B*N = {total_points} points, got "
+                             f"{tuple(valid.shape)} {valid.dtype}")
+        flat_valid = valid.reshape(-1).to(device)
+        if not bool(flat_valid.all()) and bool(flat_valid.any()):  # all or none valid: every point on the lattice
+            kept = flat_valid.nonzero()[:, 0]
+            f = f.index_select(1, kept)
+    p = f.shape[1]
+
+    # Elevate onto the hyperplane x·1 = 0 of R^{d+1}, a linear map: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j
+    # for the scaled features c_k = s_k f_k (k = 1..d).
+    k = torch.arange(1, d1, device=device)[:, None]  # rows: c_k
+    j = torch.arange(d1, device=device)[None, :]  # columns: e_j
+    elevate = (k > j).to(dtype) - j * (k == j).to(dtype)
+    elevated = (_scale_factors(d, dtype, device)[:, None] * elevate).T @ f  # [d+1, P]
+
+    # The nearest remainder-0 lattice point (ties round down, as in densecrf), and the rank of each
+    # coordinate's differential; then shift the point back onto the plane x·1 = 0. Each coordinate rounds by
+    # at most (d+1)/2 and the elevated coordinates sum to 0, so |Σ rem0 / (d+1)| <= (d+1)/2 and one wrap of
+    # the rank into 0..d suffices (densecrf's loop makes the same single correction).
+    rem0 = torch.ceil(elevated / d1 - 0.5) * d1
+    rank = _rank_descending(elevated - rem0)  # Tensor[d+1, P] int16
+    rank += torch.round(rem0.sum(0) / d1).to(rank.dtype)
+    wrap = (rank < 0).to(rank.dtype) - (rank > d).to(rank.dtype)  # +1 below 0, -1 above d
+    rank += wrap * d1
+    rem0 += wrap * d1
+
+    # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k): with u_{d - rank_i} =
+    # delta_i / (d+1), i.e. u = the differentials sorted ascending, b_0 = 1 - u_d + u_0 and b_k = u_k - u_{k-1}.
+    u = _sort_columns((elevated - rem0) / d1)
+    bary = torch.stack([u[0] + (1.0 - u[d])] + [u[i] - u[i - 1] for i in range(1, d1)], 1)  # [P, d+1]
+    # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
+    bary = bary.clamp_min_(0.0)
+    rem0 = rem0.long()
+
+    # Vertices: image index + key; the image index keeps images from sharing vertices.
+    image = torch.arange(b, device=device).repeat_interleave(n)
+    vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
+    m = vertices.num
+    index = torch.int32 if max(m, total_points) * d1 < 2**31 else torch.long  # embedding_bag's fast path
+    ids = vertices.ids.to(index)  # [P, d+1]
+
+    # Splat (Tensor[M, B*N]): a vertex's entries are the points that touch it, in ascending order.
+    key = torch.int16 if m < _SHORT_KEY_LIMIT else index  # a narrower key: less memory for the sort to move
+    vertex, entry = torch.sort(ids.reshape(-1).to(key), stable=True)
+    offsets = torch.searchsorted(vertex, torch.arange(m + 1, dtype=key, device=device)).to(index)
+    point = entry // d1 if kept is None else kept.index_select(0, entry // d1)
+    splat = SparseRows(point.to(index), offsets, bary.view(-1).index_select(0, entry), total_points)
+    alpha = 1.0 / (1.0 + 2.0 ** (-d))
+    # Slice (Tensor[B*N, M]): every point on the lattice has its d+1 vertices, the others none.
+    if kept is None:
+        offsets, row_length = torch.arange(0, p * d1 + 1, d1, dtype=index, device=device), d1
+    else:
+        offsets, row_length = torch.zeros(total_points + 1, dtype=index, device=device), None
+        offsets[kept + 1] = d1
+        offsets = offsets.cumsum(0, dtype=index)
+    slice_ = SparseRows(ids.reshape(-1), offsets, (bary * alpha).reshape(-1), m, row_length)
+
+    # Blur along direction j: neighbours key ± (1, .., 1, -d at j, 1, .., 1); direction d moves all by ±1.
+    # Three entries per row (itself, + and - neighbour); an absent neighbour is the vertex itself, weight 0.
+    steps = torch.ones(d1, d, dtype=torch.long, device=device)
+    steps[torch.arange(d, device=device), torch.arange(d, device=device)] = -d
+    plus = vertices.neighbours(steps).to(index)  # [d+1, M]
+    here = torch.arange(m, dtype=index, device=device)
+    # The blur is symmetric: a's + neighbour b has a as its - neighbour (absent ones go to a spare column m).
+    minus = torch.full((d1, m + 1), -1, dtype=index, device=device)
+    minus.scatter_(1, torch.where(plus >= 0, plus, m).long(), here.expand(d1, m))
+    columns = torch.stack([here.expand(d1, m), plus, minus[:, :m]], 2)  # [d+1, M, 3]
+    present = columns >= 0
+    columns = torch.where(present, columns, here[:, None])
+    weights = present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)
+    offsets = torch.arange(0, 3 * m + 1, 3, dtype=index, device=device)
+    blur = [SparseRows(columns[j].view(-1), offsets, weights[j].view(-1), m, 3) for j in range(d1)]
+    return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur), alpha)
+
+
+class _LatticeGaussian(torch.autograd.Function):
+    """``(K v) @ mix`` through a built lattice, differentiable w.r.t. the values, the mix and the feature scales.
+
+    The backward pass w.r.t. the values is ``Kᵀ g mixᵀ`` (the same lattice, blur directions reversed, mixed on
+    the lattice); w.r.t. ``mix`` it is a product of lattice-sized matrices. For the scales ``s`` (features
+    ``f = raw · s``) it uses the derivative of the exact Gaussian, ``∂k_ij/∂s_k = -(f_ik - f_jk)² k_ij / s_k``,
+    and expands the squared difference so that every term is a lattice filtering (DESIGN §2):
+    ``Σ_ij g_i k_ij (f_i - f_j)² v_j = Σ_i g_i f_i² (Kv)_i - 2 Σ_i g_i f_i (K(f v))_i + Σ_j v_j f_j² (Kᵀg)_j``.
+    """
+
+    @staticmethod
+    def forward(ctx, values, scale, mix, lattice: PermutohedralLattice, raw):
+        assert lattice.symmetric, "the backward pass needs a transposable lattice"
+        on_lattice = lattice.to_lattice(values)  # [M, C]
+        out = lattice.from_lattice(on_lattice if mix is None else on_lattice @ mix)
+        ctx.lattice = lattice
+        ctx.save_for_backward(values, scale, mix, raw, out, on_lattice)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        values, scale, mix, raw, out, on_lattice = ctx.saved_tensors
+        lattice: PermutohedralLattice = ctx.lattice
+        # Symmetric lattice: slice = alpha·splatᵀ, so Kᵀ g = slice(blurᵀ(splat(g))), sliceᵀ g = alpha·splat(g).
+        grad_lattice = lattice.to_lattice(grad.contiguous(), blur=False)  # splat(g), [M, C']
+        grad_mix = None
+        if mix is not None and ctx.needs_input_grad[2]:
+            grad_mix = lattice.alpha * on_lattice.T @ grad_lattice
+        grad_lattice = lattice.blur_lattice(grad_lattice, transpose=True)
+        kt_grad = lattice.from_lattice(grad_lattice if mix is None else grad_lattice @ mix.T)  # Kᵀ g mixᵀ
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            g = grad if mix is None else grad @ mix.T  # gradient w.r.t. K v
+            k_v = out if mix is None else lattice.from_lattice(on_lattice)
+            b, n, c = values.shape
+            f = raw * scale  # [B, N, d]
+            d = f.shape[-1]
+            moments = (f[..., :, None] * values[..., None, :]).reshape(b, n, d * c)  # f_k v, all k at once
+            cross = (lattice.filter(moments).view(b, n, d, c) * g[..., None, :]).sum(-1)  # [B, N, d]
+            weight = (g * k_v).sum(-1) + (values * kt_grad).sum(-1)  # kt_grad = Kᵀ g' (K commutes with the mix)
+            grad_scale = -(f * f * weight[..., None] - 2.0 * f * cross).sum((0, 1)) / scale
+        grad_values = kt_grad if ctx.needs_input_grad[0] else None
+        return grad_values, grad_scale, grad_mix, None, None
+
+
+def lattice_gaussian(
+    values: Tensor, raw_features: Tensor, scale: Tensor, lattice: PermutohedralLattice, mix: Tensor | None = None
+) -> Tensor:
+    """Differentiable Gaussian filtering ``Σ_j exp(-|s⊙(r_i - r_j)|² / 2) v_j`` through a built lattice.
+
+    Args:
+        values: Tensor[B, N, C], the values to filter.
+        raw_features: Tensor[B, N, d], the unscaled features r (e.g. pixel positions and colours).
+        scale: Tensor[d], the inverse bandwidth of each feature; ``lattice`` must have been built from
+            ``raw_features * scale`` (it is not rebuilt here; gradients w.r.t. ``scale`` use the exact
+            Gaussian's derivative, evaluated with the lattice).
+        lattice: the (symmetric) lattice of ``raw_features * scale``.
+        mix: optional Tensor[C, C'], a channel mixing applied on the lattice: returns ``(K v) @ mix``.
+
+    Returns:
+        Tensor[B, N, C] (C' with ``mix``).
+    """
+    return _LatticeGaussian.apply(values, scale, mix, lattice, raw_features)

@@ -1,0 +1,96 @@
+"""Sparse matrices stored by rows and applied as weighted gathers: the lattice's splat, blur and slice.
+
+A row-stored matrix ``A`` (``columns``, ``weights`` and row ``offsets``, as CSR) is applied to a dense
+``Tensor[K, C]`` with ``torch.nn.functional.embedding_bag`` in "sum" mode with per-sample weights: one fused
+gather-multiply-add per row, which on the CPU runs FBGEMM's kernel and on CUDA a native one, with no compiled
+extension of ours. PyTorch's CSR products are slower for the few-entries-per-row matrices of a lattice
+(``benchmarks/bench_crf.py`` times both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SparseRows"]
+
+
+@dataclass(frozen=True, eq=False)
+class SparseRows:
+    """A sparse matrix Tensor[R, K] stored by rows: row r is ``Σ_e weights[e] · x[columns[e]]`` over its entries.
+
+    Attributes:
+        columns: Tensor[E] (int32 where the sizes allow, else int64), the column of every entry, grouped by row.
+        offsets: Tensor[R + 1], same dtype: row r's entries are ``offsets[r]:offsets[r + 1]`` (may be empty).
+        weights: Tensor[E], floating point.
+        num_columns: K.
+        row_length: the number of entries of every row when they all have the same (then row r's entries are
+            ``r·row_length ...``), else None.
+    """
+
+    columns: Tensor
+    offsets: Tensor
+    weights: Tensor
+    num_columns: int
+    row_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if torch.compiler.is_compiling():  # sizes are symbolic under torch.compile: checked in eager mode only
+            return
+        if self.columns.dim() != 1 or self.offsets.dim() != 1 or self.offsets.numel() < 1:
+            raise ValueError(f"columns and offsets must be 1-D (offsets of length R + 1 >= 1), got shapes "
+                             f"{tuple(self.columns.shape)} and {tuple(self.offsets.shape)}")
+        if self.columns.dtype not in (torch.int32, torch.long) or self.offsets.dtype != self.columns.dtype:
+            raise TypeError(f"columns and offsets must share an int32 or int64 dtype, got {self.columns.dtype} "
+                            f"and {self.offsets.dtype}")
+        if self.weights.shape != self.columns.shape or not self.weights.is_floating_point():
+            raise ValueError(f"weights must be floating point with the columns' shape {tuple(self.columns.shape)}, "
+                             f"got {tuple(self.weights.shape)} {self.weights.dtype}")
+
+    @property
+    def num_rows(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        """The product with dense values: Tensor[K, C] -> Tensor[R, C] (empty rows give zeros)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != self.num_columns or x.dtype != self.weights.dtype:
+            raise ValueError(f"values must be a Tensor[{self.num_columns}, C] of {self.weights.dtype}, got "
+                             f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
+        return F.embedding_bag(
+            self.columns, x, self.offsets, mode="sum", per_sample_weights=self.weights, include_last_offset=True
+        )
+
+    def rows(self) -> Tensor:
+        """Tensor[E], the row of every entry."""
+        counts = self.offsets.diff()
+        return torch.repeat_interleave(torch.arange(self.num_rows, device=counts.device), counts)
+
+    def reweighted(self, weights: Tensor) -> "SparseRows":
+        return SparseRows(self.columns, self.offsets, weights, self.num_columns, self.row_length)
+
+    def scale_rows(self, scale: Tensor) -> "SparseRows":
+        """``diag(scale) · self`` for scale Tensor[R]."""
+        self._check_scale(scale, self.num_rows, "R")
+        if self.row_length is not None:
+            return self.reweighted((self.weights.view(-1, self.row_length) * scale.reshape(-1, 1)).view(-1))
+        return self.reweighted(self.weights * scale.reshape(-1)[self.rows()])
+
+    def scale_columns(self, scale: Tensor) -> "SparseRows":
+        """``self · diag(scale)`` for scale Tensor[K]."""
+        self._check_scale(scale, self.num_columns, "K")
+        return self.reweighted(self.weights * scale.reshape(-1).index_select(0, self.columns))
+
+    def _check_scale(self, scale: Tensor, size: int, name: str) -> None:
+        if torch.compiler.is_compiling():  # sizes are symbolic under torch.compile: checked in eager mode only
+            return
+        if not isinstance(scale, Tensor) or scale.numel() != size or scale.dtype != self.weights.dtype:
+            raise ValueError(f"scale must hold {name} = {size} values of {self.weights.dtype}, got "
+                             f"{tuple(getattr(scale, 'shape', ()))} {getattr(scale, 'dtype', type(scale).__name__)}")
+
+    def to_dense(self) -> Tensor:
+        """Tensor[R, K] (for tests and small problems)."""
+        dense = self.weights.new_zeros(self.num_rows, self.num_columns)
+        return dense.index_put_((self.rows(), self.columns.long()), self.weights, accumulate=True)

@@ -1,0 +1,233 @@
+"""Image and score-map tensors shared by every entry point: one validator per kind of input, and the resizing
+rules of DeepLab v2.
+
+Kinds of input and who takes them:
+
+- a **raw RGB image** (0–255, what the CRF compares and what ``preprocess`` takes): :func:`check_rgb_image`
+  (tensors) and :func:`check_rgb_array` (numpy arrays), used by the CRF layers, ``DenseCRF``, ``predict`` and
+  the transforms;
+- a **network input** (normalised, floating point): :func:`check_network_input`, used by the DeepLab models;
+- **logits** and **valid-pixel masks**: :func:`check_logits`, :func:`check_valid_mask`;
+- **input scales** (MSC, test-time augmentation): :func:`check_scales`.
+
+Errors are ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or values), each naming the
+argument, what it got and what was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "all_finite",
+    "check_logits",
+    "check_network_input",
+    "check_rgb_array",
+    "check_rgb_image",
+    "check_scales",
+    "check_valid_mask",
+    "pil_to_rgb",
+    "resize",
+    "scaled_size",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every value is finite: one sum (a NaN or inf anywhere makes it non-finite), and the elementwise
+    check only when the sum overflowed."""
+    if not x.is_floating_point():
+        return True
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _shape(x: object) -> str:
+    shape = getattr(x, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"a {type(x).__name__}"
+
+
+def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...] = (4,)) -> Tensor:
+    """Checks a raw RGB image tensor (channels first, values 0–255) and returns it.
+
+    Args:
+        image: ``Tensor[B, 3, H, W]`` (``dims=(4,)``), ``Tensor[3, H, W]`` (``dims=(3,)``) or either.
+        name: what the caller calls it, for the messages.
+        dims: accepted numbers of dimensions.
+
+    Raises:
+        TypeError: not a tensor, or not a real dtype (bool, complex).
+        ValueError: wrong dimensions or channels, an empty image, NaN/inf, values below 0 or above 255 (a
+            normalised network input, or a 16-bit image: scale it to 0–255 first).
+
+    A floating image whose maximum is in (0, 1] is accepted with a warning: it is probably a 0–1 image where
+    0–255 was expected, which silently weakens the CRF's colour kernel by 255×.
+    """
+    brackets = " or ".join({3: "Tensor[3, H, W]", 4: "Tensor[B, 3, H, W]"}[d] for d in dims)
+    parens = " or ".join({3: "(3, H, W)", 4: "(B, 3, H, W)"}[d] for d in dims)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{name} must be a raw RGB {brackets} in 0-255, got {type(image).__name__}")
+    if image.dim() not in dims or image.shape[-3] != 3:
+        hint = "; permute an (H, W, 3) tensor with .permute(2, 0, 1)" if image.dim() >= 3 and image.shape[-1] == 3 else ""
+        raise ValueError(
+            f"{name} must be a raw RGB {brackets} (shape {parens}, 3 (RGB) channels first), got {_shape(image)}{hint}"
+        )
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(f"{name} must hold real RGB values in 0-255, got dtype {image.dtype}")
+    if image.shape[-1] == 0 or image.shape[-2] == 0 or (image.dim() == 4 and image.shape[0] == 0):
+        raise ValueError(f"{name} is empty ({_shape(image)})")
+    if image.is_floating_point() and not all_finite(image):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    low, high = (float(v) for v in torch.aminmax(image.detach()))
+    if low < 0:
+        raise ValueError(
+            f"{name} has negative values (min {low:.4g}): expected the raw RGB image in 0-255, not the normalised "
+            "network input"
+        )
+    if high > 255:
+        raise ValueError(
+            f"{name} has values above 255 (max {high:.4g}): expected raw RGB in 0-255 (a 16-bit image must be "
+            "scaled to 0-255 first, e.g. image / 257)"
+        )
+    if image.is_floating_point() and 0 < high <= 1:
+        logger.warning("%s has values of at most %.3g: expected raw RGB in 0-255, not 0-1", name, high)
+    return image
+
+
+def check_rgb_array(image: object, *, name: str = "image") -> np.ndarray:
+    """Checks a numpy RGB image ``uint8 [H, W, 3]`` and returns it.
+
+    Raises:
+        TypeError: not a numpy array, or not ``uint8`` (other depths are not silently rescaled).
+        ValueError: not ``[H, W, 3]`` (the message says how to fix greyscale, RGBA and channels-first arrays),
+            or empty.
+    """
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array [H, W, 3], got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[-1] != 3:
+        hint = ""
+        if image.ndim == 2:
+            hint = " (a greyscale image: stack it to (H, W, 3))"
+        elif image.ndim == 3 and image.shape[-1] == 4:
+            hint = " (RGBA: drop the alpha channel, image[..., :3])"
+        elif image.ndim == 3 and image.shape[0] == 3:
+            hint = " (channels first: numpy images are (H, W, 3), use image.transpose(1, 2, 0))"
+        raise ValueError(f"{name} must be a numpy RGB image of shape (H, W, 3), got shape {image.shape}{hint}")
+    if image.dtype != np.uint8:
+        hint = " (a 16-bit image: convert it to 8 bits, e.g. (image >> 8).astype(np.uint8))" if image.dtype == np.uint16 else ""
+        raise TypeError(f"{name} must be a uint8 RGB array (0-255), got dtype {image.dtype}{hint}")
+    if image.size == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape})")
+    return image
+
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def pil_to_rgb(image: Image.Image, *, name: str = "image") -> np.ndarray:
+    """A PIL image as ``uint8 [H, W, 3]`` RGB, with every depth mapped onto 0–255.
+
+    8-bit modes (RGB, L, P, RGBA, CMYK, ...) go through PIL's own conversion. 16-bit greyscale (``I;16*``, and
+    ``I`` with values up to 65535, as PIL opens 16-bit PNGs) is scaled by 255/65535 and rounded; PIL's own
+    ``convert("RGB")`` would clip those values to {0, 255}. Float images (``F``) must already hold 0–255.
+
+    Raises:
+        ValueError: a 32-bit integer image with values above 65535 or below 0, or a float image outside 0–255,
+            whose intended range cannot be known.
+    """
+    if image.mode not in _HIGH_DEPTH_MODES:
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        if low < 0 or high > 255 or not np.isfinite(values).all():
+            raise ValueError(f"{name}: a float image (mode 'F') must hold values in 0-255, got [{low:.4g}, {high:.4g}]")
+        grey = values
+    else:
+        if low < 0 or high > 65535:
+            raise ValueError(f"{name}: a {image.mode!r} image with values in [{low:.0f}, {high:.0f}] is not 8- or 16-bit")
+        grey = values * (255.0 / 65535.0)
+    grey = np.rint(grey).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def check_network_input(x: object, *, min_size: int, name: str = "input") -> Tensor:
+    """Checks a normalised network input ``Tensor[B, 3, H, W]`` (floating point, sides ``>= min_size``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor[B, 3, H, W], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be a tensor of shape (B, 3, H, W), got {_shape(x)}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be floating point (the normalised network input), got dtype {x.dtype}; "
+            "turn raw 0-255 RGB images into network input with model.preprocess(images)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch ({_shape(x)})")
+    height, width = x.shape[-2:]
+    if min(height, width) < min_size:
+        raise ValueError(f"image of size {height}x{width} is too small: the minimum is {min_size}x{min_size} for this model")
+    return x
+
+
+def check_logits(logits: object, *, name: str = "logits") -> Tensor:
+    """Checks unary logits ``Tensor[B, C, H, W]``: floating point, non-empty, finite."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(logits).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"{name} must be a Tensor[B, C, H, W], got {_shape(logits)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got dtype {logits.dtype}")
+    if logits.numel() == 0:
+        raise ValueError(f"{name} are empty ({_shape(logits)})")
+    if not all_finite(logits):
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return logits
+
+
+def check_valid_mask(mask: object, *, shape: tuple[int, ...], device: torch.device, name: str = "valid_mask") -> Tensor:
+    """Checks a valid-pixel mask: a bool tensor of ``shape`` ([B, H, W]) on ``device``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor {list(shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (B, H, W), got {_shape(mask)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device}, the logits on {device}")
+    return mask
+
+
+def check_scales(scales: object) -> tuple[float, ...]:
+    """Input scales (MSC, test-time augmentation) as a tuple of floats.
+
+    Raises:
+        ValueError: not a non-empty sequence of positive finite numbers.
+    """
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
+    return tuple(float(s) for s in scales)
+
+
+def scaled_size(size: int, scale: float) -> int:
+    """Side of a rescaled image: ``floor((size - 1) * scale) + 1``, as DeepLab v2's Caffe ``Interp`` layer
+    (321 → 241 at 0.75, → 161 at 0.5; the stride-8 score maps are then 41, 31 and 21)."""
+    return math.floor((size - 1) * scale) + 1
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``Tensor[B, C, H, W]`` (``align_corners=False``); a no-op when the size matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,123 @@
+"""Multi-scale inputs with max fusion (MSC): DeepLab v2's shared-weight multi-scale network.
+
+Chen et al., "Attention to Scale: Scale-aware Semantic Image Segmentation", CVPR 2016; DeepLab v2 (TPAMI 2017),
+Sec. 4.1. With MSC every rescaled copy of the input must satisfy the network's minimum size
+(:attr:`MSC.min_input_size`, 15 for stride 8 and the default scales (1, 0.75, 0.5)).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from crfrnn_deeplab.images import check_network_input, check_scales, resize, scaled_size
+from crfrnn_deeplab.models.conventions import InputConvention
+from crfrnn_deeplab.models.deeplab import DeepLabV2
+from crfrnn_deeplab.models.predictor import PredictMixin
+
+__all__ = ["MSC", "MSCOutput", "MSC_SCALES"]
+
+#: DeepLab v2's input scales for multi-scale training and testing.
+MSC_SCALES: tuple[float, ...] = (1.0, 0.75, 0.5)
+
+
+class MSCOutput(NamedTuple):
+    """What :class:`MSC` returns in training mode (every entry gets a loss).
+
+    Attributes:
+        fused (Tensor[B, C, H, W]): element-wise max over the scales.
+        per_scale (list[Tensor[B, C, H, W]]): the logits of each scale, in the order of ``MSC.scales``,
+            upsampled to the input size.
+    """
+
+    fused: Tensor
+    per_scale: list[Tensor]
+
+
+class MSC(PredictMixin, nn.Module):
+    """Multi-scale inputs with max fusion ("MSC" in DeepLab v2, Sec. 4.1; Chen et al., Attention to Scale, 2016).
+
+    The image is resized bilinearly (``align_corners=False``) to each scale (side ``floor((S - 1) * s) + 1``),
+    passed through the shared model, each score map is upsampled bilinearly to the input size, and the
+    results are fused by element-wise max.
+
+    Args:
+        model: the shared :class:`DeepLabV2`.
+        scales: input scales, e.g. :data:`MSC_SCALES` = (1.0, 0.75, 0.5).
+
+    Attributes:
+        model, scales: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
+        input_convention, num_classes, output_stride: those of ``model``.
+        min_input_size: smallest accepted image side, so that every rescaled image has a side of at least
+            ``model.min_input_size`` (15 for stride 8 and the default scales).
+    """
+
+    def __init__(self, *, model: DeepLabV2, scales: Sequence[float] = MSC_SCALES) -> None:
+        super().__init__()
+        if not isinstance(model, DeepLabV2):
+            raise TypeError(f"model must be a DeepLabV2, got {type(model).__name__}")
+        self.model = model
+        self.scales = check_scales(scales)
+        min_size = model.min_input_size
+        while any(scaled_size(min_size, s) < model.min_input_size for s in self.scales):
+            min_size += 1
+        self._min_input_size = min_size
+
+    @property
+    def input_convention(self) -> InputConvention:
+        return self.model.input_convention
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def output_stride(self) -> int:
+        return self.model.output_stride
+
+    @property
+    def min_input_size(self) -> int:
+        return self._min_input_size
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Raw RGB 0-255 images to network input; see :meth:`DeepLabV2.preprocess`."""
+        return self.model.preprocess(images)
+
+    def forward(self, x: Tensor) -> Tensor | MSCOutput:
+        """Multi-scale logits.
+
+        Args:
+            x (Tensor[B, 3, H, W]): normalised images, floating point.
+
+        Returns:
+            In eval mode the fused logits (Tensor[B, num_classes, H, W]); in training mode an
+            :class:`MSCOutput` with the fused and the per-scale logits, all (Tensor[B, num_classes, H, W]).
+
+        Raises:
+            TypeError: ``x`` is not a tensor or not floating point.
+            ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
+        """
+        check_network_input(x, min_size=self.min_input_size)
+        height, width = x.shape[-2:]
+        per_scale = []
+        for s in self.scales:
+            xs = resize(x, (scaled_size(height, s), scaled_size(width, s)))
+            per_scale.append(resize(self.model.scores(xs), (height, width)))
+        fused = functools.reduce(torch.maximum, per_scale)
+        return MSCOutput(fused, per_scale) if self.training else fused
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the backbone; see :meth:`DeepLabV2.backbone_parameters`."""
+        return self.model.backbone_parameters()
+
+    def head_weights(self) -> list[nn.Parameter]:
+        """Trainable head weights; see :meth:`DeepLabV2.head_weights`."""
+        return self.model.head_weights()
+
+    def head_biases(self) -> list[nn.Parameter]:
+        """Trainable head biases; see :meth:`DeepLabV2.head_biases`."""
+        return self.model.head_biases()

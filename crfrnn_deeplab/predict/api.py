@@ -1,0 +1,247 @@
+"""Prediction on raw images: any image type in, label maps and class probabilities out.
+
+:func:`predict` runs a :class:`~crfrnn_deeplab.models.deeplab.DeepLabV2`, an :class:`~crfrnn_deeplab.models.msc.MSC` or a
+:class:`~crfrnn_deeplab.models.crfrnn.CRFRNN` model on numpy, PIL or tensor images of any sizes, with optional test-time
+augmentation (input scales, horizontal flip), and returns one :class:`Prediction` per image. The models'
+``predict`` methods delegate here.
+
+How a batch is computed: images of equal size share the forward passes (network and CRF, at most
+``batch_size`` at a time); images of different sizes are never padded into one batch, because the network's
+receptive field reaches into the padding (and after the first BatchNorm the padded features are no longer zero
+whatever colour is padded), so a prediction would depend on the other images of its batch. (DeepLab v2's Caffe
+test pads to 513 x 513 with the mean colour and lives with this. The CRF alone would be exact: its
+``valid_mask`` keeps padded pixels off the lattice.)
+
+Test-time augmentation averages the network's **logits** over the passes (each scale, each flip) before the CRF:
+logit space is where DeepLab v2 fuses its multi-scale score maps (MSC, Chen et al., TPAMI 2017, Sec. 4.1) and
+what the CRF takes as unaries; the mean (not MSC's max) weighs every pass equally. An MSC model keeps its own
+max fusion inside each pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from crfrnn_deeplab.images import check_rgb_array, check_rgb_image, check_scales, pil_to_rgb, resize, scaled_size
+
+__all__ = ["ImageLike", "Prediction", "is_single_image", "predict", "to_raw_batch"]
+
+logger = logging.getLogger(__name__)
+
+#: One image: ``uint8 [H, W, 3]`` RGB ndarray, a PIL image, or an RGB 0-255 tensor ``[3, H, W]`` (uint8 or float).
+ImageLike = np.ndarray | Image.Image | Tensor
+
+
+@dataclass
+class Prediction:
+    """The prediction for one image, on the CPU, at the image's size.
+
+    Attributes:
+        labels (Tensor[H, W] int64): class indices, the argmax of :attr:`probabilities`.
+        probabilities (Tensor[C, H, W] float32): softmax of the final logits (the CRF's when it ran, else the
+            network's).
+        network_labels (Tensor[H, W] int64 or None): the network's own argmax, before the CRF; set only when the
+            CRF ran (``None`` otherwise, where it would equal :attr:`labels`).
+    """
+
+    labels: Tensor
+    probabilities: Tensor
+    network_labels: Tensor | None = None
+
+
+def is_single_image(images: object) -> bool:
+    """Whether ``images`` is one image (ndarray, PIL image, 3-D tensor) rather than a list or a 4-D batch."""
+    if isinstance(images, Tensor):
+        return images.dim() != 4
+    return isinstance(images, (np.ndarray, Image.Image))
+
+
+def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
+    """Images of any supported type to raw RGB tensors (what :meth:`preprocess` and the CRF take).
+
+    Args:
+        images: one image or a list/tuple of them. An image is a ``uint8`` numpy array ``[H, W, 3]`` (RGB), a PIL
+            image (any mode; converted to RGB), or a tensor ``[3, H, W]`` (RGB, ``uint8`` or floating point in
+            0-255); a tensor ``[B, 3, H, W]`` is a batch of ``B`` images.
+
+    Returns:
+        One ``Tensor[3, H, W]`` float32 per image, RGB in 0-255, on the input's device; sizes may differ.
+
+    Raises:
+        TypeError: an unsupported type or dtype.
+        ValueError: no images, a wrong number of dimensions or channels, an empty image, or values that are not
+            raw RGB (negative, above 255, NaN or infinite).
+    """
+    if isinstance(images, Tensor) and images.dim() == 4:
+        items: list[object] = list(images.unbind(0))
+    elif is_single_image(images):
+        items = [images]
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        raise TypeError(
+            "expected an image (numpy uint8 [H, W, 3], PIL image, tensor [3, H, W]), a tensor [B, 3, H, W] or a "
+            f"list of images, got {type(images).__name__}"
+        )
+    if not items:
+        raise ValueError("expected at least one image, got an empty list")
+    raws = []
+    for i, image in enumerate(items):
+        where = f"image {i}"
+        if isinstance(image, Tensor):
+            raw = check_rgb_image(image, name=where, dims=(3,)).float()
+        elif isinstance(image, np.ndarray):
+            raw = torch.tensor(check_rgb_array(image, name=where)).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
+        elif isinstance(image, Image.Image):
+            raw = torch.tensor(pil_to_rgb(image, name=where)).permute(2, 0, 1).float()
+        else:
+            raise TypeError(
+                f"{where}: expected a numpy uint8 [H, W, 3] array, a PIL image or a tensor [3, H, W], "
+                f"got {type(image).__name__}"
+            )
+        raws.append(raw)
+    return raws
+
+
+def _network_logits(network: nn.Module, raw: Tensor, *, scales: tuple[float, ...], flip: bool,
+                    dtype: torch.dtype) -> Tensor:
+    """The network's logits, averaged over the test-time augmentations.
+
+    Args:
+        raw (Tensor[B, 3, H, W]): raw RGB 0-255 images of one size, on the network's device.
+
+    Returns:
+        Tensor[B, C, H, W] float32 (float64 for a float64 network): the mean over every scale (input resized to
+        ``floor((S - 1) * s) + 1``, logits resized back) and, with ``flip``, every horizontally flipped pass
+        (its logits flipped back).
+    """
+    x = network.preprocess(raw).to(dtype)
+    size = (x.shape[-2], x.shape[-1])
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    total, passes = None, 0
+    for s in scales:
+        xs = resize(x, (scaled_size(size[0], s), scaled_size(size[1], s)))
+        for flipped in (False, True) if flip else (False,):
+            logits = network(xs.flip(-1) if flipped else xs)
+            logits = resize(logits.to(out_dtype), size)
+            logits = logits.flip(-1) if flipped else logits
+            total = logits if total is None else total + logits
+            passes += 1
+    return total / passes
+
+
+@torch.no_grad()
+def _predict_group(network: nn.Module, crf: nn.Module | None, raw: Tensor, *, scales: tuple[float, ...],
+                   flip: bool, dtype: torch.dtype) -> list[Prediction]:
+    """Predictions for a batch of equal-size images (Tensor[B, 3, H, W], raw RGB, on the model's device)."""
+    logits = _network_logits(network, raw, scales=scales, flip=flip, dtype=dtype)
+    if crf is None:
+        return [Prediction(labels=z.argmax(0).cpu(), probabilities=z.softmax(0).float().cpu()) for z in logits]
+    crf_logits = crf(logits, raw)
+    return [
+        Prediction(labels=z.argmax(0).cpu(), probabilities=z.softmax(0).float().cpu(),
+                   network_labels=z0.argmax(0).cpu())
+        for z0, z in zip(logits, crf_logits)
+    ]
+
+
+def predict(
+    model: nn.Module,
+    images: ImageLike | Sequence[ImageLike],
+    *,
+    crf: bool = True,
+    crf_iterations: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    device: str | torch.device | None = None,
+    batch_size: int = 4,
+) -> list[Prediction]:
+    """Segments raw images with a DeepLab v2 (plain or MSC) or CRF-RNN model.
+
+    The model runs in eval mode under ``torch.no_grad()``, in its own dtype and on its own device, with its own
+    input convention (``model.preprocess``); every module's training flag is restored afterwards.
+
+    Args:
+        model: a :class:`~crfrnn_deeplab.models.deeplab.DeepLabV2`, :class:`~crfrnn_deeplab.models.msc.MSC` or
+            :class:`~crfrnn_deeplab.models.crfrnn.CRFRNN` (any network module with a ``preprocess`` method works).
+        images: one image or a list (see :func:`to_raw_batch`); sizes may differ.
+        crf: run the model's CRF layer, when it has one (a model without a CRF ignores this).
+        crf_iterations: mean-field iterations for this call (default: the CRF's ``eval_iterations``).
+        scales: test-time input scales; the logits of every scale are resized to the image and averaged.
+        flip: also run every scale on the horizontally flipped image (logits flipped back, averaged in).
+        device: move the model there first (it stays there); default: where the model is.
+        batch_size: most images of equal size per forward pass (network and CRF); images of different sizes are
+            run separately, never padded into one batch, so each prediction is the one its image gets alone.
+
+    Returns:
+        One :class:`Prediction` per image, in input order, on the CPU.
+
+    Raises:
+        TypeError: an unsupported model or image type (see :func:`to_raw_batch`).
+        ValueError: bad images or options, ``crf_iterations`` without a CRF to run, or an image smaller than
+            the model accepts at one of the ``scales``.
+    """
+    if not (isinstance(model, nn.Module) and callable(getattr(model, "preprocess", None))):
+        raise TypeError(
+            "model must be a DeepLabV2, MSC or CRFRNN (an nn.Module with a preprocess() method), "
+            f"got {type(model).__name__}"
+        )
+    has_crf = isinstance(getattr(model, "crf", None), nn.Module) and isinstance(getattr(model, "network", None), nn.Module)
+    network, crf_layer = (model.network, model.crf if crf else None) if has_crf else (model, None)
+    if crf_iterations is not None:
+        if isinstance(crf_iterations, bool) or not isinstance(crf_iterations, int) or crf_iterations < 0:
+            raise ValueError(f"crf_iterations must be an int >= 0, got {crf_iterations!r}")
+        if crf_layer is None:
+            reason = "crf=False" if has_crf else f"a {type(model).__name__} has no CRF layer"
+            raise ValueError(f"crf_iterations={crf_iterations} given but no CRF runs ({reason})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    scales = check_scales(scales)
+    raws = to_raw_batch(images)
+    min_size = getattr(network, "min_input_size", 1)
+    for i, raw in enumerate(raws):
+        for s in scales:
+            h, w = scaled_size(raw.shape[-2], s), scaled_size(raw.shape[-1], s)
+            if min(h, w) < min_size:
+                raise ValueError(
+                    f"image {i} of size {raw.shape[-2]}x{raw.shape[-1]} is too small: at scale {s} it is {h}x{w}, "
+                    f"the model needs sides of at least {min_size}"
+                )
+
+    if device is not None:
+        model.to(device)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    modes = {m: m.training for m in model.modules()}
+    saved_iterations = getattr(crf_layer, "eval_iterations", None)
+    model.eval()
+    try:
+        if crf_iterations is not None:
+            crf_layer.eval_iterations = crf_iterations
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, raw in enumerate(raws):
+            by_size[(raw.shape[-2], raw.shape[-1])].append(i)
+        predictions: list[Prediction | None] = [None] * len(raws)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.stack([raws[i] for i in chunk]).to(device)
+                group = _predict_group(network, crf_layer, batch, scales=scales, flip=flip, dtype=dtype)
+                for i, prediction in zip(chunk, group):
+                    predictions[i] = prediction
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if crf_iterations is not None:
+            crf_layer.eval_iterations = saved_iterations
+    return predictions  # type: ignore[return-value]  # every slot is filled

@@ -1,0 +1,253 @@
+"""Segment images with a trained checkpoint: ``python -m crfrnn_deeplab.predict``.
+
+::
+
+    python -m crfrnn_deeplab.predict --checkpoint runs/synthetic/stage2/best.pt photos/ extra.jpg --out predictions
+
+For every input image ``OUT/<name>.png`` is written: a palette-mode ("P") PNG whose pixel values are class indices
+and whose palette is the PASCAL VOC colour map, the size of the input. ``OUT/classes.json`` lists the class names
+of the checkpoint. Options add ``overlays/<name>.png`` (the colours blended over the image), ``panels/<name>.png``
+(image | network | network + CRF) and ``probabilities/<name>.npy`` (float16 ``[C, H, W]``).
+
+Inputs are image files and directories; a directory contributes its ``.png``, ``.jpg``, ``.jpeg``, ``.bmp``,
+``.tif`` and ``.tiff`` files (not those of its subdirectories), in name order. ``<name>`` is the file's stem; a stem
+seen before gets a suffix (``_2``, ``_3``, ...). No input file is ever overwritten: the run refuses to start if an
+output path is an input. An image that cannot be read (or is too small for the model) is reported on stderr and
+skipped; the run goes on and exits with status 1. Exit status 2: bad arguments, a missing or unreadable
+checkpoint, no images found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from crfrnn_deeplab.weights.checkpoint import load_checkpoint
+from crfrnn_deeplab.weights.convert import model_for_checkpoint
+from crfrnn_deeplab.models.crfrnn import CRFRNN
+from crfrnn_deeplab.data.io import DatasetError, read_image
+from crfrnn_deeplab.predict.api import Prediction, predict
+from crfrnn_deeplab.visualize import colorize, make_panel, palette
+
+__all__ = ["IMAGE_SUFFIXES", "find_images", "output_names", "main"]
+
+#: File name suffixes (lower case) taken from a directory.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
+
+
+class UsageError(ValueError):
+    """Arguments the run cannot start with (exit status 2)."""
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files named by ``inputs``: files as given, directories' image files (non-recursive, sorted).
+
+    Raises:
+        UsageError: an input does not exist, or there is no image at all.
+    """
+    images: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            images.append(item)
+        else:
+            raise UsageError(f"input {str(item)!r} does not exist")
+    if not images:
+        raise UsageError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    seen: set[Path] = set()
+    unique = []  # a file named twice (or found through its directory too) is predicted once
+    for p in images:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def output_names(images: Sequence[Path]) -> list[str]:
+    """One output name per image: its stem, with ``_2``, ``_3``, ... for a stem seen before (case-insensitively)."""
+    used: set[str] = set()
+    names = []
+    for p in images:
+        name, k = p.stem, 2
+        while name.lower() in used:
+            name, k = f"{p.stem}_{k}", k + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.75,1, got {text!r}") from None
+    if not all(0 < s < float("inf") for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m crfrnn_deeplab.predict",
+        description="Segment images with a crfrnn_deeplab checkpoint and write palette PNG label maps.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help=f"image files, or directories whose {'/'.join(IMAGE_SUFFIXES)} files are read "
+                        "(not recursively)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py or convert")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-crf", action="store_true", help="network only, even if the model has a CRF layer")
+    parser.add_argument("--crf-iterations", type=_non_negative_int, default=None,
+                        help="mean-field iterations (default: the checkpoint's eval_iterations)")
+    parser.add_argument("--scales", type=_parse_scales, default=(1.0,),
+                        help="test-time input scales, comma-separated, e.g. 0.5,0.75,1 (logits averaged; default 1)")
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped image's logits")
+    parser.add_argument("--overlay", action="store_true", help="write overlays/<name>.png: colours over the image")
+    parser.add_argument("--panel", action="store_true", help="write panels/<name>.png: image | network | network + CRF")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="write probabilities/<name>.npy: float16 [C, H, W] class probabilities")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="images of equal size per forward pass (default 1)")
+    return parser
+
+
+def _outputs(out: Path, name: str, args: argparse.Namespace) -> dict[str, Path]:
+    paths = {"labels": out / f"{name}.png"}
+    if args.overlay:
+        paths["overlay"] = out / "overlays" / f"{name}.png"
+    if args.panel:
+        paths["panel"] = out / "panels" / f"{name}.png"
+    if args.probabilities:
+        paths["probabilities"] = out / "probabilities" / f"{name}.npy"
+    return paths
+
+
+def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path]) -> None:
+    inputs = {p.resolve(): p for p in images}
+    for path in outputs:
+        if path.resolve() in inputs:
+            raise UsageError(
+                f"output {str(path)!r} would overwrite the input image {str(inputs[path.resolve()])!r}; "
+                "choose another --out directory"
+            )
+
+
+def _write(prediction: Prediction, image: np.ndarray, paths: dict[str, Path], colours: np.ndarray,
+           titles: tuple[str, ...]) -> None:
+    labels = prediction.labels.numpy().astype(np.uint8)
+    png = Image.fromarray(labels)  # "L"; putpalette makes it "P" with the same index values
+    png.putpalette(colours.reshape(-1).tolist())
+    png.save(paths["labels"])
+    if "overlay" in paths:
+        blend = (1 - _OVERLAY_ALPHA) * image + _OVERLAY_ALPHA * colorize(labels, colours)
+        Image.fromarray(blend.round().astype(np.uint8)).save(paths["overlay"])
+    if "panel" in paths:
+        row = [image, prediction.labels] if prediction.network_labels is None else [
+            image, prediction.network_labels, prediction.labels]
+        make_panel([row], titles=titles[: len(row)], colours=colours).save(paths["panel"])
+    if "probabilities" in paths:
+        np.save(paths["probabilities"], prediction.probabilities.numpy().astype(np.float16))
+
+
+def _error(message: str) -> None:
+    tqdm.write(f"error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 all written, 1 some images failed, 2 usage errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.no_crf and args.crf_iterations is not None:
+            raise UsageError("--crf-iterations has no effect with --no-crf")
+        images = find_images(args.inputs)
+        names = output_names(images)
+        outputs = [_outputs(args.out, name, args) for name in names]
+        _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()])
+        checkpoint = load_checkpoint(args.checkpoint)
+        model, _ = model_for_checkpoint(checkpoint)
+        if args.crf_iterations is not None and not isinstance(model, CRFRNN):
+            raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
+        try:
+            model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        except (RuntimeError, AssertionError) as e:  # an unknown device name; a device this torch lacks
+            raise UsageError(f"--device {args.device!r}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:  # UsageError, CheckpointError, ConversionError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    num_classes = model.num_classes
+    colours = palette(num_classes)
+    class_names = checkpoint.get("class_names")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for sub in {p.parent for o in outputs for p in o.values()}:
+        sub.mkdir(parents=True, exist_ok=True)
+    (args.out / "classes.json").write_text(json.dumps({
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "palette": colours[:num_classes].tolist(),
+    }, indent=2) + "\n", encoding="utf-8")
+
+    options = dict(crf=not args.no_crf, crf_iterations=args.crf_iterations, scales=args.scales, flip=args.flip,
+                   batch_size=args.batch_size)
+    titles = ("image", "network", "network + CRF")
+    written = failed = 0
+    with tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(images), args.batch_size):
+            batch = []
+            for path, paths in zip(images[start : start + args.batch_size], outputs[start : start + args.batch_size]):
+                try:
+                    batch.append((path, paths, read_image(path)))
+                except (DatasetError, FileNotFoundError) as e:
+                    _error(str(e))
+                    failed += 1
+                    bar.update()
+            try:
+                predictions = predict(model, [image for _, _, image in batch], **options) if batch else []
+            except ValueError:  # one image is unusable (e.g. too small): predict them one by one to name it
+                predictions = []
+                for path, _, image in batch:
+                    try:
+                        predictions.append(predict(model, image, **options)[0])
+                    except ValueError as e:
+                        _error(f"cannot segment {str(path)!r}: {e}")
+                        predictions.append(None)
+            for (path, paths, image), prediction in zip(batch, predictions):
+                if prediction is not None:
+                    try:
+                        _write(prediction, image, paths, colours, titles)
+                        written += 1
+                    except OSError as e:
+                        _error(f"cannot write the outputs of {str(path)!r}: {e}")
+                        failed += 1
+                else:
+                    failed += 1
+                bar.update()
+    print(f"{written} written, {failed} failed; outputs in {args.out}")
+    return 1 if failed else 0
+

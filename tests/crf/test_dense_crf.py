@@ -1,0 +1,78 @@
+"""DenseCRF: the one-call post-processing API, against pydensecrf2 and its own batched/tensor forms."""
+
+import numpy as np
+import pytest
+import torch
+
+from crfrnn_deeplab import DenseCRF
+from crf_scenes import PARAMS, densecrf_q, scene
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+def test_probabilities_in_refined_probabilities_out_like_pydensecrf():
+    _, image, logits = scene(3, 60, 80, 4)
+    crf = DenseCRF(iterations=5, **PARAMS)
+    refined = crf(image, softmax(logits))
+    theirs = densecrf_q(logits, image, 5, **PARAMS)  # -log softmax(l) = -l + const: the same unary
+    assert isinstance(refined, np.ndarray) and refined.shape == (4, 60, 80) and refined.dtype == np.float32
+    np.testing.assert_allclose(refined.sum(0), 1, atol=1e-5)
+    assert np.abs(refined - theirs).mean() <= 0.01
+    assert (refined.argmax(0) == theirs.argmax(0)).mean() >= 0.99
+    assert (refined.argmax(0) != logits.argmax(0)).mean() > 0.01
+
+
+def test_batched_tensors_logits_and_numpy_agree():
+    scenes = [scene(s, 40, 50, 3) for s in (0, 1)]
+    crf = DenseCRF(iterations=3)
+    single = [crf(image, logits=logits) for _, image, logits in scenes]
+    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1) for _, im, _ in scenes])  # uint8 [2, 3, H, W]
+    logits = torch.stack([torch.from_numpy(lg) for _, _, lg in scenes])
+    batched = crf(images, logits=logits)
+    assert isinstance(batched, torch.Tensor) and batched.shape == (2, 3, 40, 50)
+    for i in range(2):
+        np.testing.assert_allclose(batched[i].numpy(), single[i], atol=1e-5)
+    from_probs = crf(images, torch.softmax(logits, 1))
+    torch.testing.assert_close(from_probs, batched, atol=1e-4, rtol=0)
+
+
+def test_pixels_outside_the_mask_keep_their_probabilities():
+    _, image, logits = scene(2, 30, 40, 3)
+    p = softmax(logits)
+    mask = np.zeros((30, 40), bool)
+    mask[:, :25] = True
+    out = DenseCRF(iterations=5)(image, p, valid_mask=mask)
+    np.testing.assert_allclose(out[:, ~mask], p[:, ~mask], atol=1e-6)
+    assert np.abs(out[:, mask] - p[:, mask]).max() > 0.05
+    alone = DenseCRF(iterations=5)(np.ascontiguousarray(image[:, :25]), np.ascontiguousarray(p[:, :, :25]))
+    np.testing.assert_allclose(out[:, :, :25], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda crf, im, p: crf(im), ValueError, "exactly one of probabilities"),
+        (lambda crf, im, p: crf(im, p, logits=p), ValueError, "exactly one of probabilities"),
+        (lambda crf, im, p: crf(im, p * 2), ValueError, "sum to 1 over the class dimension"),
+        (lambda crf, im, p: crf(im, p - 0.5), ValueError, "non-negative"),
+        (lambda crf, im, p: crf(im, np.where(p > 0.5, np.nan, p)), ValueError, "NaN or inf"),
+        (lambda crf, im, p: crf(im, p[None]), ValueError, "must have 3 dimensions"),
+        (lambda crf, im, p: crf(im[..., :2], p), ValueError, r"\(H, W, 3\)"),
+        (lambda crf, im, p: crf(im.tolist(), p), TypeError, "numpy array or a torch.Tensor"),
+        (lambda crf, im, p: crf(im, p[:, :10]), ValueError, "does not match"),
+    ],
+)
+def test_bad_input_is_named(call, error, match):
+    _, image, logits = scene(0, 20, 24, 3)
+    with pytest.raises(error, match=match):
+        call(DenseCRF(iterations=1), image, softmax(logits))
+
+
+def test_bad_parameters_fail_at_construction():
+    with pytest.raises(ValueError, match="iterations"):
+        DenseCRF(iterations=0)
+    with pytest.raises(ValueError, match="theta_alpha"):
+        DenseCRF(theta_alpha=-1.0)

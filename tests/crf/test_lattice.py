@@ -1,0 +1,307 @@
+"""The permutohedral lattice against a brute-force Gaussian, against densecrf's lattice, and its adjoint."""
+
+import numpy as np
+import pytest
+import torch
+
+from crfrnn_deeplab.crf import lattice as permutohedral
+from crfrnn_deeplab.crf.reference import dense_gaussian
+from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
+from crfrnn_deeplab.images import all_finite
+
+dcrf = pytest.importorskip("pydensecrf.densecrf")
+
+
+def densecrf_lattice_filter(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """densecrf's own lattice ``K v`` (features [N, d], values [N]), read back from one mean-field step.
+
+    With zero unaries, one Potts kernel of weight 1 and no normalisation, a step gives
+    ``Q_l ∝ exp((K Q_in)_l)``; with ``Q_in = (0, v)`` the log-ratio of the two outputs is ``(K v)``.
+    """
+    n = features.shape[0]
+    crf = dcrf.DenseCRF(n, 2)
+    crf.setUnaryEnergy(np.zeros((2, n), np.float32))
+    crf.addPairwiseEnergy(
+        np.ascontiguousarray(features.T, dtype=np.float32),
+        compat=1.0,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NO_NORMALIZATION,
+    )
+    _, tmp1, tmp2 = crf.startInference()
+    q = np.zeros((2, n), np.float32)
+    q[1] = values
+    q = dcrf.eigen.matrixXf(q)
+    crf.stepInference(q, tmp1, tmp2)
+    out = np.array(q, dtype=np.float64)
+    return np.log(out[1] / out[0])
+
+
+def image_features(rng: np.random.Generator, h: int, w: int, d: int) -> np.ndarray:
+    """Pixel positions plus (d - 2) smooth 'colour' channels with edges, scaled like a CRF would."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = [xs / 4.0, ys / 4.0]
+    for _ in range(d - 2):
+        level = rng.uniform(0, 255, 4)[(ys > h / 2).astype(int) * 2 + (xs > w / 3).astype(int)]
+        chans.append((level + rng.normal(0, 6, (h, w))) / 20.0)
+    return np.stack(chans, -1).reshape(-1, d)
+
+
+@pytest.mark.parametrize("d", [2, 5])
+@pytest.mark.parametrize("kind", ["random", "image"])
+def test_lattice_matches_brute_force_as_well_as_densecrf(d, kind):
+    rng = np.random.default_rng(d)
+    if kind == "random":
+        feats = rng.normal(0, 1.5, (400, d))
+    else:
+        feats = image_features(rng, 20, 24, d)
+    values = rng.uniform(0.0, 1.0, feats.shape[0])
+    exact = dense_gaussian(torch.tensor(feats)) @ torch.tensor(values)
+    lattice = build_lattice(torch.tensor(feats).T[None])
+    ours = lattice.filter(torch.tensor(values)[None, :, None])[0, :, 0]
+    theirs = torch.tensor(densecrf_lattice_filter(feats, values))
+    err_ours = float((ours - exact).norm() / exact.norm())
+    err_theirs = float((theirs - exact).norm() / exact.norm())
+    # Same algorithm: the same approximation, to float32 rounding of densecrf's arithmetic.
+    assert err_ours <= err_theirs * 1.001 + 1e-5, (err_ours, err_theirs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lattice_is_exact_for_coincident_points():
+    # Points on one lattice vertex: K is then alpha·(blurred self-weight) times the all-ones matrix.
+    feats = torch.zeros(1, 3, 10, dtype=torch.float64)
+    v = torch.rand(1, 10, 2, dtype=torch.float64)
+    out = build_lattice(feats).filter(v)
+    assert torch.allclose(out, out[:, :1].expand_as(out))
+    assert torch.allclose(out[0, 0] / v[0].sum(0), (out[0, 0] / v[0].sum(0))[0].expand(2))
+
+
+def test_barycentric_weights_are_a_partition_of_unity_in_float32():
+    # Pixel grids over a constant colour (the padding of a training crop) gave weights of -6e-8 in float32,
+    # and then a negative K·mask and a NaN normaliser.
+    ys, xs = torch.meshgrid(torch.arange(129.0), torch.arange(129.0), indexing="ij")
+    colour = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 129, 129)
+    lattice = build_lattice(torch.cat([torch.stack([xs, ys]) / 20.0, colour / 30.0])[None])
+    weights = lattice.splat.weights
+    assert weights.min() >= 0
+    per_point = torch.zeros(129 * 129).index_add_(0, lattice.splat.columns, weights)
+    torch.testing.assert_close(per_point, torch.ones_like(per_point), rtol=0, atol=1e-6)
+    assert (lattice.filter(torch.ones(1, 129 * 129, 1)) > 0).all()
+
+
+def test_transpose_is_the_adjoint():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 7, 9, dtype=torch.float64) * 2
+    lattice = build_lattice(feats)
+    v = torch.randn(2, 63, 3, dtype=torch.float64)
+    g = torch.randn(2, 63, 3, dtype=torch.float64)
+    lhs = (lattice.filter(v) * g).sum()
+    rhs = (v * lattice.filter(g, transpose=True)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    assert not torch.allclose(lattice.filter(v), lattice.filter(v, transpose=True))
+
+
+def test_gradcheck_values():
+    torch.manual_seed(0)
+    raw = torch.randn(2, 6, 3, dtype=torch.float64) * 3
+    scale = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    lattice = build_lattice((raw * scale).transpose(1, 2))
+    v = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lattice_gaussian(x, raw, scale, lattice), (v,))
+
+
+def test_gradcheck_mixed_weighted_lattice():
+    # The folded form the CRF uses with fixed bandwidths: diag(n) K diag(n) v @ mix, mixed on the lattice.
+    torch.manual_seed(0)
+    raw = torch.randn(2, 6, 3, dtype=torch.float64) * 3
+    scale = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    n = torch.rand(2, 6, dtype=torch.float64) + 0.5
+    lattice = build_lattice((raw * scale).transpose(1, 2)).weighted(n, n)
+    v = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
+    mix = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, m: lattice_gaussian(x, raw, scale, lattice, mix=m), (v, mix))
+    dense = n[..., None] * build_lattice((raw * scale).transpose(1, 2)).filter(n[..., None] * v.detach())
+    torch.testing.assert_close(lattice_gaussian(v, raw, scale, lattice, mix=mix).detach(), dense @ mix.detach())
+
+
+def test_scale_gradient_matches_exact_gaussian_derivative():
+    # ∂/∂s Σ g ⊙ K(s) v with the lattice's K replaced by the exact kernel in the moment expansion: compare
+    # against the exact kernel's analytic derivative (the lattice only approximates K itself).
+    torch.manual_seed(1)
+    raw = torch.randn(1, 200, 2, dtype=torch.float64) * 2
+    scale = torch.tensor([0.6, 0.9], dtype=torch.float64, requires_grad=True)
+    v = torch.rand(1, 200, 3, dtype=torch.float64)
+    g = torch.rand(1, 200, 3, dtype=torch.float64)
+    lattice = build_lattice((raw * scale.detach()).transpose(1, 2))
+    (lattice_gaussian(v, raw, scale, lattice) * g).sum().backward()
+    exact_scale = scale.detach().clone().requires_grad_(True)
+    ((dense_gaussian(raw[0] * exact_scale) @ v[0]) * g[0]).sum().backward()
+    cos = torch.nn.functional.cosine_similarity(scale.grad, exact_scale.grad, dim=0)
+    assert cos > 0.99, (scale.grad, exact_scale.grad)
+    # The same with a channel mix applied on the lattice.
+    mix = torch.rand(3, 2, dtype=torch.float64)
+    scale.grad = None
+    (lattice_gaussian(v, raw, scale, lattice, mix=mix) * g[..., :2]).sum().backward()
+    exact_scale.grad = None
+    ((dense_gaussian(raw[0] * exact_scale) @ v[0] @ mix) * g[0, :, :2]).sum().backward()
+    assert torch.nn.functional.cosine_similarity(scale.grad, exact_scale.grad, dim=0) > 0.99
+
+
+def test_batch_has_no_cross_talk():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 6, 7) * 2
+    feats[1] = feats[0] + 0.01  # nearly identical images: a shared lattice would mix them
+    v = torch.rand(2, 42, 4)
+    together = build_lattice(feats).filter(v)
+    for i in range(2):
+        alone = build_lattice(feats[i : i + 1]).filter(v[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone)
+
+
+def test_points_off_the_lattice_neither_send_nor_receive():
+    rng = np.random.default_rng(5)
+    feats = torch.tensor(rng.normal(0, 2.0, (2, 3, 90)))
+    valid = torch.tensor(rng.uniform(size=(2, 90)) < 0.6)
+    values = torch.tensor(rng.uniform(size=(2, 90, 4)))
+    out = build_lattice(feats, valid).filter(values)
+    assert (out[~valid] == 0).all()
+    for i in range(2):  # each image's valid points alone: the same filter, bit for bit up to summation order
+        alone = build_lattice(feats[i : i + 1, :, valid[i]]).filter(values[i : i + 1, valid[i]])
+        torch.testing.assert_close(out[i, valid[i]], alone[0], rtol=1e-12, atol=1e-12)
+    everything = build_lattice(feats).filter(values)
+    assert (everything[valid] - out[valid]).abs().max() > 1e-3  # the invalid points did change the lattice
+
+
+@pytest.mark.parametrize("valid, match", [(torch.ones(2, 42, dtype=torch.bool), "B\\*N = 42"),
+                                          (torch.ones(1, 42), "bool Tensor")])
+def test_bad_valid_mask(valid, match):
+    with pytest.raises(ValueError, match=match):
+        build_lattice(torch.randn(1, 5, 6, 7), valid)
+
+
+def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 40, dtype=torch.float64) * 3
+    v = torch.rand(2, 40, 3, dtype=torch.float64)
+    packed = build_lattice(feats).filter(v)
+    monkeypatch.setattr(permutohedral, "_PACK_LIMIT", 0)
+    rows = build_lattice(feats)
+    assert rows.num_vertices == build_lattice(feats[:1]).num_vertices + build_lattice(feats[1:]).num_vertices
+    torch.testing.assert_close(rows.filter(v), packed)
+
+
+def test_splat_is_the_same_with_wide_sort_keys(monkeypatch):
+    torch.manual_seed(0)
+    feats = torch.randn(1, 5, 500, dtype=torch.float64) * 3
+    v = torch.rand(1, 500, 3, dtype=torch.float64)
+    short = build_lattice(feats)
+    monkeypatch.setattr(permutohedral, "_SHORT_KEY_LIMIT", 0)
+    wide = build_lattice(feats)
+    assert torch.equal(short.splat.to_dense(), wide.splat.to_dense())
+    torch.testing.assert_close(short.filter(v), wide.filter(v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", range(1, 8))
+def test_sort_columns_sorts_every_column(k):
+    # 0-1 principle: a comparator network that sorts every 0/1 column sorts every column
+    bits = ((torch.arange(2**k)[:, None] >> torch.arange(k)) & 1).T.double()  # [k, 2^k]: every 0/1 column
+    torch.testing.assert_close(torch.stack(permutohedral._sort_columns(bits)), bits.sort(0).values, rtol=0, atol=0)
+    x = torch.randint(0, 4, (k, 300)).float()  # with ties
+    torch.testing.assert_close(torch.stack(permutohedral._sort_columns(x)), x.sort(0).values, rtol=0, atol=0)
+
+
+def test_float32_matches_float64():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 5, 300, dtype=torch.float64) * 2
+    v = torch.rand(1, 300, 3, dtype=torch.float64)
+    out64 = build_lattice(feats).filter(v)
+    out32 = build_lattice(feats.float()).filter(v.float())
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(5, 3), "Tensor\\[B, d, H, W\\]"),
+        (torch.zeros(1, 2, 4, dtype=torch.long), "floating-point"),
+        (torch.full((1, 2, 4), float("nan")), "NaN"),
+    ],
+)
+def test_bad_features(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_lattice(bad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 30, 40) * 2
+    v = torch.rand(2, 1200, 6)
+    cpu = build_lattice(feats).filter(v)
+    gpu = build_lattice(feats.cuda()).filter(v.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_all_finite_checks_every_entry_even_when_the_sum_overflows():
+    big = torch.full((4,), 3e38)  # finite, but the sum is inf in float32
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[2] = bad
+        assert not all_finite(x)
+        assert not all_finite(torch.tensor([1.0, bad, 2.0]))
+
+
+def test_lattice_operators_equal_their_dense_matrices():
+    # The embedding_bag products against explicit matrices, with points off the lattice (empty slice rows).
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 40, dtype=torch.float64) * 2
+    valid = torch.rand(2, 40) < 0.7
+    lattice = build_lattice(feats, valid)
+    v = torch.rand(80, 4, dtype=torch.float64)
+    splat, slice_ = lattice.splat.to_dense(), lattice.slice.to_dense()
+    assert splat.shape == (lattice.num_vertices, 80) and slice_.shape == (80, lattice.num_vertices)
+    assert (slice_[~valid.reshape(-1)] == 0).all() and (splat[:, ~valid.reshape(-1)] == 0).all()
+    torch.testing.assert_close(slice_, lattice.alpha * splat.T)  # symmetric: slice = alpha·splatᵀ
+    on_lattice = torch.rand(lattice.num_vertices, 4, dtype=torch.float64)
+    for blur in lattice.blur:
+        matrix = blur.to_dense()
+        torch.testing.assert_close(matrix, matrix.T)  # I + (P + Pᵀ)/2
+        assert torch.equal(matrix.diagonal(), torch.ones(lattice.num_vertices, dtype=torch.float64))
+        torch.testing.assert_close(blur @ on_lattice, matrix @ on_lattice)
+        splat = matrix @ splat  # the blurs follow the splat, direction 0 first
+    torch.testing.assert_close(lattice.filter(v.view(2, 40, 4)).view(80, 4), slice_ @ splat @ v)
+
+
+def test_sparse_rows_scale_rows_and_columns():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 3, 30, dtype=torch.float64) * 2
+    valid = torch.rand(1, 30) < 0.7
+    for lattice in (build_lattice(feats), build_lattice(feats, valid)):  # fixed and variable row lengths
+        for rows in (lattice.splat, lattice.slice):
+            dense = rows.to_dense()
+            left, right = torch.rand(dense.shape[0], dtype=torch.float64), torch.rand(dense.shape[1], dtype=torch.float64)
+            torch.testing.assert_close(rows.scale_rows(left).to_dense(), left[:, None] * dense)
+            torch.testing.assert_close(rows.scale_columns(right).to_dense(), dense * right)
+
+
+def test_sparse_rows_reject_bad_input():
+    rows = build_lattice(torch.randn(1, 2, 30)).slice  # Tensor[30, M]
+    m = rows.num_columns
+    with pytest.raises(ValueError, match=f"Tensor\\[{m}, C\\]"):
+        rows @ torch.rand(m + 1, 3)  # wrong number of rows
+    with pytest.raises(ValueError, match="float32"):
+        rows @ torch.rand(m, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Tensor\\["):
+        rows @ torch.rand(m)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        permutohedral.SparseRows(rows.columns.float(), rows.offsets, rows.weights, m)
+    with pytest.raises(ValueError, match="weights"):
+        permutohedral.SparseRows(rows.columns, rows.offsets, rows.weights[1:], m)
+    with pytest.raises(ValueError, match="1-D"):
+        permutohedral.SparseRows(rows.columns.view(-1, 1), rows.offsets, rows.weights, m)
+    for bad in (torch.rand(m + 1), torch.rand(m - 1), torch.rand(m, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=f"K = {m} values"):
+            rows.scale_columns(bad)
+    with pytest.raises(ValueError, match="R = 30 values"):
+        rows.scale_rows(torch.rand(31))

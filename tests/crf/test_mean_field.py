@@ -1,0 +1,432 @@
+"""MeanFieldCRF: densecrf equivalence, the exact dense reference, gradients, masks, numerics, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crfrnn_deeplab.crf.reference import dense_crf
+from crf_scenes import PARAMS, densecrf_q, scene
+from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.crf.spatial import channel_blocks, gaussian_1d, spatial_gaussian
+
+dcrf = pytest.importorskip("pydensecrf.densecrf")
+
+
+@pytest.mark.parametrize("iterations", [1, 5, 10])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_densecrf_inference(iterations, seed):
+    _, image, logits = scene(seed, 90, 120, 5)
+    crf = MeanFieldCRF(num_classes=5, eval_iterations=iterations, **PARAMS).eval()
+    with torch.no_grad():
+        ours = crf(torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float())
+    q = torch.softmax(ours, 1)[0].numpy()
+    theirs = densecrf_q(logits, image, iterations, **PARAMS)
+    assert np.abs(q - theirs).mean() <= 0.01
+    assert (q.argmax(0) == theirs.argmax(0)).mean() >= 0.99
+    assert (q.argmax(0) != logits.argmax(0)).mean() > 0.01  # the CRF did change the labelling
+
+
+def params_of(crf: MeanFieldCRF) -> dict:
+    return dict(
+        spatial_weight=crf.spatial_weight,
+        bilateral_weight=crf.bilateral_weight,
+        compatibility=crf.compatibility,
+        theta_alpha=crf.log_theta_alpha.exp(),
+        theta_beta=crf.log_theta_beta.exp(),
+        theta_gamma=crf.log_theta_gamma.exp(),
+    )
+
+
+def small_inputs(seed=0, b=1, c=3, h=7, w=8):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, c, h, w, generator=g, dtype=torch.float64) * 2
+    image = torch.rand(b, 3, h, w, generator=g, dtype=torch.float64) * 255
+    return logits, image
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_spatial_only_matches_exact_dense_crf(normalization):
+    # Without the bilateral kernel nothing is approximated (the spatial filter is exact up to exp(-8)).
+    logits, image = small_inputs(c=4, h=9, w=11)
+    crf = MeanFieldCRF(num_classes=4, bilateral_weight=0.0, theta_gamma=2.0, normalization=normalization).double()
+    with torch.no_grad():
+        crf.spatial_weight.add_(torch.rand(4, 4, dtype=torch.float64))
+        ours = crf.eval()(logits, image)
+        ref = dense_crf(logits, image, iterations=10, normalization=normalization, **params_of(crf))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_full_layer_close_to_exact_dense_crf(normalization):
+    _, image, logits = scene(3, 24, 30, 3)
+    logits = torch.tensor(logits, dtype=torch.float64)[None]
+    image = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=10.0, theta_beta=20.0, normalization=normalization).double().eval()
+    with torch.no_grad():
+        q = torch.softmax(crf(logits, image), 1)
+        ref = torch.softmax(dense_crf(logits, image, iterations=10, normalization=normalization, **params_of(crf)), 1)
+    assert (q - ref).abs().mean() < 0.02
+    assert (q.argmax(1) == ref.argmax(1)).double().mean() > 0.97
+
+
+@pytest.mark.parametrize("learn_bandwidths", [True, False])
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+# the inference path's Potts-form and general mixes, for either kernel
+@pytest.mark.parametrize("compatibility", ["potts", "learned", "spatial learned", "bilateral learned"])
+@pytest.mark.parametrize("num_classes, masked", [(4, True), (21, True), (21, False)])  # 21: channel blocks
+def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, compatibility, num_classes, masked):
+    logits, image = small_inputs(b=2, c=num_classes, h=12, w=10)
+    mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2 if masked else None
+    crf = MeanFieldCRF(num_classes=num_classes, theta_alpha=6.0, normalization=normalization,
+                       learn_bandwidths=learn_bandwidths)
+    crf = crf.double().eval()
+    with torch.no_grad():
+        noise = torch.rand(num_classes, num_classes, dtype=torch.float64)
+        if compatibility == "learned":
+            crf.compatibility.add_(noise)
+        elif compatibility == "spatial learned":
+            crf.spatial_weight.add_(noise)
+        elif compatibility == "bilateral learned":
+            crf.bilateral_weight.add_(noise)
+        fast = crf(logits, image, mask)
+    slow = crf(logits.clone().requires_grad_(True), image, mask)
+    torch.testing.assert_close(fast, slow.detach())
+    if masked:
+        torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask])
+
+
+@pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path
+def test_gradcheck_logits_weights_compatibility(learn_bandwidths):
+    logits, image = small_inputs(c=3, h=4, w=5)
+    crf = MeanFieldCRF(
+        num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths
+    )
+    crf = crf.double().train()
+    weights = [p.detach().clone() for p in (crf.spatial_weight, crf.bilateral_weight, crf.compatibility)]
+    inputs = [logits.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
+
+    def layer(z, ws, wb, mu):
+        return torch.func.functional_call(
+            crf, {"spatial_weight": ws, "bilateral_weight": wb, "compatibility": mu}, (z, image)
+        )
+
+    assert torch.autograd.gradcheck(layer, tuple(inputs), atol=1e-6)
+
+
+def test_bandwidth_gradient_matches_finite_differences_of_exact_crf():
+    # The bilateral part is only as good as the lattice's approximation of the kernel: at these bandwidths
+    # (colour bandwidth wide against the noise, as 80/13 is on a full-size photo) cos is 0.9999; with sharp
+    # kernels on a 16×18 image (θα=6, θβ=25) the lattice's error dominates and it drops to ~0.7.
+    _, image, logits = scene(5, 16, 18, 3)
+    logits = torch.tensor(logits, dtype=torch.float64)[None]
+    image = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
+    target = torch.randn(1, 3, 16, 18, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=10.0, theta_beta=40.0, theta_gamma=2.0, train_iterations=3)
+    crf = crf.double().train()
+    (crf(logits, image) * target).sum().backward()
+    ours = torch.stack([crf.log_theta_alpha.grad, crf.log_theta_beta.grad, crf.log_theta_gamma.grad])
+
+    p = {k: v.detach() for k, v in params_of(crf).items()}
+
+    def exact(log_thetas):
+        q = dict(p, theta_alpha=log_thetas[0].exp(), theta_beta=log_thetas[1].exp(), theta_gamma=log_thetas[2].exp())
+        return float((dense_crf(logits, image, iterations=3, **q) * target).sum())
+
+    base = torch.tensor([math.log(10.0), math.log(40.0), math.log(2.0)], dtype=torch.float64)
+    eps = 1e-4
+    steps = torch.eye(3, dtype=torch.float64) * eps
+    fd = torch.tensor([(exact(base + e) - exact(base - e)) / (2 * eps) for e in steps], dtype=torch.float64)
+    assert torch.nn.functional.cosine_similarity(ours, fd, dim=0) >= 0.99, (ours, fd)
+    assert torch.nn.functional.cosine_similarity(ours[:2], fd[:2], dim=0) >= 0.99, (ours, fd)  # bilateral alone
+    torch.testing.assert_close(ours[2], fd[2], rtol=1e-3, atol=1e-3)  # the spatial kernel is exact
+
+
+def test_every_parameter_gets_a_gradient():
+    logits, image = small_inputs(c=3, h=6, w=7)
+    crf = MeanFieldCRF(num_classes=3).double().train()
+    crf(logits, image).square().sum().backward()
+    for name, p in crf.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_learning_switches_freeze_parameters():
+    crf = MeanFieldCRF(num_classes=3, learn_kernel_weights=False, learn_compatibility=False, learn_bandwidths=False)
+    assert not any(p.requires_grad for p in crf.parameters())
+    crf = MeanFieldCRF(num_classes=3, learn_bandwidths=False)
+    learned = {n for n, p in crf.named_parameters() if p.requires_grad}
+    assert learned == {"spatial_weight", "bilateral_weight", "compatibility"}
+
+
+def test_batch_equals_single_images():
+    logits, image = small_inputs(b=2, c=3, h=10, w=9)
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=5.0).double().eval()
+    with torch.no_grad():
+        both = crf(logits, image)
+        for i in range(2):
+            torch.testing.assert_close(both[i : i + 1], crf(logits[i : i + 1], image[i : i + 1]))
+
+
+def test_padding_with_mask_equals_unpadded_image():
+    logits, image = small_inputs(c=3, h=10, w=9)
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=5.0).double().eval()
+    pad_logits = torch.nn.functional.pad(logits, (0, 4, 0, 3), value=7.0)
+    pad_image = torch.nn.functional.pad(image, (0, 4, 0, 3), value=128.0)
+    mask = torch.zeros(1, 13, 13, dtype=torch.bool)
+    mask[:, :10, :9] = True
+    with torch.no_grad():
+        alone = crf(logits, image)
+        padded = crf(pad_logits, pad_image, mask)
+    torch.testing.assert_close(padded[..., :10, :9], alone)
+    torch.testing.assert_close(padded[..., 10:, :], pad_logits[..., 10:, :])  # masked: output = input
+    torch.testing.assert_close(padded[..., :, 9:], pad_logits[..., :, 9:])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_padding_is_exact_for_realistic_bandwidths_in_float32(normalization):
+    # The padded pixels' colours would add lattice vertices that carry the blur between valid pixels: they are
+    # kept off the lattice, so the valid region is filtered as if the padding were not there.
+    _, image, logits = scene(4, 33, 29, 4)
+    crf = MeanFieldCRF(num_classes=4, eval_iterations=3, spatial_weight=0.0, normalization=normalization,
+                       theta_alpha=40.0, theta_beta=13.0).eval()
+    logits, image = torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float()
+    pad_image = torch.nn.functional.pad(image, (0, 21, 0, 7), value=0.0)
+    pad_image[..., 33:, :] = torch.rand(3, 7, 50) * 255  # padding of any colour
+    pad_logits = torch.nn.functional.pad(logits, (0, 21, 0, 7))
+    mask = torch.zeros(1, 40, 50, dtype=torch.bool)
+    mask[:, :33, :29] = True
+    with torch.no_grad():
+        alone, padded = crf(logits, image), crf(pad_logits, pad_image, mask)
+    torch.testing.assert_close(padded[..., :33, :29], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_iterations_follow_mode():
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3, train_iterations=0, eval_iterations=2).double()
+    with torch.no_grad():
+        torch.testing.assert_close(crf.train()(logits, image), logits)
+        assert not torch.allclose(crf.eval()(logits, image), logits)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["huge_logits", "constant_image", "one_pixel", "one_class", "tiny_bandwidths", "huge_bandwidths"],
+)
+def test_numerics_stay_finite(case):
+    logits, image = small_inputs(c=3, h=8, w=9)
+    logits, image = logits.float(), image.float()
+    kw = {}
+    if case == "huge_logits":
+        logits = torch.sign(logits) * 1e4
+    elif case == "constant_image":
+        image = torch.full_like(image, 77.0)
+    elif case == "one_pixel":
+        logits, image = logits[..., :1, :1], image[..., :1, :1]
+    elif case == "one_class":
+        logits = logits[:, :1]
+    elif case == "tiny_bandwidths":
+        kw = dict(theta_alpha=1e-3, theta_beta=1e-3, theta_gamma=1e-3)
+    elif case == "huge_bandwidths":
+        kw = dict(theta_alpha=1e5, theta_beta=1e5, theta_gamma=1e4)
+    crf = MeanFieldCRF(num_classes=logits.shape[1], **kw).train()
+    z = logits.clone().requires_grad_(True)
+    out = crf(z, image)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    assert torch.isfinite(z.grad).all()
+
+
+def test_float32_under_autocast():
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = crf(logits.to(torch.bfloat16), image.float())
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        ref = crf(logits.to(torch.bfloat16).float(), image.float())
+    torch.testing.assert_close(out, ref)
+
+
+def test_uint8_image_accepted():
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).eval()
+    with torch.no_grad():
+        a = crf(logits.float(), image.round().to(torch.uint8))
+        b = crf(logits.float(), image.round().float())
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda z, im, m: (z[0], im, m), ValueError, "logits must be a Tensor\\[B, C, H, W\\]"),
+        (lambda z, im, m: (z.long(), im, m), TypeError, "floating point"),
+        (lambda z, im, m: (z, im[:, :2], m), ValueError, "raw RGB Tensor\\[B, 3, H, W\\]"),
+        (lambda z, im, m: (z, im[..., :-1], m), ValueError, "does not match logits"),
+        (lambda z, im, m: (z, im, m[..., :-1]), ValueError, "valid_mask must be a Tensor\\[B, H, W\\]"),
+        (lambda z, im, m: (z, im, m.float()), TypeError, "bool"),
+        (lambda z, im, m: (z.index_fill(1, torch.tensor([0]), float("nan")), im, m), ValueError, "NaN"),
+        (lambda z, im, m: (z, im - 128.0, m), ValueError, "negative values.*normalised network input"),
+        (lambda z, im, m: (z[:, :2], im, m), ValueError, "2 classes, the CRF was built for 3"),
+    ],
+)
+def test_bad_input(mutate, error, match):
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).double()
+    mask = torch.ones(1, 7, 8, dtype=torch.bool)
+    with pytest.raises(error, match=match):
+        crf(*mutate(logits, image, mask))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=3, theta_alpha=0.0), "theta_alpha"),
+        (dict(num_classes=3, theta_beta=-1.0), "theta_beta"),
+        (dict(num_classes=3, theta_gamma=float("inf")), "theta_gamma"),
+        (dict(num_classes=3, normalization="before"), "normalization"),
+        (dict(num_classes=3, train_iterations=-1), "train_iterations"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MeanFieldCRF(**kwargs)
+
+
+def test_spatial_filter_is_exact_gaussian():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 9, 3, dtype=torch.float64)
+    theta = torch.tensor(1.7, dtype=torch.float64)
+    ys, xs = torch.meshgrid(torch.arange(7.0), torch.arange(9.0), indexing="ij")
+    pos = torch.stack([ys, xs], -1).reshape(-1, 2).double()
+    k = torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * theta**2))
+    ref = torch.einsum("ij,bjc->bic", k, x.reshape(2, 63, 3)).reshape(2, 7, 9, 3)
+    torch.testing.assert_close(spatial_gaussian(x, theta), ref, rtol=0, atol=5e-4)  # truncation at 4θ
+
+
+def test_gaussian_1d_filters_outer_products_like_the_2d_filter():
+    theta = torch.tensor(2.3, dtype=torch.float64)
+    a, b = torch.rand(11, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    outer = (a[:, None] * b[None, :])[None, ..., None]  # Tensor[1, H, W, 1]
+    expected = (gaussian_1d(a, theta)[:, None] * gaussian_1d(b, theta)[None, :])[None, ..., None]
+    torch.testing.assert_close(spatial_gaussian(outer, theta), expected)
+    with pytest.raises(ValueError, match="Tensor\\[L\\]"):
+        gaussian_1d(torch.rand(3, 4), theta)  # would otherwise be flattened into one axis
+    with pytest.raises(ValueError, match="floating-point"):
+        gaussian_1d(torch.ones(5, dtype=torch.long), theta)
+
+
+@pytest.mark.parametrize("c", [1, 5, 16, 17, 21, 24, 33, 59])
+def test_channel_blocks_cover_every_channel_once(c):
+    owned = []
+    for start, stop, first in channel_blocks(c, "cpu"):
+        assert 0 <= start <= first < stop <= c and stop - start in (c, 8, 16)
+        owned += range(first, stop)
+    assert owned == list(range(c))
+    assert channel_blocks(c, "cuda") == [(0, c, 0)]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
+def test_channel_blocks_reject_bad_counts(bad):
+    with pytest.raises(ValueError, match="num_channels"):
+        channel_blocks(bad, "cpu")
+
+
+def iou(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
+    scores = []
+    for k in range(num_classes):
+        inter = ((pred == k) & (label == k)).sum().item()
+        union = ((pred == k) | (label == k)).sum().item()
+        if union:
+            scores.append(inter / union)
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_crf_parameters_can_learn():
+    """Fit only the CRF's parameters to ground truth on noisy unaries over clean images: IoU goes up."""
+    torch.manual_seed(0)
+    data = [scene(100 + i, 40, 48, 3, noise=2.2) for i in range(4)]
+    labels = torch.tensor(np.stack([d[0] for d in data]))
+    images = torch.tensor(np.stack([d[1] for d in data])).permute(0, 3, 1, 2).float()
+    logits = torch.tensor(np.stack([d[2] for d in data]))
+    crf = MeanFieldCRF(num_classes=3, spatial_weight=1.0, bilateral_weight=1.0, theta_alpha=20.0, theta_beta=40.0)
+    crf.train_iterations = crf.eval_iterations = 5
+
+    def score() -> float:
+        with torch.no_grad():
+            return iou(crf.eval()(logits, images).argmax(1), labels, 3)
+
+    before = score()
+    opt = torch.optim.SGD(crf.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(crf.train()(logits, images), labels)
+        loss.backward()
+        opt.step()
+    after = score()
+    assert after > before + 0.05, (before, after)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    _, image, logits = scene(0, 40, 50, 4)
+    z = torch.tensor(logits)[None]
+    im = torch.tensor(image).permute(2, 0, 1)[None].float()
+    crf = MeanFieldCRF(num_classes=4).eval()
+    with torch.no_grad():
+        cpu = crf(z, im)
+        gpu = crf.cuda()(z.cuda(), im.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_crfrnn_composes_network_and_crf():
+    from crfrnn_deeplab import CRFRNN, get_model
+
+    torch.manual_seed(0)
+    net = get_model("deeplabv2_resnet18_msc", num_classes=3, base_width=8)
+    model = CRFRNN(network=net, crf=MeanFieldCRF(num_classes=3, train_iterations=2))
+    raw = torch.rand(2, 3, 33, 35) * 255
+    out = model.train()(model.preprocess(raw), raw)
+    assert len(out.network.per_scale) == 3 and out.crf.shape == (2, 3, 33, 35)
+    (out.crf.sum() + out.network.fused.sum()).backward()
+    groups = model.backbone_parameters() + model.head_weights() + model.head_biases() + model.crf_parameters()
+    assert {id(p) for p in groups} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in groups)
+    with pytest.raises(ValueError, match="network has 3 classes, the CRF 4"):
+        CRFRNN(network=net, crf=MeanFieldCRF(num_classes=4))
+    with pytest.raises(ValueError, match="raw must be the raw RGB image"):
+        model(model.preprocess(raw), raw[:, :, :10])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_large_masked_region_stays_finite_in_float32(normalization):
+    # Far from every valid pixel D = K·mask is 0 up to float32 rounding (it came out -1e-9 in a padded training
+    # batch and D^-½ turned it into NaN); masked pixels must get exactly no message instead.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 48, 40, generator=g, requires_grad=True)
+    image = torch.rand(1, 3, 48, 40, generator=g) * 255
+    image[..., 30:, :] = 104.0  # padding filled with a mean colour, as the transforms do
+    mask = torch.zeros(1, 48, 40, dtype=torch.bool)
+    mask[:, :30, :25] = True
+    crf = MeanFieldCRF(num_classes=4, theta_alpha=3.0, theta_beta=5.0, normalization=normalization).train()
+    out = crf(logits, image, mask)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    torch.testing.assert_close(out[..., 30:, :], logits[..., 30:, :])
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_normaliser_is_zero_on_masked_pixels_even_for_rounding_negatives(normalization):
+    from crfrnn_deeplab.crf.kernels import normaliser as _normaliser
+
+    d = torch.tensor([4.0, -3e-7, 0.0, 1e-30])
+    valid = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    n = _normaliser(d, valid, normalization)
+    assert torch.isfinite(n).all() and n[1] == 0 and n[2] == 0
+    assert n[0] == pytest.approx(0.5 if normalization == "symmetric" else 0.25)

@@ -1,0 +1,103 @@
+"""The config schema: defaults, YAML overrides, command-line overrides, and clear errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crfrnn_deeplab.training.config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+SYNTHETIC = ROOT / "configs" / "synthetic.yaml"
+
+
+def test_defaults_are_the_deeplab_v2_recipe():
+    cfg = Config()
+    assert (cfg.stage1.lr, cfg.stage1.momentum, cfg.stage1.weight_decay, cfg.stage1.poly_power) == (
+        2.5e-4, 0.9, 5e-4, 0.9)
+    assert (cfg.stage1.batch_size, cfg.data.crop_size, cfg.stage1.iterations) == (10, 321, 20000)
+    assert cfg.data.scale_range == [0.5, 1.5] and cfg.model.name == "deeplabv2_resnet101_msc"
+
+
+def test_yaml_overrides_only_what_it_lists(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  dataset: synthetic\nstage1:\n  lr: 1e-3\n")  # YAML 1.1 reads 1e-3 as a string
+    cfg = load_config(path)
+    assert cfg.stage1.lr == 1e-3 and isinstance(cfg.stage1.lr, float)
+    assert cfg.stage1.momentum == 0.9 and cfg.stage1.batch_size == 10  # untouched defaults
+    assert cfg.data.crop_size == 321
+
+
+def test_command_line_overrides_come_last_and_are_typed():
+    cfg = load_config(SYNTHETIC, ["stage1.lr=0.5", "stage1.iterations=3", "crf.learn_bandwidths=false",
+                                  "model.options.base_width=8", "data.root=2012", "grid_search.theta_betas=[1, 2]",
+                                  "model.init_from=null"])
+    assert cfg.stage1.lr == 0.5 and cfg.stage1.iterations == 3 and cfg.crf.learn_bandwidths is False
+    assert cfg.model.options == {"base_width": 8, "norm": "batch", "head": "largefov"}  # one entry changed
+    assert cfg.data.root == "2012"  # a string field keeps the text
+    assert cfg.grid_search.theta_betas == [1.0, 2.0] and cfg.model.init_from is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage1.lrr=0.1", r"unknown config key 'stage1.lrr'; known keys here: iterations, batch_size"),
+        ("nope=1", r"unknown config key 'nope'"),
+        ("stage1.iterations=many", r"stage1.iterations: expected int, got str 'many'"),
+        ("stage1.iterations=2.5", r"stage1.iterations: expected int, got float 2.5"),
+        ("crf.learn_bandwidths=maybe", r"crf.learn_bandwidths: expected bool, got str 'maybe'"),
+        ("data.dataset=pascal", r"data.dataset: expected one of 'synthetic', 'voc12_aug'"),
+        ("grid_search.theta_alphas=[1, x]", r"grid_search.theta_alphas\[1\]: expected float, got str 'x'"),
+        ("stage1=3", r"stage1: expected a mapping of iterations, batch_size"),
+        ("stage1.lr", r"override 'stage1.lr' is not key=value"),
+        ("stage1.batch_size=0", r"stage1.batch_size must be >= 1, got 0"),
+        ("data.scale_range=[2, 1]", r"data.scale_range: expected \[min, max\] with 0 < min <= max"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SYNTHETIC, [override])
+
+
+def test_missing_data_root_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"data.root is required for dataset 'voc12_aug': pass it on the command "
+                                          r"line, e.g. data.root=/path/to/data"):
+        load_config(ROOT / "configs" / "voc12_deeplabv2.yaml")
+    with pytest.raises(ConfigError, match=r"data.root is required for dataset 'voc12_aug'"):
+        load_config(None)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  nme: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.nme'"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg = load_config(path, ["data.root=/data"])
+    assert cfg.stage1.iterations or cfg.stage2.iterations
+    assert not Path(cfg.out_dir).is_absolute() and (cfg.data.root == "/data" or cfg.data.dataset == "synthetic")
+
+
+def test_voc_stage_configs_follow_the_paper():
+    stage1 = load_config(ROOT / "configs" / "voc12_deeplabv2.yaml", ["data.root=/data"])
+    assert stage1.model.name == "deeplabv2_resnet101_msc" and stage1.stage1.batch_size == 10
+    assert (stage1.data.crop_size, stage1.stage1.iterations, stage1.stage1.lr) == (321, 20000, 2.5e-4)
+    assert stage1.stage2.iterations == 0
+    stage2 = load_config(ROOT / "configs" / "voc12_crfrnn.yaml", ["data.root=/data"])
+    assert stage2.stage1.iterations == 0 and stage2.stage2.iterations > 0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(SYNTHETIC, ["stage2.crf_lr=0.5"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(path) == cfg
+    assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
+    assert to_dict(cfg)["stage2"]["crf_lr"] == 0.5

@@ -1,0 +1,55 @@
+"""Checkpoint files: atomic writes and safe, clearly-failing reads."""
+
+import os
+
+import pytest
+import torch
+
+from crfrnn_deeplab.weights.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+
+
+class _Opaque:  # a pickled class: weights_only loading must refuse it
+    pass
+
+
+def test_round_trip(tmp_path):
+    path = save_checkpoint(tmp_path / "run" / "last.pt", {"model": {"w": torch.arange(3.0)}, "step": 7})
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == FORMAT and ckpt["step"] == 7
+    torch.testing.assert_close(ckpt["model"]["w"], torch.arange(3.0))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    good = save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.zeros(100)}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated.pt.*not a readable"):
+        load_checkpoint(truncated)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        load_checkpoint(text)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"obj": _Opaque()}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(pickled)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(listed)
