@@ -162,12 +162,14 @@ def pil_to_rgb(image: Image.Image, *, name: str = "image") -> np.ndarray:
 def check_network_input(x: object, *, min_size: int, name: str = "input") -> Tensor:
     """Checks a normalised network input ``Tensor[B, 3, H, W]`` (floating point, sides ``>= min_size``)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a Tensor[B, 3, H, W], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name} must be a tensor of shape (B, 3, H, W), got {_shape(x)}")
+        raise TypeError(f"{name}: expected a Tensor[B, 3, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor of shape (B, 3, H, W), got {_shape(x)}")
+    if x.shape[1] != 3:
+        raise ValueError(f"{name}: expected 3 channels in a (B, 3, H, W) tensor, got {x.shape[1]} ({_shape(x)})")
     if not x.is_floating_point():
         raise TypeError(
-            f"{name} must be floating point (the normalised network input), got dtype {x.dtype}; "
+            f"{name}: expected a floating-point tensor (the normalised network input), got dtype {x.dtype}; "
             "turn raw 0-255 RGB images into network input with model.preprocess(images)"
         )
     if x.shape[0] == 0:
@@ -198,7 +200,7 @@ def check_valid_mask(mask: object, *, shape: tuple[int, ...], device: torch.devi
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor {list(shape)}, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (B, H, W), got {_shape(mask)}")
+        raise ValueError(f"{name} must be a Tensor[B, H, W] = {tuple(shape)}, got {_shape(mask)}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
     if mask.device != device:

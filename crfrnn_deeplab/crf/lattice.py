@@ -122,8 +122,8 @@ class _Vertices:
     one int64 (mixed radix, image most significant) whenever the coordinate spans allow it — the usual case,
     a sort of scalars, and packing is linear so a neighbour's code is the vertex's code plus a constant.
     Neighbouring pixels often lie in the same simplex (the same d+1 vertices), so the distinct simplices are
-    found first and only their vertices are numbered (52,425 simplices for the 187,500 pixels of
-    ``bench_crf.py``'s 500×375 scene at densecrf's usual bandwidths).
+    found first and only their vertices are numbered (at densecrf's usual bandwidths a photograph has several
+    pixels per simplex).
     Otherwise (extreme bandwidths on huge images) whole key rows are ranked with ``unique(dim=0)``.
 
     Attributes:

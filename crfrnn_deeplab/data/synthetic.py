@@ -27,7 +27,7 @@ deviation of 50 (0-255 units), so the class colour distributions overlap (colour
 class: a nearest-class-mean colour classifier labels about 70 % of object pixels correctly) while the object
 is kept at least 70 (RGB distance) away from the background colour under its centre, so that its boundary is a
 colour edge. A smooth illumination field (+-12 %) and pixel noise (triangular, std 3-10) are applied to the
-whole image. Rendering takes about 0.7 ms at 161x161 and 4 ms at 321x321 on one CPU core.
+whole image.
 
 Stated properties, checked by the tests over the first 50 training images of seeds 0-1 at 161x161 (measured
 values in brackets):

@@ -21,7 +21,7 @@ from crfrnn_deeplab.models.backbone import (
 )
 from crfrnn_deeplab.models.conventions import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
 from crfrnn_deeplab.models.deeplab import DeepLabV2
-from crfrnn_deeplab.models.msc import MSC, MSC_SCALES
+from crfrnn_deeplab.models.msc import MSC, MSC_SCALES, Fusion
 from crfrnn_deeplab.models.registry import register_model
 
 __all__ = [
@@ -39,22 +39,23 @@ def _msc_variant(builder):
     """Registers ``<builder>_msc``: the builder's model in an :class:`MSC` wrapper, with the builder's typed
     keyword options plus ``scales`` (default 1, 0.75, 0.5)."""
 
-    def msc_builder(*, num_classes: int, scales: Sequence[float] = MSC_SCALES, **options) -> MSC:
-        return MSC(model=builder(num_classes=num_classes, **options), scales=scales)
+    def msc_builder(*, num_classes: int, scales: Sequence[float] = MSC_SCALES, fusion: Fusion = "input",
+                    **options) -> MSC:
+        return MSC(model=builder(num_classes=num_classes, **options), scales=scales, fusion=fusion)
 
     msc_builder.__name__ = msc_builder.__qualname__ = f"{builder.__name__}_msc"
     msc_builder.__doc__ = (
-        f":func:`{builder.__name__}` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5); "
-        f"the other options are :func:`{builder.__name__}`'s."
+        f":func:`{builder.__name__}` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5) and "
+        f"``fusion`` (``'input'`` or DeepLab v2's ``'score_map'``); the other options are :func:`{builder.__name__}`'s."
     )
     signature = inspect.signature(builder)
-    scales = inspect.Parameter(
-        "scales", inspect.Parameter.KEYWORD_ONLY, default=MSC_SCALES, annotation="Sequence[float]"
-    )
-    parameters = list(signature.parameters.values())  # num_classes first, then scales, then the builder's
-    msc_builder.__signature__ = signature.replace(
-        parameters=parameters[:1] + [scales] + parameters[1:], return_annotation="MSC"
-    )
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [
+        inspect.Parameter("scales", keyword, default=MSC_SCALES, annotation="Sequence[float]"),
+        inspect.Parameter("fusion", keyword, default="input", annotation="Fusion"),
+    ]
+    parameters = list(signature.parameters.values())  # num_classes first, then scales and fusion, then the builder's
+    msc_builder.__signature__ = signature.replace(parameters=parameters[:1] + added + parameters[1:], return_annotation="MSC")
     return register_model(msc_builder, multi_scale=True)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,17 +19,22 @@ from crfrnn_deeplab.models.conventions import InputConvention
 from crfrnn_deeplab.models.deeplab import DeepLabV2
 from crfrnn_deeplab.models.predictor import PredictMixin
 
-__all__ = ["MSC", "MSCOutput", "MSC_SCALES"]
+__all__ = ["MSC", "MSCOutput", "MSC_SCALES", "Fusion"]
 
 #: DeepLab v2's input scales for multi-scale training and testing.
 MSC_SCALES: tuple[float, ...] = (1.0, 0.75, 0.5)
+
+#: Where the scales' score maps are fused: "input" (each upsampled to the input size, then the max) or
+#: "score_map" (each resized to the 1.0 scale's stride-8 score map, the max there, then upsampled: what DeepLab
+#: v2's Caffe model and its PyTorch ports compute).
+Fusion = Literal["input", "score_map"]
 
 
 class MSCOutput(NamedTuple):
     """What :class:`MSC` returns in training mode (every entry gets a loss).
 
     Attributes:
-        fused (Tensor[B, C, H, W]): element-wise max over the scales.
+        fused (Tensor[B, C, H, W]): element-wise max over the scales (see :data:`Fusion` for where).
         per_scale (list[Tensor[B, C, H, W]]): the logits of each scale, in the order of ``MSC.scales``,
             upsampled to the input size.
     """
@@ -41,27 +46,38 @@ class MSCOutput(NamedTuple):
 class MSC(PredictMixin, nn.Module):
     """Multi-scale inputs with max fusion ("MSC" in DeepLab v2, Sec. 4.1; Chen et al., Attention to Scale, 2016).
 
-    The image is resized bilinearly (``align_corners=False``) to each scale (side ``floor((S - 1) * s) + 1``),
-    passed through the shared model, each score map is upsampled bilinearly to the input size, and the
-    results are fused by element-wise max.
+    The image is resized bilinearly (``align_corners=False``) to each scale (side ``floor((S - 1) * s) + 1``) and
+    passed through the shared model; the score maps are fused by element-wise max, either at the input size
+    (``fusion="input"``: each upsampled first) or at the 1.0 scale's stride-8 score map (``fusion="score_map"``:
+    each resized to it, the max, then upsampled), which is what DeepLab v2's Caffe model and its ports compute
+    (so a converted Caffe-layout checkpoint reproduces its source). The two differ where the scales disagree,
+    since bilinear upsampling and max do not commute. Each scale's own logits (upsampled to the input size) are
+    returned in training mode for its loss either way.
 
     Args:
         model: the shared :class:`DeepLabV2`.
-        scales: input scales, e.g. :data:`MSC_SCALES` = (1.0, 0.75, 0.5).
+        scales: input scales, e.g. :data:`MSC_SCALES` = (1.0, 0.75, 0.5); ``fusion="score_map"`` needs 1.0 among
+            them.
+        fusion: ``"input"`` (default) or ``"score_map"``.
 
     Attributes:
-        model, scales: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
+        model, scales, fusion: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
         input_convention, num_classes, output_stride: those of ``model``.
         min_input_size: smallest accepted image side, so that every rescaled image has a side of at least
             ``model.min_input_size`` (15 for stride 8 and the default scales).
     """
 
-    def __init__(self, *, model: DeepLabV2, scales: Sequence[float] = MSC_SCALES) -> None:
+    def __init__(self, *, model: DeepLabV2, scales: Sequence[float] = MSC_SCALES, fusion: Fusion = "input") -> None:
         super().__init__()
         if not isinstance(model, DeepLabV2):
             raise TypeError(f"model must be a DeepLabV2, got {type(model).__name__}")
+        if fusion not in ("input", "score_map"):
+            raise ValueError(f"fusion must be 'input' or 'score_map', got {fusion!r}")
         self.model = model
         self.scales = check_scales(scales)
+        if fusion == "score_map" and 1.0 not in self.scales:
+            raise ValueError(f"fusion='score_map' fuses at the 1.0 scale's score map: 1.0 must be a scale, got {self.scales}")
+        self.fusion: Fusion = fusion
         min_size = model.min_input_size
         while any(scaled_size(min_size, s) < model.min_input_size for s in self.scales):
             min_size += 1
@@ -102,13 +118,18 @@ class MSC(PredictMixin, nn.Module):
             ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
         """
         check_network_input(x, min_size=self.min_input_size)
-        height, width = x.shape[-2:]
-        per_scale = []
-        for s in self.scales:
-            xs = resize(x, (scaled_size(height, s), scaled_size(width, s)))
-            per_scale.append(resize(self.model.scores(xs), (height, width)))
-        fused = functools.reduce(torch.maximum, per_scale)
+        size = (x.shape[-2], x.shape[-1])
+        scores = [self.model.scores(resize(x, (scaled_size(size[0], s), scaled_size(size[1], s)))) for s in self.scales]
+        per_scale = [resize(z, size) for z in scores]
+        if self.fusion == "input":
+            fused = functools.reduce(torch.maximum, per_scale)
+        else:
+            base = scores[self.scales.index(1.0)].shape[-2:]
+            fused = resize(functools.reduce(torch.maximum, [resize(z, base) for z in scores]), size)
         return MSCOutput(fused, per_scale) if self.training else fused
+
+    def extra_repr(self) -> str:
+        return f"scales={self.scales}, fusion={self.fusion!r}"
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the backbone; see :meth:`DeepLabV2.backbone_parameters`."""

@@ -289,6 +289,8 @@ def test_bad_input(mutate, error, match):
         (dict(num_classes=3, theta_gamma=float("inf")), "theta_gamma"),
         (dict(num_classes=3, normalization="before"), "normalization"),
         (dict(num_classes=3, train_iterations=-1), "train_iterations"),
+        (dict(num_classes=3, bilateral_weight=float("nan")), "bilateral_weight must be a finite number, got nan"),
+        (dict(num_classes=3, spatial_weight=float("inf")), "spatial_weight must be a finite number, got inf"),
     ],
 )
 def test_bad_construction(kwargs, match):

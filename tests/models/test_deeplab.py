@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from crfrnn_deeplab.models.aspp import ASPP
 from crfrnn_deeplab.models.backbone import resnet18_atrous
-from crfrnn_deeplab.models import MSC, DeepLabV2, MSCOutput
+from crfrnn_deeplab.models import MSC, DeepLabV2, MSCOutput, get_model
 from crfrnn_deeplab.models.builders import (
     deeplabv2_resnet18,
     deeplabv2_resnet50,
@@ -193,3 +195,35 @@ def test_bad_msc_construction(light):
         MSC(model=light, scales=(1.0, -0.5))
     with pytest.raises(TypeError, match=r"model must be a DeepLabV2, got Identity"):
         MSC(model=nn.Identity())
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.75, 0.5), (0.5, 1.0)])
+def test_msc_score_map_fusion_matches_deeplab_v2(light, scales):
+    # DeepLab v2's Caffe model (and its PyTorch ports) take the max over the scales at the stride-8 score map of
+    # the unscaled image, then upsample once; the reference is written here with plain torch calls.
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 41, 53)
+    msc = MSC(model=light, scales=scales, fusion="score_map").eval()
+    with torch.no_grad():
+        base = light.scores(x)
+        maps = []
+        for s in scales:
+            h, w = math.floor(40 * s) + 1, math.floor(52 * s) + 1
+            xs = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            maps.append(torch.nn.functional.interpolate(light.scores(xs), size=base.shape[-2:], mode="bilinear",
+                                                        align_corners=False))
+        expected = torch.nn.functional.interpolate(torch.stack(maps).max(0).values, size=(41, 53), mode="bilinear",
+                                                   align_corners=False)
+        out = msc(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert (out - MSC(model=light, scales=scales).eval()(x)).abs().max() > 1e-3  # the two fusions differ
+    train_out = msc.train()(x)
+    assert len(train_out.per_scale) == len(scales) and train_out.fused.shape == (2, 3, 41, 53)
+
+
+def test_msc_fusion_is_checked(light):
+    with pytest.raises(ValueError, match="fusion must be 'input' or 'score_map', got 'mean'"):
+        MSC(model=light, fusion="mean")
+    with pytest.raises(ValueError, match="1.0 must be a scale"):
+        MSC(model=light, scales=(0.75, 0.5), fusion="score_map")
+    assert get_model("deeplabv2_resnet18_msc", num_classes=3, base_width=8, fusion="score_map").fusion == "score_map"
