@@ -86,15 +86,18 @@ def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...]
         raise ValueError(f"{name} is empty ({_shape(image)})")
     if image.is_floating_point() and not all_finite(image):
         raise ValueError(f"{name} contains NaN or infinite values")
-    low, high = (float(v) for v in torch.aminmax(image.detach()))
+    values = image.detach()
+    if values.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no min/max kernels for these dtypes
+        values = values.double()
+    low, high = (float(v) for v in torch.aminmax(values))
     if low < 0:
         raise ValueError(
-            f"{name} has negative values (min {low:.4g}): expected the raw RGB image in 0-255, not the normalised "
+            f"{name} has negative values (min {low:.6g}): expected the raw RGB image in 0-255, not the normalised "
             "network input"
         )
     if high > 255:
         raise ValueError(
-            f"{name} has values above 255 (max {high:.4g}): expected raw RGB in 0-255 (a 16-bit image must be "
+            f"{name} has values above 255 (max {high:.6g}): expected raw RGB in 0-255 (a 16-bit image must be "
             "scaled to 0-255 first, e.g. image / 257)"
         )
     if image.is_floating_point() and 0 < high <= 1:
