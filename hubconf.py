@@ -5,7 +5,7 @@
     model = torch.hub.load(repo, "deeplabv2_resnet18", source="local", num_classes=6, crf=True)
 
 No weights are hosted or downloaded: ``pretrained=True`` is an error; ``checkpoint=`` loads a file you have
-(ours or any layout :mod:`crfrnn_deeplab.weights.convert` reads): without ``num_classes`` the model is the one the
+(ours or any layout :mod:`crfrnn_deeplab.weights.layouts` reads): without ``num_classes`` the model is the one the
 checkpoint records (it must be the named architecture); with it, the named model is built and the weights are
 loaded into it strictly.
 """
@@ -21,15 +21,17 @@ def _entry(name: str):
     def build(*, pretrained: bool = False, checkpoint: str | None = None, num_classes: int | None = None,
               crf: bool | dict[str, Any] = False, **options: Any):
         from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
-        from crfrnn_deeplab.weights.convert import load_into, model_for_checkpoint, network_name
+        from crfrnn_deeplab.models import model_spec
+        from crfrnn_deeplab.weights import load_into, model_for_checkpoint
+        from crfrnn_deeplab.weights.factory import model_variant, network_name
 
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "
                              "checkpoint='path/to/weights.pt' (ours, torchvision's or a converted DeepLab v2 model)")
         if checkpoint is not None and num_classes is None:  # everything from the checkpoint
-            model, _ = model_for_checkpoint(checkpoint, msc=name.endswith("_msc"), **options)
+            model, _ = model_for_checkpoint(checkpoint, msc=model_spec(name).multi_scale, **options)
             held = network_name(model)
-            if held != name.removesuffix("_msc"):
+            if held != model_variant(name, multi_scale=False):
                 raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
         else:
             if num_classes is None:

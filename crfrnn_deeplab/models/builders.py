@@ -21,7 +21,7 @@ from crfrnn_deeplab.models.backbone import (
 )
 from crfrnn_deeplab.models.conventions import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
 from crfrnn_deeplab.models.deeplab import DeepLabV2
-from crfrnn_deeplab.models.msc import MSC, MSC_SCALES, Fusion
+from crfrnn_deeplab.models.msc import MSC, MSC_SCALES, Fusion, ImageResize
 from crfrnn_deeplab.models.registry import register_model
 
 __all__ = [
@@ -40,19 +40,22 @@ def _msc_variant(builder):
     keyword options plus ``scales`` (default 1, 0.75, 0.5)."""
 
     def msc_builder(*, num_classes: int, scales: Sequence[float] = MSC_SCALES, fusion: Fusion = "input",
-                    **options) -> MSC:
-        return MSC(model=builder(num_classes=num_classes, **options), scales=scales, fusion=fusion)
+                    image_resize: ImageResize = "caffe", **options) -> MSC:
+        model = builder(num_classes=num_classes, **options)
+        return MSC(model=model, scales=scales, fusion=fusion, image_resize=image_resize)
 
     msc_builder.__name__ = msc_builder.__qualname__ = f"{builder.__name__}_msc"
     msc_builder.__doc__ = (
         f":func:`{builder.__name__}` in an :class:`MSC` wrapper with ``scales`` (default 1, 0.75, 0.5) and "
-        f"``fusion`` (``'input'`` or DeepLab v2's ``'score_map'``); the other options are :func:`{builder.__name__}`'s."
+        f"``fusion`` (``'input'`` or DeepLab v2's ``'score_map'``) and ``image_resize``; the other options are "
+        f":func:`{builder.__name__}`'s."
     )
     signature = inspect.signature(builder)
     keyword = inspect.Parameter.KEYWORD_ONLY
     added = [
         inspect.Parameter("scales", keyword, default=MSC_SCALES, annotation="Sequence[float]"),
         inspect.Parameter("fusion", keyword, default="input", annotation="Fusion"),
+        inspect.Parameter("image_resize", keyword, default="caffe", annotation="ImageResize"),
     ]
     parameters = list(signature.parameters.values())  # num_classes first, then scales and fusion, then the builder's
     msc_builder.__signature__ = signature.replace(parameters=parameters[:1] + added + parameters[1:], return_annotation="MSC")

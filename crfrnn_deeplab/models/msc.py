@@ -8,10 +8,12 @@ Sec. 4.1. With MSC every rescaled copy of the input must satisfy the network's m
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crfrnn_deeplab.images import check_network_input, check_scales, resize, scaled_size
@@ -19,7 +21,7 @@ from crfrnn_deeplab.models.conventions import InputConvention
 from crfrnn_deeplab.models.deeplab import DeepLabV2
 from crfrnn_deeplab.models.predictor import PredictMixin
 
-__all__ = ["MSC", "MSCOutput", "MSC_SCALES", "Fusion"]
+__all__ = ["MSC", "MSCOutput", "MSC_SCALES", "Fusion", "ImageResize"]
 
 #: DeepLab v2's input scales for multi-scale training and testing.
 MSC_SCALES: tuple[float, ...] = (1.0, 0.75, 0.5)
@@ -28,6 +30,11 @@ MSC_SCALES: tuple[float, ...] = (1.0, 0.75, 0.5)
 #: "score_map" (each resized to the 1.0 scale's stride-8 score map, the max there, then upsampled: what DeepLab
 #: v2's Caffe model and its PyTorch ports compute).
 Fusion = Literal["input", "score_map"]
+
+#: How the input is resized to a scale s: "caffe" (side ``floor((S - 1)·s) + 1``, sampled at the sizes' ratio, as
+#: DeepLab v2's Caffe ``Interp`` layer) or "scale_factor" (side ``floor(S·s)``, sampled at exactly 1/s, what
+#: ``F.interpolate(x, scale_factor=s)`` does in the PyTorch ports, e.g. kazuto1011/deeplab-pytorch).
+ImageResize = Literal["caffe", "scale_factor"]
 
 
 class MSCOutput(NamedTuple):
@@ -59,15 +66,24 @@ class MSC(PredictMixin, nn.Module):
         scales: input scales, e.g. :data:`MSC_SCALES` = (1.0, 0.75, 0.5); ``fusion="score_map"`` needs 1.0 among
             them.
         fusion: ``"input"`` (default) or ``"score_map"``.
+        image_resize: ``"caffe"`` (default) or ``"scale_factor"`` (see :data:`ImageResize`); a converted
+            checkpoint gets its source's rule, so that it reproduces the source's fused output.
 
     Attributes:
-        model, scales, fusion: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
+        model, scales, fusion, image_resize: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
         input_convention, num_classes, output_stride: those of ``model``.
         min_input_size: smallest accepted image side, so that every rescaled image has a side of at least
             ``model.min_input_size`` (15 for stride 8 and the default scales).
     """
 
-    def __init__(self, *, model: DeepLabV2, scales: Sequence[float] = MSC_SCALES, fusion: Fusion = "input") -> None:
+    def __init__(
+        self,
+        *,
+        model: DeepLabV2,
+        scales: Sequence[float] = MSC_SCALES,
+        fusion: Fusion = "input",
+        image_resize: ImageResize = "caffe",
+    ) -> None:
         super().__init__()
         if not isinstance(model, DeepLabV2):
             raise TypeError(f"model must be a DeepLabV2, got {type(model).__name__}")
@@ -77,9 +93,12 @@ class MSC(PredictMixin, nn.Module):
         self.scales = check_scales(scales)
         if fusion == "score_map" and 1.0 not in self.scales:
             raise ValueError(f"fusion='score_map' fuses at the 1.0 scale's score map: 1.0 must be a scale, got {self.scales}")
+        if image_resize not in ("caffe", "scale_factor"):
+            raise ValueError(f"image_resize must be 'caffe' or 'scale_factor', got {image_resize!r}")
         self.fusion: Fusion = fusion
+        self.image_resize: ImageResize = image_resize
         min_size = model.min_input_size
-        while any(scaled_size(min_size, s) < model.min_input_size for s in self.scales):
+        while any(self._side(min_size, s) < model.min_input_size for s in self.scales):
             min_size += 1
         self._min_input_size = min_size
 
@@ -119,7 +138,7 @@ class MSC(PredictMixin, nn.Module):
         """
         check_network_input(x, min_size=self.min_input_size)
         size = (x.shape[-2], x.shape[-1])
-        scores = [self.model.scores(resize(x, (scaled_size(size[0], s), scaled_size(size[1], s)))) for s in self.scales]
+        scores = [self.model.scores(self._rescale(x, s)) for s in self.scales]
         per_scale = [resize(z, size) for z in scores]
         if self.fusion == "input":
             fused = functools.reduce(torch.maximum, per_scale)
@@ -128,8 +147,17 @@ class MSC(PredictMixin, nn.Module):
             fused = resize(functools.reduce(torch.maximum, [resize(z, base) for z in scores]), size)
         return MSCOutput(fused, per_scale) if self.training else fused
 
+    def _side(self, size: int, scale: float) -> int:
+        return scaled_size(size, scale) if self.image_resize == "caffe" else math.floor(size * scale)
+
+    def _rescale(self, x: Tensor, scale: float) -> Tensor:
+        """The input at ``scale`` under :attr:`image_resize`'s rule (a no-op at 1.0 under both)."""
+        if self.image_resize == "caffe" or scale == 1.0:
+            return resize(x, (scaled_size(x.shape[-2], scale), scaled_size(x.shape[-1], scale)))
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
     def extra_repr(self) -> str:
-        return f"scales={self.scales}, fusion={self.fusion!r}"
+        return f"scales={self.scales}, fusion={self.fusion!r}, image_resize={self.image_resize!r}"
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the backbone; see :meth:`DeepLabV2.backbone_parameters`."""

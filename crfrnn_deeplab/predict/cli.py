@@ -30,8 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from crfrnn_deeplab.weights.checkpoint import load_checkpoint
-from crfrnn_deeplab.weights.convert import model_for_checkpoint
+from crfrnn_deeplab.weights import model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
 from crfrnn_deeplab.data.io import DatasetError, read_image
 from crfrnn_deeplab.predict.api import Prediction, predict
@@ -189,8 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = output_names(images)
         outputs = [_outputs(args.out, name, args) for name in names]
         _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()])
-        checkpoint = load_checkpoint(args.checkpoint)
-        model, _ = model_for_checkpoint(checkpoint)
+        model, report = model_for_checkpoint(args.checkpoint)
         if args.crf_iterations is not None and not isinstance(model, CRFRNN):
             raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
         try:
@@ -203,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     num_classes = model.num_classes
     colours = palette(num_classes)
-    class_names = checkpoint.get("class_names")
+    class_names = report.class_names
     args.out.mkdir(parents=True, exist_ok=True)
     for sub in {p.parent for o in outputs for p in o.values()}:
         sub.mkdir(parents=True, exist_ok=True)

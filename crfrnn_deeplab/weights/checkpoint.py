@@ -163,8 +163,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError) as e:
         # A truncated archive fails in whichever structure the cut lands: zip directory, pickle memo, storage.
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file): {e}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file): {_reason(e)}"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict (a checkpoint or a state dict)")
     return obj
+
+
+def _reason(error: Exception) -> str:
+    """The error's message; the unpickler's ``EOFError`` on a truncated legacy (pickle) file has none."""
+    message = str(error).strip()
+    if message:
+        return message
+    if isinstance(error, EOFError):
+        return "the file ends before its data does (EOFError)"
+    return type(error).__name__

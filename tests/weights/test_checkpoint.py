@@ -53,3 +53,15 @@ def test_bad_files(tmp_path):
     torch.save([1, 2], listed)
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_checkpoint(listed)
+
+
+@pytest.mark.parametrize("cut", [10, 100, 1000])
+def test_truncated_legacy_file_gives_a_reason(tmp_path, cut):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(1000), "b": torch.ones(5)}, legacy, _use_new_zipfile_serialization=False)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(legacy.read_bytes()[:cut])  # the unpickler's EOFError carries no message
+    with pytest.raises(CheckpointError, match=r"truncated\.pt is not a readable PyTorch checkpoint") as info:
+        load_checkpoint(truncated)
+    reason = str(info.value).rpartition("(truncated or another kind of file): ")[2]
+    assert reason.strip(), str(info.value)

@@ -1,0 +1,206 @@
+"""The model a checkpoint needs, built from the registry and loaded strictly.
+
+For our checkpoints it is the recorded builder (``model_config``: name, options, CRF); for the external layouts it
+is the DeepLab v2 model of the trunk's depth with the block layout and input convention of the weights, ASPP-L
+when the checkpoint has a classifier, and the multi-scale (MSC) model when the weights were saved from an MSC
+wrapper. The checkpoint is read and converted once (:func:`~.layouts.convert_state_dict`); the recipe and the
+load both work from that conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from crfrnn_deeplab.crf.mean_field import MeanFieldCRF
+from crfrnn_deeplab.models.aspp import ASPP_L_RATES
+from crfrnn_deeplab.models.conventions import InputConvention
+from crfrnn_deeplab.models.crfrnn import CRFRNN
+from crfrnn_deeplab.models.registry import builder_defaults, get_model, list_models, model_spec
+from crfrnn_deeplab.weights.architecture import (
+    CAFFE_BLOCKS,
+    TORCHVISION_BLOCKS,
+    checkpoint_trunk,
+    model_parts,
+    model_trunk,
+)
+from crfrnn_deeplab.weights.layouts import CAFFE_LAYOUTS, ConversionError, ConvertedStateDict, convert_state_dict
+from crfrnn_deeplab.weights.loading import LoadReport, load_converted
+
+__all__ = ["ModelRecipe", "build_for_checkpoint", "model_for_checkpoint", "model_variant", "network_name"]
+
+# How crfrnn_deeplab.models.builders names the MSC model it registers for each single-scale builder; a candidate
+# name is only used once the registry confirms it is that model's twin.
+_MSC_SUFFIX = "_msc"
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How to build the model for a checkpoint: a registered builder, its options (plain data, as recorded in
+    our checkpoints' ``model_config``), the CRF's options, and the input convention of the weights."""
+
+    name: str
+    num_classes: int
+    options: dict[str, Any]
+    crf: dict[str, Any] | None
+    convention: InputConvention | None
+
+    def build(self) -> nn.Module:
+        options = dict(self.options)
+        if self.convention is not None:
+            options["input_convention"] = self.convention
+        net = get_model(self.name, num_classes=self.num_classes, **options)
+        if self.crf is None:
+            return net
+        return CRFRNN(network=net, crf=MeanFieldCRF(num_classes=self.num_classes, **self.crf))
+
+
+def model_variant(name: str, *, multi_scale: bool) -> str:
+    """The registered model that is ``name``'s network with (``multi_scale=True``) or without the MSC wrapper.
+
+    Raises:
+        ValueError: ``name`` is not registered, or has no registered twin of the asked kind.
+    """
+    if model_spec(name).multi_scale == multi_scale:
+        return name
+    twin = name + _MSC_SUFFIX if multi_scale else name.removesuffix(_MSC_SUFFIX)
+    if twin == name or twin not in list_models() or model_spec(twin).multi_scale != multi_scale:
+        kind = "multi-scale (MSC)" if multi_scale else "single-scale"
+        known = [n for n in list_models() if model_spec(n).multi_scale == multi_scale]
+        raise ValueError(f"model {name!r} has no registered {kind} twin; registered {kind} models: {known}")
+    return twin
+
+
+def network_name(model: nn.Module) -> str | None:
+    """The registry name of a model's single-scale network (``"deeplabv2_resnet101"`` for a ResNet-101 DeepLab v2,
+    also inside MSC or CRFRNN), or ``None`` for a trunk of no registered depth.
+
+    Raises:
+        TypeError: not a DeepLabV2, MSC or CRFRNN model.
+    """
+    found = model_trunk(model_parts(model).network.backbone)
+    return None if found is None else found[0].network
+
+
+def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, msc: bool | None,
+                     options: Mapping[str, Any]) -> ModelRecipe:
+    """The recipe one of our checkpoints records, switched to the MSC or single-scale twin when ``msc`` asks."""
+    config = converted.model_config
+    if config is None:
+        raise ConversionError(
+            f"the crfrnn_deeplab state dict {converted.source} records no model_config (builder name and options): "
+            "build the model with get_model(...) and load it with load_into(model, ...)"
+        )
+    name = str(config["name"])
+    recorded = {k: v for k, v in dict(config.get("options") or {}).items() if k != "input_convention"}
+    if msc is not None:
+        twin = model_variant(name, multi_scale=msc)
+        for option in set(builder_defaults(name)) - set(builder_defaults(twin)):  # the wrapper's own (scales)
+            recorded.pop(option, None)
+        name = twin
+    crf = config.get("crf")
+    return ModelRecipe(
+        name=name,
+        num_classes=num_classes if num_classes is not None else int(config["num_classes"]),
+        options={**recorded, **options},
+        crf=dict(crf) if crf else None,
+        convention=converted.input_convention,
+    )
+
+
+def _inferred_recipe(converted: ConvertedStateDict, *, num_classes: int | None, msc: bool | None,
+                     options: Mapping[str, Any]) -> ModelRecipe:
+    """The DeepLab v2 model an external checkpoint's weights fit: depth, block layout, head, classes, wrapper."""
+    trunk = checkpoint_trunk(converted)
+    if trunk is None:
+        raise ConversionError(
+            f"the {converted.layout!r} checkpoint {converted.source} has no complete ResNet trunk (layer1..layer4)"
+        )
+    if trunk.network is None:
+        raise ConversionError(f"the checkpoint holds {trunk.describe()}; the DeepLab v2 models are ResNet-18/34/50/101")
+    arch: dict[str, Any] = dict(CAFFE_BLOCKS if converted.layout in CAFFE_LAYOUTS else TORCHVISION_BLOCKS)
+    if not trunk.bottleneck:  # BasicBlocks have no 1×1 to carry the stride; their width is the stem's
+        del arch["stride_in_1x1"]
+        arch["base_width"] = int(converted.state_dict["backbone.conv1.weight"].shape[0])
+    branches = sum(bool(re.fullmatch(r"head\.branches\.\d+\.weight", k)) for k in converted.state_dict)
+    if branches:
+        if branches != len(ASPP_L_RATES):
+            raise ConversionError(f"the checkpoint's classifier has {branches} ASPP branches, ASPP-L has 4")
+        arch["head"] = "aspp_l"
+    classes = num_classes if num_classes is not None else converted.num_classes
+    if classes is None:
+        raise ConversionError(
+            "the checkpoint has no DeepLab v2 classifier to count the classes: pass num_classes (CLI: --num-classes)"
+        )
+    multi_scale = converted.saved_from_msc if msc is None else msc
+    if multi_scale and converted.layout == "caffe_deeplabv2":
+        # kazuto1011's MSC: the max over scales at the unscaled input's score map, inputs resized with
+        # F.interpolate(scale_factor=s); these options make the converted model compute the same fused output.
+        arch.update(fusion="score_map", image_resize="scale_factor")
+    return ModelRecipe(
+        name=model_variant(trunk.network, multi_scale=multi_scale),
+        num_classes=classes,
+        options={**arch, **options},
+        crf=None,
+        convention=converted.input_convention,
+    )
+
+
+def build_for_checkpoint(
+    converted: ConvertedStateDict,
+    *,
+    num_classes: int | None = None,
+    msc: bool | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[ModelRecipe, nn.Module, LoadReport]:
+    """The recipe a converted checkpoint needs, the model built from it, and the strict load's report (see
+    :func:`model_for_checkpoint`)."""
+    options = dict(options or {})
+    if "input_convention" in options:
+        raise TypeError("input_convention comes with the checkpoint's weights; it cannot be chosen here")
+    recipe_for = _recorded_recipe if converted.layout == "crfrnn_deeplab" else _inferred_recipe
+    recipe = recipe_for(converted, num_classes=num_classes, msc=msc, options=options)
+    model = recipe.build()
+    return recipe, model, load_converted(model, converted, strict=True)
+
+
+def model_for_checkpoint(
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    num_classes: int | None = None,
+    layout: str = "auto",
+    msc: bool | None = None,
+    **options: Any,
+) -> tuple[nn.Module, LoadReport]:
+    """Builds the model a checkpoint needs and loads it (strict, see :func:`~.loading.load_into`).
+
+    For our checkpoints the recorded builder (``model_config``: name, options, CRF); for the others the DeepLab v2
+    model of the trunk's depth (ResNet-18/34/50/101) with the block layout and input convention of the weights
+    (Caffe or torchvision), ASPP-L when the checkpoint has a classifier, and MSC when the weights were saved from
+    an MSC wrapper.
+
+    Args:
+        source: a checkpoint file or a loaded checkpoint / state dict.
+        num_classes: classes of the model; default: the checkpoint's. Required for checkpoints without a DeepLab v2
+            classifier (torchvision, the COCO DeepLab v1 init). Another number re-initialises the classifier.
+        layout: one of :data:`~.layouts.LAYOUTS`, or ``"auto"``.
+        msc: the registered multi-scale (MSC) model (True) or its single-scale twin (False); ``None``: as the
+            checkpoint was.
+        **options: further builder options (e.g. ``norm="frozen"``, ``output_stride=16``), applied last.
+
+    Returns:
+        ``(model, report)``; the model is in training mode, as built.
+
+    Raises:
+        ConversionError, CheckpointError, FileNotFoundError: see :func:`~.loading.load_into`; also a checkpoint
+            without a classifier and no ``num_classes``, or a trunk of an unsupported depth.
+        ValueError: ``msc`` asks for a twin the registry does not have.
+    """
+    converted = convert_state_dict(source, layout=layout)
+    _, model, report = build_for_checkpoint(converted, num_classes=num_classes, msc=msc, options=options)
+    return model, report

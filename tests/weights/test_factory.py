@@ -1,0 +1,90 @@
+"""The model a checkpoint needs: built from what the checkpoint records or holds, from a registered model of the
+right kind (single-scale or MSC), and loaded from one conversion of the checkpoint."""
+
+import pytest
+import torch
+from torch import nn
+
+from crfrnn_deeplab import CAFFE_CONVENTION, CRFRNN, MSC, DeepLabV2, MeanFieldCRF, get_model
+from crfrnn_deeplab.models import registry
+from crfrnn_deeplab.weights import layouts, model_for_checkpoint, save_checkpoint
+from crfrnn_deeplab.weights.factory import model_variant, network_name
+from weights.deeplab_ports import build_small
+
+
+def test_model_for_our_joint_checkpoint(small, tmp_path):
+    _, sd = small
+    crf_options = {"spatial_weight": 2.0, "theta_alpha": 50.0, "train_iterations": 2}
+    joint = CRFRNN(network=MSC(model=build_small()), crf=MeanFieldCRF(num_classes=3, **crf_options))
+    joint.network.model.load_state_dict(sd)
+    path = save_checkpoint(tmp_path / "final.pt", {
+        "model": joint.state_dict(), "input_convention": CAFFE_CONVENTION.to_dict(),
+        "model_config": {"name": "deeplabv2_resnet18_msc", "num_classes": 3, "options": {"base_width": 8},
+                         "crf": crf_options},
+    })
+    model, report = model_for_checkpoint(path)
+    assert isinstance(model, CRFRNN) and isinstance(model.network, MSC) and model.crf.train_iterations == 2
+    assert set(report.used) == set(model.state_dict()) and model.input_convention == CAFFE_CONVENTION
+    torch.testing.assert_close(model.crf.spatial_weight, joint.crf.spatial_weight)
+    single, report = model_for_checkpoint(path, msc=False, num_classes=4)  # other wrapper, other classes
+    assert isinstance(single.network, DeepLabV2) and single.num_classes == 4 and report.reinitialised_classifier
+    assert torch.equal(single.network.backbone.conv1.weight, sd["backbone.conv1.weight"])
+
+
+def test_network_name_reads_the_architecture_through_wrappers():
+    assert network_name(get_model("deeplabv2_resnet34", num_classes=3, base_width=8)) == "deeplabv2_resnet34"
+    msc = get_model("deeplabv2_resnet50_msc", num_classes=3)
+    assert network_name(CRFRNN(network=msc, crf=MeanFieldCRF(num_classes=3))) == "deeplabv2_resnet50"
+    with pytest.raises(TypeError, match="DeepLabV2, MSC or CRFRNN model, got Conv2d"):
+        network_name(nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("kind", ["file", "kazuto"])
+def test_a_checkpoint_is_read_unwrapped_and_converted_once(kind, small, kazuto, tmp_path, monkeypatch):
+    if kind == "file":
+        _, sd = small
+        source = save_checkpoint(tmp_path / "ours.pt", {"model": sd, "model_config": {
+            "name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}}})
+    else:
+        source = sd = kazuto[1]
+    calls = {"read": 0, "unwrap": 0, "keys": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(layouts, "load_checkpoint", counted("read", layouts.load_checkpoint))
+    monkeypatch.setattr(layouts, "_unwrap_checkpoint", counted("unwrap", layouts._unwrap_checkpoint))
+    for layout, key_map in layouts._KEY_MAPS.items():
+        monkeypatch.setitem(layouts._KEY_MAPS, layout, counted("keys", key_map))
+    model, report = model_for_checkpoint(source)
+    assert calls == {"read": int(kind == "file"), "unwrap": 1, "keys": len(sd)}  # each key mapped once
+    assert set(report.used) == set(model.state_dict())
+
+
+def test_the_msc_twin_comes_from_the_registry(small, monkeypatch):
+    assert model_variant("deeplabv2_resnet18", multi_scale=True) == "deeplabv2_resnet18_msc"
+    assert model_variant("deeplabv2_resnet18_msc", multi_scale=False) == "deeplabv2_resnet18"
+    assert model_variant("deeplabv2_resnet50", multi_scale=False) == "deeplabv2_resnet50"
+    toy = registry.ModelSpec(name="toy", builder=lambda *, num_classes: build_small(num_classes))
+    monkeypatch.setitem(registry._MODELS, "toy", toy)
+    with pytest.raises(ValueError, match=r"'toy' has no registered multi-scale \(MSC\) twin"):
+        model_variant("toy", multi_scale=True)
+    # a name that looks like the twin is not one unless the registry records it as multi-scale
+    monkeypatch.setitem(registry._MODELS, "toy_msc", registry.ModelSpec(name="toy_msc", builder=toy.builder))
+    with pytest.raises(ValueError, match="no registered multi-scale"):
+        model_variant("toy", multi_scale=True)
+    _, sd = small
+    ckpt = {"format": "crfrnn_deeplab/1", "model": sd,
+            "model_config": {"name": "toy", "num_classes": 3, "options": {}}}
+    assert isinstance(model_for_checkpoint(ckpt)[0], DeepLabV2)
+    with pytest.raises(ValueError, match="'toy' has no registered multi-scale"):
+        model_for_checkpoint(ckpt, msc=True)
+
+
+def test_input_convention_is_not_a_choice(small):
+    _, sd = small
+    with pytest.raises(TypeError, match="input_convention comes with the checkpoint"):
+        model_for_checkpoint(sd, input_convention=CAFFE_CONVENTION)
