@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(not recursively)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by train.py or convert")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist (default: refuse to start)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-crf", action="store_true", help="network only, even if the model has a CRF layer")
     parser.add_argument("--crf-iterations", type=_non_negative_int, default=None,
@@ -147,7 +149,9 @@ def _outputs(out: Path, name: str, args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path]) -> None:
+def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path], *, overwrite: bool) -> None:
+    """Refuses outputs that would replace an input image (always) or an existing file (unless ``overwrite``),
+    before anything is written."""
     inputs = {p.resolve(): p for p in images}
     for path in outputs:
         if path.resolve() in inputs:
@@ -155,6 +159,14 @@ def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path]) -> None
                 f"output {str(path)!r} would overwrite the input image {str(inputs[path.resolve()])!r}; "
                 "choose another --out directory"
             )
+    for path in outputs:
+        for parent in reversed(path.parents):
+            if parent.exists() and not parent.is_dir():
+                raise UsageError(f"output directory {str(parent)!r} is a file")
+        if path.is_dir():
+            raise UsageError(f"output {str(path)!r} is a directory")
+        if path.exists() and not overwrite:
+            raise UsageError(f"output {str(path)!r} already exists; pass --overwrite to replace existing outputs")
 
 
 def _write(prediction: Prediction, image: np.ndarray, paths: dict[str, Path], colours: np.ndarray,
@@ -187,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = find_images(args.inputs)
         names = output_names(images)
         outputs = [_outputs(args.out, name, args) for name in names]
-        _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()])
+        _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()],
+                            overwrite=args.overwrite)
         model, report = model_for_checkpoint(args.checkpoint)
         if args.crf_iterations is not None and not isinstance(model, CRFRNN):
             raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")

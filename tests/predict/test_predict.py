@@ -151,6 +151,35 @@ def test_cli_never_overwrites_an_input(checkpoint, images):
     assert not (first / "classes.json").exists()
 
 
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_to_overwrite_existing_outputs(checkpoint, images, tmp_path, capsys):
+    first, _ = images
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"someone else's file")  # an unrelated file with an output's name
+    before = _snapshot(out)
+    assert main(["--checkpoint", str(checkpoint), str(first), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.png' already exists; pass --overwrite" in err and err.count("\n") == 1  # one line, no traceback
+    assert _snapshot(out) == before
+    assert main(["--checkpoint", str(checkpoint), str(first), "--out", str(out), "--overwrite"]) == 1  # broken.png
+    assert (out / "a.png").read_bytes() != b"someone else's file"
+    again = _snapshot(out)
+    assert main(["--checkpoint", str(checkpoint), str(first), "--out", str(out)]) == 2  # a second run: refused
+    assert _snapshot(out) == again
+
+
+def test_cli_out_that_is_a_file(checkpoint, images, tmp_path, capsys):
+    first, _ = images
+    (tmp_path / "out").write_text("not a directory")
+    assert main(["--checkpoint", str(checkpoint), str(first), "--out", str(tmp_path / "out")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
 def test_cli_missing_checkpoint_is_exit_status_2(images, tmp_path, capsys):
     first, _ = images
     assert main(["--checkpoint", str(tmp_path / "nope.pt"), str(first), "--out", str(tmp_path / "out")]) == 2
