@@ -264,8 +264,27 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
         if not bool(flat_valid.all()) and bool(flat_valid.any()):  # all or none valid: every point on the lattice
             kept = flat_valid.nonzero()[:, 0]
             f = f.index_select(1, kept)
-    p = f.shape[1]
+    rem0, rank, bary = _enclosing_simplices(f)
+    image = torch.arange(b, device=device).repeat_interleave(n)
+    vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
+    splat, slice_, alpha = _splat_and_slice(vertices, bary, kept, total_points)
+    blur = _blur(vertices, dtype, splat.columns.dtype)
+    return PermutohedralLattice(b, n, d, vertices.num, splat, slice_, blur, alpha)
 
+
+def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The simplex of the permutohedral lattice that encloses each point (Adams et al. 2010, §3.1).
+
+    Args:
+        f: Tensor[d, P], the points' features (columns).
+
+    Returns:
+        ``(rem0, rank, bary)``: the nearest remainder-0 lattice point (Tensor[d+1, P] int64), the rank of each
+        coordinate's differential (Tensor[d+1, P] int16), and the barycentric weights of the d+1 enclosing
+        vertices (Tensor[P, d+1], vertex k has remainder k).
+    """
+    d, dtype, device = f.shape[0], f.dtype, f.device
+    d1 = d + 1
     # Elevate onto the hyperplane x·1 = 0 of R^{d+1}, a linear map: e_0 = Σ_k c_k, e_j = Σ_{k>j} c_k - j c_j
     # for the scaled features c_k = s_k f_k (k = 1..d).
     k = torch.arange(1, d1, device=device)[:, None]  # rows: c_k
@@ -289,13 +308,16 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     u = _sort_columns((elevated - rem0) / d1)
     bary = torch.stack([u[0] + (1.0 - u[d])] + [u[i] - u[i - 1] for i in range(1, d1)], 1)  # [P, d+1]
     # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
-    bary = bary.clamp_min_(0.0)
-    rem0 = rem0.long()
+    return rem0.long(), rank, bary.clamp_min_(0.0)
 
-    # Vertices: image index + key; the image index keeps images from sharing vertices.
-    image = torch.arange(b, device=device).repeat_interleave(n)
-    vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
-    m = vertices.num
+
+def _splat_and_slice(
+    vertices: _Vertices, bary: Tensor, kept: Tensor | None, total_points: int
+) -> tuple[SparseRows, SparseRows, float]:
+    """The splat (Tensor[M, B*N]) and slice (Tensor[B*N, M], times ``alpha``) of points with barycentric weights
+    ``bary`` (Tensor[P, d+1]) on ``vertices``; ``kept``: the indices of the points on the lattice (None: all)."""
+    p, d1 = bary.shape
+    d, m, device = d1 - 1, vertices.num, bary.device
     index = torch.int32 if max(m, total_points) * d1 < 2**31 else torch.long  # embedding_bag's fast path
     ids = vertices.ids.to(index)  # [P, d+1]
 
@@ -314,7 +336,14 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
         offsets[kept + 1] = d1
         offsets = offsets.cumsum(0, dtype=index)
     slice_ = SparseRows(ids.reshape(-1), offsets, (bary * alpha).reshape(-1), m, row_length)
+    return splat, slice_, alpha
 
+
+def _blur(vertices: _Vertices, dtype: torch.dtype, index: torch.dtype) -> tuple[SparseRows, ...]:
+    """The [1 2 1] / 2 blur along each of the d+1 lattice directions, one Tensor[M, M] of three entries per row."""
+    m, device = vertices.num, vertices.ids.device
+    d = vertices.ids.shape[1] - 1
+    d1 = d + 1
     # Blur along direction j: neighbours key ± (1, .., 1, -d at j, 1, .., 1); direction d moves all by ±1.
     # Three entries per row (itself, + and - neighbour); an absent neighbour is the vertex itself, weight 0.
     steps = torch.ones(d1, d, dtype=torch.long, device=device)
@@ -329,8 +358,7 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     columns = torch.where(present, columns, here[:, None])
     weights = present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)
     offsets = torch.arange(0, 3 * m + 1, 3, dtype=index, device=device)
-    blur = [SparseRows(columns[j].view(-1), offsets, weights[j].view(-1), m, 3) for j in range(d1)]
-    return PermutohedralLattice(b, n, d, m, splat, slice_, tuple(blur), alpha)
+    return tuple(SparseRows(columns[j].view(-1), offsets, weights[j].view(-1), m, 3) for j in range(d1))
 
 
 class _LatticeGaussian(torch.autograd.Function):
