@@ -206,16 +206,7 @@ def predict(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     scales = check_scales(scales)
     raws = to_raw_batch(images)
-    min_size = getattr(network, "min_input_size", 1)
-    for i, raw in enumerate(raws):
-        for s in scales:
-            h, w = scaled_size(raw.shape[-2], s), scaled_size(raw.shape[-1], s)
-            if min(h, w) < min_size:
-                raise ValueError(
-                    f"image {i} of size {raw.shape[-2]}x{raw.shape[-1]} is too small: at scale {s} it is {h}x{w}, "
-                    f"the model needs sides of at least {min_size}"
-                )
-
+    _check_sizes(raws, scales, getattr(network, "min_input_size", 1))
     if device is not None:
         model.to(device)
     parameter = next(model.parameters(), None)
@@ -228,20 +219,36 @@ def predict(
     try:
         if crf_iterations is not None:
             crf_layer.eval_iterations = crf_iterations
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, raw in enumerate(raws):
-            by_size[(raw.shape[-2], raw.shape[-1])].append(i)
         predictions: list[Prediction | None] = [None] * len(raws)
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                batch = torch.stack([raws[i] for i in chunk]).to(device)
-                group = _predict_group(network, crf_layer, batch, scales=scales, flip=flip, dtype=dtype)
-                for i, prediction in zip(chunk, group):
-                    predictions[i] = prediction
+        for chunk in _equal_size_batches(raws, batch_size):
+            batch = torch.stack([raws[i] for i in chunk]).to(device)
+            group = _predict_group(network, crf_layer, batch, scales=scales, flip=flip, dtype=dtype)
+            for i, prediction in zip(chunk, group):
+                predictions[i] = prediction
     finally:
         for m, mode in modes.items():
             m.training = mode
         if crf_iterations is not None:
             crf_layer.eval_iterations = saved_iterations
     return predictions  # type: ignore[return-value]  # every slot is filled
+
+
+def _check_sizes(raws: Sequence[Tensor], scales: tuple[float, ...], min_size: int) -> None:
+    """Raises ValueError naming the first image that is smaller than the model accepts at one of the scales."""
+    for i, raw in enumerate(raws):
+        for s in scales:
+            h, w = scaled_size(raw.shape[-2], s), scaled_size(raw.shape[-1], s)
+            if min(h, w) < min_size:
+                raise ValueError(
+                    f"image {i} of size {raw.shape[-2]}x{raw.shape[-1]} is too small: at scale {s} it is {h}x{w}, "
+                    f"the model needs sides of at least {min_size}"
+                )
+
+
+def _equal_size_batches(raws: Sequence[Tensor], batch_size: int) -> list[list[int]]:
+    """Indices of ``raws`` in batches of at most ``batch_size`` images of one size (sizes are never mixed)."""
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, raw in enumerate(raws):
+        by_size[(raw.shape[-2], raw.shape[-1])].append(i)
+    return [indices[start : start + batch_size] for indices in by_size.values()
+            for start in range(0, len(indices), batch_size)]
