@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm import tqdm
 
-from crfrnn_deeplab.weights import model_for_checkpoint
+from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
 from crfrnn_deeplab.data.io import DatasetError, read_image
 from crfrnn_deeplab.predict.api import Prediction, predict
@@ -190,24 +191,34 @@ def _error(message: str) -> None:
     tqdm.write(f"error: {message}", file=sys.stderr)
 
 
+def _plan(args: argparse.Namespace) -> tuple[list[Path], list[dict[str, Path]], nn.Module, LoadReport]:
+    """Everything that can fail before a file is written: the images, their output paths (checked), the model.
+
+    Raises:
+        UsageError, CheckpointError, ConversionError (ValueErrors), FileNotFoundError.
+    """
+    if args.no_crf and args.crf_iterations is not None:
+        raise UsageError("--crf-iterations has no effect with --no-crf")
+    images = find_images(args.inputs)
+    names = output_names(images)
+    outputs = [_outputs(args.out, name, args) for name in names]
+    _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()],
+                        overwrite=args.overwrite)
+    model, report = model_for_checkpoint(args.checkpoint)
+    if args.crf_iterations is not None and not isinstance(model, CRFRNN):
+        raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
+    try:
+        model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    except (RuntimeError, AssertionError) as e:  # an unknown device name; a device this torch lacks
+        raise UsageError(f"--device {args.device!r}: {e}") from None
+    return images, outputs, model, report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 all written, 1 some images failed, 2 usage errors)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.no_crf and args.crf_iterations is not None:
-            raise UsageError("--crf-iterations has no effect with --no-crf")
-        images = find_images(args.inputs)
-        names = output_names(images)
-        outputs = [_outputs(args.out, name, args) for name in names]
-        _check_no_overwrite(images, [args.out / "classes.json"] + [p for o in outputs for p in o.values()],
-                            overwrite=args.overwrite)
-        model, report = model_for_checkpoint(args.checkpoint)
-        if args.crf_iterations is not None and not isinstance(model, CRFRNN):
-            raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
-        try:
-            model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        except (RuntimeError, AssertionError) as e:  # an unknown device name; a device this torch lacks
-            raise UsageError(f"--device {args.device!r}: {e}") from None
+        images, outputs, model, report = _plan(args)
     except (ValueError, FileNotFoundError) as e:  # UsageError, CheckpointError, ConversionError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
