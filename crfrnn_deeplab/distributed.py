@@ -24,8 +24,6 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "all_reduce_sum",
-    "broadcast_object",
-    "barrier",
     "cleanup",
     "ShardSampler",
 ]
@@ -84,20 +82,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
-    if not is_distributed() or get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    if is_distributed() and get_world_size() > 1:
-        dist.barrier()
 
 
 def cleanup() -> None:

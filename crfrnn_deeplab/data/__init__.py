@@ -17,6 +17,8 @@ from crfrnn_deeplab.data.cityscapes import (
 )
 from crfrnn_deeplab.data.coco_stuff import COCO_STUFF_CLASSES, COCOStuffSegmentation
 from crfrnn_deeplab.data.folder import FolderSegmentation
+from crfrnn_deeplab.data.registry import DatasetSpec, DatasetSplits, build_datasets, dataset_spec, list_datasets
+from crfrnn_deeplab.data.registry import register_dataset
 from crfrnn_deeplab.data.transforms import EvalTransform, TrainTransform
 from crfrnn_deeplab.data.synthetic import SYNTHETIC_CLASSES, SyntheticSegmentation, render_synthetic
 from crfrnn_deeplab.data.voc import (
@@ -50,4 +52,10 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "SyntheticSegmentation",
     "render_synthetic",
+    "DatasetSpec",
+    "DatasetSplits",
+    "build_datasets",
+    "dataset_spec",
+    "list_datasets",
+    "register_dataset",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,12 +23,26 @@ from tqdm import tqdm
 from crfrnn_deeplab.crf.fast_inference import mean_field_inference
 from crfrnn_deeplab.crf.kernels import Normalization
 from crfrnn_deeplab.crf.mean_field import fixed_crf
-from crfrnn_deeplab.training.metrics import ConfusionMatrix
 from crfrnn_deeplab.distributed import all_reduce_sum
+from crfrnn_deeplab.training.metrics import ConfusionMatrix
 
-__all__ = ["CachedSample", "GridSearchResult", "fixed_crf", "cache_logits", "grid_search_crf"]
+__all__ = ["CRFGrid", "CachedSample", "GridSearchResult", "cache_logits", "grid_search_crf"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CRFGrid:
+    """What is searched (the bilateral kernel's weight and bandwidths) and what is fixed (the spatial kernel,
+    the number of iterations, the normalisation) in a post-processing CRF grid search."""
+
+    bilateral_weights: Sequence[float]
+    theta_alphas: Sequence[float]
+    theta_betas: Sequence[float]
+    spatial_weight: float = 3.0
+    theta_gamma: float = 3.0
+    iterations: int = 10
+    normalization: Normalization = "symmetric"
 
 
 @dataclass
@@ -68,7 +82,8 @@ class GridSearchResult:
 
 @torch.no_grad()
 def cache_logits(
-    network: nn.Module, batches: Iterable[dict], *, device: torch.device, predict=None
+    network: nn.Module, batches: Iterable[dict], *, device: torch.device,
+    predict: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> list[CachedSample]:
     """Runs ``network`` (eval mode) once over ``batches`` of transformed samples (image/raw/valid/label).
 
@@ -146,15 +161,22 @@ def grid_search_crf(
                 bar.update(1)
     bar.close()
     all_reduce_sum(counts)
+    axes = {"bilateral_weight": bilateral_weights, "theta_alpha": theta_alphas, "theta_beta": theta_betas}
+    return _best_of(combos, counts, axes, ignore_index=ignore_index)
+
+
+def _best_of(combos: list[tuple[float, float, float]], counts: Tensor, axes: dict[str, Sequence[float]], *,
+             ignore_index: int) -> GridSearchResult:
+    """The result of a search: every ``(θα, θβ, w)`` combination's mIoU from its confusion ``counts``, the best
+    (ties to the first), and the axes whose best value is at an end of the grid (logged as a warning)."""
     trials = []
     for (alpha, beta, w), c in zip(combos, counts):
-        cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+        cm = ConfusionMatrix(c.shape[-1], ignore_index=ignore_index)
         cm.counts = c.cpu()
         trials.append({"bilateral_weight": w, "theta_alpha": alpha, "theta_beta": beta, "miou": cm.scores()["miou"]})
     best = max(trials, key=lambda t: (t["miou"], -trials.index(t)))
     params = {k: best[k] for k in ("bilateral_weight", "theta_alpha", "theta_beta")}
     logger.info("grid search over %d combinations: best %s (held-out mIoU %.4f)", len(combos), params, best["miou"])
-    axes = {"bilateral_weight": bilateral_weights, "theta_alpha": theta_alphas, "theta_beta": theta_betas}
     at_edge = [k for k, values in axes.items() if len(set(values)) > 1 and params[k] in (min(values), max(values))]
     if at_edge:
         logger.warning("the best post-processing CRF lies on the edge of the grid in %s: the optimum may be "

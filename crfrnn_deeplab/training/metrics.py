@@ -105,7 +105,7 @@ def scores(counts: Tensor) -> dict[str, float | list[float]]:
     }
 
 
-def boundary_band(target: Tensor, width: int, *, ignore_index: int = 255) -> Tensor:
+def boundary_band(target: Tensor, width: int) -> Tensor:
     """Pixels within ``width`` pixels (Chebyshev distance) of a label edge of ``target``.
 
     An edge is a pair of 4-neighbours with different labels, ignore-label borders included (VOC draws its
@@ -135,9 +135,9 @@ def boundary_band(target: Tensor, width: int, *, ignore_index: int = 255) -> Ten
     return band if target.dim() == 3 else band[0]
 
 
-def boundary_bands(target: Tensor, widths: Sequence[int] = BOUNDARY_WIDTHS, *, ignore_index: int = 255) -> dict[int, Tensor]:
+def boundary_bands(target: Tensor, widths: Sequence[int] = BOUNDARY_WIDTHS) -> dict[int, Tensor]:
     """:func:`boundary_band` for each width (computed once per batch and shared by every prediction scored)."""
-    return {w: boundary_band(target, w, ignore_index=ignore_index) for w in widths}
+    return {w: boundary_band(target, w) for w in widths}
 
 
 class SegmentationMeter:
@@ -165,7 +165,7 @@ class SegmentationMeter:
     def update(self, prediction: Tensor, target: Tensor, bands: dict[int, Tensor] | None = None) -> None:
         """Adds a batch; ``bands`` from :func:`boundary_bands` (computed here when omitted)."""
         if bands is None:
-            bands = boundary_bands(target, self.widths, ignore_index=self.whole.ignore_index)
+            bands = boundary_bands(target, self.widths)
         self.whole.update(prediction, target)
         for w in self.widths:
             self.bands[w].update(prediction, target, mask=bands[w])

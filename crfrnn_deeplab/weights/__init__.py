@@ -5,12 +5,13 @@ report (:mod:`.loading`), the model-from-checkpoint factory (:mod:`.factory`) an
 
 from crfrnn_deeplab.weights.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from crfrnn_deeplab.weights.factory import model_for_checkpoint
-from crfrnn_deeplab.weights.layouts import ConversionError
+from crfrnn_deeplab.weights.layouts import LAYOUTS, ConversionError
 from crfrnn_deeplab.weights.loading import LoadReport, load_into
 
 __all__ = [
     "CheckpointError",
     "ConversionError",
+    "LAYOUTS",
     "LoadReport",
     "load_checkpoint",
     "load_into",

@@ -21,7 +21,7 @@ def test_defaults_are_the_deeplab_v2_recipe():
 
 def test_yaml_overrides_only_what_it_lists(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("data:\n  dataset: synthetic\nstage1:\n  lr: 1e-3\n")  # YAML 1.1 reads 1e-3 as a string
+    path.write_text("data:\n  dataset: synthetic\nmodel:\n  num_classes: 6\nstage1:\n  lr: 1e-3\n")
     cfg = load_config(path)
     assert cfg.stage1.lr == 1e-3 and isinstance(cfg.stage1.lr, float)
     assert cfg.stage1.momentum == 0.9 and cfg.stage1.batch_size == 10  # untouched defaults
@@ -46,17 +46,45 @@ def test_command_line_overrides_come_last_and_are_typed():
         ("stage1.iterations=many", r"stage1.iterations: expected int, got str 'many'"),
         ("stage1.iterations=2.5", r"stage1.iterations: expected int, got float 2.5"),
         ("crf.learn_bandwidths=maybe", r"crf.learn_bandwidths: expected bool, got str 'maybe'"),
-        ("data.dataset=pascal", r"data.dataset: expected one of 'synthetic', 'voc12_aug'"),
+        ("data.dataset=pascal", r"data.dataset: expected one of 'cityscapes', 'coco_stuff', 'folder', 'synthetic'"),
         ("grid_search.theta_alphas=[1, x]", r"grid_search.theta_alphas\[1\]: expected float, got str 'x'"),
         ("stage1=3", r"stage1: expected a mapping of iterations, batch_size"),
         ("stage1.lr", r"override 'stage1.lr' is not key=value"),
         ("stage1.batch_size=0", r"stage1.batch_size must be >= 1, got 0"),
         ("data.scale_range=[2, 1]", r"data.scale_range: expected \[min, max\] with 0 < min <= max"),
+        # numbers are finite and in range
+        ("crf.theta_alpha=nan", r"crf.theta_alpha must be a finite number, got nan"),
+        ("stage1.lr=nan", r"stage1.lr must be a finite number, got nan"),
+        ("stage2.crf_lr=inf", r"stage2.crf_lr must be a finite number, got inf"),
+        ("grid_search.theta_betas=[1, .nan]", r"grid_search.theta_betas\[1\] must be a finite number"),
+        ("stage1.lr=-0.1", r"stage1.lr must be >= 0, got -0.1"),
+        ("stage2.momentum=1", r"stage2.momentum must be in \[0, 1\), got 1"),
+        ("data.hflip_prob=1.5", r"data.hflip_prob must be in \[0, 1\], got 1.5"),
+        ("crf.theta_beta=0", r"crf.theta_beta must be > 0, got 0"),
+        ("grid_search.theta_alphas=[10, -1]", r"grid_search.theta_alphas\[1\] must be > 0, got -1"),
+        ("seed=-1", r"seed must be in \[0, 4294967295\], got -1"),
+        # names that must exist do
+        ("model.name=deeplabv3", r"model.name: expected one of 'deeplabv2_resnet101', .*, got 'deeplabv3'"),
+        ("model.options.widht=8", r"model.options: \['widht'\] not options of 'deeplabv2_resnet18'; its options: "),
+        ("crf.normalization=before", r"crf.normalization: expected one of 'symmetric', 'after', got 'before'"),
+        ("eval.mode=tiled", r"eval.mode: expected one of 'whole', 'sliding', got 'tiled'"),
+        ("model.init_layout=caffe", r"model.init_layout: expected one of 'auto', 'caffe_deeplabv2', .*got 'caffe'"),
+        ("model.num_classes=21", r"model.num_classes=21, but dataset 'synthetic' has 6 classes"),
+        ("device=gpu", r"device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("device=cuda:64", r"device=cuda:64: "),
+        ("stage1=3", r"stage1: expected a mapping of iterations, batch_size"),
     ],
 )
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SYNTHETIC, [override])
+
+
+def test_text_fields_keep_the_text_and_lists_replace():
+    cfg = load_config(SYNTHETIC, ["out_dir=on", "data.root=1e3", "model.init_from=~", "data.scale_range=[0.5,2]",
+                                  "model.options.head=aspp_s"])
+    assert (cfg.out_dir, cfg.data.root, cfg.model.init_from) == ("on", "1e3", None)
+    assert cfg.data.scale_range == [0.5, 2.0] and cfg.model.options["head"] == "aspp_s"
 
 
 def test_missing_data_root_is_a_clear_error():

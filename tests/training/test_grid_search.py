@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 
-from crfrnn_deeplab.training.grid_search import CachedSample, fixed_crf, grid_search_crf
+from crfrnn_deeplab.crf import fixed_crf
+from crfrnn_deeplab.training.grid_search import CachedSample, grid_search_crf
 from crfrnn_deeplab.training.metrics import ConfusionMatrix
 from crf_scenes import scene
 

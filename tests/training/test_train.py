@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from crfrnn_deeplab import CRFRNN
-from crfrnn_deeplab.weights.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from crfrnn_deeplab.training.config import load_config
-from crfrnn_deeplab.weights.convert import model_for_checkpoint
-from crfrnn_deeplab import TORCHVISION_CONVENTION, TrainTransform
+from crfrnn_deeplab import CRFRNN, TORCHVISION_CONVENTION, TrainTransform
 from crfrnn_deeplab.data import SyntheticSegmentation
-from crfrnn_deeplab.training.engine import SeededAugmentation, TrainBatches, sliding_window_logits
+from crfrnn_deeplab.training.config import load_config
+from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
+from crfrnn_deeplab.training.evaluation import sliding_window_logits
+from crfrnn_deeplab.weights import load_checkpoint, model_for_checkpoint
+from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -34,7 +34,7 @@ def _import_train():
 
 train = _import_train()
 
-# 65x65 images, 49x49 crops, an 8-wide ResNet-18: a training step takes ~15 ms on a 2-core CPU.
+# 65x65 images, 49x49 crops, an 8-wide ResNet-18: small enough that whole runs fit in a test on a 2-core CPU.
 TINY = [
     "data.image_size=65", "data.crop_size=49", "data.train_images=24", "data.val_images=4",
     "model.options.base_width=8", "crf.train_iterations=2", "crf.eval_iterations=2",
