@@ -18,11 +18,6 @@ from crfrnn_deeplab.weights.factory import build_for_checkpoint
 from crfrnn_deeplab.weights.layouts import LAYOUTS, convert_state_dict
 from crfrnn_deeplab.weights.loading import LoadReport
 
-# Kept importable from here for the callers written before the split (train.py, tests/training, tests/predict);
-# their home is crfrnn_deeplab.weights.
-from crfrnn_deeplab.weights.factory import model_for_checkpoint  # noqa: F401
-from crfrnn_deeplab.weights.loading import load_into  # noqa: F401
-
 __all__ = ["convert_checkpoint", "main"]
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from crfrnn_deeplab import CRFRNN, MSC, MeanFieldCRF, get_model
 from crfrnn_deeplab.weights.checkpoint import load_checkpoint
-from crfrnn_deeplab.weights.convert import model_for_checkpoint
+from crfrnn_deeplab.weights import model_for_checkpoint
 from crfrnn_deeplab.data import voc_colormap
 from crfrnn_deeplab.data.io import read_image
 from crfrnn_deeplab.predict.api import Prediction, predict, to_raw_batch
