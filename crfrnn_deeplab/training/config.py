@@ -31,6 +31,7 @@ from crfrnn_deeplab.data import dataset_spec, list_datasets
 from crfrnn_deeplab.models import list_models
 from crfrnn_deeplab.models.registry import builder_defaults
 from crfrnn_deeplab.weights import LAYOUTS
+from crfrnn_deeplab.training import schema
 from crfrnn_deeplab.training.schema import (
     Config,
     ConfigError,
@@ -43,16 +44,9 @@ from crfrnn_deeplab.training.schema import (
     StageConfig,
 )
 
+# The schema's classes are re-exported: callers load and inspect configs from this one module.
 __all__ = [
-    "ConfigError",
-    "DataConfig",
-    "FolderConfig",
-    "ModelConfig",
-    "CRFConfig",
-    "StageConfig",
-    "EvalConfig",
-    "GridSearchConfig",
-    "Config",
+    *schema.__all__,
     "load_config",
     "config_from_dict",
     "apply_overrides",
