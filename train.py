@@ -25,7 +25,9 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -43,13 +45,16 @@ from tqdm import tqdm
 from crfrnn_deeplab import distributed as dist
 from crfrnn_deeplab.allocator import retain_freed_memory
 from crfrnn_deeplab.crf import MeanFieldCRF
-from crfrnn_deeplab.data import IGNORE_INDEX, EvalTransform, TrainTransform, build_datasets, dataset_spec
+from crfrnn_deeplab.data import IGNORE_INDEX, DatasetError, EvalTransform, TrainTransform, build_datasets, dataset_spec
+from crfrnn_deeplab.data.registry import scan_files
 from crfrnn_deeplab.models import CRFRNN, InputConvention, get_model, model_spec
 from crfrnn_deeplab.training.checkpoints import find_resume_checkpoint, restore_training_state, stage_dir
 from crfrnn_deeplab.training.checkpoints import training_checkpoint
 from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, apply_overrides, config_from_dict
 from crfrnn_deeplab.training.config import load_config, save_config, to_dict, validate
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches, derive_seed
+from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, non_finite_parameters
+from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, print_error
 from crfrnn_deeplab.training.ddp import check_replicas_identical, use_sync_batchnorm, wrap_for_training
 from crfrnn_deeplab.training.evaluation import Evaluator, evaluate_baselines
 from crfrnn_deeplab.training.grid_search import CRFGrid
@@ -60,6 +65,8 @@ from crfrnn_deeplab.training.report import format_report, save_results
 from crfrnn_deeplab.training.reproducibility import seed_everything
 from crfrnn_deeplab.training.signals import StopRequest, TrainingInterrupted
 from crfrnn_deeplab.weights import load_checkpoint, load_into, model_for_checkpoint, save_checkpoint
+from crfrnn_deeplab.weights.checkpoint import CheckpointError
+from crfrnn_deeplab.weights.layouts import ConversionError
 from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
 
 logger = logging.getLogger("train")
@@ -68,8 +75,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "synthetic.yaml"
 STAGE_NAMES = {1: "stage 1 (DeepLab v2)", 2: "stage 2 (CRF-as-RNN)"}
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; no update was made."""
+class NonFiniteLossError(DivergenceError):
+    """The loss or the gradient became NaN or infinite; no update was made."""
+
+
+#: What a run writes into ``out_dir``: ``--overwrite`` removes these (and nothing else) before a new run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "results.md", "stage1", "stage2", "panels",
+             "tensorboard")
 
 
 @dataclasses.dataclass
@@ -112,8 +124,15 @@ def build_data(cfg: Config, convention: InputConvention) -> Data:
     eval_tf = EvalTransform(convention, ignore_index=IGNORE_INDEX)
     options = dataset_options(cfg)
     if "root" in options and not (d.root and Path(d.root).is_dir()):
-        raise ConfigError(f"data.root={d.root!r} is not a directory (dataset {d.dataset!r})")
+        raise DatasetError(f"data.root={d.root!r} is not a directory (dataset {d.dataset!r})")
     splits = build_datasets(d.dataset, eval_transform=eval_tf, **options)
+    for stage in (1, 2):
+        s: StageConfig = getattr(cfg, f"stage{stage}")
+        if s.iterations and s.batch_size * dist.get_world_size() > len(splits.train):
+            raise ConfigError(f"stage{stage}.batch_size={s.batch_size} is larger than the training split "
+                              f"({len(splits.train)} images, {dist.get_world_size()} process(es))")
+    if d.check_files:  # a bad validation file would otherwise surface only at the first evaluation
+        scan_files(splits.val)
     held_out = splits.held_out
     if held_out is None:
         count = min(max(1, cfg.grid_search.held_out_images), len(splits.val))
@@ -183,16 +202,20 @@ def build_grid(cfg: Config) -> CRFGrid | None:
 
 
 def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, stage: StageConfig,
-                   device: torch.device, dtype: torch.dtype | None, stop: StopRequest) -> tuple[float, bool, bool]:
+                   device: torch.device, dtype: torch.dtype | None, stop: StopRequest,
+                   max_loss: float = math.inf) -> tuple[float, str, bool]:
     """One optimiser step over the micro-batches of a global batch (gradient accumulation).
 
     The summed pixel loss is divided by the labelled pixels of the whole global batch (all micro-batches, all
     ranks), so that one process with batch N·B, N processes with batch B and accumulation steps all compute
-    the same gradient. ``dtype``: the autocast dtype (None: float32). Non-finite losses and stop requests are
-    agreed on by all ranks in one all-reduce; the update is skipped when a loss is not finite.
+    the same gradient. ``dtype``: the autocast dtype (None: float32). The update is skipped when the loss or
+    the gradient norm is not finite, or the loss exceeds ``max_loss`` (divergence); these and stop requests
+    are agreed on by all ranks in one all-reduce. (With a float16 gradient scaler, non-finite gradients are
+    the scaler's business: it skips those steps and lowers its scale.)
 
     Returns:
-        ``(loss, not_finite, stop)``: the global batch's mean loss and the two agreed flags.
+        ``(loss, problem, stop)``: the global batch's mean loss, why the update was not applied ("" when it
+        was), and the agreed stop flag.
     """
     world = dist.get_world_size()
     labelled = torch.tensor(float(sum(int((b["label"] != IGNORE_INDEX).sum()) for b in micro)), device=device)
@@ -207,13 +230,40 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
                                 network_loss_weight=stage.network_loss_weight)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    flags = torch.stack([loss_sum / world, (~torch.isfinite(loss_sum)).float(),
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                 if grads and not scaler.is_enabled() else torch.zeros((), device=device))
+    flags = torch.stack([loss_sum / world, (~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
                          torch.tensor(float(stop.requested), device=device)])
-    loss_value, not_finite, stop_now = dist.all_reduce_sum(flags).tolist()
-    if not not_finite:
+    loss_value, bad_loss, bad_grad, stop_now = dist.all_reduce_sum(flags).tolist()
+    if bad_loss:
+        problem = f"the loss is {loss_value} (not finite)"
+    elif bad_grad:
+        problem = f"the loss is {loss_value:.4g} but the gradient norm is not finite"
+    elif loss_value > max_loss:
+        problem = f"the loss {loss_value:.4g} exceeds divergence_factor × its running average ({max_loss:.4g})"
+    else:
+        problem = ""
         scaler.step(optimizer)
         scaler.update()
-    return loss_value, bool(not_finite), bool(stop_now)
+    return loss_value, problem, bool(stop_now)
+
+
+def _divergence_message(cfg: Config, stage: int, step: int, problem: str, last_saved: int | None, *,
+                        applied: bool, crf: bool) -> str:
+    """What diverged, which checkpoint is intact, and a command with a 10× lower rate that can continue."""
+    s: StageConfig = getattr(cfg, f"stage{stage}")
+    key, rate = (f"stage{stage}.crf_lr", s.crf_lr) if crf else (f"stage{stage}.lr", s.lr)
+    last = stage_dir(cfg.out_dir, stage) / "last.pt"
+    where = (f"the last good checkpoint is {last} (step {last_saved})" if last_saved is not None
+             else "no checkpoint of this stage was written yet")
+    resumable = last_saved is not None or (stage == 2 and (stage_dir(cfg.out_dir, 1) / "last.pt").is_file())
+    command = (f"python train.py --resume {cfg.out_dir} {key}={rate / 10:g}" if resumable else
+               f"python train.py --config {Path(cfg.out_dir) / 'config.yaml'} --overwrite {key}={rate / 10:g}")
+    action = "that update is not saved" if applied else "stopped without applying the update"
+    lower = "Resume" if resumable else "Start again"
+    return (f"{STAGE_NAMES[stage]}, step {step}: {problem}; {action}, {where}. {lower} with a lower "
+            f"{'CRF ' if crf else ''}learning rate, e.g. {command}")
 
 
 def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBatches, *, cfg: Config, stage: int,
@@ -225,13 +275,18 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
     this call) at step boundaries. ``model``: the model to train (DDP-wrapped under torchrun).
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (the step is not applied, ``last.pt`` is left as it was).
+        NonFiniteLossError: the loss or gradient became NaN/inf (the step is not applied, ``last.pt`` is left as
+            it was).
+        DivergenceError: the loss exceeded ``divergence_factor`` × its running average (not applied), or a CRF
+            parameter overflowed (not saved).
         TrainingInterrupted: stopped by a signal or ``stop_after`` after saving ``last.pt``.
     """
     s: StageConfig = getattr(cfg, f"stage{stage}")
     images_per_step = s.batch_size * s.accumulate * dist.get_world_size()
     dtype = autocast_dtype(cfg, device)
     last_saved = start_step if start_step else None
+    monitor = LossMonitor(cfg.divergence_factor)
+    crf = getattr(getattr(model, "module", model), "crf", None)  # DDP wraps the model
     model.train()
     bar = tqdm(total=s.iterations, initial=start_step, desc=STAGE_NAMES[stage], dynamic_ncols=True,
                disable=not dist.is_main_process())
@@ -239,16 +294,16 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
     try:
         for done in range(start_step + 1, s.iterations + 1):
             micro = [next(batches) for _ in range(s.accumulate)]
-            loss, not_finite, stop_now = optimizer_step(model, optimizer, scaler, micro, stage=s, device=device,
-                                                        dtype=dtype, stop=stop)
-            if not_finite:
-                where = (f"the last good checkpoint is {stage_dir(cfg.out_dir, stage) / 'last.pt'} (step {last_saved})"
-                         if last_saved is not None else "no checkpoint of this stage was written yet")
-                raise NonFiniteLossError(
-                    f"{STAGE_NAMES[stage]}, step {done}: the loss is {loss} (not finite); stopped without applying "
-                    f"the update, {where}. Resume with a lower learning rate, e.g. "
-                    f"python train.py --resume {cfg.out_dir} stage{stage}.lr={s.lr / 10:g}"
-                )
+            loss, problem, stop_now = optimizer_step(model, optimizer, scaler, micro, stage=s, device=device,
+                                                     dtype=dtype, stop=stop, max_loss=monitor.limit)
+            if problem:
+                error = NonFiniteLossError if "not finite" in problem else DivergenceError
+                raise error(_divergence_message(cfg, stage, done, problem, last_saved, applied=False, crf=False))
+            monitor.update(loss)
+            if crf is not None and (bad := non_finite_parameters(crf)):
+                raise DivergenceError(_divergence_message(
+                    cfg, stage, done, f"the CRF parameter(s) {', '.join(bad)} overflowed in the update",
+                    last_saved, applied=True, crf=True))
             scheduler.step()
             bar.update(1)
             timed_steps += 1
@@ -361,8 +416,40 @@ def report(results: dict[str, dict[str, Any]], cfg: Config, out: Path, data: Dat
     return text
 
 
-def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """Both stages (or what is left of them after ``resume``), then the final comparison table."""
+def check_resumable(resume: dict[str, Any], network: nn.Module, cfg: Config) -> None:
+    """Loads the checkpoint's model and optimiser state into this config's model, so that a resume that cannot
+    work fails before anything is written. Raises CheckpointError naming the file."""
+    stage = int(resume["stage"])
+    model = network if stage == 1 else CRFRNN(network=network, crf=build_crf(cfg))
+    try:
+        model.load_state_dict(resume["model"])
+        build_optimizer(model, getattr(cfg, f"stage{stage}")).load_state_dict(resume["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{resume['resumed_from']}: cannot resume it with this config (were model, crf or "
+                              f"stage options changed?): {' '.join(first[:2])[:300]}") from e
+
+
+def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
+    """With ``overwrite``: removes a previous run's files (:data:`RUN_FILES`, nothing else) from ``out``."""
+    if not (overwrite and out.is_dir()):
+        return
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    logger.info("--overwrite: removed the previous run's files from %s", out)
+
+
+def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Both stages (or what is left of them after ``resume``), then the final comparison table.
+
+    Everything that can fail on the user's input (the data, the resumed checkpoint) is checked before the
+    first write to ``out_dir``; ``overwrite`` clears a previous run's files at that point.
+    """
     device = dist.init_distributed(cfg.device)
     evaluate = build_evaluator(cfg, device)
     started = time.perf_counter()
@@ -372,8 +459,6 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
         return before + time.perf_counter() - started
 
     out = Path(cfg.out_dir)
-    if dist.is_main_process():
-        save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
     network = use_sync_batchnorm(build_network(cfg), device).to(device)
     resume_stage = resume["stage"] if resume is not None else 0
@@ -388,7 +473,14 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
                        "checkpoint")
     # after the weights: a converted checkpoint brings its own input convention (e.g. Caffe BGR)
     data = build_data(cfg, network.input_convention)
+    if resume is not None:
+        check_resumable(resume, network, cfg)
+    if dist.is_main_process():
+        prepare_out_dir(out, overwrite=overwrite)
+        save_config(cfg, out / "config.yaml")
     metrics = MetricsWriter(out, enabled=dist.is_main_process())
+    if resume is not None and (dropped := metrics.truncate(stage=resume_stage, step=int(resume["step"]))):
+        logger.info("metrics.jsonl: dropped %d records after the resumed step", dropped)
     baseline = resume.get("baseline") if resume_stage == 2 else None
     with StopRequest() as stop:
         if cfg.stage1.iterations and resume_stage <= 1 and not stage_done:
@@ -419,7 +511,7 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
     return results
 
 
-def run_eval_only(checkpoint: Path, cfg: Config) -> dict[str, Any]:
+def run_eval_only(checkpoint: Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
     """Scores a checkpoint: its network alone, + the initial CRF, + a grid-searched CRF, + its own CRF (if any)."""
     device = dist.init_distributed(cfg.device)
     model, loaded = model_for_checkpoint(checkpoint, num_classes=cfg.model.num_classes,
@@ -429,6 +521,8 @@ def run_eval_only(checkpoint: Path, cfg: Config) -> dict[str, Any]:
     network = model.network if isinstance(model, CRFRNN) else model
     data = build_data(cfg, network.input_convention)
     out = Path(cfg.out_dir) / f"eval_{checkpoint.stem}"
+    if dist.is_main_process() and overwrite and out.is_dir():
+        prepare_out_dir(out, overwrite=True)
     started = time.perf_counter()
     baseline = score_baselines(network, data, dataclasses.replace(cfg, out_dir=str(out)), device)
     results = dict(baseline["rows"])
@@ -459,9 +553,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only evaluate this checkpoint (ours or any layout crfrnn_deeplab.weights.convert reads)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                         help="stop after this many optimiser steps, saving a checkpoint as on SIGTERM")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an out_dir that holds a previous run's files: those files "
+                             "(config.yaml, metrics.jsonl, results.*, stage*/, panels/, tensorboard/) are removed "
+                             "first; other files are kept")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides applied last, e.g. stage1.lr=1e-3 data.root=/data/voc")
     return parser.parse_args(argv)
+
+
+def run_dir_of(location: Path) -> Path:
+    """The run directory that ``--resume LOCATION`` continues: LOCATION itself, or for a checkpoint file the
+    directory above its ``stage<N>/`` (else the file's own directory)."""
+    if not location.is_file():
+        return location
+    parent = location.parent
+    return parent.parent if parent.name in ("stage1", "stage2") else parent
+
+
+def check_out_dir(out: Path, *, new_run: bool, overwrite: bool) -> None:
+    """Refuses an ``out_dir`` that is a file, and (for a new run) one that already holds files, unless
+    ``overwrite``. Raises UsageError."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"out_dir is a file, not a directory (out_dir={out})")
+    if new_run and not overwrite and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UsageError(f"out_dir already holds files ({shown}): pass --overwrite to replace that run, "
+                         f"--resume {out} to continue it, or choose another out_dir (out_dir={out})")
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
@@ -479,26 +599,70 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
     if location == Path():
         location = Path(load_config(args.config or DEFAULT_CONFIG, args.overrides).out_dir)
     path = find_resume_checkpoint(location)
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except OSError as e:  # e.g. a truncated archive that torch.load reads past its end
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated?): {e}") from e
+    missing = [k for k in ("config", "stage", "step", "model", "optimizer", "scheduler", "data", "rng")
+               if k not in checkpoint]
+    if missing or not isinstance(checkpoint["config"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (it lacks {missing or ['config']}); "
+                              f"to start from its weights use model.init_from={path}")
     cfg = config_from_dict(checkpoint["config"], source=f"{path} (its config)")
+    # the run continues where it is now (e.g. a run directory copied elsewhere), not where it was written
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir_of(location)))
     before = to_dict(cfg)
     cfg = validate(apply_overrides(cfg, args.overrides))
     if to_dict(cfg) != before:
         logger.warning("resuming with changed settings: %s", args.overrides)
     logger.info("resuming from %s (stage %d, step %d)", path, checkpoint["stage"], checkpoint["step"])
+    checkpoint["resumed_from"] = str(path)
     return cfg, checkpoint
 
 
+def check_paths(cfg: Config, args: argparse.Namespace) -> None:
+    """The paths this invocation reads and writes, before anything runs. Raises ConfigError / UsageError."""
+    if cfg.model.init_from and args.resume is None and args.eval_only is None \
+            and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from: no such file ({cfg.model.init_from})")
+    out = Path(cfg.out_dir)
+    if args.eval_only is not None:
+        check_out_dir(out, new_run=False, overwrite=args.overwrite)
+        check_out_dir(out / f"eval_{args.eval_only.stem}", new_run=True, overwrite=args.overwrite)
+    else:
+        check_out_dir(out, new_run=args.resume is None, overwrite=args.overwrite)
+
+
+#: Exit status of the errors a user can fix (the first match counts); anything else is a bug: a traceback.
+USER_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
+    (UsageError, EXIT_USAGE), (ConfigError, EXIT_USAGE), (DatasetError, EXIT_RUNTIME),
+    (CheckpointError, EXIT_RUNTIME), (ConversionError, EXIT_RUNTIME), (DivergenceError, EXIT_RUNTIME),
+    (OSError, EXIT_RUNTIME),  # FileNotFoundError among them: a missing data file; a full disk
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0, 1: data/runtime error, 2: usage/config error, 128+N:
+    stopped by signal N after saving a checkpoint). See docs/errors.md."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if "RANK" in os.environ and int(os.environ["RANK"]) > 0:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         cfg, resume = resolve(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_paths(cfg, args)
+    except (ConfigError, UsageError, FileNotFoundError, NotADirectoryError) as e:  # the command line's paths
+        if args.debug:
+            raise
+        print_error(e)
+        return EXIT_USAGE
+    except (CheckpointError, ConversionError) as e:  # a checkpoint named on the command line is unreadable
+        if args.debug:
+            raise
+        print_error(e)
+        return EXIT_RUNTIME
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:  # torchrun: share the cores among the processes
@@ -506,18 +670,21 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     try:
         if args.eval_only is not None:
-            run_eval_only(args.eval_only, cfg)
+            run_eval_only(args.eval_only, cfg, overwrite=args.overwrite)
         else:
-            run(cfg, resume=resume, stop_after=args.stop_after)
+            run(cfg, resume=resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         name = signal.Signals(e.signum).name if e.signum else f"--stop-after {args.stop_after}"
         if dist.is_main_process():
             print(f"\nstopped by {name}; checkpoint: {e.checkpoint}\nresume with: python train.py --resume "
                   f"{cfg.out_dir}", file=sys.stderr)
         return 128 + e.signum if e.signum else 0
-    except (NonFiniteLossError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except tuple(kind for kind, _ in USER_ERRORS) as e:
+        if args.debug:
+            raise
+        if dist.is_main_process() or not isinstance(e, DivergenceError):
+            print_error(e)
+        return next(status for kind, status in USER_ERRORS if isinstance(e, kind))
     finally:
         dist.cleanup()
     return 0

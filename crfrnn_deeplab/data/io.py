@@ -29,6 +29,7 @@ __all__ = [
     "check_same_size",
     "check_label_values",
     "check_files_exist",
+    "scan_image_label_pairs",
 ]
 
 PathLike = str | os.PathLike
@@ -266,3 +267,40 @@ def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, p
             f"label file {str(path)!r} holds values [{shown}] outside the class range 0..{num_classes - 1} "
             f"that are not the ignore value {ignore_index}"
         )
+
+
+def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
+    """``((width, height), mode)`` from the file's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(f"{what} {path!r} is not a readable image: {e}") from None
+
+
+def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike]) -> None:
+    """A fast check of a split's files before a long run: every image and label opens as an image (the
+    header only: no pixel is decoded), the label has its image's size, and labels are single-channel.
+    SBD ``.mat`` labels are only checked to exist. Decoding errors past the header, and label values, are
+    left to :meth:`SegmentationDataset.verify`.
+
+    Raises:
+        FileNotFoundError: a listed file is missing (named).
+        DatasetError: a file that is not an image, a size mismatch or an RGB label (both files named).
+    """
+    for image_path, label_path in zip(images, labels, strict=True):
+        image_path, label_path = str(image_path), str(label_path)
+        (iw, ih), _ = _header(image_path, "image")
+        if label_path.endswith(".mat"):
+            if not Path(label_path).is_file():
+                raise FileNotFoundError(f"label {label_path!r} does not exist")
+            continue
+        (lw, lh), mode = _header(label_path, "label")
+        if mode not in ("L", "P", "I", "I;16", "1"):
+            raise DatasetError(f"label {label_path!r} is a {mode!r} image; expected a single-channel (L, P or "
+                               f"16-bit) PNG of class indices")
+        if (iw, ih) != (lw, lh):
+            raise DatasetError(f"size mismatch: image {image_path!r} is {ih}x{iw} (HxW) but its label "
+                               f"{label_path!r} is {lh}x{lw}")

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from crfrnn_deeplab.data.base import SegmentationDataset, Transform
+from crfrnn_deeplab.data.io import scan_image_label_pairs
 from crfrnn_deeplab.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from crfrnn_deeplab.data.coco_stuff import COCO_STUFF_CLASSES, COCOStuffSegmentation
 from crfrnn_deeplab.data.folder import FolderSegmentation
 from crfrnn_deeplab.data.synthetic import SYNTHETIC_CLASSES, SyntheticSegmentation
 from crfrnn_deeplab.data.voc import VOC_CLASSES, VOCAugSegmentation, VOCSegmentation
 
-__all__ = ["DatasetSplits", "DatasetSpec", "register_dataset", "list_datasets", "dataset_spec", "build_datasets"]
+__all__ = ["DatasetSplits", "DatasetSpec", "register_dataset", "list_datasets", "dataset_spec", "build_datasets",
+           "scan_files"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,21 @@ def build_datasets(name: str, *, eval_transform: Transform | None = None, **opti
     if unknown or missing:
         raise TypeError(f"dataset {name!r} takes the options {list(spec.options)}; unknown: {unknown}, missing: {missing}")
     return spec.builder(eval_transform=eval_transform, **options)
+
+
+def scan_files(dataset: SegmentationDataset) -> int:
+    """A header-only check of a file-backed dataset's images and labels (:func:`~.io.scan_image_label_pairs`);
+    returns the number of pairs checked (0 for a generated dataset such as ``synthetic``).
+
+    Raises:
+        FileNotFoundError, DatasetError: the first missing, unreadable or mismatched file (named).
+    """
+    # The file-backed datasets of this package keep parallel path lists (``_images``, ``_labels``).
+    images, labels = getattr(dataset, "_images", None), getattr(dataset, "_labels", None)
+    if images is None or labels is None:
+        return 0
+    scan_image_label_pairs(images, labels)
+    return len(images)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -243,6 +243,7 @@ RANGES: dict[str, _Range] = {
     "grid_search.held_out_images": _NON_NEGATIVE, "grid_search.theta_alphas": _POSITIVE,
     "grid_search.theta_betas": _POSITIVE,
     "seed": _Range(0, 2**32 - 1), "threads": _NON_NEGATIVE, "log_every": _AT_LEAST_1,
+    "divergence_factor": _NON_NEGATIVE,
 }
 
 
@@ -324,6 +325,8 @@ def validate(config: Config) -> Config:
         for key in ("bilateral_weights", "theta_alphas", "theta_betas"):
             if not getattr(g, key):
                 raise ConfigError(f"grid_search.{key} must be a non-empty list of numbers (or grid_search.enabled=false)")
+    if 0 < config.divergence_factor <= 1:
+        raise ConfigError(f"divergence_factor must be 0 (off) or > 1, got {_number(config.divergence_factor)}")
     if config.stage1.iterations == 0 and config.stage2.iterations == 0:
         raise ConfigError("nothing to train: stage1.iterations and stage2.iterations are both 0")
     _check_device(config.device)

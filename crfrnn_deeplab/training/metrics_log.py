@@ -31,6 +31,29 @@ class MetricsWriter:
             else:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
+    def truncate(self, *, stage: int, step: int) -> int:
+        """Drops the records after ``step`` of ``stage`` (a resumed run replays those steps and writes them
+        again) and the final records; returns how many were dropped. A torn last line is dropped too."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                dropped += 1
+                continue
+            at = (record.get("stage", 0), record.get("step", 0))
+            if record.get("kind") == "final" or "stage" not in record or at > (stage, step):
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(kept), encoding="utf-8")
+            temporary.replace(self.path)
+        return dropped
+
     def write(self, record: dict[str, Any], *, global_step: int | None = None) -> None:
         if not self.enabled:
             return

@@ -56,6 +56,7 @@ class DataConfig:
     image_size: int = 161
     train_images: int = 1000
     val_images: int = 100
+    check_files: bool = True  # scan the validation split's files (headers only) before training starts
     folder: FolderConfig = field(default_factory=FolderConfig)
 
 
@@ -153,3 +154,4 @@ class Config:
     amp: bool = True  # mixed precision on CUDA (the CRF always computes in float32); ignored on CPU
     threads: int = 0  # torch CPU threads per process (0: PyTorch's default)
     log_every: int = 20  # steps between progress/metrics records
+    divergence_factor: float = 10.0  # stop when a step's loss exceeds this × its running average (0: only NaN/inf)

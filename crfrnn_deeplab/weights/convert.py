@@ -77,7 +77,13 @@ def convert_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m crfrnn_deeplab.weights.convert SRC DST [--layout L] [--num-classes N] [--msc | --no-msc]``."""
+    """``python -m crfrnn_deeplab.weights.convert SRC DST [--layout L] [--num-classes N] [--msc | --no-msc]
+    [--overwrite] [--debug]``.
+
+    Exit status: 0 written; 2 the command cannot be carried out (SRC missing or not a convertible checkpoint,
+    DST is SRC, DST exists without ``--overwrite``, DST's directory is not writable): one line
+    ``error: ...`` on stderr, and nothing is written. ``--debug`` shows the traceback instead.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m crfrnn_deeplab.weights.convert",
         description="Convert a DeepLab / ResNet checkpoint (any supported layout) into a crfrnn_deeplab checkpoint "
@@ -91,11 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         "--msc", action=argparse.BooleanOptionalAction, default=None,
         help="multi-scale (MSC) model or not (default: as SRC was saved)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never SRC)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
+        if args.dst.exists() and args.dst.resolve() != args.src.resolve():
+            if args.dst.is_dir():
+                raise ValueError(f"the destination is a directory ({args.dst})")
+            if not args.overwrite:
+                raise ValueError(f"the destination exists; pass --overwrite to replace it ({args.dst})")
         report = convert_checkpoint(args.src, args.dst, layout=args.layout, num_classes=args.num_classes, msc=args.msc)
-    except (ValueError, FileNotFoundError) as e:  # ConversionError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # ConversionError and CheckpointError are ValueErrors; OSError: the paths
+        if args.debug:
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
         return 2
     print(report)
     print(f"wrote {args.dst}")

@@ -1,0 +1,359 @@
+"""Hostile command lines for train.py and the converter: each gives one ``error:`` line naming the culprit, a
+documented exit status (2 usage/config, 1 data/runtime), no traceback, and leaves what it must not touch
+byte-identical on disk (docs/errors.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crfrnn_deeplab.weights import load_checkpoint
+from crfrnn_deeplab.weights.convert import main as convert_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _import_train():
+    if "train" in sys.modules and hasattr(sys.modules["train"], "check_out_dir"):
+        return sys.modules["train"]
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _import_train()
+
+# The smallest run that exercises the whole pipeline: 33-pixel images, a 4-wide ResNet-18, 2 steps.
+TINY = [
+    "data.image_size=33", "data.crop_size=33", "data.train_images=8", "data.val_images=2",
+    "model.options.base_width=4", "crf.train_iterations=1", "crf.eval_iterations=1",
+    "stage1.batch_size=2", "stage2.batch_size=2", "stage1.iterations=2", "stage2.iterations=0",
+    "stage1.eval_every=0", "stage1.checkpoint_every=1", "stage2.checkpoint_every=1", "grid_search.enabled=false",
+    "eval.panels=0", "eval.max_images=2", "eval.batch_size=2", "log_every=1", "threads=2",
+]
+VOC = ["data.dataset=voc12", "model.num_classes=21"]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or ``path`` itself) with its bytes."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def finite(path: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Shared artefacts: a finished tiny run, an interrupted one (step 1 of 2), a VOC tree, odd files."""
+    base = tmp_path_factory.mktemp("shared")
+    assert train.main(TINY + [f"out_dir={base / 'done'}"]) == 0
+    assert train.main(TINY + [f"out_dir={base / 'paused'}", "--stop-after", "1"]) == 0
+    (base / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({}, base / "empty.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, base / "state_dict.pt")
+    return base
+
+
+def voc_tree(root: Path, *, train_ids=("a", "b", "c"), val_ids=("v",), size=(33, 33)) -> Path:
+    """A minimal VOC2012 tree (images 33x33, labels of class 0/1) under ``root``."""
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+            Image.fromarray((rng.random(size) > 0.5).astype(np.uint8)).save(root / "SegmentationClass" / f"{i}.png")
+    return root
+
+
+@dataclasses.dataclass
+class Case:
+    """``build(tmp, shared) -> (args, fragments, protected paths)``; the run must exit ``status``."""
+
+    name: str
+    status: int
+    build: Callable[[Path, Path], tuple[list[str], list[str], list[Path]]]
+    cli: str = "train"
+
+
+def made(path: Path, text: str | None = None) -> Path:
+    """``path`` created: a directory, or a file holding ``text``."""
+    path.mkdir() if text is None else path.write_text(text)
+    return path
+
+
+def c(name, status, build, cli="train"):
+    return pytest.param(Case(name, status, build, cli), id=name)
+
+
+def _previous_run(tmp, shared):
+    out = tmp / "run"
+    shutil.copytree(shared / "done", out)
+    return out
+
+
+def _bad_val_label(tmp, shared, check=True):
+    root = voc_tree(tmp / "voc")
+    Image.fromarray(np.zeros((20, 33), np.uint8)).save(root / "SegmentationClass" / "v.png")
+    args = TINY + VOC + [f"data.root={root}", f"out_dir={tmp / 'run'}", "stage1.batch_size=1"]
+    return args + ([] if check else ["data.check_files=false"])
+
+
+def _failed_resume(tmp, shared):
+    out = tmp / "run"
+    shutil.copytree(shared / "paused", out)
+    return ["--resume", str(out), "model.options.base_width=8"], [f"{out / 'stage1' / 'last.pt'}",
+                                                                  "cannot resume"], [out]
+
+
+def _truncated(tmp, shared):
+    out = tmp / "run"
+    shutil.copytree(shared / "paused", out)
+    last = out / "stage1" / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    return ["--resume", str(out)], [str(last), "truncated"], [out]
+
+
+def _dst_exists(tmp, shared):
+    (tmp / "out.pt").write_bytes(b"keep me")
+    return [str(shared / "state_dict.pt"), str(tmp / "out.pt")], ["destination exists", "--overwrite",
+                                                                  str(tmp / "out.pt")], [tmp / "out.pt"]
+
+
+CASES = [
+    # ---- usage and config: exit 2, nothing written
+    c("unknown-key", 2, lambda t, s: (TINY + ["stage1.lrr=1", f"out_dir={t / 'r'}"], ["unknown config key 'stage1.lrr'"], [])),
+    c("unknown-section-key", 2, lambda t, s: (["model.nope=1"], ["unknown config key 'model.nope'"], [])),
+    c("nan-lr", 2, lambda t, s: (["stage1.lr=nan"], ["stage1.lr must be a finite number, got nan"], [])),
+    c("inf-crf-lr", 2, lambda t, s: (["stage2.crf_lr=inf"], ["stage2.crf_lr must be a finite number"], [])),
+    c("nan-in-list", 2, lambda t, s: (["data.scale_range=[0.5,.nan]"], ["data.scale_range[1] must be a finite number"], [])),
+    c("wrong-type", 2, lambda t, s: (["stage1.iterations=ten"], ["stage1.iterations: expected int, got str 'ten'"], [])),
+    c("negative-lr", 2, lambda t, s: (["stage1.lr=-1"], ["stage1.lr must be >= 0, got -1"], [])),
+    c("zero-bandwidth", 2, lambda t, s: (["crf.theta_gamma=0"], ["crf.theta_gamma must be > 0, got 0"], [])),
+    c("probability-range", 2, lambda t, s: (["data.hflip_prob=2"], ["data.hflip_prob must be in [0, 1], got 2"], [])),
+    c("seed-range", 2, lambda t, s: (["seed=-1"], ["seed must be in [0, 4294967295], got -1"], [])),
+    c("divergence-factor-below-1", 2, lambda t, s: (["divergence_factor=0.5"], ["divergence_factor must be 0 (off) or > 1, got 0.5"], [])),
+    c("divergence-factor-negative", 2, lambda t, s: (["divergence_factor=-1"], ["divergence_factor must be >= 0, got -1"], [])),
+    c("unknown-dataset", 2, lambda t, s: (["data.dataset=nope"], ["data.dataset: expected one of", "got 'nope'"], [])),
+    c("unknown-model", 2, lambda t, s: (["model.name=nope"], ["model.name: expected one of", "got 'nope'"], [])),
+    c("unknown-model-option", 2, lambda t, s: (["model.options.nope=1"], ["model.options: ['nope'] not options of"], [])),
+    c("bad-normalization", 2, lambda t, s: (["crf.normalization=bad"], ["crf.normalization: expected one of", "'bad'"], [])),
+    c("bad-eval-mode", 2, lambda t, s: (["eval.mode=tiles"], ["eval.mode: expected one of", "'tiles'"], [])),
+    c("section-given-a-value", 2, lambda t, s: (["stage1=5"], ["stage1"], [])),
+    c("not-key-value", 2, lambda t, s: (["stage1.lr"], ["override 'stage1.lr' is not key=value"], [])),
+    c("nothing-to-train", 2, lambda t, s: (["stage1.iterations=0", "stage2.iterations=0"], ["nothing to train"], [])),
+    c("empty-grid", 2, lambda t, s: (["grid_search.theta_alphas=[]"], ["grid_search.theta_alphas must be a non-empty list"], [])),
+    c("device-unknown", 2, lambda t, s: (["device=tpu"], ["device: expected auto, cpu, cuda or cuda:N, got 'tpu'"], [])),
+    c("device-cuda-index", 2, lambda t, s: (["device=cuda:99"], ["device=cuda:99"], [])),
+    c("root-required", 2, lambda t, s: (VOC, ["data.root is required for dataset 'voc12'"], [])),
+    c("config-missing", 2, lambda t, s: (["--config", str(t / "nope.yaml")], [f"config file not found: {t / 'nope.yaml'}"], [])),
+    c("config-not-yaml", 2, lambda t, s: (["--config", str(made(t / "bad.yaml", "a: [1, 2\n"))],
+                                          [f"{t / 'bad.yaml'}: not valid YAML"], [t / "bad.yaml"])),
+    c("config-not-mapping", 2, lambda t, s: (["--config", str(made(t / "list.yaml", "- 1\n"))],
+                                             [str(t / "list.yaml")], [t / "list.yaml"])),
+    c("init-from-missing", 2, lambda t, s: (TINY + [f"model.init_from={t / 'w.pt'}", f"out_dir={t / 'r'}"],
+                                            [f"model.init_from: no such file ({t / 'w.pt'})"], [])),
+    c("out-dir-is-a-file", 2, lambda t, s: (TINY + [f"out_dir={made(t / 'f', 'x')}"],
+                                            [f"out_dir is a file, not a directory (out_dir={t / 'f'})"], [t / "f"])),
+    c("out-dir-holds-a-run", 2, lambda t, s: (TINY + [f"out_dir={_previous_run(t, s)}"],
+                                              ["out_dir already holds files", "config.yaml", "--overwrite",
+                                               f"--resume {t / 'run'}"], [t / "run"])),
+    c("out-dir-holds-other-files", 2, lambda t, s: (TINY + [f"out_dir={made(made(t / 'o') / 'keep.txt', 'x').parent}"],
+                                                    ["out_dir already holds files (keep.txt)"], [t / "o"])),
+    c("batch-larger-than-dataset", 2, lambda t, s: (TINY + ["stage1.batch_size=16", f"out_dir={t / 'r'}"],
+                                                    ["stage1.batch_size=16 is larger than the training split (8 images"],
+                                                    [])),
+    c("resume-nonexistent", 2, lambda t, s: (["--resume", str(t / "nope")], [f"nothing to resume in {t / 'nope'}"], [])),
+    c("resume-empty-dir", 2, lambda t, s: (["--resume", str(made(t / "e"))], [f"nothing to resume in {t / 'e'}"],
+                                           [t / "e"])),
+    c("eval-only-missing", 2, lambda t, s: (["--eval-only", str(t / "x.pt")], [f"checkpoint not found: {t / 'x.pt'}"], [])),
+    # ---- data and checkpoints: exit 1, nothing destroyed
+    c("resume-truncated-last", 1, _truncated),
+    c("resume-not-a-training-checkpoint", 1, lambda t, s: (["--resume", str(s / "state_dict.pt")],
+                                                           ["not a checkpoint written by train.py",
+                                                            f"model.init_from={s / 'state_dict.pt'}"], [s])),
+    c("resume-text-file", 1, lambda t, s: (["--resume", str(s / "notes.txt")],
+                                           [f"{s / 'notes.txt'} is not a readable PyTorch checkpoint"], [s])),
+    c("resume-changed-model-fails-cleanly", 1, _failed_resume),
+    c("eval-only-text-file", 1, lambda t, s: (["--eval-only", str(s / "notes.txt")],
+                                              [f"{s / 'notes.txt'} is not a readable PyTorch checkpoint"], [s])),
+    c("eval-only-empty-dict", 1, lambda t, s: (["--eval-only", str(s / "empty.pt"), f"out_dir={t / 'r'}"] + TINY,
+                                               [str(s / "empty.pt")], [s])),
+    c("data-root-not-a-directory", 1, lambda t, s: (TINY + VOC + [f"data.root={t / 'nope'}", f"out_dir={t / 'r'}"],
+                                                    [f"data.root='{t / 'nope'}' is not a directory"], [])),
+    c("voc-wrong-layout", 1, lambda t, s: (TINY + VOC + [f"data.root={made(t / 'voc')}", f"out_dir={t / 'r'}"],
+                                           ["VOC directory 'JPEGImages'", "does not exist", "expected layout"], [t / "voc"])),
+    c("voc-missing-val-label", 1, lambda t, s: ((voc_tree(t / "voc") / "SegmentationClass" / "v.png").unlink() or (
+        TINY + VOC + [f"data.root={t / 'voc'}", f"out_dir={t / 'r'}", "stage1.batch_size=1"],
+        ["1 of 1 labels listed in", "v.png"], [t / "voc"]))),
+    c("voc-val-label-wrong-size", 1, lambda t, s: (_bad_val_label(t, s), ["size mismatch", "v.png", "is 20x33"],
+                                                   [t / "voc"])),
+    c("voc-val-label-not-an-image", 1, lambda t, s: (made(voc_tree(t / "voc") / "SegmentationClass" / "v.png", "x") and (
+        TINY + VOC + [f"data.root={t / 'voc'}", f"out_dir={t / 'r'}", "stage1.batch_size=1"],
+        ["label", "v.png", "is not a readable image"], [t / "voc"]))),
+    c("voc-val-label-rgb", 1, lambda t, s: (Image.fromarray(np.zeros((33, 33, 3), np.uint8)).save(
+        voc_tree(t / "voc") / "SegmentationClass" / "v.png") or (
+        TINY + VOC + [f"data.root={t / 'voc'}", f"out_dir={t / 'r'}", "stage1.batch_size=1"],
+        ["v.png", "is a 'RGB' image"], [t / "voc"]))),
+    c("voc-bad-train-image", 1, lambda t, s: (made(voc_tree(t / "voc") / "JPEGImages" / "b.jpg", "broken") and (
+        TINY + VOC + [f"data.root={t / 'voc'}", f"out_dir={t / 'r'}", "stage1.batch_size=1"],
+        ["b.jpg"], [t / "voc"]))),
+    c("voc-bad-train-label-values", 1, lambda t, s: (Image.fromarray(np.full((33, 33), 77, np.uint8)).save(
+        voc_tree(t / "voc") / "SegmentationClass" / "a.png") or (
+        TINY + VOC + [f"data.root={t / 'voc'}", f"out_dir={t / 'r'}", "stage1.batch_size=3"],
+        ["a.png", "77"], [t / "voc"]))),
+    # ---- the converter: exit 2, nothing written
+    c("convert-missing-src", 2, lambda t, s: ([str(t / "absent.pth"), str(t / "o.pt")], [str(t / "absent.pth")], []), "convert"),
+    c("convert-text-file", 2, lambda t, s: ([str(s / "notes.txt"), str(t / "o.pt")], [str(s / "notes.txt"), "not a readable"], [s]), "convert"),
+    c("convert-empty-dict", 2, lambda t, s: ([str(s / "empty.pt"), str(t / "o.pt")], ["empty.pt is an empty dict"], [s]), "convert"),
+    c("convert-dst-is-src", 2, lambda t, s: ([str(s / "state_dict.pt")] * 2, ["must differ"], [s]), "convert"),
+    c("convert-dst-exists", 2, _dst_exists, "convert"),
+    c("convert-dst-is-a-directory", 2, lambda t, s: ([str(s / "state_dict.pt"), str(made(t / "d"))],
+                                                     [f"the destination is a directory ({t / 'd'})"], [s]), "convert"),
+    c("convert-unknown-layout-keys", 2, lambda t, s: ([str(s / "state_dict.pt"), str(t / "o.pt")], [], [s]), "convert"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hostile_command_line(case: Case, work, tmp_path, capsys):
+    args, fragments, protected = case.build(tmp_path, work)
+    before = {p: snapshot(p) for p in protected}
+    files_before = set(tmp_path.rglob("*"))
+    status = (train.main if case.cli == "train" else convert_main)(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == case.status, err
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    for path, content in before.items():
+        assert snapshot(path) == content, f"{path} changed"
+    if case.status == 2:  # refused up front: nothing new on disk
+        assert set(tmp_path.rglob("*")) == files_before
+    if case.cli == "convert":
+        assert not (tmp_path / "o.pt").exists()
+
+
+# ---- the cases that run: overwrite, resume into a copy, metrics after a kill, divergence
+
+
+def test_overwrite_replaces_the_previous_run_and_keeps_other_files(work, tmp_path):
+    out = _previous_run(tmp_path, work)
+    (out / "notes.txt").write_text("mine")
+    (out / "metrics.jsonl").write_text('{"kind": "train", "stage": 1, "step": 99, "loss": 1.0}\n')
+    assert train.main(TINY + [f"out_dir={out}", "--overwrite"]) == 0
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_writes_into_the_directory_it_was_given(work, tmp_path):
+    original = tmp_path / "original"
+    shutil.copytree(work / "paused", original)
+    before = snapshot(original)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    assert train.main(["--resume", str(copy)]) == 0
+    assert snapshot(original) == before  # the out_dir recorded in the checkpoint is not touched
+    assert load_checkpoint(copy / "stage1" / "last.pt")["step"] == 2
+    assert (copy / "results.json").is_file()
+    assert train.main(["--resume", str(copy / "stage1" / "last.pt"), "stage1.iterations=3"]) == 0
+    assert load_checkpoint(copy / "stage1" / "last.pt")["step"] == 3
+
+
+def test_resume_after_a_kill_does_not_repeat_metrics(work, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(work / "paused", out)
+    with (out / "metrics.jsonl").open("a") as f:  # what a run killed after logging step 2 leaves behind
+        f.write(json.dumps({"kind": "train", "stage": 1, "step": 2, "loss": 9.0}) + "\n" + '{"kind": "tr')
+    assert train.main(["--resume", str(out)]) == 0
+    steps = [r["step"] for r in records(out) if r["kind"] == "train"]
+    assert steps == [1, 2] and 9.0 not in [r["loss"] for r in records(out) if r["kind"] == "train"]
+    assert sum(r["kind"] == "final" for r in records(out)) == 1
+
+
+def _diverging(tmp_path, capsys, overrides, *, key, sane=True):
+    out = tmp_path / "run"
+    rc = train.main(TINY + ["stage1.iterations=6", f"out_dir={out}"] + overrides)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and len(errors) == 1 and "Traceback" not in err, err
+    suggested = errors[0].rpartition(f"{key}=")[2].split()[0]
+    assert math.isfinite(float(suggested)) and "=nan" not in errors[0], errors[0]
+    for last in out.glob("stage*/last.pt"):
+        assert finite(last)
+        assert not sane or max(t.abs().max().item() for t in load_checkpoint(last)["model"].values()
+                   if t.is_floating_point() and t.numel()) < 1e6
+    return errors[0], float(suggested)
+
+
+def test_nan_loss_stops_before_the_update_and_suggests_a_finite_lr(tmp_path, capsys):
+    message, lr = _diverging(tmp_path, capsys, ["stage1.lr=1e30"], key="stage1.lr", sane=False)
+    assert "not finite" in message and lr == pytest.approx(1e29)
+
+
+def test_huge_lr_stops_on_the_loss_ratio_with_finite_weights(tmp_path, capsys):
+    message, lr = _diverging(tmp_path, capsys, ["stage1.lr=1e6", "stage1.checkpoint_every=100"], key="stage1.lr")
+    assert lr == pytest.approx(1e5) and "stage 1 (DeepLab v2)" in message
+
+
+def test_huge_crf_lr_stops_with_a_finite_checkpoint(tmp_path, capsys):
+    message, lr = _diverging(tmp_path, capsys, ["stage1.iterations=1", "stage2.iterations=4", "stage2.crf_lr=1e9",
+                                                "stage2.lr=0"], key="stage2.crf_lr")
+    assert "stage 2 (CRF-as-RNN)" in message and lr == pytest.approx(1e8)
+
+
+def test_bad_validation_label_is_caught_before_training(tmp_path, capsys):
+    assert train.main(_bad_val_label(tmp_path, None)) == 1
+    assert "size mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written: not even config.yaml
+
+
+def test_check_files_false_defers_the_bad_label_to_the_first_evaluation(tmp_path, capsys):
+    assert train.main(_bad_val_label(tmp_path, None, check=False)) == 1
+    assert "size mismatch" in capsys.readouterr().err
+    assert (tmp_path / "run" / "stage1" / "last.pt").is_file()  # it trained first
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(train.ConfigError, match="unknown config key"):
+        train.main(["--debug", "stage1.lrr=1"])
+    with pytest.raises(ValueError, match="must differ"):
+        convert_main([str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--debug"])
+
+
+def test_device_cuda_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert train.main(["device=cuda"]) == 2
+    assert "device=cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_converter_overwrites_only_when_asked(work, tmp_path, capsys):
+    src = work / "done" / "stage1" / "last.pt"
+    dst = tmp_path / "out.pt"
+    assert convert_main([str(src), str(dst)]) == 0
+    first = dst.read_bytes()
+    assert convert_main([str(src), str(dst)]) == 2 and dst.read_bytes() == first
+    assert convert_main([str(src), str(dst), "--overwrite"]) == 0
