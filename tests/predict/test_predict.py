@@ -1,6 +1,5 @@
 """Prediction: crfrnn_deeplab.predict.api (model.predict) and the command line, python -m crfrnn_deeplab.predict."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,20 +18,10 @@ from crfrnn_deeplab.data import voc_colormap
 from crfrnn_deeplab.data.io import read_image
 from crfrnn_deeplab.predict.api import Prediction, predict, to_raw_batch
 from crfrnn_deeplab.predict.cli import main, output_names
+from train_script import import_train
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 4
-
-
-def _import_train():
-    loaded = sys.modules.get("train")
-    if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == ROOT / "train.py":
-        return loaded
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 # tests/test_train.py's TINY run, cut to one step per stage on four images (a few seconds on 2 CPU cores).
@@ -48,7 +37,7 @@ TINY = [
 def checkpoint(tmp_path_factory):
     """A stage-2 (CRF-RNN) checkpoint of a tiny synthetic run."""
     out = tmp_path_factory.mktemp("run")
-    assert _import_train().main(TINY + [f"out_dir={out}"]) == 0
+    assert import_train().main(TINY + [f"out_dir={out}"]) == 0
     return out / "stage2" / "last.pt"
 
 

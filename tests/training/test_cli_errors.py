@@ -5,11 +5,9 @@ byte-identical on disk (docs/errors.md)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,21 +18,12 @@ from PIL import Image
 
 from crfrnn_deeplab.weights import load_checkpoint
 from crfrnn_deeplab.weights.convert import main as convert_main
+from train_script import import_train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _import_train():
-    if "train" in sys.modules and hasattr(sys.modules["train"], "check_out_dir"):
-        return sys.modules["train"]
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _import_train()
+train = import_train()
 
 # The smallest run that exercises the whole pipeline: 33-pixel images, a 4-wide ResNet-18, 2 steps.
 TINY = [

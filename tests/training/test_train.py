@@ -1,6 +1,5 @@
 """train.py end to end on tiny synthetic runs: learning, checkpoints, exact resume, faults, DDP, evaluation."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,20 +18,13 @@ from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
 from crfrnn_deeplab.training.evaluation import sliding_window_logits
 from crfrnn_deeplab.weights import load_checkpoint, model_for_checkpoint
 from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
+from train_script import import_train
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
-def _import_train():
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _import_train()
+train = import_train()
 
 # 65x65 images, 49x49 crops, an 8-wide ResNet-18: small enough that whole runs fit in a test on a 2-core CPU.
 TINY = [
