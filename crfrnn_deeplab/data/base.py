@@ -69,6 +69,12 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def files(self) -> tuple[list[str], list[str]] | None:
+        """The image and label file of every sample (parallel lists), or None for a dataset that reads no files
+        (e.g. the generated synthetic set). File-backed datasets keep them in ``_images`` / ``_labels``."""
+        images, labels = getattr(self, "_images", None), getattr(self, "_labels", None)
+        return None if images is None or labels is None else (list(images), list(labels))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode sample ``index`` (``0 <= index < len(self)``).
 

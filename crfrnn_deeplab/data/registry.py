@@ -136,10 +136,10 @@ def scan_files(dataset: SegmentationDataset) -> int:
     Raises:
         FileNotFoundError, DatasetError: the first missing, unreadable or mismatched file (named).
     """
-    # The file-backed datasets of this package keep parallel path lists (``_images``, ``_labels``).
-    images, labels = getattr(dataset, "_images", None), getattr(dataset, "_labels", None)
-    if images is None or labels is None:
+    files = dataset.files()
+    if files is None:
         return 0
+    images, labels = files
     scan_image_label_pairs(images, labels)
     return len(images)
 
