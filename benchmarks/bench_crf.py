@@ -3,7 +3,7 @@
 Every figure is measured in this run; ratios compare against a reference timed in the same process.
 
     python benchmarks/bench_crf.py                 # everything, CPU, 2 threads
-    python benchmarks/bench_crf.py --only speed    # one section: accuracy | speed | training | scaling | cuda
+    python benchmarks/bench_crf.py --only speed    # one section: accuracy | speed | training | scaling | cuda | volumes
     python benchmarks/bench_crf.py --malloc default  # glibc's default allocator settings (see runtime.py)
 
 Sections:
@@ -13,16 +13,20 @@ Sections:
     scaling   time and peak memory from 128² to 1024² (each size in a fresh process), and a 1024×2048
               Cityscapes frame with 19 classes.
     cuda      milliseconds per iteration at 513×513 and 1024×2048 (skipped without a GPU).
+    volumes   3-D: a 96³ synthetic volume, 1 guidance channel, 3 classes, 10 iterations, 1 thread, vs pydensecrf2's
+              generic DenseCRF on the same features; time for 4× the voxels; peak memory at 128³ (fresh process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,6 +34,7 @@ import torch
 
 from crfrnn_deeplab import MeanFieldCRF
 from crfrnn_deeplab.data.synthetic import render_synthetic
+from crfrnn_deeplab.data.volumes import render_volume
 from crfrnn_deeplab.allocator import retain_freed_memory
 
 DENSECRF_PARAMS = dict(spatial_weight=3.0, bilateral_weight=10.0, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
@@ -236,8 +241,125 @@ def section_cuda(args) -> None:
         print(f"{f'{h}×{w}':<12}{c:>8}{t10 * 1e3:>10.1f}{(t10 - t0) * 100:>16.2f}{peak:>10.0f}")
 
 
+VOLUME_PARAMS = dict(spatial_weight=3.0, bilateral_weight=10.0, theta_alpha=8.0, theta_beta=0.25, theta_gamma=1.5)
+
+
+def volume_scene(shape: tuple[int, int, int], num_classes: int = 3, seed: int = 0):
+    """A synthetic volume (float32 [D, H, W], one guidance channel) and noisy unary logits (float32 [C, D, H, W])."""
+    volume, label = render_volume(np.random.default_rng([seed, 11]), shape)
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * np.eye(num_classes, dtype=np.float32)[label % num_classes].transpose(3, 0, 1, 2)
+    logits += rng.normal(0, 1.5, logits.shape).astype(np.float32)
+    return volume, np.ascontiguousarray(logits)
+
+
+def run_densecrf_volume(volume: np.ndarray, logits: np.ndarray, iterations: int) -> np.ndarray:
+    """pydensecrf2's generic DenseCRF with our features: ``p/θγ`` and ``(p/θα, I/θβ)``, positions x (the last
+    axis) first, symmetric normalisation, Potts compatibility."""
+    import pydensecrf.densecrf as dcrf
+
+    c, n = logits.shape[0], volume.size
+    p = VOLUME_PARAMS
+    position = np.stack(np.meshgrid(*map(np.arange, volume.shape), indexing="ij")[::-1]).reshape(3, -1)
+    spatial = np.ascontiguousarray(position / p["theta_gamma"], dtype=np.float32)
+    bilateral = np.concatenate([position / p["theta_alpha"], volume.reshape(1, -1) / p["theta_beta"]])
+    crf = dcrf.DenseCRF(n, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-logits.reshape(c, -1)))
+    crf.addPairwiseEnergy(spatial, compat=p["spatial_weight"], kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NORMALIZE_SYMMETRIC)
+    crf.addPairwiseEnergy(np.ascontiguousarray(bilateral, dtype=np.float32), compat=p["bilateral_weight"],
+                          kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
+    return np.array(crf.inference(iterations)).reshape(logits.shape)
+
+
+def ours_volume(volume: np.ndarray, logits: np.ndarray, iterations: int):
+    crf = MeanFieldCRF(num_classes=logits.shape[0], spatial_dims=3, guidance_groups=(1,), eval_iterations=iterations,
+                       **VOLUME_PARAMS).eval()
+    z, guidance = torch.from_numpy(logits)[None], torch.from_numpy(volume)[None, None]
+
+    def fn():
+        with torch.no_grad():
+            return crf(z, guidance)
+
+    return fn
+
+
+def _measure_volumes(paths: list[str], repeats: int) -> None:
+    """Child process: the volumes saved at ``paths`` (drawn by the parent, so that drawing them does not set the
+    peak), timed interleaved (a slow stretch of a shared machine hits every size alike); prints JSON
+    {seconds: [median per volume], peak_mib: peak RSS above the loaded inputs}."""
+    fns = []
+    for path in paths:
+        scene = np.load(path)
+        fns.append(ours_volume(scene["volume"], scene["logits"], 10))
+    base = _high_water_mib()
+    for fn in fns:
+        fn()  # warm-up: the heap reaches its steady size
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": [statistics.median(t) for t in times], "peak_mib": _high_water_mib() - base}))
+
+
+def _high_water_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that over ``execve`` from the forking
+    parent, so a child started by a large parent would report the parent's size."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _child_volumes(shapes: list[tuple[int, ...]], classes: int, repeats: int, malloc: str) -> dict:
+    """Runs :func:`_measure_volumes` on fresh synthetic volumes of ``shapes`` in a fresh process, one thread."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, shape in enumerate(shapes):
+            volume, logits = volume_scene(shape, classes)
+            paths.append(f"{tmp}/scene{i}.npz")
+            np.savez(paths[-1], volume=volume, logits=logits)
+        cmd = [sys.executable, __file__, "--child-volumes", ",".join(paths), "--repeats", str(repeats),
+               "--threads", "1", "--malloc", malloc]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def section_volumes(args) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        print("\n## Volumes: 96³, 1 guidance channel, 3 classes, 10 iterations, 1 thread, vs pydensecrf2 DenseCRF")
+        print("(the same features; timed in interleaved pairs; ratio = median of the per-pair ratios, with their "
+              "range)")
+        print(f"{'volume':<14}{'densecrf ms':>13}{'ours ms':>10}{'ratio':>8}{'range':>13}{'mean|ΔQ|':>11}"
+              f"{'argmax agree':>14}")
+        volume, logits = volume_scene((96, 96, 96))
+        fn = ours_volume(volume, logits, 10)
+        q = torch.softmax(fn(), 1)[0].numpy()
+        ref = run_densecrf_volume(volume, logits, 10)
+        t_theirs, t_ours, ratios = timed_pairs(lambda: run_densecrf_volume(volume, logits, 10), fn, args.repeats, 1)
+        print(f"{'96×96×96':<14}{t_theirs * 1e3:>13.1f}{t_ours * 1e3:>10.1f}{statistics.median(ratios):>8.2f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}{np.abs(q - ref).mean():>11.2e}"
+              f"{(q.argmax(0) == ref.argmax(0)).mean():>14.4f}")
+    finally:
+        torch.set_num_threads(threads)
+
+    print(f"\n## Volumes: scaling and memory (ours, 10 iterations, 1 thread, malloc {args.malloc}, fresh processes)")
+    print("(the two sizes timed interleaved in one process; peak = peak RSS above the loaded inputs)")
+    print(f"{'volume':<14}{'voxels':>10}{'ms':>10}{'× 96³':>8}{'peak MiB':>10}")
+    shapes = [(96, 96, 96), (96, 192, 192)]
+    r = _child_volumes(shapes, 3, max(3, args.repeats // 2), args.malloc)
+    for shape, seconds in zip(shapes, r["seconds"]):
+        growth = f"{seconds / r['seconds'][0]:.2f}" if shape != shapes[0] else ""
+        print(f"{'×'.join(map(str, shape)):<14}{math.prod(shape):>10}{seconds * 1e3:>10.1f}{growth:>8}{'':>10}")
+    r = _child_volumes([(128, 128, 128)], 3, 1, args.malloc)
+    print(f"{'128×128×128':<14}{128**3:>10}{r['seconds'][0] * 1e3:>10.1f}{'':>8}{r['peak_mib']:>10.0f}")
+
+
 SECTIONS = {"accuracy": section_accuracy, "speed": section_speed, "training": section_training,
-            "scaling": section_scaling, "cuda": section_cuda}
+            "scaling": section_scaling, "cuda": section_cuda, "volumes": section_volumes}
 
 
 def main() -> None:
@@ -248,12 +370,16 @@ def main() -> None:
     parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
                         help="'retain': keep freed memory (runtime.retain_freed_memory, as train.py does)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-volumes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.malloc == "retain":
         retain_freed_memory()
     if args.child:
         _measure_one(*map(int, args.child.split(",")), args.repeats)
+        return
+    if args.child_volumes:
+        _measure_volumes(args.child_volumes.split(","), args.repeats)
         return
     print(f"torch {torch.__version__}, {args.threads} CPU threads, malloc: {args.malloc}")
     for name in args.only or list(SECTIONS):

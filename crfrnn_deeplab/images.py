@@ -7,7 +7,10 @@ Kinds of input and who takes them:
   (tensors) and :func:`check_rgb_array` (numpy arrays), used by the CRF layers, ``DenseCRF``, ``predict`` and
   the transforms;
 - a **network input** (normalised, floating point): :func:`check_network_input`, used by the DeepLab models;
-- **logits** and **valid-pixel masks**: :func:`check_logits`, :func:`check_valid_mask`;
+- **logits** and **valid-pixel masks**: :func:`check_logits`, :func:`check_valid_mask` (2-D images or 3-D
+  volumes);
+- **CRF guidance** other than an RGB image (grey, several modalities, RGB + depth; any units) and the **voxel
+  spacing** of a volume: :func:`check_guidance`, :func:`check_spacing`;
 - **input scales** (MSC, test-time augmentation): :func:`check_scales`.
 
 Errors are ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or values), each naming the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,11 +32,14 @@ from torch import Tensor
 
 __all__ = [
     "all_finite",
+    "check_guidance",
     "check_logits",
     "check_network_input",
     "check_rgb_array",
     "check_rgb_image",
     "check_scales",
+    "check_spacing",
+    "check_spatial_dims",
     "check_valid_mask",
     "pil_to_rgb",
     "resize",
@@ -55,11 +62,24 @@ def _shape(x: object) -> str:
     return f"shape {tuple(shape)}" if shape is not None else f"a {type(x).__name__}"
 
 
+def _axes(spatial_dims: int) -> str:
+    """The names of the spatial axes: "H, W" (an image) or "D, H, W" (a volume)."""
+    return {2: "H, W", 3: "D, H, W"}.get(spatial_dims, f"{spatial_dims} spatial axes")
+
+
+def check_spatial_dims(spatial_dims: object) -> int:
+    """The number of spatial dimensions of the CRF's inputs: 2 (images) or 3 (volumes)."""
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
+    return spatial_dims
+
+
 def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...] = (4,)) -> Tensor:
     """Checks a raw RGB image tensor (channels first, values 0–255) and returns it.
 
     Args:
-        image: ``Tensor[B, 3, H, W]`` (``dims=(4,)``), ``Tensor[3, H, W]`` (``dims=(3,)``) or either.
+        image: ``Tensor[B, 3, H, W]`` (``dims=(4,)``), ``Tensor[3, H, W]`` (``dims=(3,)``) or either; an RGB
+            volume ``Tensor[B, 3, D, H, W]`` with ``dims=(5,)``.
         name: what the caller calls it, for the messages.
         dims: accepted numbers of dimensions.
 
@@ -71,8 +91,9 @@ def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...]
     A floating image whose maximum is in (0, 1] is accepted with a warning: it is probably a 0–1 image where
     0–255 was expected, which silently weakens the CRF's colour kernel by 255×.
     """
-    brackets = " or ".join({3: "Tensor[3, H, W]", 4: "Tensor[B, 3, H, W]"}[d] for d in dims)
-    parens = " or ".join({3: "(3, H, W)", 4: "(B, 3, H, W)"}[d] for d in dims)
+    layouts = {3: "3, H, W", 4: "B, 3, H, W", 5: "B, 3, D, H, W"}
+    brackets = " or ".join(f"Tensor[{layouts[d]}]" for d in dims)
+    parens = " or ".join(f"({layouts[d]})" for d in dims)
     if not isinstance(image, Tensor):
         raise TypeError(f"{name} must be a raw RGB {brackets} in 0-255, got {type(image).__name__}")
     if image.dim() not in dims or image.shape[-3] != 3:
@@ -82,7 +103,7 @@ def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...]
         )
     if image.dtype == torch.bool or image.is_complex():
         raise TypeError(f"{name} must hold real RGB values in 0-255, got dtype {image.dtype}")
-    if image.shape[-1] == 0 or image.shape[-2] == 0 or (image.dim() == 4 and image.shape[0] == 0):
+    if image.shape[-1] == 0 or image.shape[-2] == 0 or (image.dim() >= 4 and image.numel() == 0):
         raise ValueError(f"{name} is empty ({_shape(image)})")
     if image.is_floating_point() and not all_finite(image):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -183,12 +204,17 @@ def check_network_input(x: object, *, min_size: int, name: str = "input") -> Ten
     return x
 
 
-def check_logits(logits: object, *, name: str = "logits") -> Tensor:
-    """Checks unary logits ``Tensor[B, C, H, W]``: floating point, non-empty, finite."""
+def check_logits(logits: object, *, name: str = "logits", spatial_dims: int = 2) -> Tensor:
+    """Checks unary logits ``Tensor[B, C, H, W]`` (or ``Tensor[B, C, D, H, W]`` with ``spatial_dims=3``):
+    floating point, non-empty, finite."""
+    axes = _axes(check_spatial_dims(spatial_dims))
     if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(logits).__name__}")
-    if logits.dim() != 4:
-        raise ValueError(f"{name} must be a Tensor[B, C, H, W], got {_shape(logits)}")
+        raise TypeError(f"{name} must be a torch.Tensor [B, C, {axes}], got {type(logits).__name__}")
+    if logits.dim() != spatial_dims + 2:
+        hint = ""
+        if spatial_dims != 2 or logits.dim() > 4:
+            hint = f" ({logits.dim() - 2} spatial dimensions where {spatial_dims} were expected)"
+        raise ValueError(f"{name} must be a Tensor[B, C, {axes}], got {_shape(logits)}{hint}")
     if not logits.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {logits.dtype}")
     if logits.numel() == 0:
@@ -199,16 +225,83 @@ def check_logits(logits: object, *, name: str = "logits") -> Tensor:
 
 
 def check_valid_mask(mask: object, *, shape: tuple[int, ...], device: torch.device, name: str = "valid_mask") -> Tensor:
-    """Checks a valid-pixel mask: a bool tensor of ``shape`` ([B, H, W]) on ``device``."""
+    """Checks a valid-pixel mask: a bool tensor of ``shape`` ([B, H, W], or [B, D, H, W] for volumes) on
+    ``device``."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool torch.Tensor {list(shape)}, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must be a Tensor[B, H, W] = {tuple(shape)}, got {_shape(mask)}")
+        raise ValueError(f"{name} must be a Tensor[B, {_axes(len(shape) - 1)}] = {tuple(shape)}, got {_shape(mask)}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device}, the logits on {device}")
     return mask
+
+
+def check_guidance(
+    guidance: object, *, groups: Sequence[int], spatial_dims: int = 2, name: str = "image"
+) -> Tensor:
+    """Checks a CRF guidance tensor other than the raw RGB image and returns it.
+
+    Guidance is what the appearance kernel compares (grey levels, several MRI modalities, RGB + depth, ...), in
+    its own units: there is no fixed range to check, only its layout and finiteness.
+
+    Args:
+        guidance: ``Tensor[B, K, H, W]`` (or ``Tensor[B, K, D, H, W]`` with ``spatial_dims=3``), real dtype.
+        groups: the channel counts of the guidance groups (each group has its own bandwidth); they must add
+            up to K.
+        spatial_dims: 2 (images) or 3 (volumes).
+        name: what the caller calls it, for the messages.
+
+    Raises:
+        TypeError: not a tensor, or not a real dtype (bool, complex).
+        ValueError: wrong dimensions, K = 0, K not the sum of ``groups``, an empty tensor, NaN/inf.
+    """
+    axes = _axes(check_spatial_dims(spatial_dims))
+    groups = tuple(groups)
+    if not isinstance(guidance, Tensor):
+        raise TypeError(f"{name} must be a guidance Tensor[B, K, {axes}], got {type(guidance).__name__}")
+    if guidance.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"{name} must be a guidance Tensor[B, K, {axes}] (channels first), got {_shape(guidance)} "
+            f"({guidance.dim() - 2} spatial dimensions where {spatial_dims} were expected)"
+        )
+    if guidance.dtype == torch.bool or guidance.is_complex():
+        raise TypeError(f"{name} must hold real guidance values, got dtype {guidance.dtype}")
+    channels = guidance.shape[1]
+    if channels == 0:
+        raise ValueError(f"{name} has no guidance channels (K = 0, {_shape(guidance)}): expected K >= 1")
+    if channels != sum(groups):
+        raise ValueError(
+            f"{name} has K = {channels} guidance channels, but the guidance groups {groups} add up to {sum(groups)}"
+        )
+    if guidance.numel() == 0:
+        raise ValueError(f"{name} is empty ({_shape(guidance)})")
+    if guidance.is_floating_point() and not all_finite(guidance):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return guidance
+
+
+def check_spacing(spacing: object, *, spatial_dims: int, name: str = "spacing") -> tuple[float, ...]:
+    """The physical size of a voxel along each spatial axis (e.g. millimetres, in the axes' order), as floats.
+
+    Raises:
+        ValueError: not a sequence (or 1-D tensor / array) of ``spatial_dims`` finite numbers > 0.
+    """
+    check_spatial_dims(spatial_dims)
+    if isinstance(spacing, (Tensor, np.ndarray)):
+        spacing = spacing.tolist() if spacing.ndim == 1 else spacing
+    if isinstance(spacing, (str, bytes)) or not isinstance(spacing, Sequence):
+        raise ValueError(f"{name} must be a sequence of {spatial_dims} voxel sizes > 0, got {spacing!r}")
+    if len(spacing) != spatial_dims:
+        raise ValueError(
+            f"{name} must give one voxel size per spatial axis ({spatial_dims}, for {_axes(spatial_dims)}), "
+            f"got {len(spacing)}: {tuple(spacing)!r}"
+        )
+    for s in spacing:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"{name} must hold finite voxel sizes > 0, got {tuple(spacing)!r}")
+    return tuple(float(s) for s in spacing)
 
 
 def check_scales(scales: object) -> tuple[float, ...]:

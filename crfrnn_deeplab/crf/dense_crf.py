@@ -7,16 +7,21 @@ The API of pydensecrf (``DenseCRF2D`` + ``setUnaryEnergy`` + ``addPairwiseGaussi
     refined = crf(image, probabilities)          # numpy (H,W,3) uint8 + (C,H,W) -> numpy (C,H,W)
     refined = crf(images, probabilities)         # Tensor[B,3,H,W] 0-255 + Tensor[B,C,H,W] -> Tensor
 
+    ct = DenseCRF(spatial_dims=3, guidance_groups=(1,), theta_alpha=10, theta_beta=20, theta_gamma=2)
+    refined = ct(volume[..., None], probabilities, spacing=(2.5, 0.8, 0.8))   # (D,H,W,1) + (C,D,H,W)
+
 Parameters map one to one onto pydensecrf's: ``addPairwiseGaussian(sxy=θγ, compat=spatial_weight)`` and
 ``addPairwiseBilateral(sxy=θα, srgb=θβ, compat=bilateral_weight)`` with Potts compatibility, densecrf's
-symmetric normalisation, and the unary ``-log p``. The defaults are densecrf's example values; DeepLab v2's
-grid-searched VOC values are ``bilateral_weight=4, theta_alpha=121, theta_beta=5`` (Chen et al., TPAMI 2017).
-The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF` with nothing learnable
-(:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32.
+symmetric normalisation, and the unary ``-log p``; for volumes and other guidance, onto pydensecrf's generic
+``DenseCRF`` with ``addPairwiseEnergy`` on the features ``p·s/θγ`` and ``(p·s/θα, I_g/θβ_g)`` (DESIGN §4).
+The defaults are densecrf's example values; DeepLab v2's grid-searched VOC values are ``bilateral_weight=4,
+theta_alpha=121, theta_beta=5`` (Chen et al., TPAMI 2017). The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF`
+with nothing learnable (:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,10 +29,12 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import Normalization
-from crfrnn_deeplab.images import check_rgb_image
+from crfrnn_deeplab.images import check_guidance, check_rgb_image
 from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, fixed_crf
 
 __all__ = ["DenseCRF"]
+
+_DEFAULTS = dict(spatial_dims=2, guidance_groups=None, spacing=None)  # the 2-D RGB CRF (kept out of repr)
 
 
 class DenseCRF:
@@ -35,12 +42,17 @@ class DenseCRF:
 
     Args:
         bilateral_weight: weight of the appearance kernel (pydensecrf's bilateral ``compat``).
-        theta_alpha: its position bandwidth in pixels (``sxy``).
-        theta_beta: its colour bandwidth in 0–255 intensity units (``srgb``).
+        theta_alpha: its position bandwidth in pixels (``sxy``), or the physical units of ``spacing``.
+        theta_beta: its colour bandwidth in 0–255 intensity units (``srgb``); for other guidance in the
+            guidance's units, one value or one per guidance group.
         spatial_weight: weight of the smoothness kernel (the Gaussian ``compat``).
-        theta_gamma: its bandwidth in pixels (``sxy``).
+        theta_gamma: its bandwidth in pixels (``sxy``), or the physical units of ``spacing``.
         iterations: mean-field iterations (pydensecrf's ``inference(n)``).
         normalization: ``"symmetric"`` (densecrf) or ``"after"`` (CRF-as-RNN).
+        spatial_dims: 2 (images) or 3 (volumes).
+        guidance_groups: None: the guidance is an RGB image in 0–255; else the channel counts of the guidance
+            groups (see :class:`~crfrnn_deeplab.MeanFieldCRF`).
+        spacing: the default voxel size along each spatial axis; ``__call__(..., spacing=...)`` overrides it.
         device: where to compute; ``None``: the device of tensor inputs, CPU for numpy inputs.
         eps: probabilities are clamped to at least ``eps`` before the logarithm.
     """
@@ -50,19 +62,26 @@ class DenseCRF:
         *,
         bilateral_weight: float = 10.0,
         theta_alpha: float = 80.0,
-        theta_beta: float = 13.0,
+        theta_beta: float | Sequence[float] = 13.0,
         spatial_weight: float = 3.0,
         theta_gamma: float = 3.0,
         iterations: int = 10,
         normalization: Normalization = "symmetric",
+        spatial_dims: int = 2,
+        guidance_groups: Sequence[int] | None = None,
+        spacing: Sequence[float] | None = None,
         device: str | torch.device | None = None,
         eps: float = 1e-8,
     ) -> None:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        several = isinstance(theta_beta, Sequence) and not isinstance(theta_beta, str)
         self.params = dict(bilateral_weight=float(bilateral_weight), theta_alpha=float(theta_alpha),
-                           theta_beta=float(theta_beta), spatial_weight=float(spatial_weight),
-                           theta_gamma=float(theta_gamma), normalization=normalization)
+                           theta_beta=tuple(map(float, theta_beta)) if several else float(theta_beta),
+                           spatial_weight=float(spatial_weight), theta_gamma=float(theta_gamma),
+                           normalization=normalization)
+        volume = dict(spatial_dims=spatial_dims, guidance_groups=guidance_groups, spacing=spacing)
+        self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
         self.iterations = iterations
         self.device = None if device is None else torch.device(device)
         self.eps = eps
@@ -87,15 +106,19 @@ class DenseCRF:
         *,
         logits: np.ndarray | Tensor | None = None,
         valid_mask: np.ndarray | Tensor | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> np.ndarray | Tensor:
         """Refined class probabilities.
 
         Args:
             image: the RGB image(s) in 0–255: numpy uint8 ``(H, W, 3)`` / ``(B, H, W, 3)``, or a tensor
-                ``[3, H, W]`` / ``[B, 3, H, W]`` (any real dtype).
-            probabilities: class probabilities ``(C, H, W)`` / ``(B, C, H, W)`` summing to 1 over C (softmax
+                ``[3, H, W]`` / ``[B, 3, H, W]`` (any real dtype). Volumes and other guidance (``S`` = the
+                spatial axes, K channels): numpy ``(*S, K)`` / ``(B, *S, K)`` (channels last, like an image),
+                or a tensor ``[K, *S]`` / ``[B, K, *S]``.
+            probabilities: class probabilities ``(C, *S)`` / ``(B, C, *S)`` summing to 1 over C (softmax
                 output); or give ``logits`` instead (unnormalised scores, e.g. a network's output).
-            valid_mask: optional bool ``(H, W)`` / ``(B, H, W)``: pixels outside it (padding) are left alone.
+            valid_mask: optional bool ``(*S)`` / ``(B, *S)``: voxels outside it (padding) are left alone.
+            spacing: this call's voxel size along each spatial axis; None: the constructor's.
 
         Returns:
             Probabilities ``(C, H, W)`` / ``(B, C, H, W)`` float32, numpy when the image was numpy, else a
@@ -106,19 +129,24 @@ class DenseCRF:
         as_numpy = isinstance(image, np.ndarray)
         scores = probabilities if logits is None else logits
         name = "probabilities" if logits is None else "logits"
-        unbatched = _ndim(image) == 3
+        dims, groups = self.params.get("spatial_dims", 2), self.params.get("guidance_groups")
+        unbatched = _ndim(image) == dims + 1
         device = self.device or (image.device if isinstance(image, Tensor) else torch.device("cpu"))
-        image_t = _image_tensor(image, device)
-        scores_t = _tensor(scores, name, device, batched=not unbatched).float()
+        if dims == 2 and groups is None:
+            image_t = _image_tensor(image, device)
+        else:
+            image_t = _guidance_tensor(image, device, dims, groups, batched=not unbatched)
+        scores_t = _tensor(scores, name, device, batched=not unbatched, ndim=dims + 2, spatial_dims=dims).float()
         if logits is None:
             _check_probabilities(scores_t)
             scores_t = scores_t.clamp_min(self.eps).log()
         mask_t = None if valid_mask is None else _tensor(valid_mask, "valid_mask", device, batched=not unbatched,
-                                                         ndim=3)
+                                                         ndim=dims + 1, spatial_dims=dims)
         if mask_t is not None and mask_t.dtype != torch.bool:
             raise TypeError(f"valid_mask must be bool, got {mask_t.dtype}")
         # outside valid_mask the layer returns its input logits, so those pixels keep their probabilities
-        out = torch.softmax(self._layer(scores_t.shape[1], device)(scores_t, image_t, mask_t), dim=1)
+        layer = self._layer(scores_t.shape[1], device)
+        out = torch.softmax(layer(scores_t, image_t, mask_t, spacing=spacing), dim=1)
         out = out[0] if unbatched else out
         return out.cpu().numpy() if as_numpy else out
 
@@ -144,12 +172,43 @@ def _image_tensor(image: np.ndarray | Tensor, device: torch.device) -> Tensor:
     return (t[None] if t.ndim == 3 else t).float()
 
 
-def _tensor(x: np.ndarray | Tensor, name: str, device: torch.device, *, batched: bool, ndim: int = 4) -> Tensor:
+def _guidance_tensor(
+    image: np.ndarray | Tensor,
+    device: torch.device,
+    spatial_dims: int,
+    groups: tuple[int, ...] | None,
+    *,
+    batched: bool,
+) -> Tensor:
+    """numpy (..., *S, K) or tensor (..., K, *S) guidance to float32 Tensor[B, K, *S] on ``device``, checked as an
+    RGB image in 0-255 (``groups`` None) or as guidance of ``groups``."""
+    if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+            raise TypeError(f"image must have a real dtype, got {image.dtype}")
+        if image.ndim < spatial_dims + 1:
+            raise ValueError(f"a numpy guidance must be channels last, (*S, K) or (B, *S, K) with {spatial_dims} "
+                             f"spatial axes (add a channel axis to a grey volume: volume[..., None]), got shape "
+                             f"{image.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(device).movedim(-1, -spatial_dims - 1)
+    else:
+        t = image.to(device)
+    t = t if batched else t[None]
+    if groups is None:
+        t = check_rgb_image(t, dims=(spatial_dims + 2,))
+    else:
+        t = check_guidance(t, groups=groups, spatial_dims=spatial_dims)
+    return t.float()
+
+
+def _tensor(
+    x: np.ndarray | Tensor, name: str, device: torch.device, *, batched: bool, ndim: int = 4, spatial_dims: int = 2
+) -> Tensor:
     if not isinstance(x, (np.ndarray, Tensor)):
         raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(x).__name__}")
     want = ndim if batched else ndim - 1
     if x.ndim != want:
-        layout = "(B, C, H, W)" if ndim == 4 else "(B, H, W)"
+        axes = "H, W" if spatial_dims == 2 else "D, H, W"
+        layout = f"(B, C, {axes})" if ndim == spatial_dims + 2 else f"(B, {axes})"
         raise ValueError(f"{name} must have {want} dimensions {'' if batched else '(no batch) '}like the image "
                          f"({layout}{'' if batched else ' without B'}), got shape {tuple(x.shape)}")
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x

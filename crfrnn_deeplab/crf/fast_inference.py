@@ -15,7 +15,9 @@ from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
 
-__all__ = ["mean_field_inference", "potts_form"]
+__all__ = ["class_softmax", "mean_field_inference", "potts_form"]
+
+_TILE = 64  # voxels per tile of the classes-first softmax
 
 
 @torch.no_grad()
@@ -38,16 +40,16 @@ def mean_field_inference(
       is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather.
 
     Args:
-        unary: Tensor[B, H, W, C], ``z_0``.
+        unary: Tensor[B, *S, C], ``z_0`` (S: 2 or 3 spatial axes).
         kernels: the batch's kernel filters.
         pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
         iterations: T.
 
     Returns:
-        Tensor[B, H, W, C], ``z_T``.
+        Tensor[B, *S, C], ``z_T``.
     """
-    b, h, w, c = unary.shape
-    p = b * h * w
+    b, *sizes, c = unary.shape
+    p = unary.numel() // c
     if iterations == 0:
         return unary.clone(memory_format=torch.contiguous_format)
     ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(-1)
@@ -72,28 +74,29 @@ def mean_field_inference(
     def spatial_blocks():
         """``K_s`` of the blocks' buffers: (first, stop, Tensor[P, stop - first]) for channels first:stop."""
         for (start, stop, first), buffer in zip(blocks, buffers):
-            filtered = spatial_gaussian(buffer.view(b, h, w, -1), kernels.theta_gamma).view(p, -1)
+            filtered = spatial_gaussian(buffer.view(b, *sizes, -1), kernels.theta_gamma, spacing=kernels.spacing)
+            filtered = filtered.view(p, -1)
             yield first, stop, filtered[:, first - start :]
 
     # A Potts-form mix α·J + β·I sends every class of a pixel the same α·K̃1 in every iteration (Σ_c q_c = 1):
     # those terms are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
     spatial_potts, bilateral_potts = potts_form(mix_spatial), potts_form(mix_bilateral)
-    shift = unary.new_zeros(b, h, w, 1)
+    shift = unary.new_zeros(b, *sizes, 1)
     if spatial_potts is not None:  # K_s(before): K_s(ns) (symmetric) or K_s(1) (after) or K_s(mask)
         if kernels.mask is None:  # outer products of 1-D filterings
             of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
-            constant = unmasked_spatial(kernels.theta_gamma, b, h, w, of)
+            constant = unmasked_spatial(kernels.theta_gamma, (b, *sizes), of, spacing=kernels.spacing)
         else:
-            constant = spatial_gaussian(before.view(b, h, w, 1), kernels.theta_gamma)
-        shift -= spatial_potts[0] * ns.view(b, h, w, 1) * constant
+            constant = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
+        shift -= spatial_potts[0] * ns.view(b, *sizes, 1) * constant
     if bilateral_potts is not None:
         ones = torch.ones_like(nb)[:, None]
         lattice_ones = kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones)
-        shift -= bilateral_potts[0] * (nb[:, None] * lattice_ones).view(b, h, w, 1)
+        shift -= bilateral_potts[0] * (nb[:, None] * lattice_ones).view(b, *sizes, 1)
     m = kernels.lattice.num_vertices
     # Table rows: z_0 + shift | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
     table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
-    torch.add(unary, shift, out=table[:p].view(b, h, w, c))
+    torch.add(unary, shift, out=table[:p].view(b, *sizes, c))
     update = _update_gather(
         kernels.lattice.slice,
         nb if bilateral_potts is None else bilateral_potts[1] * nb,
@@ -103,7 +106,7 @@ def mean_field_inference(
     # and softmax ignores such a shift.
     z = table[:p]
     for _ in range(iterations):
-        q = torch.softmax(z, dim=-1)
+        q = class_softmax(z, volume=len(sizes) == 3)
         to_blocks(q)  # while q is in cache
         on_lattice = kernels.lattice.blur_lattice(splat @ q)
         if bilateral_potts is None:
@@ -123,7 +126,28 @@ def mean_field_inference(
             z = update @ table
             for first, stop, filtered in spatial:
                 z[:, first:stop].addcmul_(ns, filtered, value=-spatial_potts[1])
-    return z.view(b, h, w, c)
+    return z.view(b, *sizes, c)
+
+
+def class_softmax(z: Tensor, *, volume: bool) -> Tensor:
+    """The softmax over classes of Tensor[P, C], contiguous.
+
+    Volumes (millions of voxels, a few classes) take the softmax of tiles of _TILE voxels viewed classes-first,
+    which runs vectorised over the voxels of a tile, where the last-dimension kernel works voxel by voxel
+    (several times slower for C < 8); a tile is small enough for its transposes to stay in cache. 2-D images
+    keep the last-dimension kernel: their outputs (and every checkpoint's) stay bit for bit what they were,
+    and the two kernels round differently.
+    """
+    p, c = z.shape
+    head = p - p % _TILE
+    if not volume or head == 0:
+        return torch.softmax(z, dim=-1)
+    tiles = z[:head].view(head // _TILE, _TILE, c).transpose(1, 2).contiguous()  # [P / tile, C, tile]
+    out = torch.empty_like(z)
+    out[:head].view(head // _TILE, _TILE, c).copy_(torch.softmax(tiles, dim=1).transpose(1, 2))
+    if head < p:
+        out[head:] = torch.softmax(z[head:], dim=-1)
+    return out
 
 
 def potts_form(mix: Tensor) -> tuple[float, float] | None:

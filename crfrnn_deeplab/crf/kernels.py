@@ -5,11 +5,17 @@ Krähenbühl & Koltun, NIPS 2011: the spatial (smoothness) kernel ``exp(-|p_i-p_
 ``D^-½ K D^-½`` (densecrf) or ``after`` ``D^-1 K`` (the CRF-as-RNN code), ``D = K·1``. The spatial kernel is an
 exact separable convolution (:mod:`.spatial`); the bilateral kernel is the permutohedral lattice (:mod:`.lattice`),
 shared by every iteration, class channel, the normaliser and the backward pass. Tensors are channels-last
-(``[B, H, W, C]``), the layout both filters want.
+(``[B, *S, C]``), the layout both filters want.
+
+Beyond 2-D RGB (DESIGN §4): positions span 2 or 3 spatial axes, in physical units (voxel index × ``spacing``),
+and the guidance I has K >= 1 channels split into groups, each with its own θβ, so the bilateral features are
+``(p·s/θα, I_g/θβ_g for each group g)``. The 2-D RGB image is the case ``S = (H, W)``, one group of 3 channels,
+spacing 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,9 +23,18 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
-from crfrnn_deeplab.crf.spatial import gaussian_1d, spatial_gaussian
+from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
 
-__all__ = ["CRFKernels", "Normalization", "build_kernels", "normaliser", "unmasked_spatial"]
+__all__ = [
+    "CRFKernels",
+    "Normalization",
+    "bilateral_features",
+    "bilateral_scale",
+    "build_kernels",
+    "check_guidance_groups",
+    "normaliser",
+    "unmasked_spatial",
+]
 
 Normalization = Literal["symmetric", "after"]
 _EPS = 1e-20  # densecrf's guard in D^-½
@@ -30,41 +45,44 @@ class CRFKernels:
     """The two normalised kernel filters of one batch, built once and applied every iteration.
 
     Attributes:
-        lattice: the bilateral kernel's lattice (features ``(x/θα, y/θα, rgb/θβ)``).
-        raw: Tensor[B, N, 5], the unscaled bilateral features ``(x, y, r, g, b)``.
-        scale: Tensor[5], ``(1/θα, 1/θα, 1/θβ, 1/θβ, 1/θβ)`` (differentiable).
-        theta_gamma: Tensor[], the spatial bandwidth (differentiable).
-        shape: (B, H, W).
-        mask: Tensor[B, H, W, 1] of 0/1 (valid pixels), or None.
+        lattice: the bilateral kernel's lattice (features ``(x/θα, y/θα, rgb/θβ)`` for an RGB image).
+        raw: Tensor[B, N, S + K], the unscaled bilateral features: positions in physical units, x (the last
+            axis) first as in densecrf, then the K guidance channels (``(x, y, r, g, b)`` for an RGB image).
+        scale: Tensor[S + K], the inverse bandwidth of each feature, ``(1/θα ×S, 1/θβ_g for every channel of
+            group g)`` (differentiable).
+        theta_gamma: Tensor[], the spatial bandwidth in physical units (differentiable).
+        shape: (B, *S).
+        mask: Tensor[B, *S, 1] of 0/1 (valid voxels), or None.
         normalization: "symmetric" or "after".
-        norm_spatial, norm_bilateral: Tensor[B, H, W, 1], ``D^-½`` (symmetric) or ``D^-1`` (after), zero on
-            masked pixels.
+        norm_spatial, norm_bilateral: Tensor[B, *S, 1], ``D^-½`` (symmetric) or ``D^-1`` (after), zero on
+            masked voxels.
+        spacing: the physical voxel size along each spatial axis (axes' order), or None (1 everywhere).
     """
 
     lattice: PermutohedralLattice
     raw: Tensor
     scale: Tensor
     theta_gamma: Tensor
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     mask: Tensor | None
     normalization: Normalization
     norm_spatial: Tensor
     norm_bilateral: Tensor
+    spacing: tuple[float, ...] | None = None
     _folded: PermutohedralLattice | None = None
 
     def bilateral(self, q: Tensor, mix: Tensor | None = None) -> Tensor:
-        """Unnormalised bilateral filtering (then ``@ mix``, applied on the lattice): Tensor[B, H, W, C(')]."""
-        b, h, w, c = q.shape
-        out = lattice_gaussian(q.reshape(b, h * w, c), self.raw, self.scale, self.lattice, mix=mix)
-        return out.view(b, h, w, -1)
+        """Unnormalised bilateral filtering (then ``@ mix``, applied on the lattice): Tensor[B, *S, C(')]."""
+        out = lattice_gaussian(q.reshape(q.shape[0], -1, q.shape[-1]), self.raw, self.scale, self.lattice, mix=mix)
+        return out.view(*q.shape[:-1], -1)
 
     def spatial(self, q: Tensor) -> Tensor:
-        """Unnormalised spatial filtering: Tensor[B, H, W, C] -> Tensor[B, H, W, C]."""
-        return spatial_gaussian(q, self.theta_gamma)
+        """Unnormalised spatial filtering: Tensor[B, *S, C] -> Tensor[B, *S, C]."""
+        return spatial_gaussian(q, self.theta_gamma, spacing=self.spacing)
 
     def message(self, q: Tensor, pairwise: tuple[Tensor, Tensor]) -> Tensor:
-        """``Σ_m (μ W_m) K̃_m q`` for ``pairwise = (μ W_spatial, μ W_bilateral)``: Tensor[B, H, W, C]."""
-        b, h, w, c = q.shape
+        """``Σ_m (μ W_m) K̃_m q`` for ``pairwise = (μ W_spatial, μ W_bilateral)``: Tensor[B, *S, C]."""
+        b, c = q.shape[0], q.shape[-1]
         ns, nb = self.norm_spatial, self.norm_bilateral
         if self.normalization == "symmetric":
             spatial = ns * self.spatial(ns * q)
@@ -72,14 +90,71 @@ class CRFKernels:
                 if self._folded is None:
                     n = nb.view(b, -1)
                     self._folded = self.lattice.weighted(n, n)
-                flat = q.reshape(b, h * w, c)
+                flat = q.reshape(b, -1, c)
                 bilateral = lattice_gaussian(flat, self.raw, self.scale, self._folded, mix=pairwise[1].T)
-                return spatial @ pairwise[0].T + bilateral.view(b, h, w, -1)
+                return spatial @ pairwise[0].T + bilateral.view(*q.shape[:-1], -1)
             bilateral = nb * self.bilateral(nb * q, mix=pairwise[1].T)
         else:
             sent = q if self.mask is None else q * self.mask
             spatial, bilateral = ns * self.spatial(sent), nb * self.bilateral(sent, mix=pairwise[1].T)
         return spatial @ pairwise[0].T + bilateral
+
+
+def check_guidance_groups(groups: object) -> tuple[int, ...]:
+    """Guidance groups as a tuple of channel counts, each >= 1 (e.g. ``(3,)`` RGB, ``(1, 1)`` T1 + T2 MRI,
+    ``(3, 1)`` RGB + depth)."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or len(groups) == 0:
+        raise ValueError(f"guidance_groups must be a non-empty sequence of channel counts >= 1, got {groups!r}")
+    for g in groups:
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(
+                f"guidance_groups must hold channel counts >= 1 (K = their sum >= 1), got {tuple(groups)!r}"
+            )
+    return tuple(groups)
+
+
+def bilateral_features(image: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
+    """The unscaled bilateral features of a batch: positions in physical units, then the guidance channels.
+
+    Args:
+        image: Tensor[B, K, *S] (S of 2 or 3 axes), the guidance (the raw RGB image: K = 3).
+        spacing: the voxel size along each spatial axis, in the axes' order, or None (1: positions in voxels).
+
+    Returns:
+        Tensor[B, N, S + K] (N = ∏S), contiguous: ``(x, y[, z], I_1 .. I_K)`` with x the last axis' index
+        times its spacing, densecrf's order for 2-D images (x = column, y = row).
+    """
+    b, k, *sizes = image.shape
+    dtype, device = image.dtype, image.device
+    axes = torch.meshgrid(*(torch.arange(n, dtype=dtype, device=device) for n in sizes), indexing="ij")
+    position = torch.stack(axes[::-1])  # [S, *S], x (the last axis) first
+    if spacing is not None:
+        position = position * torch.tensor(spacing[::-1], dtype=dtype, device=device).view(-1, *[1] * len(sizes))
+    position = position.expand(b, len(sizes), *sizes)
+    return torch.cat([position, image], 1).reshape(b, len(sizes) + k, -1).transpose(1, 2).contiguous()  # [B, N, S+K]
+
+
+def bilateral_scale(
+    theta_alpha: Tensor, theta_beta: Tensor, *, spatial_dims: int, guidance_groups: Sequence[int]
+) -> Tensor:
+    """The inverse bandwidth of every bilateral feature: Tensor[S + K], ``(1/θα ×S, 1/θβ_g ×|g| for each g)``.
+
+    Args:
+        theta_alpha: Tensor[], the position bandwidth (physical units).
+        theta_beta: Tensor[] (one group) or Tensor[G], one bandwidth per guidance group (guidance units).
+        spatial_dims: S.
+        guidance_groups: the groups' channel counts, adding up to K.
+    """
+    channels = sum(guidance_groups)
+    if theta_beta.dim() == 0:
+        beta = (1.0 / theta_beta).expand(channels)
+    else:
+        if theta_beta.shape != (len(guidance_groups),):
+            raise ValueError(f"theta_beta must be a Tensor[] or one value per guidance group "
+                             f"{tuple(guidance_groups)}, got shape {tuple(theta_beta.shape)}")
+        sizes = torch.tensor(guidance_groups, device=theta_beta.device)
+        beta = (1.0 / theta_beta).repeat_interleave(sizes, output_size=channels)
+    return torch.cat([(1.0 / theta_alpha).expand(spatial_dims), beta])
 
 
 @torch.compiler.disable  # the lattice and the normalisers: eager even inside a compiled model (see build_lattice)
@@ -91,49 +166,68 @@ def build_kernels(
     theta_gamma: Tensor,
     valid_mask: Tensor | None = None,
     normalization: Normalization = "symmetric",
+    guidance_groups: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> CRFKernels:
     """Builds the bilateral lattice and both normalisers for a batch.
 
     Args:
-        image: Tensor[B, 3, H, W], raw RGB in 0–255, floating point.
-        theta_alpha, theta_beta: Tensor[] bilateral bandwidths (pixels, intensity units).
-        theta_gamma: Tensor[] spatial bandwidth (pixels).
-        valid_mask: Tensor[B, H, W] bool, or None (all valid).
+        image: Tensor[B, K, *S], floating point: the raw RGB image in 0–255 (K = 3, S = (H, W)), or any guidance
+            (S = (H, W) or (D, H, W)).
+        theta_alpha: Tensor[], the bilateral position bandwidth (physical units: voxels times ``spacing``).
+        theta_beta: Tensor[] (all K channels one group) or Tensor[G] (one per guidance group), in the
+            guidance's units.
+        theta_gamma: Tensor[], the spatial bandwidth (physical units).
+        valid_mask: Tensor[B, *S] bool, or None (all valid).
         normalization: "symmetric" (densecrf) or "after" (CRF-as-RNN).
+        guidance_groups: the channel counts of the guidance groups (adding up to K), or None: one group.
+        spacing: the voxel size along each spatial axis (axes' order), or None (1).
 
     Returns:
         The kernels, ready for :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step`.
     """
-    b, _, h, w = image.shape
+    b, k, *sizes = image.shape
     dtype, device = image.dtype, image.device
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=dtype, device=device), torch.arange(w, dtype=dtype, device=device), indexing="ij"
-    )
-    position = torch.stack([xs, ys]).expand(b, 2, h, w)  # densecrf's order: x (column), y (row)
-    raw = torch.cat([position, image], 1).reshape(b, 5, h * w).transpose(1, 2).contiguous()  # [B, N, 5]
-    scale = torch.cat([(1.0 / theta_alpha).expand(2), (1.0 / theta_beta).expand(3)]).to(dtype)
-    lattice = build_lattice((raw * scale.detach()).transpose(1, 2), valid_mask)
+    raw = bilateral_features(image, spacing)  # [B, N, S + K]
+    groups = (k,) if guidance_groups is None else tuple(guidance_groups)
+    scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
+    features = (raw * scale.detach()).transpose(1, 2)  # [B, S + K, N]
+    if len(sizes) == 3:
+        # The lattice's elevation (a [d+1, d] × [d, N] product) runs several times faster on N-contiguous
+        # features; 2-D images keep the layout their outputs were computed with, as the product rounds
+        # differently (checkpoints reproduce bit for bit).
+        features = features.contiguous()
+    lattice = build_lattice(features, valid_mask)
 
-    mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, H, W, 1]
-    ones = torch.ones(b, h, w, 1, dtype=dtype, device=device) if mask is None else mask
+    mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, *S, 1]
+    ones = torch.ones(b, *sizes, 1, dtype=dtype, device=device) if mask is None else mask
     theta_gamma = theta_gamma.to(dtype)
-    kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, h, w), mask, normalization, ones, ones)
-    # D = K·1 over valid pixels; for an unmasked image the spatial one is an outer product of 1-D sums.
-    d_spatial = unmasked_spatial(theta_gamma, b, h, w, "ones") if mask is None else kernels.spatial(ones)
+    spacing = None if spacing is None else tuple(float(s) for s in spacing)
+    kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, *sizes), mask, normalization, ones, ones, spacing)
+    # D = K·1 over valid voxels; for an unmasked batch the spatial one is an outer product of 1-D sums.
+    if mask is None:
+        d_spatial = unmasked_spatial(theta_gamma, (b, *sizes), "ones", spacing=spacing)
+    else:
+        d_spatial = kernels.spatial(ones)
     d_bilateral = kernels.bilateral(ones)
     kernels.norm_spatial = normaliser(d_spatial, ones, normalization)
     kernels.norm_bilateral = normaliser(d_bilateral, ones, normalization)
     return kernels
 
 
-def unmasked_spatial(theta: Tensor, b: int, h: int, w: int, of: Literal["ones", "rsqrt"]) -> Tensor:
-    """``K_s(1)`` (= D) or ``K_s(D^-½)`` of an unmasked image, Tensor[B, H, W, 1], from 1-D filterings:
-    ``K_s`` of an outer product is the outer product of the filtered factors, and ``D`` = ``r cᵀ`` is one."""
-    r = gaussian_1d(torch.ones(h, dtype=theta.dtype, device=theta.device), theta)
-    c = gaussian_1d(torch.ones(w, dtype=theta.dtype, device=theta.device), theta)
-    if of == "rsqrt":
-        r, c = gaussian_1d(r.rsqrt(), theta), gaussian_1d(c.rsqrt(), theta)
-    return (r[:, None] * c[None, :]).expand(b, h, w)[..., None]
+def unmasked_spatial(
+    theta: Tensor, shape: Sequence[int], of: Literal["ones", "rsqrt"], *, spacing: Sequence[float] | None = None
+) -> Tensor:
+    """``K_s(1)`` (= D) or ``K_s(D^-½)`` of an unmasked batch of ``shape`` (B, *S), Tensor[B, *S, 1], from 1-D
+    filterings: ``K_s`` of an outer product is the outer product of the filtered factors, and ``D`` is one."""
+    b, *sizes = shape
+    outer = None
+    for length, axis_theta in zip(sizes, axis_bandwidths(theta, len(sizes), spacing)):
+        factor = gaussian_1d(torch.ones(length, dtype=theta.dtype, device=theta.device), axis_theta)
+        if of == "rsqrt":
+            factor = gaussian_1d(factor.rsqrt(), axis_theta)
+        outer = factor if outer is None else outer[..., None] * factor
+    return outer.expand(b, *sizes)[..., None]
 
 
 def normaliser(d: Tensor, valid: Tensor, normalization: Normalization) -> Tensor:

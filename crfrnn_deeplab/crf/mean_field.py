@@ -16,13 +16,21 @@ One mean-field iteration (Zheng et al., Algorithm 1), repeated T times from ``z_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from crfrnn_deeplab.crf.fast_inference import mean_field_inference
-from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels
-from crfrnn_deeplab.images import check_logits, check_rgb_image, check_valid_mask
+from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
+from crfrnn_deeplab.images import (
+    check_guidance,
+    check_logits,
+    check_rgb_image,
+    check_spacing,
+    check_spatial_dims,
+    check_valid_mask,
+)
 
 __all__ = ["MeanFieldCRF", "check_crf_inputs", "fixed_crf", "mean_field_step"]
 
@@ -31,33 +39,50 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     """One mean-field iteration (Zheng et al. 2015, Alg. 1): ``z_0 - Σ_m (μ W_m) K̃_m softmax(z_t)``.
 
     Args:
-        unary: Tensor[B, H, W, C], ``z_0``.
-        logits: Tensor[B, H, W, C], ``z_t``.
+        unary: Tensor[B, *S, C], ``z_0`` (S: 2 or 3 spatial axes).
+        logits: Tensor[B, *S, C], ``z_t``.
         kernels: the batch's kernel filters.
         pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
 
     Returns:
-        Tensor[B, H, W, C], ``z_{t+1}``. Masked pixels get no message: their output is ``z_0``.
+        Tensor[B, *S, C], ``z_{t+1}``. Masked voxels get no message: their output is ``z_0``.
     """
     return unary - kernels.message(torch.softmax(logits, dim=-1), pairwise)
 
 
 @torch.compiler.disable  # data-dependent checks: eager also inside a compiled model
-def check_crf_inputs(logits: Tensor, image: Tensor, valid_mask: Tensor | None) -> None:
-    """Raises a clear error for inputs the CRF cannot take: logits ``Tensor[B, C, H, W]``, a raw RGB image
-    ``Tensor[B, 3, H, W]`` in 0-255 of the same batch and size on the same device, an optional bool mask
-    ``Tensor[B, H, W]`` (the shared validators of :mod:`crfrnn_deeplab.images`)."""
-    check_logits(logits)
-    check_rgb_image(image)
-    b, _, h, w = logits.shape
-    if image.shape[0] != b or image.shape[2:] != logits.shape[2:]:
+def check_crf_inputs(
+    logits: Tensor,
+    image: Tensor,
+    valid_mask: Tensor | None,
+    *,
+    spatial_dims: int = 2,
+    guidance_groups: Sequence[int] | None = None,
+) -> None:
+    """Raises a clear error for inputs the CRF cannot take (the shared validators of :mod:`crfrnn_deeplab.images`).
+
+    Args:
+        logits: Tensor[B, C, *S], S = (H, W) or (D, H, W) as ``spatial_dims`` says.
+        image: the raw RGB image Tensor[B, 3, *S] in 0-255 (``guidance_groups`` None), or guidance
+            Tensor[B, K, *S] in any units with K = ``sum(guidance_groups)``; same batch, size and device as the
+            logits.
+        valid_mask: Tensor[B, *S] bool, or None.
+    """
+    check_logits(logits, spatial_dims=spatial_dims)
+    if guidance_groups is None:
+        check_rgb_image(image, dims=(spatial_dims + 2,))
+    else:
+        check_guidance(image, groups=guidance_groups, spatial_dims=spatial_dims)
+    b, sizes = logits.shape[0], tuple(logits.shape[2:])
+    if image.shape[0] != b or tuple(image.shape[2:]) != sizes:
+        expected = ", ".join(str(n) for n in (b, image.shape[1], *sizes))
         raise ValueError(
-            f"image {tuple(image.shape)} does not match logits {tuple(logits.shape)}: expected ({b}, 3, {h}, {w})"
+            f"image {tuple(image.shape)} does not match logits {tuple(logits.shape)}: expected ({expected})"
         )
     if image.device != logits.device:
         raise ValueError(f"image is on {image.device}, logits on {logits.device}")
     if valid_mask is not None:
-        check_valid_mask(valid_mask, shape=(b, h, w), device=logits.device)
+        check_valid_mask(valid_mask, shape=(b, *sizes), device=logits.device)
 
 
 class MeanFieldCRF(nn.Module):
@@ -67,19 +92,36 @@ class MeanFieldCRF(nn.Module):
     computes densecrf's ``inference(T)`` on unaries ``-logits`` (Krähenbühl & Koltun 2011, Eq. 3–4 and §4);
     every parameter can then be learned by backpropagation (Zheng et al. 2015), including the bandwidths.
 
+    By default it takes 2-D images and their raw RGB image. For volumes and other guidance (DESIGN §4) give
+    ``spatial_dims=3`` and/or ``guidance_groups``: the appearance kernel then compares the features
+    ``(p·s/θα, I_g/θβ_g for each group g)`` of positions p (voxel indices), the voxel ``spacing`` s and the K
+    guidance channels I split into groups, e.g. ``(1,)`` a grey level or CT intensity, ``(1, 1)`` T1 and T2
+    MRI with a bandwidth each, ``(3, 1)`` RGB + depth. θα and θγ are then in the spacing's physical units, θβ_g
+    in group g's own units.
+
     Args:
         num_classes: C.
         spatial_weight: ``w`` of the spatial (smoothness) kernel.
         bilateral_weight: ``w`` of the bilateral (appearance) kernel.
-        theta_alpha: bilateral position bandwidth (pixels).
-        theta_beta: bilateral colour bandwidth (0–255 intensity units).
-        theta_gamma: spatial bandwidth (pixels).
+        theta_alpha: bilateral position bandwidth (pixels, or the physical units of ``spacing``).
+        theta_beta: bilateral guidance bandwidth (0–255 intensity units for the RGB image); with several
+            ``guidance_groups`` one value for all or one per group.
+        theta_gamma: spatial bandwidth (pixels, or the physical units of ``spacing``).
+        spatial_dims: 2 (images, ``[B, C, H, W]``) or 3 (volumes, ``[B, C, D, H, W]``).
+        guidance_groups: None: the guidance is the raw RGB image in 0–255 (checked as such). Otherwise the
+            channel counts of the guidance groups (K = their sum >= 1), in any units (checked for finiteness).
+        spacing: the default physical voxel size along each spatial axis (axes' order, e.g. ``(3.0, 0.8, 0.8)``
+            mm for ``(D, H, W)``); None: 1. ``forward(..., spacing=...)`` overrides it for one batch.
         normalization: "symmetric" (``D^-½ K D^-½``, densecrf) or "after" (``D^-1 K``, CRF-as-RNN).
         train_iterations: mean-field iterations in training mode.
         eval_iterations: mean-field iterations in eval mode.
         learn_kernel_weights: learn the C×C matrices ``W_m``.
         learn_compatibility: learn ``μ``.
         learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive).
+
+    Parameters: ``spatial_weight``, ``bilateral_weight``, ``compatibility`` (Tensor[C, C] each),
+    ``log_theta_alpha``, ``log_theta_gamma`` (Tensor[]) and ``log_theta_beta`` (Tensor[] for one guidance group,
+    as for the RGB image; Tensor[G] for G > 1 groups).
     """
 
     def __init__(
@@ -89,8 +131,11 @@ class MeanFieldCRF(nn.Module):
         spatial_weight: float = 3.0,
         bilateral_weight: float = 10.0,
         theta_alpha: float = 80.0,
-        theta_beta: float = 13.0,
+        theta_beta: float | Sequence[float] = 13.0,
         theta_gamma: float = 3.0,
+        spatial_dims: int = 2,
+        guidance_groups: Sequence[int] | None = None,
+        spacing: Sequence[float] | None = None,
         normalization: Normalization = "symmetric",
         train_iterations: int = 5,
         eval_iterations: int = 10,
@@ -104,7 +149,17 @@ class MeanFieldCRF(nn.Module):
         for name, value in (("spatial_weight", spatial_weight), ("bilateral_weight", bilateral_weight)):
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name, value in (("theta_alpha", theta_alpha), ("theta_beta", theta_beta), ("theta_gamma", theta_gamma)):
+        spatial_dims = check_spatial_dims(spatial_dims)
+        groups = None if guidance_groups is None else check_guidance_groups(guidance_groups)
+        num_groups = 1 if groups is None else len(groups)
+        several = isinstance(theta_beta, Sequence) and not isinstance(theta_beta, str)
+        betas = list(theta_beta) if several else [theta_beta] * num_groups
+        if len(betas) != num_groups:
+            raise ValueError(
+                f"theta_beta must be one bandwidth or one per guidance group ({num_groups}), got {theta_beta!r}"
+            )
+        bandwidths = (("theta_alpha", theta_alpha), *(("theta_beta", b) for b in betas), ("theta_gamma", theta_gamma))
+        for name, value in bandwidths:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite bandwidth > 0, got {value!r}")
         for name, value in (("train_iterations", train_iterations), ("eval_iterations", eval_iterations)):
@@ -114,6 +169,9 @@ class MeanFieldCRF(nn.Module):
             raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
         eye = torch.eye(num_classes)
         self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.guidance_groups = groups
+        self.spacing = None if spacing is None else check_spacing(spacing, spatial_dims=spatial_dims)
         self.normalization: Normalization = normalization
         self.train_iterations = train_iterations
         self.eval_iterations = eval_iterations
@@ -121,31 +179,46 @@ class MeanFieldCRF(nn.Module):
         self.bilateral_weight = nn.Parameter(bilateral_weight * eye, requires_grad=learn_kernel_weights)
         self.compatibility = nn.Parameter(1.0 - eye, requires_grad=learn_compatibility)
         self.log_theta_alpha = nn.Parameter(torch.tensor(math.log(theta_alpha)), requires_grad=learn_bandwidths)
-        self.log_theta_beta = nn.Parameter(torch.tensor(math.log(theta_beta)), requires_grad=learn_bandwidths)
+        # One guidance group (the RGB image): a scalar, the key and shape every checkpoint has.
+        log_beta = [math.log(b) for b in betas]
+        log_beta = torch.tensor(log_beta[0] if num_groups == 1 else log_beta)
+        self.log_theta_beta = nn.Parameter(log_beta, requires_grad=learn_bandwidths)
         self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(theta_gamma)), requires_grad=learn_bandwidths)
 
     @property
-    def bandwidths(self) -> dict[str, float]:
-        """The current bandwidths ``{"theta_alpha", "theta_beta", "theta_gamma"}`` as floats."""
+    def bandwidths(self) -> dict[str, float | tuple[float, ...]]:
+        """The current bandwidths ``{"theta_alpha", "theta_beta", "theta_gamma"}`` as floats (``theta_beta``: a
+        tuple, one per guidance group, when there are several)."""
+        beta = self.log_theta_beta.detach().exp()
         return {
             "theta_alpha": float(self.log_theta_alpha.detach().exp()),
-            "theta_beta": float(self.log_theta_beta.detach().exp()),
+            "theta_beta": float(beta) if beta.dim() == 0 else tuple(beta.tolist()),
             "theta_gamma": float(self.log_theta_gamma.detach().exp()),
         }
 
     def extra_repr(self) -> str:
-        bw = ", ".join(f"{k}={v:.4g}" for k, v in self.bandwidths.items())
+        def fmt(v: float | tuple[float, ...]) -> str:
+            return f"{v:.4g}" if isinstance(v, float) else "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+        bw = ", ".join(f"{k}={fmt(v)}" for k, v in self.bandwidths.items())
+        volume = ""  # the 2-D RGB CRF's repr is unchanged
+        if self.spatial_dims != 2 or self.guidance_groups is not None or self.spacing is not None:
+            volume = (f", spatial_dims={self.spatial_dims}, guidance_groups={self.guidance_groups}, "
+                      f"spacing={self.spacing}")
         return (
-            f"num_classes={self.num_classes}, {bw}, normalization={self.normalization!r}, "
+            f"num_classes={self.num_classes}, {bw}{volume}, normalization={self.normalization!r}, "
             f"iterations=(train {self.train_iterations}, eval {self.eval_iterations})"
         )
 
-    def kernels(self, image: Tensor, valid_mask: Tensor | None = None) -> CRFKernels:
+    def kernels(
+        self, image: Tensor, valid_mask: Tensor | None = None, *, spacing: Sequence[float] | None = None
+    ) -> CRFKernels:
         """The kernel filters of a batch at the current bandwidths (:func:`build_kernels`).
 
         Args:
-            image: Tensor[B, 3, H, W], raw RGB in 0–255, in the dtype to compute in.
-            valid_mask: Tensor[B, H, W] bool, or None.
+            image: Tensor[B, K, *S], the guidance (raw RGB in 0–255 by default), in the dtype to compute in.
+            valid_mask: Tensor[B, *S] bool, or None.
+            spacing: the batch's voxel size per spatial axis; None: the layer's ``spacing``.
         """
         return build_kernels(
             image,
@@ -154,6 +227,8 @@ class MeanFieldCRF(nn.Module):
             theta_gamma=self.log_theta_gamma.exp(),
             valid_mask=valid_mask,
             normalization=self.normalization,
+            guidance_groups=self.guidance_groups,
+            spacing=self.spacing if spacing is None else spacing,
         )
 
     def pairwise(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -163,26 +238,41 @@ class MeanFieldCRF(nn.Module):
             (self.compatibility @ self.bilateral_weight).to(dtype),
         )
 
-    def forward(self, logits: Tensor, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        logits: Tensor,
+        image: Tensor,
+        valid_mask: Tensor | None = None,
+        *,
+        spacing: Sequence[float] | None = None,
+    ) -> Tensor:
         """Runs T mean-field iterations on the unary logits.
 
         Args:
-            logits: Tensor[B, C, H, W], the network's unary logits ``z_0`` (at image resolution).
-            image: Tensor[B, 3, H, W], the raw RGB image in 0–255 (not the normalised network input).
-            valid_mask: Tensor[B, H, W] bool, or None. Masked pixels neither send nor receive messages;
+            logits: Tensor[B, C, H, W] (or Tensor[B, C, D, H, W] with ``spatial_dims=3``), the network's unary
+                logits ``z_0`` (at image resolution).
+            image: the guidance, Tensor[B, K, *S]: by default the raw RGB image in 0–255 (K = 3; not the
+                normalised network input); with ``guidance_groups``, K = their sum channels in their own units.
+            valid_mask: Tensor[B, *S] bool, or None. Masked voxels neither send nor receive messages;
                 their output equals their input logits.
+            spacing: this batch's voxel size per spatial axis (axes' order; the whole batch shares it); None:
+                the layer's ``spacing``.
 
         Returns:
-            Tensor[B, C, H, W] float32 logits (also under autocast: the CRF always computes in float32, or in
+            Tensor[B, C, *S] float32 logits (also under autocast: the CRF always computes in float32, or in
             float64 when the logits are float64).
         """
-        check_crf_inputs(logits, image, valid_mask)
+        check_crf_inputs(
+            logits, image, valid_mask, spatial_dims=self.spatial_dims, guidance_groups=self.guidance_groups
+        )
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} classes, the CRF was built for {self.num_classes}")
+        if spacing is not None:
+            spacing = check_spacing(spacing, spatial_dims=self.spatial_dims)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            unary = logits.to(dtype).permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
-            kernels = self.kernels(image.to(dtype), valid_mask)
+            unary = logits.to(dtype).movedim(1, -1).contiguous()  # [B, *S, C]
+            kernels = self.kernels(image.to(dtype), valid_mask, spacing=spacing)
             pairwise = self.pairwise(dtype)
             iterations = self.train_iterations if self.training else self.eval_iterations
             if torch.is_grad_enabled() and (logits.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -191,7 +281,7 @@ class MeanFieldCRF(nn.Module):
                     z = mean_field_step(unary, z, kernels, pairwise)
             else:
                 z = mean_field_inference(unary, kernels, pairwise, iterations)
-        return z.permute(0, 3, 1, 2)
+        return z.movedim(-1, 1)
 
 
 def fixed_crf(
@@ -199,14 +289,17 @@ def fixed_crf(
     num_classes: int,
     bilateral_weight: float,
     theta_alpha: float,
-    theta_beta: float,
+    theta_beta: float | Sequence[float],
     spatial_weight: float,
     theta_gamma: float,
     iterations: int,
     normalization: Normalization = "symmetric",
+    spatial_dims: int = 2,
+    guidance_groups: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> MeanFieldCRF:
     """A :class:`MeanFieldCRF` with nothing learnable (Potts compatibility, ``W_m = w_m·I``) running
-    ``iterations`` in either mode, in eval mode: densecrf's post-processing CRF."""
+    ``iterations`` in either mode, in eval mode: densecrf's post-processing CRF (of any guidance, 2-D or 3-D)."""
     return MeanFieldCRF(
         num_classes=num_classes,
         spatial_weight=spatial_weight,
@@ -214,6 +307,9 @@ def fixed_crf(
         theta_alpha=theta_alpha,
         theta_beta=theta_beta,
         theta_gamma=theta_gamma,
+        spatial_dims=spatial_dims,
+        guidance_groups=guidance_groups,
+        spacing=spacing,
         normalization=normalization,
         train_iterations=iterations,
         eval_iterations=iterations,

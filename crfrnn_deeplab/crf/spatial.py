@@ -1,21 +1,23 @@
-"""Exact Gaussian filtering over pixel positions (the CRF's spatial kernel), by separable convolution.
+"""Exact Gaussian filtering over voxel positions (the CRF's spatial kernel), by separable convolution.
 
-The spatial kernel ``k(i, j) = exp(-|p_i - p_j|² / 2θγ²)`` depends on positions only, so it factorises into
-a row and a column filter. Both are depthwise convolutions on channels-last memory, which is what the
-mean-field CRF keeps its tensors in. Taps are kept to ``truncate · θ`` pixels (and never further than the
-image reaches, where taps only meet zero padding), so the filter is exact up to ``exp(-truncate² / 2)``.
-Gradients w.r.t. θ come from autograd through the taps.
+The spatial kernel ``k(i, j) = exp(-|(p_i - p_j)·s|² / 2θγ²)`` (positions p in voxels, s the physical spacing of
+each axis) depends on positions only, so it factorises into one 1-D filter per axis with bandwidth ``θγ / s_a``
+voxels along axis a. Every pass is a depthwise convolution on channels-last memory, which is what the
+mean-field CRF keeps its tensors in; 2-D images and 3-D volumes share the passes. Taps are kept to
+``truncate · θ`` voxels (and never further than the image reaches, where taps only meet zero padding), so the
+filter is exact up to ``exp(-truncate² / 2)``. Gradients w.r.t. θ come from autograd through the taps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["channel_blocks", "gaussian_1d", "gaussian_taps", "spatial_gaussian"]
+__all__ = ["axis_bandwidths", "channel_blocks", "gaussian_1d", "gaussian_taps", "spatial_gaussian"]
 
 TRUNCATE = 4.0
 # On the CPU the depthwise convolutions cost least per channel in blocks of 16 channels (a multiple of the
@@ -42,30 +44,64 @@ def spatial_gaussian(
     values: Tensor,
     theta: Tensor,
     *,
+    spacing: Sequence[float] | None = None,
     truncate: float = TRUNCATE,
 ) -> Tensor:
-    """``out_i = Σ_j exp(-|p_i - p_j|² / 2θ²) v_j`` over the pixel grid (zero outside the image).
+    """``out_i = Σ_j exp(-|(p_i - p_j)·s|² / 2θ²) v_j`` over the voxel grid (zero outside the image).
 
     Args:
-        values: Tensor[B, H, W, C] (channels last; any number of channels).
-        theta: Tensor[] bandwidth in pixels, > 0.
+        values: Tensor[B, H, W, C] or Tensor[B, D, H, W, C] (channels last; any number of channels).
+        theta: Tensor[] bandwidth in physical units (voxels when ``spacing`` is None), > 0.
+        spacing: the physical size of a voxel along each spatial axis, in the axes' order (``(s_D, s_H, s_W)``
+            or ``(s_H, s_W)``); None: 1 along every axis.
 
     Returns:
-        Tensor[B, H, W, C], contiguous.
+        Tensor of the shape of ``values``, contiguous.
     """
+    if values.dim() not in (4, 5):
+        raise ValueError(f"values must be a Tensor[B, H, W, C] or [B, D, H, W, C], got {tuple(values.shape)}")
+    b, *sizes, c = values.shape
+    thetas = axis_bandwidths(theta, len(sizes), spacing)
+    if len(sizes) == 3:  # the two trailing axes as a 2-D image per slice, then the slices' axis
+        d, h, w = sizes
+        x = _planar(values.reshape(b * d, h, w, c), thetas[1:], truncate)
+        return _leading_axis(x.view(b, d, h * w * c), thetas[0], c, truncate).view(b, d, h, w, c).contiguous()
+    return _planar(values, thetas, truncate)
+
+
+def axis_bandwidths(theta: Tensor, spatial_dims: int, spacing: Sequence[float] | None) -> list[Tensor]:
+    """The bandwidth in voxels along each spatial axis, ``θ / s_a`` (θ itself where ``spacing`` is None)."""
+    if spacing is None:
+        return [theta] * spatial_dims
+    if len(spacing) != spatial_dims:
+        raise ValueError(f"spacing must give {spatial_dims} values (one per spatial axis), got {tuple(spacing)}")
+    return [theta / float(s) for s in spacing]
+
+
+def _planar(values: Tensor, thetas: Sequence[Tensor], truncate: float) -> Tensor:
+    """The Gaussian over the two axes of Tensor[B, H, W, C] with bandwidths ``thetas = (θ_H, θ_W)``."""
     b, h, w, c = values.shape
     x = values.permute(0, 3, 1, 2)  # [B, C, H, W] view of channels-last memory
-    row = gaussian_taps(theta, w, truncate=truncate).to(values.dtype)
-    col = gaussian_taps(theta, h, truncate=truncate).to(values.dtype)
+    row = gaussian_taps(thetas[1], w, truncate=truncate).to(values.dtype)
     row = row.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous()  # depthwise: one filter per channel
     x = F.conv2d(x, row, padding=[0, row.shape[-1] // 2], groups=c)
-    # The column pass mixes rows only, so a row of W pixels × C channels may be read as W·C/L pixels × L
-    # channels: fewer than _CPU_BLOCK channels fill the vector lanes that way.
-    lanes = _CPU_BLOCK if c < _CPU_BLOCK and (w * c) % _CPU_BLOCK == 0 else c
-    x = x.permute(0, 2, 3, 1).reshape(b, h, w * c // lanes, lanes).permute(0, 3, 1, 2)
-    col = col.view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
-    x = F.conv2d(x, col, padding=[col.shape[-2] // 2, 0], groups=lanes)
-    return x.permute(0, 2, 3, 1).reshape(b, h, w, c).contiguous()
+    x = _leading_axis(x.permute(0, 2, 3, 1), thetas[0], c, truncate)
+    return x.reshape(b, h, w, c).contiguous()
+
+
+def _leading_axis(x: Tensor, theta: Tensor, c: int, truncate: float) -> Tensor:
+    """The Gaussian along axis 1 of channels-last values viewed as Tensor[B, L, M] (M = the rest × C channels).
+
+    The pass mixes whole rows of M values only, so a row may be read as M/lanes pixels × lanes channels:
+    fewer than _CPU_BLOCK channels fill the vector lanes that way. Returns Tensor[B, L, M] (not contiguous).
+    """
+    b, length, m = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    taps = gaussian_taps(theta, length, truncate=truncate).to(x.dtype)
+    lanes = _CPU_BLOCK if c < _CPU_BLOCK and m % _CPU_BLOCK == 0 else c
+    x = x.reshape(b, length, m // lanes, lanes).permute(0, 3, 1, 2)
+    taps = taps.view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
+    x = F.conv2d(x, taps, padding=[taps.shape[-2] // 2, 0], groups=lanes)
+    return x.permute(0, 2, 3, 1).reshape(b, length, m)
 
 
 def gaussian_1d(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) -> Tensor:
