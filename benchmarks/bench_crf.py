@@ -8,7 +8,9 @@ Every figure is measured in this run; ratios compare against a reference timed i
 
 Sections:
     accuracy  lattice filtering vs the brute-force Gaussian (d = 2, 5), ours and densecrf's lattice.
-    speed     inference, 500×375, 21 classes, 10 iterations, densecrf's usual parameters, vs pydensecrf2.
+    speed     inference, 500×375, 21 classes, 10 iterations, densecrf's usual parameters, vs pydensecrf2: with 1
+              and 2 threads, and with competing CPU-bound work (a busy core; another 2-thread job) timed
+              under the same load; agreement after 1, 5 and 10 iterations.
     training  5 iterations forward+backward at 321×321, 21 classes, vs deeplabv2_resnet101 forward+backward.
     scaling   time and peak memory from 128² to 1024² (each size in a fresh process), and a 1024×2048
               Cityscapes frame with 19 classes.
@@ -135,40 +137,96 @@ def section_accuracy(args) -> None:
                   f"{np.abs(ours - theirs).max():>22.2e}")
 
 
+# Competing CPU-bound work for the contention rows of section_speed, each run in its own process.
+LOADS = {
+    "busy core": ("one core kept busy (a Python busy loop, 1 thread, as a DataLoader worker)",
+                  "while True: pass"),
+    "2-thread job": ("another 2-thread job (a loop of 1024×1024 torch matmuls, torch.set_num_threads(2))",
+                     "import torch\ntorch.set_num_threads(2)\nx = torch.randn(1024, 1024)\nwhile True: x @ x"),
+}
+
+
+def competing_load(code: str) -> subprocess.Popen:
+    """Starts ``code`` in a fresh Python process (stop it with ``.kill()``) and lets it get going."""
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return process
+
+
 def section_speed(args) -> None:
-    print(f"\n## Inference 500×375, 21 classes, 10 iterations, CPU, {torch.get_num_threads()} threads (ours) vs pydensecrf2 (1 thread)")
-    print("(timed in interleaved pairs; ratio = median of the per-pair ratios, with their range)")
-    print(f"{'image':<12}{'densecrf ms':>13}{'ours ms':>10}{'ratio':>8}{'range':>13}{'mean|ΔQ|':>11}"
-          f"{'argmax agree':>14}")
-    for kind in ("synthetic", "noise"):
-        image, logits = scene(375, 500, 21, kind=kind)
-        ref = run_densecrf(image, logits, 10)
-        fn = ours_inference(image, logits, 10)
-        q = torch.softmax(fn(), 1)[0].numpy()
-        t_theirs, t_ours, ratios = timed_pairs(lambda: run_densecrf(image, logits, 10), fn, args.repeats)
-        print(
-            f"{kind:<12}{t_theirs * 1e3:>13.1f}{t_ours * 1e3:>10.1f}{statistics.median(ratios):>8.2f}"
-            f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}"
-            f"{np.abs(q - ref).mean():>11.2e}{(q.argmax(0) == ref.argmax(0)).mean():>14.4f}"
-        )
+    from crfrnn_deeplab.crf.threads import inference_threads, set_inference_threads, thread_policy
+
+    print("\n## Inference 500×375, 21 classes, 10 iterations, CPU, vs pydensecrf2 (always 1 thread)")
+    print("(timed in interleaved pairs; ratio = ours / densecrf, median of the per-pair ratios, with their range;")
+    print(" 'threads': torch threads given / used by our CRF, median over the pairs (the adaptive policy of")
+    print(" crfrnn_deeplab.crf.threads uses at most the cores free when a call starts; ', all': the 'all' policy,")
+    print(" every thread whatever the load))")
+    print(f"{'setting':<19}{'image':<11}{'threads':>9}{'densecrf ms':>13}{'ours ms':>10}{'ratio':>8}{'range':>13}"
+          f"{'mean|ΔQ|':>11}{'argmax agree':>14}")
+    settings = [("1 thread", 1, 1, None), ("2 threads", 2, 2, None)]
+    for name, (_, code) in LOADS.items():  # the default policy, then every thread whatever the load (as before it)
+        settings += [(name, 2, "adaptive", code), (f"{name}, all", 2, "all", code)]
+    threads, policy = torch.get_num_threads(), thread_policy()
+    scenes = {kind: scene(375, 500, 21, kind=kind) for kind in ("synthetic", "noise")}
+    refs = {kind: run_densecrf(image, logits, 10) for kind, (image, logits) in scenes.items()}
+    try:
+        for name, given, chosen, load in settings:
+            torch.set_num_threads(given)
+            set_inference_threads(chosen)
+            process = None if load is None else competing_load(load)
+            try:
+                for kind, (image, logits) in scenes.items():
+                    fn = ours_inference(image, logits, 10)
+                    used = []
+
+                    def ours():
+                        used.append(inference_threads())  # what the policy picks now (it picks again inside)
+                        return fn()
+
+                    q = torch.softmax(fn(), 1)[0].numpy()
+                    t_theirs, t_ours, ratios = timed_pairs(lambda: run_densecrf(image, logits, 10), ours,
+                                                           args.repeats)
+                    ref = refs[kind]
+                    print(f"{name:<19}{kind:<11}{f'{given}/{statistics.median(used):g}':>9}{t_theirs * 1e3:>13.1f}"
+                          f"{t_ours * 1e3:>10.1f}{statistics.median(ratios):>8.2f}"
+                          f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}"
+                          f"{np.abs(q - ref).mean():>11.2e}{(q.argmax(0) == ref.argmax(0)).mean():>14.4f}")
+            finally:
+                if process is not None:
+                    process.kill()
+                    process.wait()
+    finally:
+        torch.set_num_threads(threads)
+        set_inference_threads(policy)
+    for name, (what, _) in LOADS.items():
+        print(f"load '{name}': {what}, started before and stopped after its rows")
+
+    print("\n## Agreement with pydensecrf2 after T iterations (500×375, 21 classes)")
+    print(f"{'image':<11}{'T':>4}{'mean|ΔQ|':>11}{'argmax agree':>14}")
+    for kind, (image, logits) in scenes.items():
+        for iterations in (1, 5, 10):
+            q = torch.softmax(ours_inference(image, logits, iterations)(), 1)[0].numpy()
+            ref = run_densecrf(image, logits, iterations)
+            agree = (q.argmax(0) == ref.argmax(0)).mean()
+            print(f"{kind:<11}{iterations:>4}{np.abs(q - ref).mean():>11.2e}{agree:>14.4f}")
 
 
 def section_training(args) -> None:
     print(f"\n## Training cost at 321×321, batch 1, 21 classes, CPU, {torch.get_num_threads()} threads")
+    print("CRF 5 iterations forward+backward as % of the network's forward+backward, timed in interleaved rounds "
+          "(network, CRF learned, CRF fixed; the order rotates), each round's own ratio: median (range)")
     image, logits = scene(321, 321, 21)
-    crf = MeanFieldCRF(num_classes=21, train_iterations=5).train()
+    crf = MeanFieldCRF(num_classes=21, train_iterations=5, **DENSECRF_PARAMS).train()
+    bandwidths = (crf.log_theta_alpha, crf.log_theta_beta, crf.log_theta_gamma)
     z = torch.from_numpy(logits)[None].requires_grad_(True)
     im = torch.from_numpy(image).permute(2, 0, 1)[None].float()
 
-    def crf_step():
+    def crf_step(learn: bool) -> None:
+        for p in bandwidths:
+            p.requires_grad_(learn)
         crf.zero_grad()
         crf(z, im).square().mean().backward()
 
-    t_crf = timed(crf_step, args.repeats)
-    crf.log_theta_alpha.requires_grad_(False)
-    crf.log_theta_beta.requires_grad_(False)
-    crf.log_theta_gamma.requires_grad_(False)
-    t_crf_fixed_bw = timed(crf_step, args.repeats)
     try:
         from crfrnn_deeplab import get_model
 
@@ -180,17 +238,33 @@ def section_training(args) -> None:
         name = "deeplabv3_resnet101 (stand-in)"
     x = torch.randn(1, 3, 321, 321)
 
-    def net_step():
+    def net_step() -> None:
         net.zero_grad()
         out = net(x)
         out = out["out"] if isinstance(out, dict) else out
         out.square().mean().backward()
 
-    t_net = timed(net_step, max(2, args.repeats // 2))
-    print(f"{'what':<52}{'ms':>10}{'% of network':>14}")
-    print(f"{name + ' forward+backward':<52}{t_net * 1e3:>10.1f}{100.0:>14.1f}")
-    print(f"{'CRF 5 it. fwd+bwd, all parameters learned':<52}{t_crf * 1e3:>10.1f}{100 * t_crf / t_net:>14.1f}")
-    print(f"{'CRF 5 it. fwd+bwd, bandwidths fixed':<52}{t_crf_fixed_bw * 1e3:>10.1f}{100 * t_crf_fixed_bw / t_net:>14.1f}")
+    steps = {"network": net_step, "learned": lambda: crf_step(True), "fixed": lambda: crf_step(False)}
+    for fn in steps.values():  # warm-up
+        fn()
+    rounds = max(3, args.repeats // 2)
+    times = {k: [] for k in steps}
+    order = list(steps)
+    for r in range(rounds):
+        for key in order[r % 3:] + order[: r % 3]:
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    print(f"{'what':<52}{'ms (median)':>12}{'% of network: median (range)':>32}")
+    print(f"{name + ' forward+backward':<52}{statistics.median(times['network']) * 1e3:>12.1f}{'100':>32}")
+    for key, label in (("learned", "CRF 5 it. fwd+bwd, all parameters learned"),
+                       ("fixed", "CRF 5 it. fwd+bwd, bandwidths fixed")):
+        shares = [100 * c / n for c, n in zip(times[key], times["network"])]
+        share = f"{statistics.median(shares):.1f} ({min(shares):.1f}-{max(shares):.1f})"
+        print(f"{label:<52}{statistics.median(times[key]) * 1e3:>12.1f}{share:>32}")
+    ratios = [a / b for a, b in zip(times["learned"], times["fixed"])]
+    print(f"learned / fixed bandwidths, per round: median {statistics.median(ratios):.2f} "
+          f"({min(ratios):.2f}-{max(ratios):.2f}), {rounds} rounds")
 
 
 def _measure_one(height: int, width: int, classes: int, repeats: int) -> None:

@@ -10,6 +10,7 @@ from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, check_crf_inputs, fixed_
 from crfrnn_deeplab.crf.fast_inference import mean_field_inference
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
+from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
 
 __all__ = [
     "CRFKernels",
@@ -25,5 +26,7 @@ __all__ = [
     "lattice_gaussian",
     "mean_field_inference",
     "mean_field_step",
+    "set_inference_threads",
     "spatial_gaussian",
+    "thread_policy",
 ]

@@ -14,6 +14,7 @@ from torch import Tensor
 from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
+from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
 __all__ = ["class_softmax", "mean_field_inference", "potts_form"]
 
@@ -39,6 +40,9 @@ def mean_field_inference(
       densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part of the spatial mix
       is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather.
 
+    Runs with the thread count of :mod:`.threads`' policy (by default at most the cores free now); the
+    matrix products of a learned (non-Potts) mix keep the caller's count, as their rounding may depend on it.
+
     Args:
         unary: Tensor[B, *S, C], ``z_0`` (S: 2 or 3 spatial axes).
         kernels: the batch's kernel filters.
@@ -48,6 +52,13 @@ def mean_field_inference(
     Returns:
         Tensor[B, *S, C], ``z_T``.
     """
+    with limited_threads():
+        return _mean_field_inference(unary, kernels, pairwise, iterations)
+
+
+def _mean_field_inference(
+    unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int
+) -> Tensor:
     b, *sizes, c = unary.shape
     p = unary.numel() // c
     if iterations == 0:
@@ -110,16 +121,18 @@ def mean_field_inference(
         to_blocks(q)  # while q is in cache
         on_lattice = kernels.lattice.blur_lattice(splat @ q)
         if bilateral_potts is None:
-            torch.mm(on_lattice, mix_bilateral, out=table[-m:])
+            with caller_threads():  # products round by thread count: never by the load
+                torch.mm(on_lattice, mix_bilateral, out=table[-m:])
         else:
             table[-m:] = on_lattice
         if spatial_potts is None:
             spatial = table[p : 2 * p]
             for i, (first, stop, filtered) in enumerate(spatial_blocks()):
-                if i == 0:
-                    torch.mm(filtered, mix_spatial[first:stop], out=spatial)
-                else:
-                    spatial.addmm_(filtered, mix_spatial[first:stop])
+                with caller_threads():
+                    if i == 0:
+                        torch.mm(filtered, mix_spatial[first:stop], out=spatial)
+                    else:
+                        spatial.addmm_(filtered, mix_spatial[first:stop])
             z = update @ table
         else:
             spatial = list(spatial_blocks())

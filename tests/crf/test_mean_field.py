@@ -432,3 +432,56 @@ def test_normaliser_is_zero_on_masked_pixels_even_for_rounding_negatives(normali
     n = _normaliser(d, valid, normalization)
     assert torch.isfinite(n).all() and n[1] == 0 and n[2] == 0
     assert n[0] == pytest.approx(0.5 if normalization == "symmetric" else 0.25)
+
+
+def test_inference_thread_policy():
+    from crfrnn_deeplab.crf import threads
+
+    policy = threads.thread_policy()
+    try:
+        for bad in ("some", 0, -1, True, 1.5):
+            with pytest.raises(ValueError, match="policy"):
+                threads.set_inference_threads(bad)
+        free = threads.free_cores()
+        assert free is None or 0 <= free <= len(__import__("os").sched_getaffinity(0))
+        threads.set_inference_threads(1)
+        assert threads.inference_threads() == 1
+        threads.set_inference_threads("all")
+        assert threads.inference_threads() == torch.get_num_threads()
+        threads.set_inference_threads("adaptive")
+        assert 1 <= threads.inference_threads() <= torch.get_num_threads()
+        before = torch.get_num_threads()
+        threads.set_inference_threads(1)
+        with threads.limited_threads() as used:
+            assert used == 1 and torch.get_num_threads() == 1
+            with threads.caller_threads():  # products whose rounding depends on the count: the caller's
+                assert torch.get_num_threads() == before
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == before
+    finally:
+        threads.set_inference_threads(policy)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_inference_does_not_depend_on_the_thread_count(learned):
+    # the adaptive policy picks the thread count from the load: the outputs must not depend on it
+    from crfrnn_deeplab.crf import threads
+
+    _, image, logits = scene(0, 60, 80, 21)
+    crf = MeanFieldCRF(num_classes=21, eval_iterations=3, **PARAMS).eval()
+    if learned:
+        with torch.no_grad():
+            crf.compatibility.add_(0.05 * torch.randn(21, 21, generator=torch.Generator().manual_seed(0)))
+    z, im = torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float()
+    before, policy = torch.get_num_threads(), threads.thread_policy()
+    outputs = []
+    try:
+        torch.set_num_threads(2)
+        for chosen in (1, 2):
+            threads.set_inference_threads(chosen)
+            with torch.no_grad():
+                outputs.append(crf(z, im))
+    finally:
+        torch.set_num_threads(before)
+        threads.set_inference_threads(policy)
+    assert torch.equal(outputs[0], outputs[1])
