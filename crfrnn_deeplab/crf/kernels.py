@@ -11,6 +11,10 @@ Beyond 2-D RGB (DESIGN §4): positions span 2 or 3 spatial axes, in physical uni
 and the guidance I has K >= 1 channels split into groups, each with its own θβ, so the bilateral features are
 ``(p·s/θα, I_g/θβ_g for each group g)``. The 2-D RGB image is the case ``S = (H, W)``, one group of 3 channels,
 spacing 1.
+
+Learned bandwidths: θγ's gradient is the exact derivative of the separable filter (:mod:`.spatial`); θα's and
+θβ's are the exact Gaussian's derivative over explicit pixel pairs (:mod:`.bandwidth_gradient`), chosen once
+per batch here, where the grid, its spacing and the valid mask are known, and shared by every filtering.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
 
@@ -30,6 +35,7 @@ __all__ = [
     "Normalization",
     "bilateral_features",
     "bilateral_scale",
+    "bilateral_pairs",
     "build_kernels",
     "check_guidance_groups",
     "normaliser",
@@ -57,6 +63,8 @@ class CRFKernels:
         norm_spatial, norm_bilateral: Tensor[B, *S, 1], ``D^-½`` (symmetric) or ``D^-1`` (after), zero on
             masked voxels.
         spacing: the physical voxel size along each spatial axis (axes' order), or None (1 everywhere).
+        pairs: the pixel pairs of the bilateral kernel's bandwidth gradient (:func:`bilateral_pairs`), or None
+            when θα and θβ are not learned.
     """
 
     lattice: PermutohedralLattice
@@ -69,11 +77,13 @@ class CRFKernels:
     norm_spatial: Tensor
     norm_bilateral: Tensor
     spacing: tuple[float, ...] | None = None
+    pairs: KernelPairs | None = None
     _folded: PermutohedralLattice | None = None
 
     def bilateral(self, q: Tensor, mix: Tensor | None = None) -> Tensor:
         """Unnormalised bilateral filtering (then ``@ mix``, applied on the lattice): Tensor[B, *S, C(')]."""
-        out = lattice_gaussian(q.reshape(q.shape[0], -1, q.shape[-1]), self.raw, self.scale, self.lattice, mix=mix)
+        flat = q.reshape(q.shape[0], -1, q.shape[-1])
+        out = lattice_gaussian(flat, self.raw, self.scale, self.lattice, mix=mix, pairs=self.pairs)
         return out.view(*q.shape[:-1], -1)
 
     def spatial(self, q: Tensor) -> Tensor:
@@ -204,6 +214,8 @@ def build_kernels(
     theta_gamma = theta_gamma.to(dtype)
     spacing = None if spacing is None else tuple(float(s) for s in spacing)
     kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, *sizes), mask, normalization, ones, ones, spacing)
+    if torch.is_grad_enabled() and scale.requires_grad:
+        kernels.pairs = bilateral_pairs(lattice, raw, scale, sizes, valid_mask, spacing)
     # D = K·1 over valid voxels; for an unmasked batch the spatial one is an outer product of 1-D sums.
     if mask is None:
         d_spatial = unmasked_spatial(theta_gamma, (b, *sizes), "ones", spacing=spacing)
@@ -213,6 +225,36 @@ def build_kernels(
     kernels.norm_spatial = normaliser(d_spatial, ones, normalization)
     kernels.norm_bilateral = normaliser(d_bilateral, ones, normalization)
     return kernels
+
+
+def bilateral_pairs(
+    lattice: PermutohedralLattice,
+    raw: Tensor,
+    scale: Tensor,
+    sizes: Sequence[int],
+    valid_mask: Tensor | None,
+    spacing: Sequence[float] | None,
+) -> KernelPairs:
+    """The pixel (voxel) pairs of the bilateral kernel's bandwidth gradient (:mod:`.bandwidth_gradient`).
+
+    Sampled partners follow the position Gaussian along each grid axis, whose rate is ``spacing_a / θα`` per
+    voxel step: the position features are the first S of ``raw`` (x, the last axis, first).
+
+    Args:
+        lattice: the bilateral lattice of ``raw * scale``.
+        raw: Tensor[B, N, S + K], the unscaled features (:func:`bilateral_features`).
+        scale: Tensor[S + K], their inverse bandwidths.
+        sizes: the grid S, axes' order.
+        valid_mask: Tensor[B, *S] bool, or None.
+        spacing: the voxel size per axis (axes' order), or None (1).
+    """
+    s = len(sizes)
+    steps = [1.0] * s if spacing is None else [float(v) for v in spacing]
+    position_scale = scale.detach()[:s].flip(0).tolist()  # axes' order
+    rates = [step * r for step, r in zip(steps, position_scale)]
+    with torch.no_grad():
+        mass = lattice.filter(raw.new_ones(raw.shape[0], raw.shape[1], 1))[..., 0]  # K_lattice·1
+        return kernel_pairs(raw * scale.detach(), mass, valid_mask, grid=tuple(sizes), rates=rates)
 
 
 def unmasked_spatial(

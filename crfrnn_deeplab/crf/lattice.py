@@ -11,6 +11,10 @@ channels (:meth:`PermutohedralLattice.filter`). Every operator is a sparse matri
 (:class:`~crfrnn_deeplab.crf.sparse_rows.SparseRows`), applied as a weighted gather-and-sum. The transpose of
 the whole filter (used by the backward pass) is the same operators in reverse blur order. A batch of images becomes one lattice whose vertex keys include the image
 index, so images never exchange mass.
+
+Gradients w.r.t. the feature scales (the kernel bandwidths) are not the lattice's own: its forward pass is
+piecewise in the scales (points change simplex) and its kernel is not the Gaussian's shape. They are the exact
+Gaussian's derivative summed over explicit point pairs (:mod:`.bandwidth_gradient`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
 
-__all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian"]
+__all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian", "point_pairs"]
 
 _PACK_LIMIT = 2**62
 _SHORT_KEY_LIMIT = 2**15 - 1  # fewer vertices than this: the splat's sort uses int16 keys
@@ -46,6 +52,8 @@ class PermutohedralLattice:
         alpha: the slice's scale ``1 / (1 + 2^-d)``.
         symmetric: ``slice = alpha · splatᵀ`` (unweighted, or equal weights before and after), so that ``Kᵀ`` is
             the same splat and slice with the blur directions reversed.
+        unweighted: for a :meth:`weighted` lattice, the lattice of ``K`` itself (else None); ``before`` and
+            ``after`` (Tensor[B, N] each) are then its weights, ``diag(after) · K · diag(before)``.
     """
 
     batch_size: int
@@ -57,6 +65,9 @@ class PermutohedralLattice:
     blur: tuple[SparseRows, ...]
     alpha: float
     symmetric: bool = True
+    unweighted: "PermutohedralLattice | None" = None
+    before: Tensor | None = None
+    after: Tensor | None = None
 
     def to_lattice(self, values: Tensor, *, transpose: bool = False, blur: bool = True) -> Tensor:
         """Splat then blur: Tensor[B, N, C] -> lattice values Tensor[M, C] (``Kᵀ``'s blur order if transpose)."""
@@ -103,10 +114,19 @@ class PermutohedralLattice:
                 keep the lattice ``symmetric`` (transposable).
         """
         splat, slice_ = self.splat.scale_columns(before), self.slice.scale_rows(after)
+        symmetric = self.symmetric and before is after
+        before = before.reshape(self.batch_size, self.num_points)
+        after = after.reshape(self.batch_size, self.num_points)
+        if self.unweighted is not None:  # weights compose
+            before, after = self.before * before, self.after * after
         return PermutohedralLattice(
             self.batch_size, self.num_points, self.dim, self.num_vertices, splat, slice_, self.blur, self.alpha,
-            self.symmetric and before is after,
+            symmetric, self if self.unweighted is None else self.unweighted, before, after,
         )
+
+    def on_lattice(self) -> Tensor:
+        """Which points are on the lattice (have vertices): bool Tensor[B, N]."""
+        return (self.slice.offsets.diff() > 0).view(self.batch_size, self.num_points)
 
 
 def _scale_factors(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -224,6 +244,9 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     """Builds the permutohedral lattice of a batch of feature maps.
 
     Always runs eagerly, also inside a ``torch.compile``'d model: the number of vertices depends on the data.
+    Runs with the thread count of :mod:`.threads`' policy (by default at most the cores free now), except for
+    the elevation's matrix product, whose rounding depends on the thread count: it keeps the caller's, so
+    that the lattice never depends on the load.
 
     Args:
         features: Tensor[B, d, H, W] or Tensor[B, d, N], floating point, already divided by the kernel's
@@ -236,6 +259,11 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
     Returns:
         The lattice, in ``features``' dtype and device, reusable for any number of filterings.
     """
+    with limited_threads():
+        return _build_lattice(features, valid)
+
+
+def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLattice:
     if features.dim() not in (3, 4) or not features.is_floating_point():
         raise ValueError(
             f"features must be a floating-point Tensor[B, d, H, W] or [B, d, N], got shape "
@@ -290,7 +318,8 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     k = torch.arange(1, d1, device=device)[:, None]  # rows: c_k
     j = torch.arange(d1, device=device)[None, :]  # columns: e_j
     elevate = (k > j).to(dtype) - j * (k == j).to(dtype)
-    elevated = (_scale_factors(d, dtype, device)[:, None] * elevate).T @ f  # [d+1, P]
+    with caller_threads():  # the product's rounding depends on the thread count, the lattice must not
+        elevated = (_scale_factors(d, dtype, device)[:, None] * elevate).T @ f  # [d+1, P]
 
     # The nearest remainder-0 lattice point (ties round down, as in densecrf), and the rank of each
     # coordinate's differential; then shift the point back onto the plane x·1 = 0. Each coordinate rounds by
@@ -366,49 +395,69 @@ class _LatticeGaussian(torch.autograd.Function):
 
     The backward pass w.r.t. the values is ``Kᵀ g mixᵀ`` (the same lattice, blur directions reversed, mixed on
     the lattice); w.r.t. ``mix`` it is a product of lattice-sized matrices. For the scales ``s`` (features
-    ``f = raw · s``) it uses the derivative of the exact Gaussian, ``∂k_ij/∂s_k = -(f_ik - f_jk)² k_ij / s_k``,
-    and expands the squared difference so that every term is a lattice filtering (DESIGN §2):
-    ``Σ_ij g_i k_ij (f_i - f_j)² v_j = Σ_i g_i f_i² (Kv)_i - 2 Σ_i g_i f_i (K(f v))_i + Σ_j v_j f_j² (Kᵀg)_j``.
+    ``f = raw · s``) it is the exact Gaussian's derivative ``∂k_ij/∂log s_k = -(f_ik - f_jk)² k_ij`` scaled to the
+    lattice's mass, contracted with ``g_i · v_j`` over the kernel pairs (:mod:`.bandwidth_gradient`), not the
+    lattice's own derivative (DESIGN §2). A weighted lattice ``diag(a) K diag(b)`` puts its weights on the pair
+    values: ``(a_i g_i) · (b_j v_j)``.
     """
 
     @staticmethod
-    def forward(ctx, values, scale, mix, lattice: PermutohedralLattice, raw):
+    def forward(ctx, values, scale, mix, lattice: PermutohedralLattice, raw, pairs):
         assert lattice.symmetric, "the backward pass needs a transposable lattice"
         on_lattice = lattice.to_lattice(values)  # [M, C]
         out = lattice.from_lattice(on_lattice if mix is None else on_lattice @ mix)
-        ctx.lattice = lattice
-        ctx.save_for_backward(values, scale, mix, raw, out, on_lattice)
+        ctx.lattice, ctx.pairs = lattice, pairs
+        ctx.save_for_backward(values, scale, mix, raw, on_lattice)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        values, scale, mix, raw, out, on_lattice = ctx.saved_tensors
+        values, scale, mix, raw, on_lattice = ctx.saved_tensors
         lattice: PermutohedralLattice = ctx.lattice
         # Symmetric lattice: slice = alpha·splatᵀ, so Kᵀ g = slice(blurᵀ(splat(g))), sliceᵀ g = alpha·splat(g).
         grad_lattice = lattice.to_lattice(grad.contiguous(), blur=False)  # splat(g), [M, C']
         grad_mix = None
         if mix is not None and ctx.needs_input_grad[2]:
             grad_mix = lattice.alpha * on_lattice.T @ grad_lattice
-        grad_lattice = lattice.blur_lattice(grad_lattice, transpose=True)
-        kt_grad = lattice.from_lattice(grad_lattice if mix is None else grad_lattice @ mix.T)  # Kᵀ g mixᵀ
+        grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_lattice = lattice.blur_lattice(grad_lattice, transpose=True)
+            grad_values = lattice.from_lattice(grad_lattice if mix is None else grad_lattice @ mix.T)  # Kᵀ g mixᵀ
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            g = grad if mix is None else grad @ mix.T  # gradient w.r.t. K v
-            k_v = out if mix is None else lattice.from_lattice(on_lattice)
-            b, n, c = values.shape
-            f = raw * scale  # [B, N, d]
-            d = f.shape[-1]
-            moments = (f[..., :, None] * values[..., None, :]).reshape(b, n, d * c)  # f_k v, all k at once
-            cross = (lattice.filter(moments).view(b, n, d, c) * g[..., None, :]).sum(-1)  # [B, N, d]
-            weight = (g * k_v).sum(-1) + (values * kt_grad).sum(-1)  # kt_grad = Kᵀ g' (K commutes with the mix)
-            grad_scale = -(f * f * weight[..., None] - 2.0 * f * cross).sum((0, 1)) / scale
-        grad_values = kt_grad if ctx.needs_input_grad[0] else None
-        return grad_values, grad_scale, grad_mix, None, None
+            left = grad if mix is None else grad @ mix.T  # the gradient w.r.t. K v
+            right = values
+            if lattice.unweighted is not None:
+                left, right = left * lattice.after[..., None], right * lattice.before[..., None]
+            pairs = ctx.pairs if ctx.pairs is not None else point_pairs(lattice, raw, scale)
+            grad_scale = -pairs.contract(left, right).to(scale.dtype) / scale
+        return grad_values, grad_scale, grad_mix, None, None, None
+
+
+def point_pairs(lattice: PermutohedralLattice, raw_features: Tensor, scale: Tensor) -> KernelPairs:
+    """The kernel pairs of a lattice's Gaussian for points without a grid (:func:`.bandwidth_gradient.kernel_pairs`
+    with a uniform proposal above its exact size): what :func:`lattice_gaussian` uses when it is given none.
+
+    Args:
+        lattice: the lattice of ``raw_features * scale`` (or a weighted copy of it).
+        raw_features: Tensor[B, N, d].
+        scale: Tensor[d].
+    """
+    base = lattice if lattice.unweighted is None else lattice.unweighted
+    with torch.no_grad():
+        mass = base.filter(raw_features.new_ones(base.batch_size, base.num_points, 1))[..., 0]
+        return kernel_pairs(raw_features * scale, mass, base.on_lattice())
 
 
 def lattice_gaussian(
-    values: Tensor, raw_features: Tensor, scale: Tensor, lattice: PermutohedralLattice, mix: Tensor | None = None
+    values: Tensor,
+    raw_features: Tensor,
+    scale: Tensor,
+    lattice: PermutohedralLattice,
+    mix: Tensor | None = None,
+    *,
+    pairs: KernelPairs | None = None,
 ) -> Tensor:
     """Differentiable Gaussian filtering ``Σ_j exp(-|s⊙(r_i - r_j)|² / 2) v_j`` through a built lattice.
 
@@ -416,12 +465,17 @@ def lattice_gaussian(
         values: Tensor[B, N, C], the values to filter.
         raw_features: Tensor[B, N, d], the unscaled features r (e.g. pixel positions and colours).
         scale: Tensor[d], the inverse bandwidth of each feature; ``lattice`` must have been built from
-            ``raw_features * scale`` (it is not rebuilt here; gradients w.r.t. ``scale`` use the exact
-            Gaussian's derivative, evaluated with the lattice).
-        lattice: the (symmetric) lattice of ``raw_features * scale``.
+            ``raw_features * scale`` (it is not rebuilt here). Gradients w.r.t. ``scale`` are the exact
+            Gaussian's derivative, scaled to the lattice's mass, over all point pairs of small images and an
+            unbiased sample of pairs in larger ones (:mod:`.bandwidth_gradient`), not the lattice's own.
+        lattice: the (symmetric) lattice of ``raw_features * scale``, possibly :meth:`~PermutohedralLattice.weighted`.
         mix: optional Tensor[C, C'], a channel mixing applied on the lattice: returns ``(K v) @ mix``.
+        pairs: the kernel pairs of the (unweighted) lattice's Gaussian, made once by
+            :func:`.bandwidth_gradient.kernel_pairs` and passed to every filtering through the lattice, so that
+            sampled pairs are shared (and a grid proposal can follow the positions). None: :func:`point_pairs`
+            of the lattice, made anew by every backward pass that needs the scale's gradient.
 
     Returns:
         Tensor[B, N, C] (C' with ``mix``).
     """
-    return _LatticeGaussian.apply(values, scale, mix, lattice, raw_features)
+    return _LatticeGaussian.apply(values, scale, mix, lattice, raw_features, pairs)

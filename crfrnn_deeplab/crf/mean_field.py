@@ -117,7 +117,11 @@ class MeanFieldCRF(nn.Module):
         eval_iterations: mean-field iterations in eval mode.
         learn_kernel_weights: learn the C×C matrices ``W_m``.
         learn_compatibility: learn ``μ``.
-        learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive).
+        learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive). θγ's gradient is the exact
+            derivative of the separable filter; θα's and θβ's are the exact Gaussian's derivative over pixel pairs
+            scaled to the lattice's mass (all pairs of images up to
+            :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` pixels, one importance-sampled partner
+            per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`.
 
     Parameters: ``spatial_weight``, ``bilateral_weight``, ``compatibility`` (Tensor[C, C] each),
     ``log_theta_alpha``, ``log_theta_gamma`` (Tensor[]) and ``log_theta_beta`` (Tensor[] for one guidance group,

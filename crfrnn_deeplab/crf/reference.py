@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dense_gaussian", "dense_crf"]
+__all__ = ["DenseKernelPairs", "dense_crf", "dense_gaussian"]
 
 
 def dense_gaussian(features: Tensor) -> Tensor:
@@ -90,3 +90,65 @@ def dense_crf(
             z = unary - message
         out.append(z.T.reshape(c, *sizes))
     return torch.stack(out)
+
+
+class DenseKernelPairs:
+    """The bandwidth derivative of Gaussian filtering over all pairs, by autograd through :func:`dense_gaussian`:
+    a drop-in for :class:`~crfrnn_deeplab.crf.bandwidth_gradient.KernelPairs` in tests, to define the *ideal*
+    gradient of the layer's own forward pass.
+
+    ``contract(left, right) = Σ_ij (left_i · right_j) m_ij ∂k_ij/∂(-log s_k)`` with ``k_ij`` the exact Gaussian,
+    ``c_i = (K_lattice·1)_i / (K·1)_i`` each point's lattice-to-Gaussian mass ratio, and ``m_ij`` by ``mass``:
+
+    - ``"pair"``: ``√(c_i c_j)``, the *mass-consistent* ideal and the estimator's target: the symmetric kernel
+      ``√(c_i c_j) k_ij`` has (to first order in the variation of c) the lattice's row sums, and models the
+      symmetric lattice's kernel better than a row scaling does.
+    - ``"row"``: ``c_i``, whose row sums are exactly the lattice's but which is not symmetric.
+    - ``"image"``: the ratio of the image's total masses, the same for every pair (what sampled pairs use).
+    - ``"none"``: 1, the plain Gaussian derivative (the *literal* ideal; the lattice's kernel has about half
+      the Gaussian's mass, so the CRF's gradient comes out about twice the exact CRF's).
+
+    Args:
+        features: Tensor[B, N, d], scaled features.
+        lattice_mass: Tensor[B, N] (any shape of B·N values), ``(K_lattice·1)_i``.
+        valid: Tensor of B·N bools, or None (all points valid).
+        mass: "pair", "row", "image" or "none".
+    """
+
+    def __init__(self, features: Tensor, lattice_mass: Tensor, valid: Tensor | None = None, mass: str = "pair"):
+        if mass not in ("pair", "row", "image", "none"):
+            raise ValueError(f"mass must be 'pair', 'row', 'image' or 'none', got {mass!r}")
+        b, n, _ = features.shape
+        self.features, self.mass = features.detach().double(), mass
+        self.lattice_mass = lattice_mass.detach().reshape(b, n).double()
+        self.valid = torch.ones(b, n, dtype=torch.float64) if valid is None else valid.reshape(b, n).double()
+
+    def ratio(self, image: int) -> Tensor:
+        """``c_i`` of one image's points, Tensor[N] (0 off the lattice)."""
+        v = self.valid[image]
+        gaussian_mass = (dense_gaussian(self.features[image]) * v[:, None] * v[None, :]).sum(1)
+        return torch.where(gaussian_mass > 0, self.lattice_mass[image] * v / gaussian_mass, 0.0)
+
+    def pair_mass(self, image: int) -> Tensor:
+        """``m_ij`` of one image, Tensor[N, N]."""
+        v = self.valid[image]
+        c = self.ratio(image)
+        if self.mass == "pair":
+            return (c[:, None] * c[None, :]).sqrt()
+        if self.mass == "row":
+            return c[:, None] * v[None, :]
+        if self.mass == "image":
+            gaussian_mass = (dense_gaussian(self.features[image]) * v[:, None] * v[None, :]).sum()
+            return (self.lattice_mass[image] * v).sum() / gaussian_mass * v[:, None] * v[None, :]
+        return v[:, None] * v[None, :]
+
+    def contract(self, left: Tensor, right: Tensor) -> Tensor:
+        """Tensor[d]: see the class; left, right: Tensor[B, N, C]."""
+        with torch.enable_grad():  # called from a backward pass
+            log_scale = torch.zeros(self.features.shape[-1], dtype=torch.float64, requires_grad=True)
+            total = 0.0
+            for image in range(self.features.shape[0]):
+                k = dense_gaussian(self.features[image] * log_scale.exp()) * self.pair_mass(image)
+                total = total + (left[image].double() * (k @ right[image].double())).sum()
+            (grad,) = torch.autograd.grad(total, log_scale)
+        return (-grad).to(left.dtype)

@@ -200,6 +200,41 @@ def test_splat_is_the_same_with_wide_sort_keys(monkeypatch):
     torch.testing.assert_close(short.filter(v), wide.filter(v), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_splat_rows_list_their_points_in_ascending_order(masked):
+    # the splat sorts each column of vertex ids on its own; its rows must still be the slice's transpose with
+    # every row's points in ascending order (the order the sums run in)
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 300) * 2
+    valid = torch.rand(2, 300) > 0.3 if masked else None
+    lattice = build_lattice(feats, valid)
+    splat, slice_ = lattice.splat, lattice.slice
+    vertex, entry = torch.sort(slice_.columns.long(), stable=True)
+    assert torch.equal(splat.offsets.long(), torch.searchsorted(vertex, torch.arange(lattice.num_vertices + 1)))
+    assert torch.equal(splat.columns.long(), slice_.rows()[entry])
+    assert torch.equal(splat.weights * lattice.alpha, slice_.weights[entry])
+
+
+def test_lattice_does_not_depend_on_the_thread_count():
+    from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
+
+    feats = torch.randn(1, 5, 40_000, generator=torch.Generator().manual_seed(0)) * 4
+    threads, policy = torch.get_num_threads(), thread_policy()
+    lattices = []
+    try:
+        torch.set_num_threads(2)
+        for chosen in (1, 2):
+            set_inference_threads(chosen)
+            lattices.append(build_lattice(feats))
+    finally:
+        torch.set_num_threads(threads)
+        set_inference_threads(policy)
+    one, two = lattices
+    for a, b in [(one.splat, two.splat), (one.slice, two.slice), *zip(one.blur, two.blur)]:
+        assert torch.equal(a.columns, b.columns) and torch.equal(a.offsets, b.offsets)
+        assert torch.equal(a.weights, b.weights)
+
+
 @pytest.mark.parametrize("k", range(1, 8))
 def test_sort_columns_sorts_every_column(k):
     # 0-1 principle: a comparator network that sorts every 0/1 column sorts every column

@@ -307,7 +307,6 @@ def bandwidth_gradients(seed, shape, groups, betas, spacing):
 BANDWIDTH_CASES = [(0, (6, 7, 8), (1,), 0.3, (1.0, 1.0, 1.0)), (1, (6, 7, 8), (1, 1), (0.3, 80.0), (2.0, 1.0, 1.0))]
 
 
-@pytest.mark.xfail(reason="bandwidth-gradient estimator pending (#15)", strict=False)
 @pytest.mark.parametrize("case", BANDWIDTH_CASES, ids=["K=1", "K=2 anisotropic"])
 def test_bandwidth_gradients_match_exact_dense_crf_3d(case):
     # Each bandwidth within ±25 % of the exact float64 dense CRF's gradient, never the wrong sign (DESIGN §2).

@@ -1,0 +1,293 @@
+"""Benchmarks of the bandwidth gradient (issue #15): accuracy against the ideal and the exact CRF, recovery of
+the exact CRF's best bandwidths, and the cost of learning the bandwidths.
+
+Every figure is measured in this run.
+
+    python benchmarks/bench_bandwidth_gradient.py                   # everything, CPU, 2 threads
+    python benchmarks/bench_bandwidth_gradient.py --only accuracy   # accuracy | sampled | recovery | cost
+    python benchmarks/bench_bandwidth_gradient.py --only cost --cpu-time --threads 1 --no-network
+
+Sections:
+    accuracy  the cases of tests/crf/test_bandwidth_gradient.py (16×16 to 24×32, T = 5, both normalisations):
+              per bandwidth ours / the mass-consistent ideal (the layer's own iterates, exact dense derivative
+              of √(c_i c_j) k_ij), and ours, the row-mass ideal (c_i k_ij), the literal ideal (k_ij, no mass
+              factor) and the lattice moment identity (the previous estimator) divided by the exact dense CRF's
+              gradient; the cosine of the full CRF-parameter gradient with the exact CRF's; how much the mass
+              ratio c_i varies over an image's pixels.
+    sampled   40×48 images (above EXACT_POINTS: pairs sampled): ours / the ideal and / exact over seeds.
+    recovery  gradient descent on the bandwidths alone from 3-4× off the exact CRF's optimum, with each
+              gradient: where each θ ends, relative to the optimum.
+    cost      5 mean-field iterations forward+backward at 321×321, 21 classes: bandwidths learned vs fixed,
+              in interleaved pairs, and as a share of deeplabv2_resnet101 forward+backward (wall clock, or
+              with --cpu-time --threads 1 the CPU time of the process, steadier on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "crf"), str(ROOT / "benchmarks")]
+
+from bench_crf import DENSECRF_PARAMS, scene as bench_scene, timed, timed_pairs  # noqa: E402
+from test_bandwidth_gradient import (  # noqa: E402
+    CASES,
+    NORMALIZATIONS,
+    RECOVERY_OPTIMUM,
+    RECOVERY_STARTS,
+    crf_gradient,
+    dense_pairs,
+    descend,
+    exact_crf_gradient,
+    scene,
+)
+
+from crfrnn_deeplab import MeanFieldCRF  # noqa: E402
+from crfrnn_deeplab.crf import bandwidth_gradient, kernels as kernels_module  # noqa: E402
+from crfrnn_deeplab.crf.kernels import bilateral_features  # noqa: E402
+from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice  # noqa: E402
+from crfrnn_deeplab.crf.reference import dense_gaussian  # noqa: E402
+
+BANDWIDTHS = ("θα", "θβ", "θγ")
+
+
+class LatticeMoments:
+    """The previous estimator: the moment identity ``Σ_j k_ij |f_i - f_j|² v_j = |f_i|²(Kv)_i - 2 f_i·(K(f v))_i
+    + (K(|f|² v))_i`` evaluated with the lattice as K (no mass factor: it is the lattice's own kernel)."""
+
+    def __init__(self, lattice: PermutohedralLattice, raw: torch.Tensor, scale: torch.Tensor, *_):
+        self.lattice, self.features = lattice, raw.detach() * scale.detach()
+
+    def contract(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        lattice, f = self.lattice, self.features
+        b, n, c = right.shape
+        d = f.shape[-1]
+        moments = (f[..., :, None] * right[..., None, :]).reshape(b, n, d * c)
+        cross = (lattice.filter(moments).view(b, n, d, c) * left[..., None, :]).sum(-1)
+        weight = (left * lattice.filter(right)).sum(-1) + (right * lattice.filter(left, transpose=True)).sum(-1)
+        return (f * f * weight[..., None] - 2.0 * f * cross).sum((0, 1))
+
+
+@contextlib.contextmanager
+def pairs_from(make):
+    """Every CRF built inside uses ``make(lattice, raw, scale, sizes, valid, spacing)`` (an object with
+    ``contract``) as its bilateral kernel's pairs."""
+    original = kernels_module.bilateral_pairs
+    kernels_module.bilateral_pairs = make
+    try:
+        yield
+    finally:
+        kernels_module.bilateral_pairs = original
+
+
+@contextlib.contextmanager
+def pair_settings(exact_points: int, samples: int | None = None):
+    """Exact pairs up to ``exact_points`` points; ``samples`` partners per point above it (else the defaults)."""
+    names = ("EXACT_POINTS", "SAMPLES_PER_POINT")
+    saved = [getattr(bandwidth_gradient, k) for k in names]
+    bandwidth_gradient.EXACT_POINTS = exact_points
+    if samples is not None:
+        bandwidth_gradient.SAMPLES_PER_POINT = samples
+    try:
+        yield
+    finally:
+        for k, v in zip(names, saved):
+            setattr(bandwidth_gradient, k, v)
+
+
+def mass_ratio_spread(case) -> tuple[float, float, float]:
+    """min, max and std/mean over the pixels of ``c_i = (K_lattice·1)_i / (K·1)_i`` for a case's image."""
+    kind, seed, h, w, c, ws, wb, ta, tb, tg = case
+    _, image, _ = scene(kind, seed, h, w, c)
+    raw = bilateral_features(image)
+    scale = torch.tensor([1 / ta, 1 / ta] + [1 / tb] * 3, dtype=torch.float64)
+    f = raw * scale
+    lattice = build_lattice(f.transpose(1, 2))
+    ratio = lattice.filter(raw.new_ones(1, h * w, 1))[0, :, 0] / dense_gaussian(f[0]).sum(1)
+    return float(ratio.min()), float(ratio.max()), float(ratio.std() / ratio.mean())
+
+
+def summary(values: list[float]) -> str:
+    return f"{min(values):7.2f} {statistics.median(values):7.2f} {max(values):7.2f}"
+
+
+def section_accuracy(args) -> None:
+    print("\n## Accuracy (float64): ours / mass-consistent ideal, and each gradient / the exact dense CRF's")
+    print("ideal = the layer's own iterates, exact dense derivative of √(c_i c_j) k_ij; row = of c_i k_ij; "
+          "literal = of k_ij; moments = the previous estimator (lattice moment identity)")
+    variants = {"row": lambda: dense_pairs("row"), "literal": lambda: dense_pairs("none"),
+                "moments": lambda: pairs_from(LatticeMoments)}
+    stats = {k: [[], [], []] for k in ("ours/ideal", "ours", *variants)}
+    cosines = {k: [] for k in ("ours", *variants)}
+    print(f"{'case':<26}{'c_i min max sd/mean':>22}{'ours/ideal α β γ':>22}" + "".join(
+        f"{k + '/exact α β':>18}" for k in ("ours", *variants)) + f"{'cos ours':>10}{'cos moments':>12}")
+    for case in CASES:
+        spread = mass_ratio_spread(case)
+        for normalization in NORMALIZATIONS:
+            ours = crf_gradient(case, normalization)
+            with dense_pairs("pair"):
+                ideal = crf_gradient(case, normalization)
+            exact = exact_crf_gradient(case, normalization)
+            grads = {"ours": ours}
+            for name, context in variants.items():
+                with context():
+                    grads[name] = crf_gradient(case, normalization)
+            r = (ours[-3:] / ideal[-3:]).tolist()
+            for k in range(3):
+                stats["ours/ideal"][k].append(r[k])
+            row = f"{case[0]}{case[1]} {case[2]}×{case[3]} {normalization[:3]}"
+            row = f"{row:<26}{spread[0]:>8.2f}{spread[1]:>6.2f}{spread[2]:>8.3f}" + "".join(f"{x:>7.3f}" for x in r)
+            for name, g in grads.items():
+                q = (g[-3:] / exact[-3:]).tolist()
+                for k in range(3):
+                    stats[name][k].append(q[k])
+                cosines[name].append(float(F.cosine_similarity(g, exact, dim=0)))
+                row += f"{q[0]:>9.2f}{q[1]:>9.2f}"
+            print(row + f"{cosines['ours'][-1]:>10.4f}{cosines['moments'][-1]:>12.4f}")
+    print(f"\n{'ratio':<18}{'bandwidth':>10}{'min  median  max':>28}{'opposite sign':>15}")
+    for name, per in stats.items():
+        label = name if name == "ours/ideal" else name + "/exact"
+        for k, b in enumerate(BANDWIDTHS):
+            print(f"{label:<18}{b:>10}{summary(per[k]):>28}{sum(x < 0 for x in per[k]):>15}")
+    for name, c in cosines.items():
+        print(f"cosine with the exact CRF, {name}: min {min(c):.4f} median {statistics.median(c):.4f} "
+              f"({sum(x >= 0.98 for x in c)}/{len(c)} >= 0.98)")
+
+
+def section_sampled(args) -> None:
+    print("\n## Sampled pairs (40×48 = 1920 px > EXACT_POINTS): over 8 seeds, min median max of the ratio")
+    cases = [("natural", 2, 40, 48, 4, 3.0, 5.0, 20.0, 13.0, 3.0), ("synthetic", 1, 40, 48, 3, 3.0, 10.0, 80.0, 13.0, 3.0)]
+    print(f"{'case':<24}{'S':>3}{'θα / ideal':>24}{'θβ / ideal':>24}{'θα / exact':>24}{'θβ / exact':>24}{'cos min':>9}")
+    for case in cases:
+        for normalization in NORMALIZATIONS:
+            with dense_pairs("pair"):
+                ideal = crf_gradient(case, normalization)
+            exact = exact_crf_gradient(case, normalization)
+            for samples in (1, 4):
+                r, cos = [], []
+                for seed in range(8):
+                    torch.manual_seed(seed)
+                    with pair_settings(bandwidth_gradient.EXACT_POINTS, samples):
+                        g = crf_gradient(case, normalization)
+                    r.append((g[-3:-1] / ideal[-3:-1]).tolist() + (g[-3:-1] / exact[-3:-1]).tolist())
+                    cos.append(float(F.cosine_similarity(g, exact, dim=0)))
+                r = np.array(r)
+                label = f"{case[0]}{case[1]} {normalization[:3]}"
+                print(f"{label:<24}{samples:>3}" + "".join(f"{summary(list(r[:, k])):>24}" for k in range(4))
+                      + f"{min(cos):>9.4f}")
+
+
+def section_recovery(args) -> None:
+    print(f"\n## Recovery (tests/crf/test_bandwidth_gradient.py): Adam lr 0.05, 150 steps on the log-bandwidths "
+          f"alone; exact CRF optimum (θα, θβ, θγ) = {RECOVERY_OPTIMUM} (grid search + Nelder-Mead of its loss)")
+    print(f"{'gradient':<30}{'start θα θβ θγ':>24}{'end θα θβ θγ':>24}{'% off the optimum α β γ':>28}")
+    for start in RECOVERY_STARTS:
+        begin = [o * f for o, f in zip(RECOVERY_OPTIMUM, start)]
+        for name, context in (("ours", contextlib.nullcontext), ("previous (lattice moments)",
+                                                                lambda: pairs_from(LatticeMoments))):
+            torch.manual_seed(0)
+            with context():
+                end = descend(start) * np.array(RECOVERY_OPTIMUM)
+            off = 100 * (end / np.array(RECOVERY_OPTIMUM) - 1)
+            print(f"{name:<30}" + "".join(f"{x:>8.2f}" for x in begin) + "".join(f"{x:>8.2f}" for x in end)
+                  + "".join(f"{x:>+9.1f}" for x in off))
+
+
+def section_cost(args) -> None:
+    clock = "CPU time of this process" if args.cpu_time else "wall clock"
+    print(f"\n## Cost at 321×321, batch 1, 21 classes, 5 iterations forward+backward, CPU, "
+          f"{torch.get_num_threads()} threads, {clock}")
+    image, logits = bench_scene(321, 321, 21)
+    z = torch.from_numpy(logits)[None].requires_grad_(True)
+    im = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    crf = MeanFieldCRF(num_classes=21, train_iterations=5, **DENSECRF_PARAMS).train()
+    bandwidths = (crf.log_theta_alpha, crf.log_theta_beta, crf.log_theta_gamma)
+
+    def step(learn: bool):
+        for p in bandwidths:
+            p.requires_grad_(learn)
+        crf.zero_grad()
+        crf(z, im).square().mean().backward()
+
+    def with_moments():
+        with pairs_from(LatticeMoments):
+            step(True)
+
+    pairs = cpu_time_pairs if args.cpu_time else timed_pairs
+    t_fixed, t_ours, ratios = pairs(lambda: step(False), lambda: step(True), args.repeats)
+    _, t_moments, ratios_moments = pairs(lambda: step(False), with_moments, max(3, args.repeats // 2))
+    rows = [("bandwidths fixed", t_fixed, None), ("bandwidths learned (ours)", t_ours, ratios),
+            ("bandwidths learned (lattice moments)", t_moments, ratios_moments)]
+    t_net = None
+    if not args.no_network:
+        from crfrnn_deeplab import get_model
+
+        net = get_model("deeplabv2_resnet101", num_classes=21).train()
+        x = torch.randn(1, 3, 321, 321)
+
+        def net_step():
+            net.zero_grad()
+            out = net(x)
+            (out["out"] if isinstance(out, dict) else out).square().mean().backward()
+
+        if args.cpu_time:
+            _, t_net, _ = cpu_time_pairs(lambda: None, net_step, max(2, args.repeats // 4), warmup=1)
+        else:
+            t_net = timed(net_step, max(2, args.repeats // 4), warmup=1)
+        print(f"{'deeplabv2_resnet101 forward+backward':<40}{t_net * 1e3:>10.1f} ms")
+    print(f"{'CRF':<40}{'ms':>10}{'× fixed (pairs: median, range)':>34}{'% of network':>14}")
+    for name, t, r in rows:
+        ratio = "" if r is None else f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+        share = "" if t_net is None else f"{100 * t / t_net:.1f}"
+        print(f"{name:<40}{t * 1e3:>10.1f}{ratio:>34}{share:>14}")
+
+
+def cpu_time_pairs(reference, ours, repeats: int, warmup: int = 2) -> tuple[float, float, list[float]]:
+    """:func:`bench_crf.timed_pairs` in CPU time of this process (with one thread: the work done, much less
+    sensitive than the wall clock to other processes on a shared machine)."""
+    for _ in range(warmup):
+        reference()
+        ours()
+    times = {reference: [], ours: []}
+    for i in range(repeats):
+        for fn in (reference, ours) if i % 2 == 0 else (ours, reference):
+            start = time.process_time()
+            fn()
+            times[fn].append(time.process_time() - start)
+    ratios = [o / max(r, 1e-9) for o, r in zip(times[ours], times[reference])]
+    return statistics.median(times[reference]), statistics.median(times[ours]), ratios
+
+
+SECTIONS = {"accuracy": section_accuracy, "sampled": section_sampled, "recovery": section_recovery,
+            "cost": section_cost}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-network", action="store_true", help="skip timing the network (slow on a CPU)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the cost section in CPU time of this process (use with --threads 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, EXACT_POINTS {bandwidth_gradient.EXACT_POINTS}, "
+          f"SAMPLES_PER_POINT {bandwidth_gradient.SAMPLES_PER_POINT}")
+    for name in args.only or list(SECTIONS):
+        start = time.perf_counter()
+        SECTIONS[name](args)
+        print(f"({name}: {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
