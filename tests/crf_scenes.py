@@ -1,8 +1,13 @@
 """Shared test inputs for the CRF: a structured scene with noisy unaries, densecrf's answer on it, and the
 densecrf parameters the tests use (importable by every test module: ``pythonpath = ["tests"]``)."""
 
+import contextlib
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
+
+from crfrnn_deeplab.crf import kernels as kernels_module
+from crfrnn_deeplab.crf.reference import DenseKernelPairs
 
 
 def scene(seed: int, h: int, w: int, num_classes: int, noise: float = 1.5):
@@ -30,3 +35,19 @@ def densecrf_q(logits: np.ndarray, image: np.ndarray, iterations: int, **p) -> n
 
 
 PARAMS = dict(spatial_weight=3.0, bilateral_weight=10.0, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
+
+
+@contextlib.contextmanager
+def dense_pairs(mass: str):
+    """Every CRF built inside uses the dense derivative with ``mass`` ("pair": the mass-consistent ideal,
+    "none": the literal ideal) instead of the estimator."""
+    original = kernels_module.kernel_pairs
+
+    def make(features, lattice_mass, valid=None, **_):
+        return DenseKernelPairs(features, lattice_mass, valid, mass)
+
+    kernels_module.kernel_pairs = make
+    try:
+        yield
+    finally:
+        kernels_module.kernel_pairs = original

@@ -156,8 +156,10 @@ def kernel_pairs(
 ) -> KernelPairs:
     """Chooses and weighs the pairs of :class:`KernelPairs` for a batch of (scaled) feature maps.
 
-    Sampling draws from torch's default generator of the features' device: deterministic given
-    ``torch.manual_seed``.
+    Sampling is deterministic given ``torch.manual_seed``: each image draws from its own generator, seeded by
+    one draw from torch's default (CPU) generator per call and by the image's features (:func:`_image_generators`),
+    so an image's pairs do not depend on the other images of its batch — a batch split over
+    DistributedDataParallel ranks draws what one process with the whole batch draws.
 
     Args:
         features: Tensor[B, N, d], scaled features ``f = s ⊙ r`` (float32 or float64).
@@ -201,7 +203,8 @@ def kernel_pairs(
             ])
         return KernelPairs(f, valid_f, mass, weights=weights)
 
-    partner, log_prob = _propose(b, n, grid, rates, samples, f.device)  # [B, N, S]: index in the image, log p(j|i)
+    generators = _image_generators(f)
+    partner, log_prob = _propose(b, n, grid, rates, samples, generators)  # [B, N, S]: index in the image, log p(j|i)
     flat = partner + (torch.arange(b, device=f.device) * n)[:, None, None]  # index over the batch
     sq = (f[:, :, None, :] - f.reshape(b * n, d)[flat.view(-1)].view(b, n, samples, d)).square()  # [B, N, S, d]
     both_valid = valid_f[:, :, None] * valid_f.reshape(-1)[flat.view(-1)].view(b, n, samples)
@@ -223,18 +226,37 @@ def _mass_ratio(lattice_mass: Tensor, gaussian_mass: Tensor) -> Tensor:
     return torch.where(gaussian_mass > 0, lattice_mass / gaussian_mass.clamp_min(tiny), 0.0)
 
 
+def _image_generators(features: Tensor) -> list[torch.Generator]:
+    """One random generator per image of Tensor[B, N, d], on the features' device, seeded by one draw from
+    torch's default generator and an exact integer checksum of the image's features (their float32 bits, weighted
+    by position, summed in int64: independent of the thread count and of the other images)."""
+    b = features.shape[0]
+    base = int(torch.randint(0, 2**62, (1,)))
+    bits = features.detach().float().contiguous().view(torch.int32).reshape(b, -1).to(torch.int64)
+    position = torch.arange(1, bits.shape[1] + 1, device=bits.device, dtype=torch.int64)
+    checksums = (bits * position).sum(1).tolist()
+    generators = []
+    for checksum in checksums:
+        generator = torch.Generator(device=features.device)
+        generator.manual_seed((base ^ checksum) % 2**63)
+        generators.append(generator)
+    return generators
+
+
 def _propose(
-    b: int, n: int, grid: tuple[int, ...], rates: Sequence[float] | None, samples: int, device: torch.device
+    b: int, n: int, grid: tuple[int, ...], rates: Sequence[float] | None, samples: int,
+    generators: Sequence[torch.Generator],
 ) -> tuple[Tensor, Tensor]:
     """``samples`` partners per point from ``p(j | i) = Π_a exp(-rate_a² t_a² / 2) / Z_a(i_a)`` over the grid
     offsets ``t`` that stay inside the grid (uniform along every axis where ``rates`` is None), by inverse
-    transform sampling on one float64 table of cumulative weights per axis.
+    transform sampling on one float64 table of cumulative weights per axis; image i draws from ``generators[i]``.
 
     Returns:
         (Tensor[B, N, S] int64 partner indices within the image, Tensor[B, N, S] float64 ``log p(j | i)``; an
         offset whose weight underflows to 0 is only drawn by the rounding of a draw at the end of the interval,
         and then has ``-inf`` and gets no weight).
     """
+    device = generators[0].device
     point = torch.arange(n, device=device)
     partner = point[None, :, None].repeat(b, 1, samples)
     log_prob = torch.zeros(b, n, samples, dtype=torch.float64, device=device)
@@ -249,7 +271,8 @@ def _propose(
             cdf = torch.cat([offsets.new_zeros(1), log_weight.exp().cumsum(0)])
             first = (length - 1) - point // stride % length
             low, z = cdf[first], cdf[first + length] - cdf[first]  # [N]
-            u = torch.rand(b, n, samples, device=device, dtype=torch.float64)
+            u = torch.stack([torch.rand(n, samples, generator=g, device=device, dtype=torch.float64)
+                             for g in generators])
             k = torch.searchsorted(cdf, low[:, None] + u * z[:, None], right=True) - 1
             k = torch.minimum(torch.maximum(k, first[:, None]), (first + length - 1)[:, None])  # rounding at ends
             partner += (k - (length - 1)) * stride

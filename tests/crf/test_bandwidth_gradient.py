@@ -30,25 +30,10 @@ from crfrnn_deeplab.crf.bandwidth_gradient import kernel_pairs
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.reference import DenseKernelPairs, dense_crf
 from crfrnn_deeplab.data.synthetic import render_synthetic
+from crf_scenes import dense_pairs
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def dense_pairs(mass: str):
-    """Every CRF built inside uses the dense derivative with ``mass`` ("pair": the mass-consistent ideal,
-    "none": the literal ideal) instead of the estimator."""
-    original = kernels_module.kernel_pairs
-
-    def make(features, lattice_mass, valid=None, **_):
-        return DenseKernelPairs(features, lattice_mass, valid, mass)
-
-    kernels_module.kernel_pairs = make
-    try:
-        yield
-    finally:
-        kernels_module.kernel_pairs = original
 
 
 def grid_features(shape: tuple[int, ...], guidance: int, seed: int, spacing=None) -> torch.Tensor:
@@ -303,6 +288,22 @@ def test_sampled_crf_gradient_is_deterministic_given_the_seed():
         return torch.stack([crf.log_theta_alpha.grad, crf.log_theta_beta.grad])
 
     assert torch.equal(gradient(1), gradient(1)) and not torch.equal(gradient(1), gradient(2))
+
+
+def test_an_images_sampled_pairs_do_not_depend_on_its_batch():
+    # A batch split over DistributedDataParallel ranks must draw what one process with the whole batch draws.
+    first, second = grid_features((40, 48), 3, 2), grid_features((40, 48), 3, 7)
+    mass = torch.ones(1, 40 * 48, dtype=torch.float64)
+
+    def pairs_of_first(batch):
+        torch.manual_seed(5)
+        pairs = kernel_pairs(batch, mass.expand(batch.shape[0], -1), grid=(40, 48), rates=[0.05, 0.05])
+        return pairs.columns.view(batch.shape[0], -1)[0], pairs.weights.view(5, batch.shape[0], -1)[:, 0]
+
+    alone, together = pairs_of_first(first), pairs_of_first(torch.cat([first, second]))
+    assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
+    torch.manual_seed(6)  # another step: other pairs
+    assert not torch.equal(kernel_pairs(first, mass, grid=(40, 48), rates=[0.05, 0.05]).columns, alone[0])
 
 
 # --- recovery of the exact CRF's best bandwidths -------------------------------------------------------------
