@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests" / "crf"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT / "tests" / "crf"), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from bench_crf import DENSECRF_PARAMS, scene as bench_scene, timed, timed_pairs  # noqa: E402
+from bench_crf import DENSECRF_PARAMS, scene as bench_scene, timed_pairs  # noqa: E402
 from test_bandwidth_gradient import (  # noqa: E402
     CASES,
     NORMALIZATIONS,
@@ -222,9 +222,10 @@ def section_cost(args) -> None:
         with pairs_from(LatticeMoments):
             step(True)
 
-    pairs = cpu_time_pairs if args.cpu_time else timed_pairs
-    t_fixed, t_ours, ratios = pairs(lambda: step(False), lambda: step(True), args.repeats)
-    _, t_moments, ratios_moments = pairs(lambda: step(False), with_moments, max(3, args.repeats // 2))
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    t_fixed, t_ours, ratios = timed_pairs(lambda: step(False), lambda: step(True), args.repeats, clock=clock)
+    _, t_moments, ratios_moments = timed_pairs(lambda: step(False), with_moments, max(3, args.repeats // 2),
+                                               clock=clock)
     rows = [("bandwidths fixed", t_fixed, None), ("bandwidths learned (ours)", t_ours, ratios),
             ("bandwidths learned (lattice moments)", t_moments, ratios_moments)]
     t_net = None
@@ -239,32 +240,13 @@ def section_cost(args) -> None:
             out = net(x)
             (out["out"] if isinstance(out, dict) else out).square().mean().backward()
 
-        if args.cpu_time:
-            _, t_net, _ = cpu_time_pairs(lambda: None, net_step, max(2, args.repeats // 4), warmup=1)
-        else:
-            t_net = timed(net_step, max(2, args.repeats // 4), warmup=1)
+        _, t_net, _ = timed_pairs(lambda: None, net_step, max(2, args.repeats // 4), warmup=1, clock=clock)
         print(f"{'deeplabv2_resnet101 forward+backward':<40}{t_net * 1e3:>10.1f} ms")
     print(f"{'CRF':<40}{'ms':>10}{'× fixed (pairs: median, range)':>34}{'% of network':>14}")
     for name, t, r in rows:
         ratio = "" if r is None else f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
         share = "" if t_net is None else f"{100 * t / t_net:.1f}"
         print(f"{name:<40}{t * 1e3:>10.1f}{ratio:>34}{share:>14}")
-
-
-def cpu_time_pairs(reference, ours, repeats: int, warmup: int = 2) -> tuple[float, float, list[float]]:
-    """:func:`bench_crf.timed_pairs` in CPU time of this process (with one thread: the work done, much less
-    sensitive than the wall clock to other processes on a shared machine)."""
-    for _ in range(warmup):
-        reference()
-        ours()
-    times = {reference: [], ours: []}
-    for i in range(repeats):
-        for fn in (reference, ours) if i % 2 == 0 else (ours, reference):
-            start = time.process_time()
-            fn()
-            times[fn].append(time.process_time() - start)
-    ratios = [o / max(r, 1e-9) for o, r in zip(times[ours], times[reference])]
-    return statistics.median(times[reference]), statistics.median(times[ours]), ratios
 
 
 SECTIONS = {"accuracy": section_accuracy, "sampled": section_sampled, "recovery": section_recovery,

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,19 +70,23 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def timed_pairs(reference, ours, repeats: int, warmup: int = 2) -> tuple[float, float, list[float]]:
+def timed_pairs(
+    reference, ours, repeats: int, warmup: int = 2, clock=time.perf_counter
+) -> tuple[float, float, list[float]]:
     """Times two functions interleaved (each pair in alternating order), so that a slow stretch of a shared
-    machine hits both alike: (median reference seconds, median ours seconds, per-pair ratios ours/reference)."""
+    machine hits both alike: (median reference seconds, median ours seconds, per-pair ratios ours/reference).
+    ``clock``: the wall clock, or e.g. ``time.process_time`` (this process's CPU time: with one thread the work
+    done, much less sensitive to other processes on a shared machine)."""
     for _ in range(warmup):
         reference()
         ours()
     times = {reference: [], ours: []}
     for i in range(repeats):
         for fn in (reference, ours) if i % 2 == 0 else (ours, reference):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[fn].append(time.perf_counter() - start)
-    ratios = [o / r for o, r in zip(times[ours], times[reference])]
+            times[fn].append(clock() - start)
+    ratios = [o / max(r, 1e-9) for o, r in zip(times[ours], times[reference])]
     return statistics.median(times[reference]), statistics.median(times[ours]), ratios
 
 
@@ -113,8 +118,8 @@ def ours_inference(image: np.ndarray, logits: np.ndarray, iterations: int, devic
 
 
 def section_accuracy(args) -> None:
-    sys.path.insert(0, "tests")
-    from test_permutohedral import densecrf_lattice_filter, image_features
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "crf"))
+    from test_lattice import densecrf_lattice_filter, image_features
 
     from crfrnn_deeplab.crf.reference import dense_gaussian
     from crfrnn_deeplab.crf.lattice import build_lattice

@@ -70,7 +70,8 @@ def spatial_gaussian(
     if len(sizes) == 3:  # the two trailing axes as a 2-D image per slice, then the slices' axis
         d, h, w = sizes
         x = _planar(values.reshape(b * d, h, w, c), thetas[1:], truncate)
-        return _leading_axis(x.view(b, d, h * w * c), thetas[0], c, truncate).view(b, d, h, w, c).contiguous()
+        taps = gaussian_taps(thetas[0], d, truncate=truncate)
+        return _leading_axis(x.view(b, d, h * w * c), taps, c).view(b, d, h, w, c).contiguous()
     return _planar(values, thetas, truncate)
 
 
@@ -90,18 +91,19 @@ def _planar(values: Tensor, thetas: Sequence[Tensor], truncate: float) -> Tensor
     row = gaussian_taps(thetas[1], w, truncate=truncate).to(values.dtype)
     row = row.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous()  # depthwise: one filter per channel
     x = F.conv2d(x, row, padding=[0, row.shape[-1] // 2], groups=c)
-    x = _leading_axis(x.permute(0, 2, 3, 1), thetas[0], c, truncate)
+    x = _leading_axis(x.permute(0, 2, 3, 1), gaussian_taps(thetas[0], h, truncate=truncate), c)
     return x.reshape(b, h, w, c).contiguous()
 
 
-def _leading_axis(x: Tensor, theta: Tensor, c: int, truncate: float) -> Tensor:
-    """The Gaussian along axis 1 of channels-last values viewed as Tensor[B, L, M] (M = the rest × C channels).
+def _leading_axis(x: Tensor, taps: Tensor, c: int) -> Tensor:
+    """Filters channels-last values viewed as Tensor[B, L, M] (M = the rest × C channels) along axis 1 with
+    ``taps`` (Tensor[2r + 1], zero outside).
 
     The pass mixes whole rows of M values only, so a row may be read as M/lanes pixels × lanes channels:
     fewer than _CPU_BLOCK channels fill the vector lanes that way. Returns Tensor[B, L, M] (not contiguous).
     """
     b, length, m = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    taps = gaussian_taps(theta, length, truncate=truncate).to(x.dtype)
+    taps = taps.to(x.dtype)
     lanes = _CPU_BLOCK if c < _CPU_BLOCK and m % _CPU_BLOCK == 0 else c
     x = x.reshape(b, length, m // lanes, lanes).permute(0, 3, 1, 2)
     taps = taps.view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
@@ -144,14 +146,8 @@ def _axis_pass(values: Tensor, taps: Tensor, axis: int) -> Tensor:
     """Filters channels-last Tensor[B, *S, C] along spatial axis ``axis`` (0-based among S) with ``taps``
     (Tensor[2r + 1], zero outside the grid): returns a contiguous tensor of the same shape."""
     shape = values.shape
-    length = shape[1 + axis]
     before, after = math.prod(shape[: 1 + axis]), math.prod(shape[2 + axis :])  # after includes C
-    c = shape[-1]
-    lanes = _CPU_BLOCK if c < _CPU_BLOCK and after % _CPU_BLOCK == 0 else c
-    x = values.reshape(before, length, after // lanes, lanes).permute(0, 3, 1, 2)  # [before, lanes, L, rest]
-    kernel = taps.to(values.dtype).view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
-    x = F.conv2d(x, kernel, padding=[kernel.shape[-2] // 2, 0], groups=lanes)
-    return x.permute(0, 2, 3, 1).reshape(shape)
+    return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1]).reshape(shape)
 
 
 class _SpatialGaussian(torch.autograd.Function):

@@ -166,7 +166,7 @@ def smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int, channels:
 
 def scene(kind: str, seed: int, h: int, w: int, c: int):
     """An image (synthetic objects, stripes on smooth regions, or shaded Voronoi regions), its labels, and
-    unaries as a stride-8 network makes them: coarse noisy scores, bilinearly upsampled, plus pixel noise."""
+    unaries as a stride-4 network makes them (:func:`crf_inputs`)."""
     rng = np.random.default_rng(seed)
     if kind == "synthetic":
         image, label = render_synthetic(np.random.default_rng([seed, 7]), h, w)
@@ -188,11 +188,20 @@ def scene(kind: str, seed: int, h: int, w: int, c: int):
         image = (rng.uniform(20, 235, (c + 2, 3))[region] + shade[region, 0] * (ys[..., None] - h / 2) / 4
                  + shade[region, 1] * (xs[..., None] - w / 2) / 4)
         image = np.clip(image + 8 * smooth_noise(rng, h, w, 4, 3) + rng.normal(0, 4, (h, w, 3)), 0, 255)
+    return crf_inputs(rng, image, label, c, scale=3.0, coarse_noise=1.0, pixel_noise=0.5)
+
+
+def crf_inputs(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, c: int, *, scale: float,
+               coarse_noise: float, pixel_noise: float):
+    """Unaries as a stride-4 network makes them (``scale`` × one-hot labels averaged to 1/4 resolution, plus
+    ``coarse_noise``, bilinearly upsampled, plus ``pixel_noise``) and the float64 batch of one:
+    (logits Tensor[1, C, H, W], image Tensor[1, 3, H, W], labels Tensor[1, H, W])."""
+    h, w = label.shape
     hs, ws = max(2, h // 4), max(2, w // 4)
     coarse = cv2.resize(np.eye(c, dtype=np.float32)[label], (ws, hs), interpolation=cv2.INTER_AREA).reshape(hs, ws, c)
-    coarse = 3.0 * coarse + rng.normal(0, 1.0, coarse.shape).astype(np.float32)
+    coarse = scale * coarse + rng.normal(0, coarse_noise, coarse.shape).astype(np.float32)
     logits = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, c).transpose(2, 0, 1)
-    logits = logits + rng.normal(0, 0.5, logits.shape)
+    logits = logits + rng.normal(0, pixel_noise, logits.shape)
     return (
         torch.tensor(logits, dtype=torch.float64)[None],
         torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None].contiguous(),
@@ -335,15 +344,7 @@ def recovery_scene(seed: int, h: int = 24, w: int = 24, c: int = 3):
     d2 *= 40 / np.linalg.norm(d2)
     colours = np.stack([base, base + d1, base + d1 + d2])
     image = np.clip(colours[np.where(decoy, 1, label)] + rng.normal(0, 12, (h, w, 3)), 0, 255)
-    coarse = cv2.resize(np.eye(c, dtype=np.float32)[label], (w // 4, h // 4), interpolation=cv2.INTER_AREA)
-    coarse = 2.0 * coarse.reshape(h // 4, w // 4, c) + rng.normal(0, 0.5, (h // 4, w // 4, c)).astype(np.float32)
-    logits = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, c).transpose(2, 0, 1)
-    logits = logits + rng.normal(0, 1.5, logits.shape)
-    return (
-        torch.tensor(logits, dtype=torch.float64)[None],
-        torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None].contiguous(),
-        torch.tensor(label)[None],
-    )
+    return crf_inputs(rng, image, label, c, scale=2.0, coarse_noise=0.5, pixel_noise=1.5)
 
 
 RECOVERY = dict(seed=5, spatial_weight=3.0, bilateral_weight=5.0, normalization="symmetric")
