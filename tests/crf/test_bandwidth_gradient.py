@@ -299,6 +299,14 @@ def test_sampled_crf_gradient_is_deterministic_given_the_seed():
     assert torch.equal(gradient(1), gradient(1)) and not torch.equal(gradient(1), gradient(2))
 
 
+def test_kernel_pairs_rejects_a_grid_or_rates_that_do_not_fit():
+    features, mass = grid_features((6, 8), 3, 1), torch.ones(1, 48, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"grid \(6, 9\) does not hold the 48 points"):
+        kernel_pairs(features, mass, grid=(6, 9))
+    with pytest.raises(ValueError, match="rates must give one value per grid axis"):
+        kernel_pairs(features, mass, grid=(6, 8), rates=[0.1])
+
+
 def test_an_images_sampled_pairs_do_not_depend_on_its_batch():
     # A batch split over DistributedDataParallel ranks must draw what one process with the whole batch draws.
     first, second = grid_features((40, 48), 3, 2), grid_features((40, 48), 3, 7)
