@@ -202,11 +202,6 @@ def build_kernels(
     groups = (k,) if guidance_groups is None else tuple(guidance_groups)
     scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
     features = (raw * scale.detach()).transpose(1, 2)  # [B, S + K, N]
-    if len(sizes) == 3:
-        # The lattice's elevation (a [d+1, d] × [d, N] product) runs several times faster on N-contiguous
-        # features; 2-D images keep the layout their outputs were computed with, as the product rounds
-        # differently (checkpoints reproduce bit for bit).
-        features = features.contiguous()
     lattice = build_lattice(features, valid_mask)
 
     mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, *S, 1]

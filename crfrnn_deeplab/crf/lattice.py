@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -278,7 +279,9 @@ def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLatti
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
     # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
-    f = features.reshape(b, d, -1).transpose(0, 1).reshape(d, -1).to(dtype)
+    # N-contiguous rows: the elevation's [d+1, d] × [d, P] product runs several times faster than on the
+    # point-major features that bilateral_features makes (a copy of d × P values).
+    f = features.reshape(b, d, -1).transpose(0, 1).reshape(d, -1).to(dtype).contiguous()
     total_points = f.shape[1]
     n = total_points // b
     d1 = d + 1
@@ -351,9 +354,9 @@ def _splat_and_slice(
     ids = vertices.ids.to(index)  # [P, d+1]
 
     # Splat (Tensor[M, B*N]): a vertex's entries are the points that touch it, in ascending order.
-    key = torch.int16 if m < _SHORT_KEY_LIMIT else index  # a narrower key: less memory for the sort to move
-    vertex, entry = torch.sort(ids.reshape(-1).to(key), stable=True)
-    offsets = torch.searchsorted(vertex, torch.arange(m + 1, dtype=key, device=device)).to(index)
+    entry = _stable_argsort(ids.reshape(-1), m)
+    offsets = torch.zeros(m + 1, dtype=index, device=device)  # row r holds the entries of vertex r
+    offsets[1:] = torch.bincount(ids.reshape(-1), minlength=m).cumsum(0)
     point = entry // d1 if kept is None else kept.index_select(0, entry // d1)
     splat = SparseRows(point.to(index), offsets, bary.view(-1).index_select(0, entry), total_points)
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
@@ -366,6 +369,20 @@ def _splat_and_slice(
         offsets = offsets.cumsum(0, dtype=index)
     slice_ = SparseRows(ids.reshape(-1), offsets, (bary * alpha).reshape(-1), m, row_length)
     return splat, slice_, alpha
+
+
+def _stable_argsort(keys: Tensor, num_keys: int) -> Tensor:
+    """The stable ascending argsort of integer keys in ``[0, num_keys)`` (Tensor[E] -> Tensor[E] int64).
+
+    Fewer than 2^15 distinct keys (every photograph's and most volumes' lattices) fit int16, which halves the
+    memory a sort moves; on the CPU numpy sorts those with a radix sort, about twice as fast as ``torch.sort``
+    (4.4 M keys: 94 vs 185 ms, one thread). Elsewhere ``torch.sort``.
+    """
+    short = num_keys < _SHORT_KEY_LIMIT
+    keys = keys.to(torch.int16 if short else keys.dtype)
+    if short and keys.device.type == "cpu":
+        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    return torch.sort(keys, stable=True).indices
 
 
 def _blur(vertices: _Vertices, dtype: torch.dtype, index: torch.dtype) -> tuple[SparseRows, ...]:

@@ -2,7 +2,9 @@
 
 ``tests/fixtures/legacy_v1_crfrnn.pt`` is a stage-2 checkpoint in the form ``train.py`` wrote at commit
 a1b8e45 (every training-state key included), and ``legacy_v1_expected.pt`` what that code computed from it;
-``tests/fixtures/make_legacy_checkpoint.py`` wrote both.
+``tests/fixtures/make_legacy_checkpoint.py`` wrote both. The network's outputs must be bit-identical; the CRF's
+to float32 rounding (its lattice build and filters are free to reorder floating-point sums for speed, and the
+same code rounds differently on CPUs with other vector widths), with identical labels.
 """
 
 from pathlib import Path
@@ -26,10 +28,10 @@ def test_legacy_checkpoint_gives_identical_outputs():
     with torch.no_grad():
         out = model(model.preprocess(raw), raw)
     torch.testing.assert_close(out.network, expected["network"], rtol=0, atol=0)
-    torch.testing.assert_close(out.crf, expected["crf"], rtol=0, atol=0)
+    torch.testing.assert_close(out.crf, expected["crf"], rtol=1e-5, atol=1e-5)
     prediction = model.predict(raw[0].to(torch.uint8))
     assert torch.equal(prediction.labels, expected["labels"])
-    torch.testing.assert_close(prediction.probabilities, expected["probabilities"], rtol=0, atol=0)
+    torch.testing.assert_close(prediction.probabilities, expected["probabilities"], rtol=1e-5, atol=1e-6)
 
 
 def test_legacy_checkpoint_config_still_reads():
