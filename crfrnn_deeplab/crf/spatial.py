@@ -65,14 +65,10 @@ def spatial_gaussian(
     if torch.is_grad_enabled() and theta.requires_grad:
         spacing = None if spacing is None else tuple(float(s) for s in spacing)
         return _SpatialGaussian.apply(values, theta, spacing, truncate)
-    b, *sizes, c = values.shape
-    thetas = axis_bandwidths(theta, len(sizes), spacing)
-    if len(sizes) == 3:  # the two trailing axes as a 2-D image per slice, then the slices' axis
-        d, h, w = sizes
-        x = _planar(values.reshape(b * d, h, w, c), thetas[1:], truncate)
-        taps = gaussian_taps(thetas[0], d, truncate=truncate)
-        return _leading_axis(x.view(b, d, h * w * c), taps, c).view(b, d, h, w, c).contiguous()
-    return _planar(values, thetas, truncate)
+    x = values
+    for axis, taps in _passes(theta, values.shape[1:-1], spacing, truncate):
+        x = _axis_pass(x, taps, axis)
+    return x
 
 
 def axis_bandwidths(theta: Tensor, spatial_dims: int, spacing: Sequence[float] | None) -> list[Tensor]:
@@ -84,15 +80,13 @@ def axis_bandwidths(theta: Tensor, spatial_dims: int, spacing: Sequence[float] |
     return [theta / float(s) for s in spacing]
 
 
-def _planar(values: Tensor, thetas: Sequence[Tensor], truncate: float) -> Tensor:
-    """The Gaussian over the two axes of Tensor[B, H, W, C] with bandwidths ``thetas = (θ_H, θ_W)``."""
-    b, h, w, c = values.shape
-    x = values.permute(0, 3, 1, 2)  # [B, C, H, W] view of channels-last memory
-    row = gaussian_taps(thetas[1], w, truncate=truncate).to(values.dtype)
-    row = row.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous()  # depthwise: one filter per channel
-    x = F.conv2d(x, row, padding=[0, row.shape[-1] // 2], groups=c)
-    x = _leading_axis(x.permute(0, 2, 3, 1), gaussian_taps(thetas[0], h, truncate=truncate), c)
-    return x.reshape(b, h, w, c).contiguous()
+def _passes(
+    theta: Tensor, sizes: Sequence[int], spacing: Sequence[float] | None, truncate: float
+) -> list[tuple[int, Tensor]]:
+    """The 1-D passes of the separable filter in the order they run: ``(axis, taps)`` from the last spatial axis
+    (the rows' own, W) to the first; ``taps`` in θ's dtype, differentiable w.r.t. θ."""
+    thetas = axis_bandwidths(theta, len(sizes), spacing)
+    return [(a, gaussian_taps(thetas[a], sizes[a], truncate=truncate)) for a in reversed(range(len(sizes)))]
 
 
 def _leading_axis(x: Tensor, taps: Tensor, c: int) -> Tensor:
@@ -144,57 +138,60 @@ def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, i
 
 def _axis_pass(values: Tensor, taps: Tensor, axis: int) -> Tensor:
     """Filters channels-last Tensor[B, *S, C] along spatial axis ``axis`` (0-based among S) with ``taps``
-    (Tensor[2r + 1], zero outside the grid): returns a contiguous tensor of the same shape."""
+    (Tensor[2r + 1], zero outside the grid): returns a contiguous tensor of the same shape.
+
+    The last axis (W) is a depthwise convolution along the width of the ``[B', C, H, W]`` view of the
+    channels-last memory (B' = B times any leading axes); any other axis mixes whole rows of the values after
+    it (:func:`_leading_axis`).
+    """
     shape = values.shape
+    taps = taps.to(values.dtype)
+    if axis == len(shape) - 3:
+        c, r = shape[-1], taps.numel() // 2
+        x = values.reshape(-1, *shape[-3:]).permute(0, 3, 1, 2)  # [B', C, H, W] view
+        x = F.conv2d(x, taps.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), padding=[0, r], groups=c)
+        return x.permute(0, 2, 3, 1).reshape(shape).contiguous()
     before, after = math.prod(shape[: 1 + axis]), math.prod(shape[2 + axis :])  # after includes C
-    return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1]).reshape(shape)
+    return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1]).reshape(shape).contiguous()
 
 
 class _SpatialGaussian(torch.autograd.Function):
     """:func:`spatial_gaussian` with the exact θ-derivative of the truncated filter, by separable passes.
 
-    With ``K = P_1 ··· P_S`` (one symmetric 1-D pass per axis; they commute) and ``P'_a = ∂P_a/∂θ`` (the taps'
-    derivative ``exp(-t² / 2θ_a²) (t / θ_a)² / θ`` at a fixed radius, ``θ_a = θ / spacing_a``)::
+    The forward pass runs the 1-D passes ``P_1, ..., P_S`` (symmetric; :func:`_passes`' order) and keeps its
+    partial results ``x_s = P_{s-1} ··· P_1 v`` (``x_1 = v``). With ``P'_s = ∂P_s/∂θ`` (the taps' derivative
+    ``exp(-t² / 2θ_a²) (t / θ_a)² / θ`` at a fixed radius, ``θ_a = θ / spacing_a``)::
 
-        ∂/∂θ Σ g·(K v) = Σ_a (P_{a+1} ··· P_S g) · P'_a (P_1 ··· P_{a-1} v)
+        ∂/∂θ Σ g·(K v) = Σ_s (P_{s+1} ··· P_S g) · P'_s x_s
 
-    and the gradient w.r.t. the values is ``K g = P_1 ··· P_S g``, whose partial products are the left factors.
-    The forward pass is :func:`spatial_gaussian`'s own (the outputs are those of the fixed-θ filter).
+    and the gradient w.r.t. the values is ``K g = P_1 ··· P_S g``, whose partial products (the passes in reverse
+    order) are the left factors: 2S passes in all, S of them the values' gradient that autograd would run anyway.
     """
 
     @staticmethod
     def forward(ctx, values: Tensor, theta: Tensor, spacing: tuple[float, ...] | None, truncate: float) -> Tensor:
+        passes = _passes(theta.detach(), values.shape[1:-1], spacing, truncate)
+        states = [values]
+        for axis, taps in passes:
+            states.append(_axis_pass(states[-1], taps, axis))
         ctx.spacing, ctx.truncate = spacing, truncate
-        ctx.save_for_backward(values, theta)
-        return spatial_gaussian(values, theta.detach(), spacing=spacing, truncate=truncate)
+        ctx.save_for_backward(theta, *states[:-1])
+        return states[-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        values, theta = ctx.saved_tensors
-        sizes = values.shape[1:-1]
+        theta, *states = ctx.saved_tensors
         theta_d = theta.detach()
-        taps, derivative = [], []
-        for axis, (length, axis_theta) in enumerate(zip(sizes, axis_bandwidths(theta_d, len(sizes), ctx.spacing))):
-            t = gaussian_taps(axis_theta, length, truncate=ctx.truncate)
-            offset = torch.arange(t.numel(), dtype=t.dtype, device=t.device) - t.numel() // 2
-            taps.append(t)
-            derivative.append(t * (offset / axis_theta).square() / theta_d)
-        axes = range(len(sizes))
-        # w_a = P_{a+1} ··· P_S g for a = S-1 .. 0 (w_S = g); w_0 = K g.
-        suffix = [grad.contiguous()]
-        for axis in reversed(axes):
-            suffix.append(_axis_pass(suffix[-1], taps[axis], axis))
-        suffix.reverse()  # suffix[a] = P_{a+1} ··· P_S g (axes numbered from 1), suffix[0] = K g
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            total = values.new_zeros(())
-            prefix = values
-            for axis in axes:  # prefix = P_1 ··· P_{axis} v before the update
-                total = total + torch.dot(suffix[axis + 1].reshape(-1),
-                                          _axis_pass(prefix, derivative[axis], axis).reshape(-1))
-                if axis + 1 < len(sizes):
-                    prefix = _axis_pass(prefix, taps[axis], axis)
-            grad_theta = total.to(theta.dtype).reshape(theta.shape)
-        grad_values = suffix[0] if ctx.needs_input_grad[0] else None
-        return grad_values, grad_theta, None, None
+        passes = _passes(theta_d, states[0].shape[1:-1], ctx.spacing, ctx.truncate)
+        total = states[0].new_zeros(())
+        suffix = grad.contiguous()  # P_{s+1} ··· P_S g, from s = S down to 1; then K g
+        for (axis, taps), state in zip(reversed(passes), reversed(states)):
+            if ctx.needs_input_grad[1]:
+                axis_theta = axis_bandwidths(theta_d, len(passes), ctx.spacing)[axis]
+                offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
+                derivative = taps * (offset / axis_theta).square() / theta_d
+                total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
+            suffix = _axis_pass(suffix, taps, axis)
+        grad_theta = total.to(theta.dtype).reshape(theta.shape) if ctx.needs_input_grad[1] else None
+        return suffix if ctx.needs_input_grad[0] else None, grad_theta, None, None
