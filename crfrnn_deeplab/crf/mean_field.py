@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from crfrnn_deeplab.crf.fast_inference import mean_field_inference
+from crfrnn_deeplab.crf.fast_inference import class_softmax, mean_field_inference
 from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
 from crfrnn_deeplab.images import (
     check_guidance,
@@ -47,7 +47,7 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     Returns:
         Tensor[B, *S, C], ``z_{t+1}``. Masked voxels get no message: their output is ``z_0``.
     """
-    return unary - kernels.message(torch.softmax(logits, dim=-1), pairwise)
+    return unary - kernels.message(class_softmax(logits), pairwise)
 
 
 @torch.compiler.disable  # data-dependent checks: eager also inside a compiled model

@@ -9,6 +9,7 @@ import torch
 from crfrnn_deeplab.crf.reference import dense_crf
 from crf_scenes import PARAMS, densecrf_q, scene
 from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.spatial import channel_blocks, gaussian_1d, spatial_gaussian
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
@@ -320,6 +321,17 @@ def test_spatial_filter_gradients_are_exact(shape, spacing):
     theta_only = torch.autograd.grad(spatial_gaussian(v.detach(), theta, spacing=spacing).square().sum(), theta)[0]
     both = torch.autograd.grad(spatial_gaussian(v, theta, spacing=spacing).square().sum(), theta)[0]
     torch.testing.assert_close(theta_only, both)
+
+
+@pytest.mark.parametrize("p", [1, 63, 64, 64 * 5 + 7])
+def test_class_softmax_equals_softmax(p):
+    for c in (1, 3, 15, 16, 21):  # classes-first tiles below 16 classes, PyTorch's kernel from 16
+        z = torch.randn(p, c, dtype=torch.float64, generator=torch.Generator().manual_seed(c)) * 5
+        out = class_softmax(z)
+        assert out.is_contiguous() and out.shape == z.shape
+        torch.testing.assert_close(out, torch.softmax(z, -1))
+    z = torch.randn(2, 3, 70, 5, dtype=torch.float64, requires_grad=True)  # any leading shape, differentiable
+    assert torch.autograd.gradcheck(class_softmax, (z,))
 
 
 def test_gaussian_1d_filters_outer_products_like_the_2d_filter():

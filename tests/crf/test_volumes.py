@@ -10,7 +10,6 @@ import torch
 
 from crfrnn_deeplab import DenseCRF
 from crfrnn_deeplab.crf import MeanFieldCRF
-from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.kernels import unmasked_spatial
 from crfrnn_deeplab.crf.reference import dense_crf
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
@@ -238,15 +237,6 @@ def test_spatial_filter_3d_is_exact_anisotropic_gaussian():
     # 2-D with spacing: each axis its own bandwidth in pixels
     y = x[:, 0]
     torch.testing.assert_close(spatial_gaussian(y, theta, spacing=(1.0, 1.0)), spatial_gaussian(y, theta))
-
-
-@pytest.mark.parametrize("p", [1, 63, 64, 64 * 5 + 7])
-def test_class_softmax_for_volumes_equals_softmax(p):
-    z = torch.randn(p, 3, dtype=torch.float64) * 5
-    out = class_softmax(z, volume=True)
-    assert out.is_contiguous()
-    torch.testing.assert_close(out, torch.softmax(z, -1))
-    assert torch.equal(class_softmax(z, volume=False), torch.softmax(z, -1))
 
 
 # --- gradients, float64 -------------------------------------------------------------------------------------------
