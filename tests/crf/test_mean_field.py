@@ -299,19 +299,20 @@ def test_bad_construction(kwargs, match):
         MeanFieldCRF(**kwargs)
 
 
-def test_spatial_filter_is_exact_gaussian():
-    torch.manual_seed(0)
-    x = torch.randn(2, 7, 9, 3, dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 70, 5, 21), (1, 40, 32, 4)])  # lanes: 3, 21 channels; 16
+def test_spatial_filter_is_exact_gaussian(shape):
+    b, h, w, c = shape
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     theta = torch.tensor(1.7, dtype=torch.float64)
-    ys, xs = torch.meshgrid(torch.arange(7.0), torch.arange(9.0), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
     pos = torch.stack([ys, xs], -1).reshape(-1, 2).double()
     k = torch.exp(-torch.cdist(pos, pos) ** 2 / (2 * theta**2))
-    ref = torch.einsum("ij,bjc->bic", k, x.reshape(2, 63, 3)).reshape(2, 7, 9, 3)
+    ref = torch.einsum("ij,bjc->bic", k, x.reshape(b, h * w, c)).reshape(shape)
     torch.testing.assert_close(spatial_gaussian(x, theta), ref, rtol=0, atol=5e-4)  # truncation at 4θ
 
 
 @pytest.mark.parametrize("shape, spacing", [((2, 7, 9, 3), None), ((1, 4, 5, 20), (1.5, 0.7)),
-                                            ((1, 5, 6, 7, 2), (2.0, 1.0, 0.5))])
+                                            ((1, 5, 6, 7, 2), (2.0, 1.0, 0.5)), ((2, 34, 1, 17), None)])
 def test_spatial_filter_gradients_are_exact(shape, spacing):
     # The truncated separable filter is differentiable in θ (fixed radius): gradcheck for the values and θ,
     # through every pass order (2-D, 3-D, anisotropic spacing, channels beyond one vector block).
@@ -330,7 +331,10 @@ def test_class_softmax_equals_softmax(p):
         out = class_softmax(z)
         assert out.is_contiguous() and out.shape == z.shape
         torch.testing.assert_close(out, torch.softmax(z, -1))
-    z = torch.randn(2, 3, 70, 5, dtype=torch.float64, requires_grad=True)  # any leading shape, differentiable
+
+
+def test_class_softmax_is_differentiable_for_any_leading_shape():
+    z = torch.randn(2, 1, 70, 3, dtype=torch.float64, requires_grad=True)  # tiles and a remainder
     assert torch.autograd.gradcheck(class_softmax, (z,))
 
 
