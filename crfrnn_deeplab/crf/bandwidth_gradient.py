@@ -127,20 +127,20 @@ class KernelPairs:
             if self.weights is not None:
                 out += ((scaled_left @ right_t).view(1, -1) @ self.weights[image]).view(d)
                 continue
-            for rows, weights in _exact_weights(self.features[image], self.valid[image]):
+            for rows, k, sq in _exact_blocks(self.features[image], self.valid[image]):
+                weights = k[..., None] * sq
                 out += ((scaled_left[rows] @ right_t).view(1, -1) @ weights.view(-1, d)).view(d)
         return out
 
 
-def _exact_weights(f: Tensor, valid: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, k_ij (f_i - f_j)²)`` over blocks of rows of one image (f: Tensor[N, d], valid: Tensor[N] 0/1):
-    yields a slice and Tensor[rows, N, d] (0 where i or j is off the lattice)."""
+def _exact_blocks(f: Tensor, valid: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """``(rows, k_ij, (f_i - f_j)²)`` over blocks of rows of one image (f: Tensor[N, d], valid: Tensor[N] 0/1):
+    yields a slice, Tensor[rows, N] (0 where i or j is off the lattice) and Tensor[rows, N, d]."""
     n = f.shape[0]
     for start in range(0, n, _ROW_BLOCK):
         rows = slice(start, min(start + _ROW_BLOCK, n))
         sq = (f[rows, None, :] - f[None, :, :]).square()
-        k = torch.exp(-0.5 * sq.sum(-1)) * valid[rows, None] * valid[None, :]
-        yield rows, k[..., None] * sq
+        yield rows, torch.exp(-0.5 * sq.sum(-1)) * valid[rows, None] * valid[None, :], sq
 
 
 @torch.no_grad()
@@ -189,18 +189,16 @@ def kernel_pairs(
     valid_f = f.new_ones(b, n) if valid is None else valid.reshape(b, n).to(f.dtype)
     lattice_mass = lattice_mass.detach().reshape(b, n).to(f.dtype) * valid_f
     if n <= exact_points:
-        gaussian_mass = torch.empty_like(valid_f)  # (K·1)_i over valid points
+        gaussian_mass = torch.empty_like(valid_f)  # (K·1)_i over valid points, 0 elsewhere
+        keep = b * n * n * d <= _EXACT_CACHE  # the pair weights, kept for the later filterings
+        weights = []
         for image in range(b):
-            for start in range(0, n, _ROW_BLOCK):
-                rows = slice(start, min(start + _ROW_BLOCK, n))
-                k = torch.exp(-0.5 * (f[image, rows, None, :] - f[image, None, :, :]).square().sum(-1))
-                gaussian_mass[image, rows] = k @ valid_f[image]
-        mass = _mass_ratio(lattice_mass, gaussian_mass * valid_f)
-        weights = None
-        if b * n * n * d <= _EXACT_CACHE:  # kept for the later filterings
-            weights = torch.stack([
-                torch.cat([w.reshape(-1, d) for _, w in _exact_weights(f[i], valid_f[i])]) for i in range(b)
-            ])
+            for rows, k, sq in _exact_blocks(f[image], valid_f[image]):
+                gaussian_mass[image, rows] = k.sum(1)
+                if keep:
+                    weights.append((k[..., None] * sq).reshape(-1, d))
+        mass = _mass_ratio(lattice_mass, gaussian_mass)
+        weights = torch.cat(weights).view(b, n * n, d) if keep else None
         return KernelPairs(f, valid_f, mass, weights=weights)
 
     generators = _image_generators(f)

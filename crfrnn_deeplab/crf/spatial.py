@@ -183,12 +183,14 @@ class _SpatialGaussian(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         theta, *states = ctx.saved_tensors
         theta_d = theta.detach()
-        passes = _passes(theta_d, states[0].shape[1:-1], ctx.spacing, ctx.truncate)
+        sizes = states[0].shape[1:-1]
+        passes = _passes(theta_d, sizes, ctx.spacing, ctx.truncate)
+        thetas = axis_bandwidths(theta_d, len(sizes), ctx.spacing)
         total = states[0].new_zeros(())
         suffix = grad.contiguous()  # P_{s+1} ··· P_S g, from s = S down to 1; then K g
         for (axis, taps), state in zip(reversed(passes), reversed(states)):
             if ctx.needs_input_grad[1]:
-                axis_theta = axis_bandwidths(theta_d, len(passes), ctx.spacing)[axis]
+                axis_theta = thetas[axis]
                 offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
                 derivative = taps * (offset / axis_theta).square() / theta_d
                 total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
