@@ -76,7 +76,10 @@ def main() -> None:
         parser.error("give --rounds >= 1 and a measuring script after --")
     with tempfile.TemporaryDirectory(prefix="ab_base_") as scratch:
         base = Path(scratch) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.base], check=True)
+        added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.base],
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            raise SystemExit(f"cannot check out --base {args.base!r}: {added.stderr.strip()}")
         try:
             results = run_rounds({"base": base, "new": ROOT}, command, args.rounds)
         finally:

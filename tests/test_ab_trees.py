@@ -41,3 +41,13 @@ def test_runs_each_tree_with_its_own_package(tmp_path):
     assert "marker: base 1, new 2; new/base median 2.000 (2.000-2.000), 2 rounds" in done.stdout
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
     assert "ab_base_" not in worktrees  # removed again
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_bad_arguments_are_named():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--base", "no-such-revision", "--", "x.py"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "cannot check out --base 'no-such-revision'" in done.stderr
+    done = subprocess.run([sys.executable, str(SCRIPT), "--base", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and "a measuring script after --" in done.stderr
