@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
-from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
 
@@ -35,6 +35,7 @@ __all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian", "point_p
 
 _PACK_LIMIT = 2**62
 _SHORT_KEY_LIMIT = 2**15 - 1  # fewer vertices than this: the splat's sort uses int16 keys
+_SPLAT_BLOCK = 2**14  # points per block of the CPU splat (BlockedRows): 1.3 MiB of 21 float32 channels
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +47,8 @@ class PermutohedralLattice:
         num_points: points per image N (pixels).
         dim: feature dimension d.
         num_vertices: lattice vertices M over the whole batch.
-        splat: Tensor[M, B*N] of barycentric weights (times the ``before`` weights, if any).
+        splat: Tensor[M, B*N] of barycentric weights (times the ``before`` weights, if any); on the CPU, blocked by
+            points (:class:`~crfrnn_deeplab.crf.sparse_rows.BlockedRows`) when there are many.
         slice: Tensor[B*N, M], the transpose of the barycentric weights times ``alpha = 1 / (1 + 2^-d)`` (times
             the ``after`` weights, if any).
         blur: d+1 Tensor[M, M], ``I + (P_j + P_jᵀ) / 2`` for lattice direction j.
@@ -61,7 +63,7 @@ class PermutohedralLattice:
     num_points: int
     dim: int
     num_vertices: int
-    splat: SparseRows
+    splat: SparseRows | BlockedRows
     slice: SparseRows
     blur: tuple[SparseRows, ...]
     alpha: float
@@ -299,7 +301,7 @@ def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLatti
     image = torch.arange(b, device=device).repeat_interleave(n)
     vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
     splat, slice_, alpha = _splat_and_slice(vertices, bary, kept, total_points)
-    blur = _blur(vertices, dtype, splat.columns.dtype)
+    blur = _blur(vertices, dtype, slice_.columns.dtype)
     return PermutohedralLattice(b, n, d, vertices.num, splat, slice_, blur, alpha)
 
 
@@ -345,20 +347,31 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _splat_and_slice(
     vertices: _Vertices, bary: Tensor, kept: Tensor | None, total_points: int
-) -> tuple[SparseRows, SparseRows, float]:
+) -> tuple[SparseRows | BlockedRows, SparseRows, float]:
     """The splat (Tensor[M, B*N]) and slice (Tensor[B*N, M], times ``alpha``) of points with barycentric weights
-    ``bary`` (Tensor[P, d+1]) on ``vertices``; ``kept``: the indices of the points on the lattice (None: all)."""
+    ``bary`` (Tensor[P, d+1]) on ``vertices``; ``kept``: the indices of the points on the lattice (None: all).
+
+    On the CPU the splat of more than _SPLAT_BLOCK points is a :class:`BlockedRows`: a vertex's entries are
+    summed block of points by block, so that the rows it gathers are in the cache (a vertex of a photograph
+    gathers pixels from all over a region of it). 500×375 pixels, 21 channels, one thread: 5.3–6.7 ms instead of
+    9.6–12.7; a 96³ volume, 3 channels: 9.1–9.5 ms instead of 16–21.
+    """
     p, d1 = bary.shape
     d, m, device = d1 - 1, vertices.num, bary.device
     index = torch.int32 if max(m, total_points) * d1 < 2**31 else torch.long  # embedding_bag's fast path
     ids = vertices.ids.to(index)  # [P, d+1]
+    keys = ids.reshape(-1)  # the entries, point by point: entry e is vertex e % (d+1) of point e // (d+1)
 
-    # Splat (Tensor[M, B*N]): a vertex's entries are the points that touch it, in ascending order.
-    entry = _stable_argsort(ids.reshape(-1), m)
-    offsets = torch.zeros(m + 1, dtype=index, device=device)  # row r holds the entries of vertex r
-    offsets[1:] = torch.bincount(ids.reshape(-1), minlength=m).cumsum(0)
+    # Splat: a vertex's entries are the points that touch it, in ascending order (within each block of points).
+    e = keys.numel()
+    block = _SPLAT_BLOCK * d1 if device.type == "cpu" and p > _SPLAT_BLOCK else e  # entries per block
+    entry = torch.cat([_stable_argsort(keys[start : start + block], m) + start for start in range(0, e, block)])
     point = entry // d1 if kept is None else kept.index_select(0, entry // d1)
-    splat = SparseRows(point.to(index), offsets, bary.view(-1).index_select(0, entry), total_points)
+    weights = bary.view(-1).index_select(0, entry)
+    if block == e:
+        splat = SparseRows(point.to(index), _row_offsets(keys, m, index), weights, total_points)
+    else:
+        splat = _blocked_splat(keys.index_select(0, entry), block, point.to(index), weights, m, total_points)
     alpha = 1.0 / (1.0 + 2.0 ** (-d))
     # Slice (Tensor[B*N, M]): every point on the lattice has its d+1 vertices, the others none.
     if kept is None:
@@ -367,8 +380,33 @@ def _splat_and_slice(
         offsets, row_length = torch.zeros(total_points + 1, dtype=index, device=device), None
         offsets[kept + 1] = d1
         offsets = offsets.cumsum(0, dtype=index)
-    slice_ = SparseRows(ids.reshape(-1), offsets, (bary * alpha).reshape(-1), m, row_length)
+    slice_ = SparseRows(keys, offsets, (bary * alpha).reshape(-1), m, row_length)
     return splat, slice_, alpha
+
+
+def _row_offsets(rows: Tensor, num_rows: int, index: torch.dtype) -> Tensor:
+    """The row offsets (Tensor[R + 1] of ``index``) of entries sorted by their ``rows`` (Tensor[E])."""
+    offsets = torch.zeros(num_rows + 1, dtype=index, device=rows.device)
+    offsets[1:] = torch.bincount(rows, minlength=num_rows).cumsum(0)
+    return offsets
+
+
+def _blocked_splat(
+    vertex: Tensor, block: int, point: Tensor, weights: Tensor, m: int, total_points: int
+) -> BlockedRows:
+    """The splat as :class:`BlockedRows` from its entries sorted by vertex within each block of ``block`` entries:
+    their vertices (Tensor[E]), points (Tensor[E], the index dtype) and weights (Tensor[E])."""
+    e, device = vertex.numel(), vertex.device
+    first = torch.ones(e, dtype=torch.bool, device=device)  # the first entry of each part: a new vertex or block
+    torch.ne(vertex[1:], vertex[:-1], out=first[1:])
+    first[::block] = True
+    starts = first.nonzero()[:, 0]
+    offsets = torch.cat([starts, starts.new_full((1,), e)]).to(point.dtype)
+    parts = SparseRows(point, offsets, weights, total_points)
+    part_vertex = vertex.index_select(0, starts)  # parts are in block order, so a vertex's parts are too
+    order = _stable_argsort(part_vertex, m).to(point.dtype)
+    combine = SparseRows(order, _row_offsets(part_vertex, m, point.dtype), weights.new_ones(order.numel()), starts.numel())
+    return BlockedRows(parts, combine)
 
 
 def _stable_argsort(keys: Tensor, num_keys: int) -> Tensor:

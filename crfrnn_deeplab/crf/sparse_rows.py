@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SparseRows"]
+__all__ = ["BlockedRows", "SparseRows"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,3 +94,46 @@ class SparseRows:
         """Tensor[R, K] (for tests and small problems)."""
         dense = self.weights.new_zeros(self.num_rows, self.num_columns)
         return dense.index_put_((self.rows(), self.columns.long()), self.weights, accumulate=True)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockedRows:
+    """A sparse matrix Tensor[R, K] applied one block of columns at a time: ``combine @ (parts @ x)``.
+
+    A row whose entries are spread over all K columns (a lattice vertex gathers the pixels of a whole image region)
+    reads ``x`` all over memory. Here every row is split into parts, one per block of consecutive columns it
+    has entries in, and the parts are stored block after block: the gathers of one block stay within its rows of
+    ``x``, which fit in the cache, and a second, small product sums each row's parts. The products equal
+    :class:`SparseRows`' up to the order in which the entries are added.
+
+    Attributes:
+        parts: SparseRows Tensor[Q, K], one row per (block, row) pair that has entries, in block order.
+        combine: SparseRows Tensor[R, Q] of unit weights: row r sums the parts of row r, in block order.
+    """
+
+    parts: SparseRows
+    combine: SparseRows
+
+    @property
+    def num_rows(self) -> int:
+        return self.combine.num_rows
+
+    @property
+    def num_columns(self) -> int:
+        return self.parts.num_columns
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        """The product with dense values: Tensor[K, C] -> Tensor[R, C] (empty rows give zeros)."""
+        return self.combine @ (self.parts @ x)
+
+    def scale_rows(self, scale: Tensor) -> "BlockedRows":
+        """``diag(scale) · self`` for scale Tensor[R]."""
+        return BlockedRows(self.parts, self.combine.scale_rows(scale))
+
+    def scale_columns(self, scale: Tensor) -> "BlockedRows":
+        """``self · diag(scale)`` for scale Tensor[K]."""
+        return BlockedRows(self.parts.scale_columns(scale), self.combine)
+
+    def to_dense(self) -> Tensor:
+        """Tensor[R, K] (for tests and small problems)."""
+        return self.combine.to_dense() @ self.parts.to_dense()

@@ -7,6 +7,7 @@ import torch
 from crfrnn_deeplab.crf import lattice as permutohedral
 from crfrnn_deeplab.crf.reference import dense_gaussian
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows
 from crfrnn_deeplab.images import all_finite
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
@@ -81,10 +82,9 @@ def test_barycentric_weights_are_a_partition_of_unity_in_float32():
     ys, xs = torch.meshgrid(torch.arange(129.0), torch.arange(129.0), indexing="ij")
     colour = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1).expand(3, 129, 129)
     lattice = build_lattice(torch.cat([torch.stack([xs, ys]) / 20.0, colour / 30.0])[None])
-    weights = lattice.splat.weights
-    assert weights.min() >= 0
-    per_point = torch.zeros(129 * 129).index_add_(0, lattice.splat.columns, weights)
-    torch.testing.assert_close(per_point, torch.ones_like(per_point), rtol=0, atol=1e-6)
+    splat = lattice.splat.to_dense()  # 16 641 points: a blocked splat
+    assert splat.min() >= 0
+    torch.testing.assert_close(splat.sum(0), torch.ones(129 * 129), rtol=0, atol=1e-6)
     assert (lattice.filter(torch.ones(1, 129 * 129, 1)) > 0).all()
 
 
@@ -215,6 +215,36 @@ def test_splat_rows_list_their_points_in_ascending_order(masked):
     assert torch.equal(splat.weights * lattice.alpha, slice_.weights[entry])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_splat_sums_each_vertex_block_by_block(masked, monkeypatch):
+    # Above _SPLAT_BLOCK points the CPU splat is split into parts, one per (block of points, vertex): each part
+    # lists its block's points in ascending order, and the combine sums a vertex's parts in block order; the
+    # product is the plain splat's (the slice's transpose) up to the order of the additions.
+    torch.manual_seed(0)
+    feats = torch.randn(2, 5, 300, dtype=torch.float64) * 2
+    valid = torch.rand(2, 300) > 0.3 if masked else None
+    v = torch.rand(600, 3, dtype=torch.float64)
+    plain = build_lattice(feats, valid)
+    monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 64)
+    lattice = build_lattice(feats, valid)
+    splat, kept = lattice.splat, int(plain.slice.offsets.diff().gt(0).sum())
+    assert isinstance(plain.splat, permutohedral.SparseRows) and isinstance(splat, BlockedRows)
+    parts, combine = splat.parts, splat.combine
+    order = torch.cumsum(plain.slice.offsets.diff().gt(0), 0) - 1  # each point's rank among the kept ones
+    part_block = order[parts.columns.long()][parts.offsets[:-1].long()] // 64
+    for r in range(parts.num_rows):  # one block per part, ascending points
+        points = parts.columns[parts.offsets[r] : parts.offsets[r + 1]].long()
+        assert points.numel() > 0 and (points.diff() > 0).all() and (order[points] // 64 == part_block[r]).all()
+    assert (part_block.diff() >= 0).all()  # parts stored block after block
+    for vertex in range(combine.num_rows):  # a vertex's parts in block order, unit weights
+        own = combine.columns[combine.offsets[vertex] : combine.offsets[vertex + 1]].long()
+        assert (part_block[own].diff() > 0).all()
+    assert (combine.weights == 1).all() and combine.num_columns == parts.num_rows
+    assert int(part_block.max()) == (kept - 1) // 64
+    torch.testing.assert_close(splat.to_dense(), plain.splat.to_dense(), rtol=0, atol=1e-15)
+    torch.testing.assert_close(lattice.filter(v.view(2, 300, 3)), plain.filter(v.view(2, 300, 3)), rtol=1e-12, atol=0)
+
+
 def test_lattice_does_not_depend_on_the_thread_count():
     from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
 
@@ -230,7 +260,9 @@ def test_lattice_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
         set_inference_threads(policy)
     one, two = lattices
-    for a, b in [(one.splat, two.splat), (one.slice, two.slice), *zip(one.blur, two.blur)]:
+    assert isinstance(one.splat, BlockedRows)
+    pairs = [(one.splat.parts, two.splat.parts), (one.splat.combine, two.splat.combine), (one.slice, two.slice)]
+    for a, b in [*pairs, *zip(one.blur, two.blur)]:
         assert torch.equal(a.columns, b.columns) and torch.equal(a.offsets, b.offsets)
         assert torch.equal(a.weights, b.weights)
 
@@ -287,12 +319,16 @@ def test_all_finite_checks_every_entry_even_when_the_sum_overflows():
         assert not all_finite(torch.tensor([1.0, bad, 2.0]))
 
 
-def test_lattice_operators_equal_their_dense_matrices():
+@pytest.mark.parametrize("blocked", [False, True])
+def test_lattice_operators_equal_their_dense_matrices(blocked, monkeypatch):
     # The embedding_bag products against explicit matrices, with points off the lattice (empty slice rows).
+    if blocked:
+        monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 16)
     torch.manual_seed(0)
     feats = torch.randn(2, 3, 40, dtype=torch.float64) * 2
     valid = torch.rand(2, 40) < 0.7
     lattice = build_lattice(feats, valid)
+    assert isinstance(lattice.splat, BlockedRows) == blocked
     v = torch.rand(80, 4, dtype=torch.float64)
     splat, slice_ = lattice.splat.to_dense(), lattice.slice.to_dense()
     assert splat.shape == (lattice.num_vertices, 80) and slice_.shape == (80, lattice.num_vertices)
@@ -308,7 +344,10 @@ def test_lattice_operators_equal_their_dense_matrices():
     torch.testing.assert_close(lattice.filter(v.view(2, 40, 4)).view(80, 4), slice_ @ splat @ v)
 
 
-def test_sparse_rows_scale_rows_and_columns():
+@pytest.mark.parametrize("blocked", [False, True])
+def test_sparse_rows_scale_rows_and_columns(blocked, monkeypatch):
+    if blocked:
+        monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 8)
     torch.manual_seed(0)
     feats = torch.randn(1, 3, 30, dtype=torch.float64) * 2
     valid = torch.rand(1, 30) < 0.7
