@@ -221,12 +221,14 @@ def test_blocked_splat_sums_each_vertex_block_by_block(masked, monkeypatch):
     # lists its block's points in ascending order, and the combine sums a vertex's parts in block order; the
     # product is the plain splat's (the slice's transpose) up to the order of the additions.
     torch.manual_seed(0)
-    feats = torch.randn(2, 5, 300, dtype=torch.float64) * 2
+    feats = torch.randn(2, 5, 300, dtype=torch.float64) * 0.3  # ~150 vertices: fewer than a block's 64·6 entries
     valid = torch.rand(2, 300) > 0.3 if masked else None
     v = torch.rand(600, 3, dtype=torch.float64)
     plain = build_lattice(feats, valid)
     monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 64)
     lattice = build_lattice(feats, valid)
+    # more vertices than a block has entries: parts of one entry or so would not pay, the splat stays plain
+    assert isinstance(build_lattice(feats * 7, valid).splat, permutohedral.SparseRows)
     splat, kept = lattice.splat, int(plain.slice.offsets.diff().gt(0).sum())
     assert isinstance(plain.splat, permutohedral.SparseRows) and isinstance(splat, BlockedRows)
     parts, combine = splat.parts, splat.combine
@@ -248,23 +250,25 @@ def test_blocked_splat_sums_each_vertex_block_by_block(masked, monkeypatch):
 def test_lattice_does_not_depend_on_the_thread_count():
     from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
 
-    feats = torch.randn(1, 5, 40_000, generator=torch.Generator().manual_seed(0)) * 4
+    feats = torch.randn(1, 5, 40_000, generator=torch.Generator().manual_seed(0))
     threads, policy = torch.get_num_threads(), thread_policy()
-    lattices = []
-    try:
-        torch.set_num_threads(2)
-        for chosen in (1, 2):
-            set_inference_threads(chosen)
-            lattices.append(build_lattice(feats))
-    finally:
-        torch.set_num_threads(threads)
-        set_inference_threads(policy)
-    one, two = lattices
-    assert isinstance(one.splat, BlockedRows)
-    pairs = [(one.splat.parts, two.splat.parts), (one.splat.combine, two.splat.combine), (one.slice, two.slice)]
-    for a, b in [*pairs, *zip(one.blur, two.blur)]:
-        assert torch.equal(a.columns, b.columns) and torch.equal(a.offsets, b.offsets)
-        assert torch.equal(a.weights, b.weights)
+    for scale in (4, 1):  # 198 k vertices (a plain splat), 7.7 k (a blocked one)
+        lattices = []
+        try:
+            torch.set_num_threads(2)
+            for chosen in (1, 2):
+                set_inference_threads(chosen)
+                lattices.append(build_lattice(feats * scale))
+        finally:
+            torch.set_num_threads(threads)
+            set_inference_threads(policy)
+        one, two = lattices
+        assert isinstance(one.splat, BlockedRows) == (scale == 1)
+        pairs = [(one.splat.parts, two.splat.parts), (one.splat.combine, two.splat.combine)] if scale == 1 else [
+            (one.splat, two.splat)]
+        for a, b in [*pairs, (one.slice, two.slice), *zip(one.blur, two.blur)]:
+            assert torch.equal(a.columns, b.columns) and torch.equal(a.offsets, b.offsets)
+            assert torch.equal(a.weights, b.weights)
 
 
 @pytest.mark.parametrize("k", range(1, 8))
@@ -325,7 +329,7 @@ def test_lattice_operators_equal_their_dense_matrices(blocked, monkeypatch):
     if blocked:
         monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 16)
     torch.manual_seed(0)
-    feats = torch.randn(2, 3, 40, dtype=torch.float64) * 2
+    feats = torch.randn(2, 3, 40, dtype=torch.float64) * (0.3 if blocked else 2)  # blocked: fewer vertices
     valid = torch.rand(2, 40) < 0.7
     lattice = build_lattice(feats, valid)
     assert isinstance(lattice.splat, BlockedRows) == blocked
@@ -349,9 +353,10 @@ def test_sparse_rows_scale_rows_and_columns(blocked, monkeypatch):
     if blocked:
         monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 8)
     torch.manual_seed(0)
-    feats = torch.randn(1, 3, 30, dtype=torch.float64) * 2
+    feats = torch.randn(1, 3, 30, dtype=torch.float64) * (0.2 if blocked else 2)  # blocked: fewer vertices
     valid = torch.rand(1, 30) < 0.7
     for lattice in (build_lattice(feats), build_lattice(feats, valid)):  # fixed and variable row lengths
+        assert isinstance(lattice.splat, BlockedRows) == blocked
         for rows in (lattice.splat, lattice.slice):
             dense = rows.to_dense()
             left, right = torch.rand(dense.shape[0], dtype=torch.float64), torch.rand(dense.shape[1], dtype=torch.float64)
