@@ -8,11 +8,12 @@ from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, check_crf_inputs, fixed_crf, mean_field_step
 from crfrnn_deeplab.crf.fast_inference import mean_field_inference
-from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
 
 __all__ = [
+    "BlockedRows",
     "CRFKernels",
     "DenseCRF",
     "MeanFieldCRF",
