@@ -182,7 +182,7 @@ class _Vertices:
                 code = base * d1**d
                 for i in range(d):
                     code.add_(rank[i], alpha=d1**i)
-                simplices, point_simplex = torch.unique(code, return_inverse=True)
+                simplices, point_simplex = _unique(code)
                 base, rank = simplices // d1**d, simplices[:, None] // digits % d1  # [S], [S, d]
             else:
                 rank = rank.T.long()
@@ -192,7 +192,7 @@ class _Vertices:
             codes = base[:, None] + k * int(self.radix[1:].sum()) - d1 * jumps.cumsum(1)[:, :d1]  # [S, d+1]
             if math.prod(span) < 2**31:  # int32 sorts about twice as fast
                 codes = codes.int()
-            self.codes, ids = torch.unique(codes, return_inverse=True)  # sorted unique vertex codes
+            self.codes, ids = _unique(codes)  # sorted unique vertex codes
             ids = ids.int() if self.codes.numel() < 2**31 else ids
             self.ids = ids if point_simplex is None else ids.index_select(0, point_simplex)
         else:
@@ -219,6 +219,16 @@ class _Vertices:
             table[ids[: self.num]] = torch.arange(self.num, device=step.device)
             found.append(table[ids[self.num :]])
         return torch.stack(found)
+
+
+def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The sorted distinct values of an integer tensor and the index of each entry's value among them
+    (``torch.unique(x, return_inverse=True)``). On the CPU numpy's, which sorts faster: 885 k int64 simplex codes
+    of a 96³ volume 55 ms instead of 88, one thread."""
+    if x.device.type != "cpu":
+        return torch.unique(x, return_inverse=True)
+    values, inverse = np.unique(x.numpy(), return_inverse=True)
+    return torch.from_numpy(values), torch.from_numpy(inverse).view(x.shape)
 
 
 def _rank_descending(x: Tensor) -> Tensor:
@@ -337,16 +347,18 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # coordinate's differential; then shift the point back onto the plane x·1 = 0. Each coordinate rounds by
     # at most (d+1)/2 and the elevated coordinates sum to 0, so |Σ rem0 / (d+1)| <= (d+1)/2 and one wrap of
     # the rank into 0..d suffices (densecrf's loop makes the same single correction).
-    rem0 = torch.ceil(elevated / d1 - 0.5) * d1
-    rank = _rank_descending(elevated - rem0)  # Tensor[d+1, P] int16
+    # (in place where a [d+1, P] temporary would be made: the same operations, a third fewer passes to allocate)
+    rem0 = (elevated / d1).sub_(0.5).ceil_().mul_(d1)  # ceil(elevated / (d+1) - 1/2)·(d+1)
+    delta = elevated - rem0
+    rank = _rank_descending(delta)  # Tensor[d+1, P] int16
     rank += torch.round(rem0.sum(0) / d1).to(rank.dtype)
     wrap = (rank < 0).to(rank.dtype) - (rank > d).to(rank.dtype)  # +1 below 0, -1 above d
     rank += wrap * d1
-    rem0 += wrap * d1
+    rem0.add_(wrap, alpha=d1)
 
     # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k): with u_{d - rank_i} =
     # delta_i / (d+1), i.e. u = the differentials sorted ascending, b_0 = 1 - u_d + u_0 and b_k = u_k - u_{k-1}.
-    u = _sort_columns((elevated - rem0) / d1)
+    u = _sort_columns(torch.sub(elevated, rem0, out=delta).div_(d1))
     bary = torch.stack([u[0] + (1.0 - u[d])] + [u[i] - u[i - 1] for i in range(1, d1)], 1)  # [P, d+1]
     # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
     return rem0.long(), rank, bary.clamp_min_(0.0)
@@ -407,12 +419,15 @@ def _offsets(counts: Tensor, index: torch.dtype) -> Tensor:
 def _blocked_splat(counts: Tensor, point: Tensor, weights: Tensor, total_points: int) -> BlockedRows:
     """The splat as :class:`BlockedRows` from its entries sorted by vertex within each block: ``counts``
     (Tensor[blocks, M]) entries of each block and vertex, their points (Tensor[E], the index dtype) and weights."""
-    present = counts > 0  # the parts: (block, vertex) pairs with entries, stored block by block
-    parts = SparseRows(point, _offsets(counts[present], point.dtype), weights, total_points)
-    part = present.view(-1).cumsum(0).view(counts.shape) - 1  # each (block, vertex) pair's part, where present
-    columns = part.T[present.T].to(point.dtype)  # vertex by vertex, a vertex's parts in block order
+    blocks, m = counts.shape
+    present = counts.view(-1) > 0  # the parts: (block, vertex) pairs with entries, stored block by block
+    parts = SparseRows(point, _offsets(counts.view(-1)[present], point.dtype), weights, total_points)
+    part = present.cumsum(0) - 1  # each (block, vertex) pair's part, where present
+    vertex, block = present.view(blocks, m).T.contiguous().nonzero().unbind(1)  # vertex by vertex, blocks in order
+    columns = part.index_select(0, block * m + vertex).to(point.dtype)
     ones = weights.new_ones(columns.numel())
-    return BlockedRows(parts, SparseRows(columns, _offsets(present.sum(0), point.dtype), ones, parts.num_rows))
+    per_vertex = present.view(blocks, m).sum(0)
+    return BlockedRows(parts, SparseRows(columns, _offsets(per_vertex, point.dtype), ones, parts.num_rows))
 
 
 def _stable_argsort(keys: Tensor, num_keys: int, block: int | None = None) -> Tensor:
