@@ -514,3 +514,39 @@ def test_inference_does_not_depend_on_the_thread_count(learned):
         torch.set_num_threads(before)
         threads.set_inference_threads(policy)
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("learn_bandwidths", [True, False])
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_blocked_splat_gives_the_plain_splats_outputs_and_gradients(normalization, learn_bandwidths, monkeypatch):
+    # Above _SPLAT_BLOCK points the CPU splat is blocked (BlockedRows): the inference path (its weights scaled by
+    # column), the autograd path and every gradient (the lattice's backward splats the incoming gradient) must be
+    # the plain splat's up to the order of the additions. Blocks of 64 points (and wide bandwidths, so that the
+    # lattice has fewer vertices than a block has entries) make these small images blocked.
+    from crfrnn_deeplab.crf import lattice as permutohedral
+    from crfrnn_deeplab.crf.sparse_rows import BlockedRows
+
+    logits, image = small_inputs(b=2, c=5, h=12, w=10)
+    mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2
+    crf = MeanFieldCRF(num_classes=5, theta_alpha=10.0, theta_beta=200.0, normalization=normalization,
+                       learn_bandwidths=learn_bandwidths).double()
+    with torch.no_grad():
+        crf.compatibility.add_(torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+
+    def run():
+        with torch.no_grad():
+            fast = crf.eval()(logits, image, mask)
+        x = logits.clone().requires_grad_(True)
+        crf.train().zero_grad()
+        crf(x, image, mask).square().sum().backward()
+        grads = [x.grad] + [p.grad for p in crf.parameters() if p.requires_grad]
+        return fast, grads
+
+    plain, plain_grads = run()
+    monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 64)
+    assert isinstance(crf.kernels(image.double(), mask).lattice.splat, BlockedRows)
+    blocked, blocked_grads = run()
+    torch.testing.assert_close(blocked, plain, rtol=1e-12, atol=1e-12)
+    assert len(blocked_grads) == len(plain_grads) == (7 if learn_bandwidths else 4)
+    for a, b in zip(blocked_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
