@@ -201,7 +201,8 @@ def build_kernels(
     raw = bilateral_features(image, spacing)  # [B, N, S + K]
     groups = (k,) if guidance_groups is None else tuple(guidance_groups)
     scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
-    features = (raw * scale.detach()).transpose(1, 2)  # [B, S + K, N]
+    features = raw.new_empty(b, raw.shape[2], raw.shape[1])  # [B, S + K, N]: N-contiguous, the lattice's layout
+    torch.mul(raw.transpose(1, 2), scale.detach()[:, None], out=features)
     lattice = build_lattice(features, valid_mask)
 
     mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, *S, 1]
@@ -217,8 +218,8 @@ def build_kernels(
     else:
         d_spatial = kernels.spatial(ones)
     d_bilateral = kernels.bilateral(ones)
-    kernels.norm_spatial = normaliser(d_spatial, ones, normalization)
-    kernels.norm_bilateral = normaliser(d_bilateral, ones, normalization)
+    kernels.norm_spatial = normaliser(d_spatial, mask, normalization)
+    kernels.norm_bilateral = normaliser(d_bilateral, mask, normalization)
     return kernels
 
 
@@ -267,12 +268,12 @@ def unmasked_spatial(
     return outer.expand(b, *sizes)[..., None]
 
 
-def normaliser(d: Tensor, valid: Tensor, normalization: Normalization) -> Tensor:
-    """``D^-½`` or ``D^-1`` on valid pixels, exactly 0 on masked ones.
+def normaliser(d: Tensor, valid: Tensor | None, normalization: Normalization) -> Tensor:
+    """``D^-½`` or ``D^-1`` on valid pixels, exactly 0 on masked ones (``valid`` None: every pixel valid).
 
     Masked pixels far from any valid one have ``D`` = 0 up to rounding (the lattice's barycentric weights can be
     -1e-9 in float32), where ``D^-½`` would be NaN and 0·NaN stays NaN: select instead of multiplying.
     """
     d = d.clamp_min(0.0) + _EPS
     value = d.rsqrt() if normalization == "symmetric" else d.reciprocal()
-    return torch.where(valid > 0, value, torch.zeros_like(value))
+    return value if valid is None else torch.where(valid > 0, value, torch.zeros_like(value))

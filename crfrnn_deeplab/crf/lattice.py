@@ -405,7 +405,7 @@ def _splat_and_slice(
         offsets, row_length = torch.zeros(total_points + 1, dtype=index, device=device), None
         offsets[kept + 1] = d1
         offsets = offsets.cumsum(0, dtype=index)
-    slice_ = SparseRows(keys, offsets, (bary * alpha).reshape(-1), m, row_length)
+    slice_ = SparseRows(keys, offsets, bary.mul_(alpha).view(-1), m, row_length)  # bary's last use: in place
     return splat, slice_, alpha
 
 
