@@ -384,3 +384,18 @@ def test_sparse_rows_reject_bad_input():
             rows.scale_columns(bad)
     with pytest.raises(ValueError, match="R = 30 values"):
         rows.scale_rows(torch.rand(31))
+
+
+@pytest.mark.parametrize("num_keys", [5, 2**15, 2**16, 2**16 + 1, 2**20, 2**33])
+@pytest.mark.parametrize("block", [None, 7, 1000])
+def test_stable_argsort_is_stable_within_each_block(num_keys, block):
+    # The splat's sort: one 16-bit radix pass up to 2^16 keys, two stable passes above (and int64 beyond 2^32).
+    g = torch.Generator().manual_seed(num_keys % 1000)
+    keys = torch.randint(0, num_keys, (3001,), generator=g, dtype=torch.long)
+    keys[::3] = keys[1]  # ties, whose order must be kept
+    keys[5] = num_keys - 1  # the largest key
+    got = permutohedral._stable_argsort(keys, num_keys, block)
+    size = keys.numel() if block is None else block
+    expected = torch.cat([torch.from_numpy(np.argsort(keys[s : s + size].numpy(), kind="stable")) + s
+                          for s in range(0, keys.numel(), size)])
+    assert torch.equal(got, expected)
