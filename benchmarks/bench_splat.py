@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_crf import DENSECRF_PARAMS, VOLUME_PARAMS, scene, volume_scene  # noqa: E402
+from bench_crf import DENSECRF_PARAMS, VOLUME_PARAMS, scene, timed_pairs, volume_scene  # noqa: E402
 
 from crfrnn_deeplab.allocator import retain_freed_memory  # noqa: E402
 from crfrnn_deeplab.crf import MeanFieldCRF  # noqa: E402
@@ -38,18 +37,6 @@ def splats(crf: MeanFieldCRF, guidance: torch.Tensor):
         finally:
             permutohedral._SPLAT_BLOCK = saved
     return blocked, plain
-
-
-def timed_pairs(a, b, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of a() and b() in interleaved pairs (each pair in alternating order), after one warm-up each."""
-    a(), b()
-    times = {a: [], b: []}
-    for i in range(repeats):
-        for fn in (a, b) if i % 2 == 0 else (b, a):
-            start = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - start)
-    return times[a], times[b]
 
 
 def main() -> None:
@@ -75,11 +62,9 @@ def main() -> None:
     for name, (blocked, plain), channels in cases:
         values = torch.rand(plain.num_columns, channels)
         torch.testing.assert_close(blocked @ values, plain @ values, rtol=1e-5, atol=1e-5)
-        t_blocked, t_plain = timed_pairs(lambda: blocked @ values, lambda: plain @ values, args.repeats)
-        ratios = [b / p for b, p in zip(t_blocked, t_plain)]
+        t_plain, t_blocked, ratios = timed_pairs(lambda: plain @ values, lambda: blocked @ values, args.repeats, 1)
         parts = getattr(blocked, "parts", blocked).num_rows
-        print(f"{name:<24}{parts:>8}{statistics.median(t_plain) * 1e3:>10.2f}"
-              f"{statistics.median(t_blocked) * 1e3:>12.2f}{statistics.median(ratios):>8.2f}"
+        print(f"{name:<24}{parts:>8}{t_plain * 1e3:>10.2f}{t_blocked * 1e3:>12.2f}{statistics.median(ratios):>8.2f}"
               f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}")
 
 
