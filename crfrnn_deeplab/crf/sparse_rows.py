@@ -114,6 +114,16 @@ class BlockedRows:
     parts: SparseRows
     combine: SparseRows
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.parts, SparseRows) or not isinstance(self.combine, SparseRows):
+            raise TypeError(f"parts and combine must be SparseRows, got {type(self.parts).__name__} and "
+                            f"{type(self.combine).__name__}")
+        if torch.compiler.is_compiling():  # sizes are symbolic under torch.compile: checked in eager mode only
+            return
+        if self.combine.num_columns != self.parts.num_rows:
+            raise ValueError(f"combine must have one column per row of parts ({self.parts.num_rows}), got "
+                             f"{self.combine.num_columns}")
+
     @property
     def num_rows(self) -> int:
         return self.combine.num_rows

@@ -399,3 +399,13 @@ def test_stable_argsort_is_stable_within_each_block(num_keys, block):
     expected = torch.cat([torch.from_numpy(np.argsort(keys[s : s + size].numpy(), kind="stable")) + s
                           for s in range(0, keys.numel(), size)])
     assert torch.equal(got, expected)
+
+
+def test_blocked_rows_reject_mismatched_parts(monkeypatch):
+    monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 8)
+    splat = build_lattice(torch.randn(1, 3, 30, dtype=torch.float64) * 0.2).splat
+    assert isinstance(splat, BlockedRows)
+    with pytest.raises(ValueError, match="one column per row of parts"):
+        BlockedRows(splat.parts, splat.parts)
+    with pytest.raises(TypeError, match="must be SparseRows"):
+        BlockedRows(splat, splat.combine)
