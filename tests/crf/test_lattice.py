@@ -189,13 +189,15 @@ def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
     torch.testing.assert_close(rows.filter(v), packed)
 
 
-def test_splat_is_the_same_with_wide_sort_keys(monkeypatch):
+def test_lattice_is_the_same_without_packed_sorts(monkeypatch):
+    # the packed sorts (vertex numbering, the splat's order) against numpy's unique and stable argsort
     torch.manual_seed(0)
     feats = torch.randn(1, 5, 500, dtype=torch.float64) * 3
     v = torch.rand(1, 500, 3, dtype=torch.float64)
     short = build_lattice(feats)
-    monkeypatch.setattr(permutohedral, "_SHORT_KEY_LIMIT", 0)
+    monkeypatch.setattr(permutohedral, "_PACKED_SORT_BITS", 0)
     wide = build_lattice(feats)
+    assert torch.equal(short.slice.to_dense(), wide.slice.to_dense())
     assert torch.equal(short.splat.to_dense(), wide.splat.to_dense())
     torch.testing.assert_close(short.filter(v), wide.filter(v), rtol=0, atol=0)
 
@@ -386,10 +388,10 @@ def test_sparse_rows_reject_bad_input():
         rows.scale_rows(torch.rand(31))
 
 
-@pytest.mark.parametrize("num_keys", [5, 2**15, 2**16, 2**16 + 1, 2**20, 2**33])
+@pytest.mark.parametrize("num_keys", [5, 2**15, 2**16, 2**16 + 1, 2**20, 2**33, 2**55])
 @pytest.mark.parametrize("block", [None, 7, 1000])
 def test_stable_argsort_is_stable_within_each_block(num_keys, block):
-    # The splat's sort: one 16-bit radix pass up to 2^16 keys, two stable passes above (and int64 beyond 2^32).
+    # The splat's sort: packed int32 scalars (few keys), int64 (more), numpy's stable argsort (2^55 keys: too wide).
     g = torch.Generator().manual_seed(num_keys % 1000)
     keys = torch.randint(0, num_keys, (3001,), generator=g, dtype=torch.long)
     keys[::3] = keys[1]  # ties, whose order must be kept
@@ -399,6 +401,21 @@ def test_stable_argsort_is_stable_within_each_block(num_keys, block):
     expected = torch.cat([torch.from_numpy(np.argsort(keys[s : s + size].numpy(), kind="stable")) + s
                           for s in range(0, keys.numel(), size)])
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("span, dtype, low", [(1, torch.int32, 0), (7, torch.int32, 0), (2**20, torch.int32, -5),
+                                              (2**30, torch.int32, 0), (7, torch.int64, 0), (2**40, torch.int64, 0),
+                                              (2**62, torch.int64, 0), (7, torch.int64, 2**40)])
+def test_unique_matches_numpy(span, dtype, low):
+    # packed into int32 / int64 scalars (also a narrow span of large codes), or (span 2^62 × 2^12 entries: too
+    # wide) numpy's unique itself
+    g = torch.Generator().manual_seed(span % 997)
+    x = torch.randint(0, span, (40, 101), generator=g, dtype=torch.long).add_(low - span // 3).to(dtype)
+    x[3, :7] = x[0, 0]  # repeated values
+    values, inverse = permutohedral._unique(x)
+    expected_values, expected_inverse = np.unique(x.numpy(), return_inverse=True)
+    assert values.dtype == x.dtype and torch.equal(values, torch.from_numpy(expected_values))
+    assert inverse.shape == x.shape and torch.equal(inverse, torch.from_numpy(expected_inverse).view(x.shape))
 
 
 def test_blocked_rows_reject_mismatched_parts(monkeypatch):
