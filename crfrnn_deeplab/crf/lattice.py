@@ -34,6 +34,7 @@ from crfrnn_deeplab.images import all_finite
 __all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian", "point_pairs"]
 
 _PACK_LIMIT = 2**62
+_NARROW_KEYS = 2**30  # remainder-0 points smaller than this in magnitude are kept as int32, larger ones as int64
 _PACKED_SORT_BITS = 63  # a key and its position packed into one int64 scalar (_packed_argsort)
 _SPLAT_BLOCK = 2**14  # points per block of the CPU splat (BlockedRows): 1.3 MiB of 21 float32 channels
 
@@ -155,14 +156,14 @@ class _Vertices:
     """
 
     def __init__(self, image: Tensor, rem0: Tensor, rank: Tensor, num_images: int) -> None:
-        """image: Tensor[P], each point's image index; rem0: Tensor[d+1, P] int64, the remainder-0 points;
+        """image: Tensor[P], each point's image index; rem0: Tensor[d+1, P] (integer), the remainder-0 points;
         rank: Tensor[d+1, P] (integer), the ranks; num_images: B."""
         d1, p = rank.shape
         d = d1 - 1
         device = rank.device
         k = torch.arange(d1, device=device)
-        lo = rem0[:d].min(1).values - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
-        span = [num_images] + (rem0[:d].max(1).values + 2 * d1 - lo + 1).tolist()
+        lo = rem0[:d].amin(1).long() - 2 * d1  # keys are rem0 + [-d-1, d]; neighbours ± d more
+        span = [num_images] + (rem0[:d].amax(1).long() + 2 * d1 - lo + 1).tolist()
         self.packed = math.prod(span) < _PACK_LIMIT
         if self.packed:
             radix = [1] * len(span)
@@ -272,15 +273,18 @@ def _rank_descending(x: Tensor) -> Tensor:
     """Position of each entry of a column of x (Tensor[K, P], small K) in a stable descending sort of that column.
 
     Ties go to the earlier entry, as in densecrf's rank loop. K(K-1)/2 elementwise comparisons of rows, because
-    ``torch.sort`` along a dimension of 3-7 entries is slow. Returns Tensor[K, P] of int16.
+    ``torch.sort`` along a dimension of 3-7 entries is slow: entry i counts the later entries j > it, entry j
+    counts the earlier ones i >= it, ``j - #(j > i)`` (each comparison read as int8, no conversion pass).
+    Returns Tensor[K, P] of int8 (int16 for K > 64).
     """
     k, p = x.shape
-    rank = torch.zeros(k, p, dtype=torch.int16, device=x.device)
+    dtype = torch.int8 if k <= 64 else torch.int16  # the caller's wrap keeps ranks within ±1.5 K
+    rank = torch.arange(k, dtype=dtype, device=x.device)[:, None].repeat(1, p)
     for i in range(k):
         for j in range(i + 1, k):
-            j_first = x[j] > x[i]
+            j_first = torch.gt(x[j], x[i]).to(dtype) if dtype != torch.int8 else torch.gt(x[j], x[i]).view(dtype)
             rank[i] += j_first
-            rank[j] += ~j_first
+            rank[j] -= j_first
     return rank
 
 
@@ -366,8 +370,8 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f: Tensor[d, P], the points' features (columns).
 
     Returns:
-        ``(rem0, rank, bary)``: the nearest remainder-0 lattice point (Tensor[d+1, P] int64), the rank of each
-        coordinate's differential (Tensor[d+1, P] int16), and the barycentric weights of the d+1 enclosing
+        ``(rem0, rank, bary)``: the nearest remainder-0 lattice point (Tensor[d+1, P] int32, int64 beyond
+        ±2^30), the rank of each coordinate's differential (Tensor[d+1, P] int8; int16 for d > 63), and the barycentric weights of the d+1 enclosing
         vertices (Tensor[P, d+1], vertex k has remainder k).
     """
     d, dtype, device = f.shape[0], f.dtype, f.device
@@ -387,10 +391,10 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # (in place where a [d+1, P] temporary would be made: the same operations, a third fewer passes to allocate)
     rem0 = (elevated / d1).sub_(0.5).ceil_().mul_(d1)  # ceil(elevated / (d+1) - 1/2)·(d+1)
     delta = elevated - rem0
-    rank = _rank_descending(delta)  # Tensor[d+1, P] int16
+    rank = _rank_descending(delta)  # Tensor[d+1, P] int8
     rank += torch.round(rem0.sum(0) / d1).to(rank.dtype)
-    wrap = (rank < 0).to(rank.dtype) - (rank > d).to(rank.dtype)  # +1 below 0, -1 above d
-    rank += wrap * d1
+    wrap = (rank < 0).view(torch.int8) - (rank > d).view(torch.int8)  # +1 below 0, -1 above d
+    rank.add_(wrap, alpha=d1)
     rem0.add_(wrap, alpha=d1)
 
     # Barycentric weights of the d+1 enclosing vertices (vertex k has remainder k): with u_{d - rank_i} =
@@ -398,7 +402,9 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     u = _sort_columns(torch.sub(elevated, rem0, out=delta).div_(d1))
     bary = torch.stack([u[0] + (1.0 - u[d])] + [u[i] - u[i - 1] for i in range(1, d1)], 1)  # [P, d+1]
     # In float32 a weight that should be 0 can come out -6e-8; K·v must stay >= 0 for v >= 0 (normalisers).
-    return rem0.long(), rank, bary.clamp_min_(0.0)
+    # int32 where it holds the keys (float to int64 costs several times float to int32 on the CPU)
+    wide = bool(rem0.abs().amax() >= _NARROW_KEYS)
+    return rem0.long() if wide else rem0.int(), rank, bary.clamp_min_(0.0)
 
 
 def _splat_and_slice(

@@ -196,6 +196,7 @@ def test_lattice_is_the_same_without_packed_sorts(monkeypatch):
     v = torch.rand(1, 500, 3, dtype=torch.float64)
     short = build_lattice(feats)
     monkeypatch.setattr(permutohedral, "_PACKED_SORT_BITS", 0)
+    monkeypatch.setattr(permutohedral, "_NARROW_KEYS", 0)  # int64 remainder-0 points as well
     wide = build_lattice(feats)
     assert torch.equal(short.slice.to_dense(), wide.slice.to_dense())
     assert torch.equal(short.splat.to_dense(), wide.splat.to_dense())
@@ -280,6 +281,19 @@ def test_sort_columns_sorts_every_column(k):
     torch.testing.assert_close(torch.stack(permutohedral._sort_columns(bits)), bits.sort(0).values, rtol=0, atol=0)
     x = torch.randint(0, 4, (k, 300)).float()  # with ties
     torch.testing.assert_close(torch.stack(permutohedral._sort_columns(x)), x.sort(0).values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 64, 65])
+def test_rank_descending_is_a_stable_descending_sort(k):
+    # int8 ranks up to 64 rows, int16 above; ties (few distinct values) go to the earlier row, as in densecrf
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(0, 3, (k, 200), generator=g).float()
+    rank = permutohedral._rank_descending(x)
+    assert rank.dtype == (torch.int8 if k <= 64 else torch.int16)
+    order = torch.from_numpy(np.argsort(-x.numpy(), axis=0, kind="stable"))  # row of the r-th largest
+    expected = torch.empty_like(order)
+    expected.scatter_(0, order, torch.arange(k)[:, None].expand(k, 200).contiguous())
+    assert torch.equal(rank.long(), expected)
 
 
 def test_float32_matches_float64():
