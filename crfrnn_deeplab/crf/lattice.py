@@ -209,7 +209,13 @@ class _Vertices:
         -1 where absent."""
         if self.packed:  # each row of queries is sorted, as the codes are
             query = self.codes + (steps * self.radix[1:]).sum(1, keepdim=True).to(self.codes.dtype)
-            pos = torch.searchsorted(self.codes, query).clamp_max(self.num - 1)
+            if query.device.type == "cpu":  # numpy's binary search starts from the last key's place: sorted keys
+                # go several times faster (295 k vertices × 6 directions: 36 instead of 107 ms, one thread)
+                codes = self.codes.numpy()
+                pos = torch.from_numpy(np.stack([np.searchsorted(codes, row) for row in query.numpy()]))
+            else:
+                pos = torch.searchsorted(self.codes, query)
+            pos = pos.clamp_max_(self.num - 1)
             return torch.where(self.codes[pos] == query, pos, -1)
         found = []
         for step in steps:
@@ -508,10 +514,14 @@ def _blur(vertices: _Vertices, dtype: torch.dtype, index: torch.dtype) -> tuple[
     # The blur is symmetric: a's + neighbour b has a as its - neighbour (absent ones go to a spare column m).
     minus = torch.full((d1, m + 1), -1, dtype=index, device=device)
     minus.scatter_(1, torch.where(plus >= 0, plus, m).long(), here.expand(d1, m))
-    columns = torch.stack([here.expand(d1, m), plus, minus[:, :m]], 2)  # [d+1, M, 3]
-    present = columns >= 0
-    columns = torch.where(present, columns, here[:, None])
-    weights = present * torch.tensor([1.0, 0.5, 0.5], dtype=dtype, device=device)
+    # Row entries (itself, + neighbour, - neighbour), written column by column into [d+1, M, 3].
+    columns = torch.empty(d1, m, 3, dtype=index, device=device)
+    weights = torch.empty(d1, m, 3, dtype=dtype, device=device)
+    columns[:, :, 0], weights[:, :, 0] = here, 1.0
+    for k, neighbour in ((1, plus), (2, minus[:, :m])):
+        present = neighbour >= 0
+        torch.where(present, neighbour, here, out=columns[:, :, k])
+        torch.mul(present, 0.5, out=weights[:, :, k])
     offsets = torch.arange(0, 3 * m + 1, 3, dtype=index, device=device)
     return tuple(SparseRows(columns[j].view(-1), offsets, weights[j].view(-1), m, 3) for j in range(d1))
 
