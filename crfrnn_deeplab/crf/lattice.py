@@ -230,23 +230,28 @@ class _Vertices:
 
 def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
     """The sorted distinct values of an integer tensor and the index of each entry's value among them
-    (``torch.unique(x, return_inverse=True)``). On the CPU by one sort of packed scalars
-    (:func:`_packed_argsort`; 885 k int64 simplex codes of a 96³ volume about 40 ms instead of 86 for
-    ``np.unique``, 88 for ``torch.unique``, one thread), or ``np.unique`` where the codes' span is too wide to pack."""
-    if x.device.type != "cpu":
+    (``torch.unique(x, return_inverse=True)``; the index int32 below 2^31 entries on the CPU).
+
+    On the CPU by one sort of packed scalars (:func:`_packed_argsort`; 885 k int64 simplex codes of a 96³ volume
+    about 40 ms instead of 86 for ``np.unique``, 88 for ``torch.unique``, one thread), or numpy's argsort where
+    the codes' span is too wide to pack; then the distinct values are numbered by an int32 cumulative sum (numpy's
+    cumsum of a bool mask takes 2-4× as long)."""
+    if x.device.type != "cpu" or x.numel() == 0:
         return torch.unique(x, return_inverse=True)
     flat = x.numpy().reshape(-1)
-    lo, hi = (int(flat.min()), int(flat.max())) if flat.size else (0, 0)
-    packed = _packed_argsort(flat - lo, hi - lo + 1) if flat.size else None
+    lo, hi = int(flat.min()), int(flat.max())
+    packed = _packed_argsort(flat - lo, hi - lo + 1)
     if packed is None:
-        values, inverse = np.unique(flat, return_inverse=True)
-        return torch.from_numpy(values), torch.from_numpy(inverse).view(x.shape)
-    order, ordered = packed
+        order, lo = np.argsort(flat), 0
+        ordered = flat[order]
+    else:
+        order, ordered = packed  # ordered: the values minus lo
     first = np.empty(flat.size, dtype=bool)  # the first entry of each distinct value, in sorted order
     first[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    inverse = np.empty(flat.size, dtype=np.int64)
-    inverse[order] = np.cumsum(first) - 1
+    number = torch.cumsum(torch.from_numpy(first), 0, dtype=torch.int32 if flat.size < 2**31 else torch.long)
+    inverse = np.empty(flat.size, dtype=number.numpy().dtype)
+    inverse[order] = number.numpy() - 1
     values = (ordered[first].astype(np.int64) + lo).astype(flat.dtype)
     return torch.from_numpy(values), torch.from_numpy(inverse).view(x.shape)
 

@@ -429,7 +429,7 @@ def test_unique_matches_numpy(span, dtype, low):
     values, inverse = permutohedral._unique(x)
     expected_values, expected_inverse = np.unique(x.numpy(), return_inverse=True)
     assert values.dtype == x.dtype and torch.equal(values, torch.from_numpy(expected_values))
-    assert inverse.shape == x.shape and torch.equal(inverse, torch.from_numpy(expected_inverse).view(x.shape))
+    assert inverse.shape == x.shape and torch.equal(inverse.long(), torch.from_numpy(expected_inverse).view(x.shape))
 
 
 def test_blocked_rows_reject_mismatched_parts(monkeypatch):
