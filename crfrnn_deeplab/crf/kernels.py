@@ -90,6 +90,14 @@ class CRFKernels:
         """Unnormalised spatial filtering: Tensor[B, *S, C] -> Tensor[B, *S, C]."""
         return spatial_gaussian(q, self.theta_gamma, spacing=self.spacing)
 
+    def folded(self) -> PermutohedralLattice:
+        """The lattice of ``D^-½ K D^-½`` (symmetric normalisation, the normaliser folded into splat and slice),
+        built once per batch; its weights are constants (they carry no gradient)."""
+        if self._folded is None:
+            n = self.norm_bilateral.detach().view(self.shape[0], -1)
+            self._folded = self.lattice.weighted(n, n)
+        return self._folded
+
     def message(self, q: Tensor, pairwise: tuple[Tensor, Tensor]) -> Tensor:
         """``Σ_m (μ W_m) K̃_m q`` for ``pairwise = (μ W_spatial, μ W_bilateral)``: Tensor[B, *S, C]."""
         b, c = q.shape[0], q.shape[-1]
@@ -97,11 +105,8 @@ class CRFKernels:
         if self.normalization == "symmetric":
             spatial = ns * self.spatial(ns * q)
             if not nb.requires_grad:  # fixed bandwidths: D^-½ K D^-½ and μ W folded into the lattice
-                if self._folded is None:
-                    n = nb.view(b, -1)
-                    self._folded = self.lattice.weighted(n, n)
                 flat = q.reshape(b, -1, c)
-                bilateral = lattice_gaussian(flat, self.raw, self.scale, self._folded, mix=pairwise[1].T)
+                bilateral = lattice_gaussian(flat, self.raw, self.scale, self.folded(), mix=pairwise[1].T)
                 return spatial @ pairwise[0].T + bilateral.view(*q.shape[:-1], -1)
             bilateral = nb * self.bilateral(nb * q, mix=pairwise[1].T)
         else:

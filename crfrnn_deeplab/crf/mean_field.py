@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from crfrnn_deeplab.crf import fused_step
 from crfrnn_deeplab.crf.fast_inference import class_softmax, mean_field_inference
 from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
 from crfrnn_deeplab.images import (
@@ -47,6 +48,8 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     Returns:
         Tensor[B, *S, C], ``z_{t+1}``. Masked voxels get no message: their output is ``z_0``.
     """
+    if fused_step.applies(kernels):  # fixed bandwidths: one autograd node, fewer passes (same values)
+        return fused_step.fixed_bandwidth_step(unary, logits, kernels, pairwise)
     return unary - kernels.message(class_softmax(logits), pairwise)
 
 

@@ -1,0 +1,76 @@
+"""The fixed-bandwidth iteration as one autograd node (crf/fused_step.py) against the autograd path it replaces."""
+
+import pytest
+import torch
+
+from crfrnn_deeplab.crf import MeanFieldCRF, fused_step
+
+
+def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
+    g = torch.Generator().manual_seed(spatial_dims * 10 + classes)
+    sizes = (6, 9) if spatial_dims == 2 else (4, 5, 6)
+    if spatial_dims == 2:
+        crf = MeanFieldCRF(num_classes=classes, theta_alpha=4.0, theta_beta=40.0, learn_bandwidths=False)
+        image = torch.rand(2, 3, *sizes, generator=g, dtype=torch.float64) * 255
+    else:
+        crf = MeanFieldCRF(num_classes=classes, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0,
+                           theta_beta=(0.3, 30.0), spacing=(2.0, 1.0, 1.0), learn_bandwidths=False)
+        image = torch.rand(2, 2, *sizes, generator=g, dtype=torch.float64)
+        image[:, 1] *= 100.0  # a second modality in other units
+    crf = crf.double().train()
+    with torch.no_grad():  # learned-looking matrices: neither Potts nor diagonal
+        for w in (crf.compatibility, crf.spatial_weight, crf.bilateral_weight):
+            w.add_(torch.rand(w.shape, generator=g, dtype=torch.float64))
+    logits = torch.randn(2, classes, *sizes, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(2, *sizes, generator=g) > 0.25 if masked else None
+    target = torch.randn(2, classes, *sizes, generator=g, dtype=torch.float64)
+    return crf, logits, image, mask, target
+
+
+def _run(crf, logits, image, mask, target):
+    crf.zero_grad()
+    z = logits.clone().requires_grad_(True)
+    out = crf(z, image, mask)
+    (out * target).sum().backward()
+    grads = [z.grad] + [p.grad.clone() for p in (crf.compatibility, crf.spatial_weight, crf.bilateral_weight)]
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("spatial_dims, masked, classes", [(2, False, 3), (2, True, 4), (3, True, 3), (2, False, 21)])
+def test_fused_step_equals_autograd_path(monkeypatch, spatial_dims, masked, classes):
+    crf, logits, image, mask, target = _layer_and_inputs(spatial_dims, masked, classes)
+    calls = []
+    step = fused_step.fixed_bandwidth_step
+    monkeypatch.setattr(fused_step, "fixed_bandwidth_step", lambda *a: calls.append(1) or step(*a))
+    fused, fused_grads = _run(crf, logits, image, mask, target)
+    assert len(calls) == crf.train_iterations  # every iteration took the fused node
+    monkeypatch.setattr(fused_step, "applies", lambda kernels: False)
+    nodes, node_grads = _run(crf, logits, image, mask, target)
+    assert len(calls) == crf.train_iterations
+    torch.testing.assert_close(fused, nodes, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused_grads, node_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if mask is not None:  # masked voxels keep their logits
+        torch.testing.assert_close(fused.movedim(1, -1)[~mask], logits.movedim(1, -1)[~mask])
+
+
+def test_fused_step_applies_only_with_fixed_bandwidths_and_symmetric_normalisation():
+    image = torch.rand(1, 3, 5, 6) * 255
+    for learn, normalization, expected in [(False, "symmetric", True), (True, "symmetric", False),
+                                           (False, "after", False)]:
+        crf = MeanFieldCRF(num_classes=3, learn_bandwidths=learn, normalization=normalization).train()
+        assert fused_step.applies(crf.kernels(image)) == expected
+    crf = MeanFieldCRF(num_classes=3).train()
+    crf.log_theta_gamma.requires_grad_(False)  # θα, θβ still learned: not constant
+    assert not fused_step.applies(crf.kernels(image))
+
+
+def test_fused_step_gradcheck():
+    crf, logits, image, mask, _ = _layer_and_inputs(2, True, 3)
+    kernels = crf.kernels(image, mask)
+    unary = logits.movedim(1, -1).contiguous().requires_grad_(True)
+    z = (unary.detach() * 0.7).requires_grad_(True)
+    pairwise = tuple(w.detach().clone().requires_grad_(True) for w in crf.pairwise(torch.float64))
+    assert fused_step.applies(kernels)
+    torch.autograd.gradcheck(lambda u, x, a, b: fused_step.fixed_bandwidth_step(u, x, kernels, (a, b)),
+                             (unary, z, *pairwise))
