@@ -16,7 +16,8 @@ Sections:
               Cityscapes frame with 19 classes.
     cuda      milliseconds per iteration at 513×513 and 1024×2048 (skipped without a GPU).
     volumes   3-D: a 96³ synthetic volume, 1 guidance channel, 3 classes, 10 iterations, 1 thread, vs pydensecrf2's
-              generic DenseCRF on the same features; time for 4× the voxels; peak memory at 128³ (fresh process).
+              generic DenseCRF on the same features; time for 4× the voxels (median of per-round ratios); peak
+              memory at 128³ (fresh process).
 """
 
 from __future__ import annotations
@@ -366,7 +367,8 @@ def ours_volume(volume: np.ndarray, logits: np.ndarray, iterations: int):
 def _measure_volumes(paths: list[str], repeats: int) -> None:
     """Child process: the volumes saved at ``paths`` (drawn by the parent, so that drawing them does not set the
     peak), timed interleaved (a slow stretch of a shared machine hits every size alike); prints JSON
-    {seconds: [median per volume], peak_mib: peak RSS above the loaded inputs}."""
+    {seconds: [median per volume], rounds: [every round's seconds, per volume], peak_mib: peak RSS above the loaded
+    inputs}. Each round times every volume once, in alternating order."""
     fns = []
     for path in paths:
         scene = np.load(path)
@@ -375,12 +377,14 @@ def _measure_volumes(paths: list[str], repeats: int) -> None:
     for fn in fns:
         fn()  # warm-up: the heap reaches its steady size
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, spent in zip(fns, times):
+    for r in range(repeats):
+        order = list(zip(fns, times))
+        for fn, spent in order if r % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
             spent.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": [statistics.median(t) for t in times], "peak_mib": _high_water_mib() - base}))
+    print(json.dumps({"seconds": [statistics.median(t) for t in times], "rounds": times,
+                      "peak_mib": _high_water_mib() - base}))
 
 
 def _high_water_mib() -> float:
@@ -426,15 +430,20 @@ def section_volumes(args) -> None:
         torch.set_num_threads(threads)
 
     print(f"\n## Volumes: scaling and memory (ours, 10 iterations, 1 thread, malloc {args.malloc}, fresh processes)")
-    print("(the two sizes timed interleaved in one process; peak = peak RSS above the loaded inputs)")
-    print(f"{'volume':<14}{'voxels':>10}{'ms':>10}{'× 96³':>8}{'peak MiB':>10}")
+    print("(the two sizes timed interleaved in one process, in rounds; × 96³ = median of the per-round ratios, with "
+          "their range; peak = peak RSS above the loaded inputs)")
+    print(f"{'volume':<14}{'voxels':>10}{'ms':>10}{'× 96³':>8}{'range':>13}{'peak MiB':>10}")
     shapes = [(96, 96, 96), (96, 192, 192)]
-    r = _child_volumes(shapes, 3, max(3, args.repeats // 2), args.malloc)
-    for shape, seconds in zip(shapes, r["seconds"]):
-        growth = f"{seconds / r['seconds'][0]:.2f}" if shape != shapes[0] else ""
-        print(f"{'×'.join(map(str, shape)):<14}{math.prod(shape):>10}{seconds * 1e3:>10.1f}{growth:>8}{'':>10}")
+    r = _child_volumes(shapes, 3, max(5, args.repeats), args.malloc)
+    for i, (shape, seconds) in enumerate(zip(shapes, r["seconds"])):
+        growth = spread = ""
+        if i:
+            ratios = [t / t0 for t, t0 in zip(r["rounds"][i], r["rounds"][0])]
+            growth, spread = f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(f"{'×'.join(map(str, shape)):<14}{math.prod(shape):>10}{seconds * 1e3:>10.1f}{growth:>8}{spread:>13}"
+              f"{'':>10}")
     r = _child_volumes([(128, 128, 128)], 3, 1, args.malloc)
-    print(f"{'128×128×128':<14}{128**3:>10}{r['seconds'][0] * 1e3:>10.1f}{'':>8}{r['peak_mib']:>10.0f}")
+    print(f"{'128×128×128':<14}{128**3:>10}{r['seconds'][0] * 1e3:>10.1f}{'':>8}{'':>13}{r['peak_mib']:>10.0f}")
 
 
 SECTIONS = {"accuracy": section_accuracy, "speed": section_speed, "training": section_training,
