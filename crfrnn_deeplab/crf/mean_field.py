@@ -36,6 +36,7 @@ from crfrnn_deeplab.images import (
 __all__ = ["MeanFieldCRF", "check_crf_inputs", "fixed_crf", "mean_field_step"]
 
 
+@torch.compiler.disable  # custom autograd nodes holding the lattice, which Dynamo cannot trace: eager when compiled
 def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor]) -> Tensor:
     """One mean-field iteration (Zheng et al. 2015, Alg. 1): ``z_0 - Σ_m (μ W_m) K̃_m softmax(z_t)``.
 
