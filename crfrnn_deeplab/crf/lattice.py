@@ -293,7 +293,8 @@ def _rank_descending(x: Tensor) -> Tensor:
     rank = torch.arange(k, dtype=dtype, device=x.device)[:, None].repeat(1, p)
     for i in range(k):
         for j in range(i + 1, k):
-            j_first = torch.gt(x[j], x[i]).to(dtype) if dtype != torch.int8 else torch.gt(x[j], x[i]).view(dtype)
+            j_first = torch.gt(x[j], x[i])
+            j_first = j_first.view(dtype) if dtype == torch.int8 else j_first.to(dtype)
             rank[i] += j_first
             rank[j] -= j_first
     return rank
@@ -382,8 +383,8 @@ def _enclosing_simplices(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Returns:
         ``(rem0, rank, bary)``: the nearest remainder-0 lattice point (Tensor[d+1, P] int32, int64 beyond
-        ±2^30), the rank of each coordinate's differential (Tensor[d+1, P] int8; int16 for d > 63), and the barycentric weights of the d+1 enclosing
-        vertices (Tensor[P, d+1], vertex k has remainder k).
+        ±2^30), the rank of each coordinate's differential (Tensor[d+1, P] int8; int16 for d > 63), and the
+        barycentric weights of the d+1 enclosing vertices (Tensor[P, d+1], vertex k has remainder k).
     """
     d, dtype, device = f.shape[0], f.dtype, f.device
     d1 = d + 1
