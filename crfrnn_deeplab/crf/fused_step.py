@@ -47,7 +47,16 @@ def fixed_bandwidth_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pai
 
     Returns:
         Tensor[B, *S, C], ``z_{t+1}``.
+
+    Raises:
+        ValueError: where the node does not compute the iteration (learned bandwidths or ``after``
+            normalisation: its gradients would miss the normalisers', its forward the other normalisation).
     """
+    if not applies(kernels):
+        raise ValueError(
+            "fixed_bandwidth_step needs the symmetric normalisation and bandwidths without gradient, got "
+            f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
+        )
     return _FixedBandwidthStep.apply(unary, logits, pairwise[0], pairwise[1], kernels)
 
 

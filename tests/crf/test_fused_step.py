@@ -65,6 +65,14 @@ def test_fused_step_applies_only_with_fixed_bandwidths_and_symmetric_normalisati
     assert not fused_step.applies(crf.kernels(image))
 
 
+@pytest.mark.parametrize("learn, normalization", [(True, "symmetric"), (False, "after")])
+def test_fused_step_refuses_kernels_it_does_not_compute(learn, normalization):
+    crf = MeanFieldCRF(num_classes=3, learn_bandwidths=learn, normalization=normalization).train()
+    image, z = torch.rand(1, 3, 5, 6) * 255, torch.randn(1, 5, 6, 3)
+    with pytest.raises(ValueError, match="symmetric normalisation and bandwidths without gradient"):
+        fused_step.fixed_bandwidth_step(z, z, crf.kernels(image), crf.pairwise())
+
+
 def test_fused_step_gradcheck():
     crf, logits, image, mask, _ = _layer_and_inputs(2, True, 3)
     kernels = crf.kernels(image, mask)
