@@ -13,8 +13,10 @@ accumulation); :class:`_FixedBandwidthStep` computes the same values and gradien
   ``∂L/∂q = -ns ⊙ K_s((ns ⊙ g) W_s) - slice(blurᵀ(splat g) W_b)``, the signs carried by the C×C matrices
   (``K_s`` is symmetric, the folded lattice transposable).
 
-:func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` uses it when it applies (:func:`applies`); the tests check
-its outputs and every gradient against the autograd path's.
+:func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` uses it when it applies (:func:`applies`), and
+:class:`~crfrnn_deeplab.crf.mean_field.MeanFieldCRF` runs its T training iterations as one node of the same
+steps (:func:`fixed_bandwidth_iterations`), which also sums the T gradient terms of ``z_0`` in place; the
+tests check the outputs and every gradient of both against the autograd path's.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.kernels import CRFKernels
+from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 
-__all__ = ["applies", "fixed_bandwidth_step"]
+__all__ = ["applies", "fixed_bandwidth_iterations", "fixed_bandwidth_step"]
 
 
 def applies(kernels: CRFKernels) -> bool:
@@ -60,41 +63,115 @@ def fixed_bandwidth_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pai
     return _FixedBandwidthStep.apply(unary, logits, pairwise[0], pairwise[1], kernels)
 
 
+def fixed_bandwidth_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor],
+                               iterations: int) -> Tensor:
+    """``iterations`` (>= 1) mean-field iterations from ``z_0 = unary`` as one autograd node (:func:`applies` must
+    hold): the values and gradients of as many :func:`fixed_bandwidth_step` calls.
+
+    One node for the whole loop sums the gradient w.r.t. ``z_0`` (one term per iteration) in place, where
+    autograd would add each iteration's term into a new [P, C] array; each iteration's backward is the same.
+
+    Args:
+        unary: Tensor[B, *S, C], ``z_0``.
+        kernels: the batch's kernel filters.
+        pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
+        iterations: T >= 1.
+
+    Returns:
+        Tensor[B, *S, C], ``z_T``.
+    """
+    if not applies(kernels):
+        raise ValueError(
+            "fixed_bandwidth_iterations needs the symmetric normalisation and bandwidths without gradient, got "
+            f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
+        )
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    return _FixedBandwidthIterations.apply(unary, pairwise[0], pairwise[1], kernels, iterations)
+
+
+def _step(unary: Tensor, logits: Tensor, kernels: CRFKernels, w_spatial: Tensor, w_bilateral: Tensor):
+    """One iteration's forward: ``(z_{t+1}, q, s, lattice values)``, the last three what its backward needs."""
+    b, c = unary.shape[0], unary.shape[-1]
+    p = unary.numel() // c
+    ns = kernels.norm_spatial.reshape(p, 1)
+    folded = kernels.folded()
+    q = class_softmax(logits.contiguous())
+    s = spatial_gaussian(q * kernels.norm_spatial, kernels.theta_gamma, spacing=kernels.spacing).view(p, c)
+    on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
+    out = torch.sub(unary.reshape(p, c), folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c))
+    out.addcmul_(ns, s @ w_spatial.T, value=-1.0)
+    return out.view(unary.shape), q, s, on_lattice
+
+
+def _step_backward(grad: Tensor, q: Tensor, s: Tensor, on_lattice: Tensor, kernels: CRFKernels, w_spatial: Tensor,
+                   w_bilateral: Tensor, needs: tuple[bool, bool, bool]):
+    """One iteration's backward for ``grad = ∂L/∂z_{t+1}``: ``(∂L/∂z_t, ∂L/∂W_s, ∂L/∂W_b)``, each None unless
+    ``needs`` says so (in that order)."""
+    folded = kernels.folded()
+    b, c = q.shape[0], q.shape[-1]
+    p = q.numel() // c
+    ns = kernels.norm_spatial.reshape(p, 1)
+    g = grad.contiguous().view(p, c)
+    scaled = g * ns  # ns ⊙ g
+    splat = folded.to_lattice(g.view(b, -1, c), blur=False)  # [M, C]
+    grad_spatial = -gram(scaled, s) if needs[1] else None
+    grad_bilateral = -folded.alpha * gram(splat, on_lattice) if needs[2] else None
+    grad_logits = None
+    if needs[0]:
+        spatial = spatial_gaussian((scaled @ -w_spatial).view(q.shape), kernels.theta_gamma, spacing=kernels.spacing)
+        lattice = folded.blur_lattice(splat, transpose=True) @ -w_bilateral
+        grad_q = folded.from_lattice(lattice).view(p, c).addcmul_(ns, spatial.view(p, c))
+        grad_logits = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)
+    return grad_logits, grad_spatial, grad_bilateral
+
+
 class _FixedBandwidthStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unary: Tensor, logits: Tensor, w_spatial: Tensor, w_bilateral: Tensor, kernels: CRFKernels):
-        b, c = unary.shape[0], unary.shape[-1]
-        p = unary.numel() // c
-        ns = kernels.norm_spatial.reshape(p, 1)
-        folded = kernels.folded()
-        q = class_softmax(logits.contiguous())
-        s = spatial_gaussian(q * kernels.norm_spatial, kernels.theta_gamma, spacing=kernels.spacing).view(p, c)
-        on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
-        out = torch.sub(unary.reshape(p, c), folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c))
-        out.addcmul_(ns, s @ w_spatial.T, value=-1.0)
+        out, q, s, on_lattice = _step(unary, logits, kernels, w_spatial, w_bilateral)
         ctx.kernels = kernels
         ctx.save_for_backward(q, s, on_lattice, w_spatial, w_bilateral)
-        return out.view(unary.shape)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         q, s, on_lattice, w_spatial, w_bilateral = ctx.saved_tensors
-        kernels: CRFKernels = ctx.kernels
-        folded = kernels.folded()
-        b, c = q.shape[0], q.shape[-1]
-        p = q.numel() // c
-        ns = kernels.norm_spatial.reshape(p, 1)
-        g = grad.contiguous().view(p, c)
-        scaled = g * ns  # ns ⊙ g
-        splat = folded.to_lattice(g.view(b, -1, c), blur=False)  # [M, C]
-        grad_spatial = -(scaled.T @ s) if ctx.needs_input_grad[2] else None
-        grad_bilateral = -folded.alpha * (splat.T @ on_lattice) if ctx.needs_input_grad[3] else None
-        grad_logits = None
-        if ctx.needs_input_grad[1]:
-            spatial = spatial_gaussian((scaled @ -w_spatial).view(q.shape), kernels.theta_gamma,
-                                       spacing=kernels.spacing)
-            lattice = folded.blur_lattice(splat, transpose=True) @ -w_bilateral
-            grad_q = folded.from_lattice(lattice).view(p, c).addcmul_(ns, spatial.view(p, c))
-            grad_logits = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)
-        return grad, grad_logits, grad_spatial, grad_bilateral, None
+        grads = _step_backward(grad, q, s, on_lattice, ctx.kernels, w_spatial, w_bilateral, ctx.needs_input_grad[1:4])
+        return grad, *grads, None
+
+
+class _FixedBandwidthIterations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, unary: Tensor, w_spatial: Tensor, w_bilateral: Tensor, kernels: CRFKernels, iterations: int):
+        z, saved = unary, []
+        for _ in range(iterations):
+            z, *kept = _step(unary, z, kernels, w_spatial, w_bilateral)  # q, s, lattice values
+            saved += kept
+        ctx.kernels, ctx.iterations = kernels, iterations
+        ctx.save_for_backward(w_spatial, w_bilateral, *saved)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        w_spatial, w_bilateral, *saved = ctx.saved_tensors
+        need_unary, need_spatial, need_bilateral = ctx.needs_input_grad[:3]
+        total = grad_spatial = grad_bilateral = None
+        g = grad
+        for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}; z_0 appears in every z_{t+1} and as z_1's input
+            q, s, on_lattice = saved[3 * t : 3 * t + 3]
+            needs = (need_unary or t > 0, need_spatial, need_bilateral)
+            g_logits, d_spatial, d_bilateral = _step_backward(g, q, s, on_lattice, ctx.kernels, w_spatial,
+                                                              w_bilateral, needs)
+            if need_unary:  # Σ of ∂L/∂z_{t+1} over t, and ∂L/∂z_0 through the first softmax
+                total = g + g_logits if total is None else total.add_(g_logits)
+            grad_spatial = _add(grad_spatial, d_spatial)
+            grad_bilateral = _add(grad_bilateral, d_bilateral)
+            g = g_logits
+        return total, grad_spatial, grad_bilateral, None, None
+
+
+def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
+    return term if total is None else total + term

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
+from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
 
 __all__ = [
@@ -107,12 +108,17 @@ class CRFKernels:
             if not nb.requires_grad:  # fixed bandwidths: D^-½ K D^-½ and μ W folded into the lattice
                 flat = q.reshape(b, -1, c)
                 bilateral = lattice_gaussian(flat, self.raw, self.scale, self.folded(), mix=pairwise[1].T)
-                return spatial @ pairwise[0].T + bilateral.view(*q.shape[:-1], -1)
+                return _mix(spatial, pairwise[0].T) + bilateral.view(*q.shape[:-1], -1)
             bilateral = nb * self.bilateral(nb * q, mix=pairwise[1].T)
         else:
             sent = q if self.mask is None else q * self.mask
             spatial, bilateral = ns * self.spatial(sent), nb * self.bilateral(sent, mix=pairwise[1].T)
-        return spatial @ pairwise[0].T + bilateral
+        return _mix(spatial, pairwise[0].T) + bilateral
+
+
+def _mix(values: Tensor, mix: Tensor) -> Tensor:
+    """``values @ mix`` over the channels of Tensor[..., C] (:func:`.products.channel_mix`)."""
+    return channel_mix(values.reshape(-1, values.shape[-1]), mix).view(*values.shape[:-1], mix.shape[1])
 
 
 def check_guidance_groups(groups: object) -> tuple[int, ...]:

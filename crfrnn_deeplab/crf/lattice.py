@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
+from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
@@ -561,7 +562,7 @@ class _LatticeGaussian(torch.autograd.Function):
         grad_lattice = lattice.to_lattice(grad.contiguous(), blur=False)  # splat(g), [M, C']
         grad_mix = None
         if mix is not None and ctx.needs_input_grad[2]:
-            grad_mix = lattice.alpha * on_lattice.T @ grad_lattice
+            grad_mix = lattice.alpha * gram(on_lattice, grad_lattice)
         grad_values = None
         if ctx.needs_input_grad[0]:
             grad_lattice = lattice.blur_lattice(grad_lattice, transpose=True)

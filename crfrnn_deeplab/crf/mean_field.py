@@ -10,7 +10,8 @@ One mean-field iteration (Zheng et al., Algorithm 1), repeated T times from ``z_
     z_{t+1} = z_0 - μ · M                           μ: C×C label compatibility
 
 ``K̃_m`` are the normalised kernel filters of :mod:`.kernels`. With autograd the layer runs
-:func:`mean_field_step` T times (the reference path); without it, :func:`.fast_inference.mean_field_inference`.
+:func:`mean_field_step` T times (the reference path; with fixed bandwidths one node of T fused steps,
+:mod:`.fused_step`); without it, :func:`.fast_inference.mean_field_inference`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     if fused_step.applies(kernels):  # fixed bandwidths: one autograd node, fewer passes (same values)
         return fused_step.fixed_bandwidth_step(unary, logits, kernels, pairwise)
     return unary - kernels.message(class_softmax(logits), pairwise)
+
+
+@torch.compiler.disable  # as mean_field_step
+def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
+    """``iterations`` mean-field steps with autograd: :func:`mean_field_step` T times, or with fixed bandwidths one
+    node for all of them (:func:`.fused_step.fixed_bandwidth_iterations`, the same values and gradients)."""
+    if iterations > 0 and fused_step.applies(kernels):
+        return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
+    z = unary
+    for _ in range(iterations):
+        z = mean_field_step(unary, z, kernels, pairwise)
+    return z
 
 
 @torch.compiler.disable  # data-dependent checks: eager also inside a compiled model
@@ -284,9 +297,7 @@ class MeanFieldCRF(nn.Module):
             pairwise = self.pairwise(dtype)
             iterations = self.train_iterations if self.training else self.eval_iterations
             if torch.is_grad_enabled() and (logits.requires_grad or any(p.requires_grad for p in self.parameters())):
-                z = unary
-                for _ in range(iterations):
-                    z = mean_field_step(unary, z, kernels, pairwise)
+                z = _iterations(unary, kernels, pairwise, iterations)
             else:
                 z = mean_field_inference(unary, kernels, pairwise, iterations)
         return z.movedim(-1, 1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from crfrnn_deeplab.crf import MeanFieldCRF, fused_step
+from crfrnn_deeplab.crf.mean_field import mean_field_step
 
 
 def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
@@ -37,21 +38,63 @@ def _run(crf, logits, image, mask, target):
 
 
 @pytest.mark.parametrize("spatial_dims, masked, classes", [(2, False, 3), (2, True, 4), (3, True, 3), (2, False, 21)])
-def test_fused_step_equals_autograd_path(monkeypatch, spatial_dims, masked, classes):
+def test_fused_iterations_equal_autograd_path(monkeypatch, spatial_dims, masked, classes):
     crf, logits, image, mask, target = _layer_and_inputs(spatial_dims, masked, classes)
     calls = []
-    step = fused_step.fixed_bandwidth_step
-    monkeypatch.setattr(fused_step, "fixed_bandwidth_step", lambda *a: calls.append(1) or step(*a))
+    iterations = fused_step.fixed_bandwidth_iterations
+    monkeypatch.setattr(fused_step, "fixed_bandwidth_iterations", lambda *a: calls.append(a[-1]) or iterations(*a))
     fused, fused_grads = _run(crf, logits, image, mask, target)
-    assert len(calls) == crf.train_iterations  # every iteration took the fused node
+    assert calls == [crf.train_iterations]  # the layer's iterations took the one node
     monkeypatch.setattr(fused_step, "applies", lambda kernels: False)
     nodes, node_grads = _run(crf, logits, image, mask, target)
-    assert len(calls) == crf.train_iterations
+    assert calls == [crf.train_iterations]
     torch.testing.assert_close(fused, nodes, rtol=1e-12, atol=1e-12)
     for a, b in zip(fused_grads, node_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     if mask is not None:  # masked voxels keep their logits
         torch.testing.assert_close(fused.movedim(1, -1)[~mask], logits.movedim(1, -1)[~mask])
+
+
+@pytest.mark.parametrize("spatial_dims, masked", [(2, True), (3, False)])
+def test_fused_step_equals_autograd_step(monkeypatch, spatial_dims, masked):
+    # mean_field_step (the public single iteration) through the one-iteration node and through autograd's nodes,
+    # chained three times from a z_0 that also gets the gradient of every iteration.
+    crf, logits, image, mask, target = _layer_and_inputs(spatial_dims, masked, 4)
+    kernels = crf.kernels(image, mask)
+
+    def run():
+        unary = logits.movedim(1, -1).contiguous().requires_grad_(True)
+        pairwise = tuple(w.detach().clone().requires_grad_(True) for w in crf.pairwise(torch.float64))
+        z = unary
+        for _ in range(3):
+            z = mean_field_step(unary, z, kernels, pairwise)
+        (z * target.movedim(1, -1)).sum().backward()
+        return [z.detach(), unary.grad, *(w.grad for w in pairwise)]
+
+    calls = []
+    step = fused_step.fixed_bandwidth_step
+    monkeypatch.setattr(fused_step, "fixed_bandwidth_step", lambda *a: calls.append(1) or step(*a))
+    fused = run()
+    assert len(calls) == 3
+    monkeypatch.setattr(fused_step, "applies", lambda kernels: False)
+    for a, b in zip(fused, run()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 3
+
+
+def test_fused_iterations_without_the_unary_gradient():
+    # Logits without gradient (a frozen network): only the matrices' gradients, through every iteration.
+    crf, logits, image, mask, target = _layer_and_inputs(2, False, 3)
+    results = []
+    for fused in (True, False):
+        crf.zero_grad()
+        with pytest.MonkeyPatch.context() as patch:
+            if not fused:
+                patch.setattr(fused_step, "applies", lambda kernels: False)
+            (crf(logits, image, mask) * target).sum().backward()
+        results.append([p.grad.clone() for p in (crf.compatibility, crf.spatial_weight, crf.bilateral_weight)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_step_applies_only_with_fixed_bandwidths_and_symmetric_normalisation():
@@ -71,6 +114,16 @@ def test_fused_step_refuses_kernels_it_does_not_compute(learn, normalization):
     image, z = torch.rand(1, 3, 5, 6) * 255, torch.randn(1, 5, 6, 3)
     with pytest.raises(ValueError, match="symmetric normalisation and bandwidths without gradient"):
         fused_step.fixed_bandwidth_step(z, z, crf.kernels(image), crf.pairwise())
+    with pytest.raises(ValueError, match="symmetric normalisation and bandwidths without gradient"):
+        fused_step.fixed_bandwidth_iterations(z, crf.kernels(image), crf.pairwise(), 2)
+
+
+@pytest.mark.parametrize("iterations", [0, -1, 2.0, True])
+def test_fused_iterations_need_a_positive_count(iterations):
+    crf = MeanFieldCRF(num_classes=3, learn_bandwidths=False).train()
+    image, z = torch.rand(1, 3, 5, 6) * 255, torch.randn(1, 5, 6, 3)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        fused_step.fixed_bandwidth_iterations(z, crf.kernels(image), crf.pairwise(), iterations)
 
 
 def test_fused_step_gradcheck():
@@ -82,6 +135,8 @@ def test_fused_step_gradcheck():
     assert fused_step.applies(kernels)
     torch.autograd.gradcheck(lambda u, x, a, b: fused_step.fixed_bandwidth_step(u, x, kernels, (a, b)),
                              (unary, z, *pairwise))
+    torch.autograd.gradcheck(lambda u, a, b: fused_step.fixed_bandwidth_iterations(u, kernels, (a, b), 3),
+                             (unary, *pairwise))
 
 
 @pytest.mark.parametrize("learn_bandwidths", [False, True])  # the fused node / the separate nodes
