@@ -90,13 +90,17 @@ class KernelPairs:
         """All pairs (True) or sampled pairs (False)."""
         return self.columns is None
 
-    def contract(self, left: Tensor, right: Tensor) -> Tensor:
+    def contract(
+        self, left: Tensor, right: Tensor, left_scale: Tensor | None = None, right_scale: Tensor | None = None
+    ) -> Tensor:
         """``Σ_ij (left_i · right_j) √(c_i c_j) k_ij (f_ik - f_jk)²`` for every feature k, i.e. ``-∂/∂log s_k`` of
         ``Σ_i left_i · (K right)_i`` with the mass-consistent Gaussian derivative.
 
         Args:
             left: Tensor[B, N, C], e.g. the gradient w.r.t. a filter's output.
             right: Tensor[B, N, C], the filtered values.
+            left_scale, right_scale: optional per-point factors (B·N values) of ``left`` and ``right`` (e.g. a
+                normaliser ``diag(a) K diag(b)`` puts on them), applied to the pair values instead of the arrays.
 
         Returns:
             Tensor[d] in the features' dtype: exact in exact form, an unbiased estimate otherwise.
@@ -104,8 +108,10 @@ class KernelPairs:
         b, n, d = self.features.shape
         assert left.shape[:2] == (b, n) and right.shape == left.shape, "values do not match the pairs"
         left, right = left.to(self.features.dtype), right.to(self.features.dtype)
+        scales = [None if x is None else x.detach().reshape(b, n).to(self.features.dtype)
+                  for x in (left_scale, right_scale)]
         if self.exact:
-            return self._contract_exact(left, right)
+            return self._contract_exact(left, right, *scales)
         c = left.shape[-1]
         s = self.columns.numel() // (b * n)
         left, right = left.reshape(b * n, c), right.reshape(b * n, c)
@@ -115,15 +121,23 @@ class KernelPairs:
             pairs = slice(start * s, stop * s)
             partners = right.index_select(0, self.columns[pairs]).view(stop - start, s, c)
             pair_values = (partners * left[start:stop, None, :]).sum(-1)  # a_ij, [points, S]
+            if scales[0] is not None:
+                pair_values *= scales[0].reshape(-1)[start:stop, None]
+            if scales[1] is not None:
+                pair_values *= scales[1].reshape(-1).index_select(0, self.columns[pairs]).view(stop - start, s)
             out += self.weights[:, pairs] @ pair_values.view(-1)
         return out
 
-    def _contract_exact(self, left: Tensor, right: Tensor) -> Tensor:
+    def _contract_exact(
+        self, left: Tensor, right: Tensor, left_scale: Tensor | None = None, right_scale: Tensor | None = None
+    ) -> Tensor:
         b, n, d = self.features.shape
         out = self.features.new_zeros(d)
         for image in range(b):
             root = self.mass[image, :, None].sqrt()  # 0 off the lattice: such points send and receive nothing
-            scaled_left, right_t = left[image] * root, (right[image] * root).T  # √c_i left_i, [C, N] √c_j right_j
+            root_left = root if left_scale is None else root * left_scale[image, :, None]
+            root_right = root if right_scale is None else root * right_scale[image, :, None]
+            scaled_left, right_t = left[image] * root_left, (right[image] * root_right).T  # [N, C], [C, N]
             if self.weights is not None:
                 out += ((scaled_left @ right_t).view(1, -1) @ self.weights[image]).view(d)
                 continue

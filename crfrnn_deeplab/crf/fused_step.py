@@ -27,9 +27,9 @@ from torch import Tensor
 from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.kernels import CRFKernels
 from crfrnn_deeplab.crf.products import gram
-from crfrnn_deeplab.crf.spatial import spatial_gaussian
+from crfrnn_deeplab.crf.spatial import gaussian_backward, gaussian_passes, spatial_gaussian
 
-__all__ = ["applies", "fixed_bandwidth_iterations", "fixed_bandwidth_step"]
+__all__ = ["applies", "fixed_bandwidth_iterations", "fixed_bandwidth_step", "learned_iterations"]
 
 
 def applies(kernels: CRFKernels) -> bool:
@@ -175,3 +175,139 @@ class _FixedBandwidthIterations(torch.autograd.Function):
 
 def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
     return term if total is None else total + term
+
+
+def learned_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
+    """``iterations`` (>= 1) mean-field iterations with the ``symmetric`` normalisation as one autograd node that
+    also differentiates the normalisers and the bandwidths (learned θ): the values and gradients of as many
+    :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` calls through autograd's nodes.
+
+    An iteration is ``z' = z_0 - (ns ⊙ K_s(ns ⊙ q)) W_sᵀ - nb ⊙ K_b(nb ⊙ q) W_bᵀ``. Autograd records each product
+    with a normaliser as a node with a pass over the [P, C] values forward and two or three backward (the
+    normaliser's gradient a row sum of a product), and adds the gradients of ``q`` and of ``z_0`` into new arrays.
+    Here the bilateral normaliser is folded into the lattice's splat and slice weights (as without learned
+    bandwidths), the spatial message's mix and subtraction are one matrix product into the output, the row
+    products of the normalisers' gradients are accumulated over the iterations with one ``addcmul`` each and
+    summed once, and the gradients of ``q`` and ``z_0`` are summed in place. The bandwidths' gradients are those of
+    the separate nodes: θγ's the exact derivative of the separable filter (:func:`.spatial.gaussian_backward`),
+    θα's and θβ's the kernel pairs' contraction (:meth:`.bandwidth_gradient.KernelPairs.contract`, the normaliser
+    on the pair values). A normaliser's gradient is returned as 0 where the normaliser is 0 (masked voxels, whose
+    normaliser is a constant the layer selects with ``torch.where``, so no gradient reaches it there).
+
+    Args:
+        unary: Tensor[B, *S, C], ``z_0``.
+        kernels: the batch's kernel filters, ``symmetric`` normalisation.
+        pairwise: ``(μ W_spatial, μ W_bilateral)``, each Tensor[C, C].
+        iterations: T >= 1.
+
+    Returns:
+        Tensor[B, *S, C], ``z_T``.
+    """
+    if kernels.normalization != "symmetric":
+        raise ValueError(f"learned_iterations needs the symmetric normalisation, got {kernels.normalization!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    return _LearnedIterations.apply(unary, pairwise[0], pairwise[1], kernels.norm_spatial, kernels.norm_bilateral,
+                                    kernels.theta_gamma, kernels.scale, kernels, iterations)
+
+
+def _divided(total: Tensor, norm: Tensor) -> Tensor:
+    """``total / norm`` where ``norm > 0``, else 0 (masked voxels: their normaliser is 0 and gets no gradient)."""
+    return torch.where(norm > 0, total / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+class _LearnedIterations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale,
+                kernels: CRFKernels, iterations: int):
+        b, c = unary.shape[0], unary.shape[-1]
+        p = unary.numel() // c
+        ns = norm_spatial.reshape(p, 1)
+        weights = norm_bilateral.detach().reshape(b, -1)
+        folded = kernels.lattice.weighted(weights, weights)  # nb on both sides of the lattice
+        keep_states = ctx.needs_input_grad[5]
+        z, saved, states = unary, [], []
+        for _ in range(iterations):
+            q = class_softmax(z.contiguous())
+            a = q * norm_spatial
+            if keep_states:
+                k, kept = gaussian_passes(a, theta_gamma, kernels.spacing)
+                states.append(kept)
+            else:
+                k = spatial_gaussian(a, theta_gamma, spacing=kernels.spacing)
+            spatial = k.view(p, c) * ns  # ns ⊙ K_s(ns ⊙ q)
+            on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
+            bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
+            out = torch.sub(unary.reshape(p, c), bilateral).addmm_(spatial, w_spatial.T, alpha=-1.0)
+            saved += [q, spatial, on_lattice, bilateral]
+            z = out.view(unary.shape)
+        ctx.kernels, ctx.folded, ctx.iterations = kernels, folded, iterations
+        ctx.num_states = len(states[0]) if states else 0
+        ctx.save_for_backward(w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale, *saved,
+                              *(x for kept in states for x in kept))
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale, *rest = ctx.saved_tensors
+        kernels: CRFKernels = ctx.kernels
+        t_count, n_states = ctx.iterations, ctx.num_states
+        saved, states = rest[: 4 * t_count], rest[4 * t_count :]
+        need = ctx.needs_input_grad
+        b, c = grad.shape[0], grad.shape[-1]
+        p = grad.numel() // c
+        ns, nb = norm_spatial.reshape(p, 1), norm_bilateral.reshape(p, 1)
+        folded = ctx.folded
+        sizes = grad.shape[1:-1]
+        through = need[0] or any(need[3:7])  # gradients that need each iteration's whole backward pass
+        # Row products of the normalisers' gradients, summed over the iterations (divided by the normaliser at
+        # the end where the product is of the scaled array): spatial (outer, inner), bilateral (both outer).
+        spatial_outer = grad.new_zeros(p, c) if need[3] else None
+        spatial_inner = grad.new_zeros(p, c) if need[3] else None
+        bilateral_rows = grad.new_zeros(p, c) if need[4] else None
+        total = grad_ws = grad_wb = None
+        grad_theta = theta_gamma.new_zeros(()) if need[5] else None
+        grad_scale = scale.new_zeros(scale.shape) if need[6] else None
+        g = grad
+        for t in reversed(range(t_count)):  # g = ∂L/∂z_{t+1}
+            q, spatial, on_lattice, bilateral = saved[4 * t : 4 * t + 4]
+            g2 = g.contiguous().view(p, c)
+            if need[1]:
+                grad_ws = _add(grad_ws, -gram(g2, spatial))
+            splat = folded.to_lattice(g2.view(b, -1, c), blur=False)  # [M, C]
+            if need[2]:
+                grad_wb = _add(grad_wb, -folded.alpha * gram(splat, on_lattice))
+            if not (through or t > 0):  # only the mixes' gradients: iteration 1 has given them
+                break
+            u = g2 @ w_spatial  # -∂L/∂(ns ⊙ k)
+            if need[3]:
+                spatial_outer.addcmul_(u, spatial)  # Σ_c u_c (ns k)_c: ns ×(-∂L/∂ns), outer product
+            kept = states[n_states * t : n_states * (t + 1)] if n_states else None
+            filtered, theta_part = gaussian_backward((u * ns).view(q.shape), theta_gamma, kept, sizes,
+                                                     kernels.spacing)
+            if need[5]:
+                grad_theta -= theta_part
+            filtered = filtered.view(p, c)  # -∂L/∂a, a = ns ⊙ q
+            if need[3]:
+                spatial_inner.addcmul_(filtered, q.view(p, c))
+            grad_q = folded.from_lattice(folded.blur_lattice(splat, transpose=True) @ -w_bilateral).view(p, c)
+            if need[4]:  # ∂L/∂nb = Σ_c [grad_q ⊙ q - g ⊙ bilateral]_c / nb
+                bilateral_rows.addcmul_(grad_q, q.view(p, c)).addcmul_(g2, bilateral, value=-1.0)
+            if need[6]:  # left: ∂L/∂(K_b v) mixed back, right: v = nb ⊙ q, the normaliser on the pair values
+                flat = (b, -1, c)
+                grad_scale += kernels.pairs.contract((g2 @ w_bilateral).view(flat), q.view(flat), nb, nb) / scale
+            if t == 0 and not need[0]:  # ∂L/∂z_0 through the first softmax: not wanted
+                break
+            grad_q.addcmul_(ns, filtered, value=-1.0)
+            g_logits = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)
+            if need[0]:  # z_0 is in every z_{t+1} and is z_1's input
+                total = g + g_logits if total is None else total.add_(g_logits)
+            g = g_logits
+        grad_ns = grad_nb = None
+        if need[3]:
+            grad_ns = -(_divided(spatial_outer.sum(1, keepdim=True), ns) + spatial_inner.sum(1, keepdim=True))
+            grad_ns = grad_ns.view(norm_spatial.shape)
+        if need[4]:
+            grad_nb = _divided(bilateral_rows.sum(1, keepdim=True), nb).view(norm_bilateral.shape)
+        return total, grad_ws, grad_wb, grad_ns, grad_nb, grad_theta, grad_scale, None, None

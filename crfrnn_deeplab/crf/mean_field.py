@@ -61,6 +61,8 @@ def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tens
     node for all of them (:func:`.fused_step.fixed_bandwidth_iterations`, the same values and gradients)."""
     if iterations > 0 and fused_step.applies(kernels):
         return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
+    if iterations > 0 and kernels.normalization == "symmetric":
+        return fused_step.learned_iterations(unary, kernels, pairwise, iterations)
     z = unary
     for _ in range(iterations):
         z = mean_field_step(unary, z, kernels, pairwise)

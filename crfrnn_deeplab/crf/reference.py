@@ -142,12 +142,20 @@ class DenseKernelPairs:
             return (self.lattice_mass[image] * v).sum() / gaussian_mass * v[:, None] * v[None, :]
         return v[:, None] * v[None, :]
 
-    def contract(self, left: Tensor, right: Tensor) -> Tensor:
-        """Tensor[d]: see the class; left, right: Tensor[B, N, C]."""
+    def contract(
+        self, left: Tensor, right: Tensor, left_scale: Tensor | None = None, right_scale: Tensor | None = None
+    ) -> Tensor:
+        """Tensor[d]: see the class; left, right: Tensor[B, N, C]; left_scale, right_scale: optional per-point
+        factors of left and right (B·N values), as in ``KernelPairs.contract``."""
+        b, n = self.features.shape[:2]
+        if left_scale is not None:
+            left = left * left_scale.detach().reshape(b, n, 1)
+        if right_scale is not None:
+            right = right * right_scale.detach().reshape(b, n, 1)
         with torch.enable_grad():  # called from a backward pass
             log_scale = torch.zeros(self.features.shape[-1], dtype=torch.float64, requires_grad=True)
             total = 0.0
-            for image in range(self.features.shape[0]):
+            for image in range(b):
                 k = dense_gaussian(self.features[image] * log_scale.exp()) * self.pair_mass(image)
                 total = total + (left[image].double() * (k @ right[image].double())).sum()
             (grad,) = torch.autograd.grad(total, log_scale)

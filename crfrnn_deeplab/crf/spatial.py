@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["axis_bandwidths", "channel_blocks", "gaussian_1d", "gaussian_taps", "spatial_gaussian"]
+__all__ = [
+    "axis_bandwidths", "channel_blocks", "gaussian_1d", "gaussian_backward", "gaussian_passes", "gaussian_taps",
+    "spatial_gaussian",
+]
 
 TRUNCATE = 4.0
 # On the CPU the depthwise convolutions cost least per channel in blocks of 16 channels (a multiple of the
@@ -210,6 +213,41 @@ def _axis_pass(values: Tensor, taps: Tensor, axis: int) -> Tensor:
     return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1]).reshape(shape).contiguous()
 
 
+def gaussian_passes(
+    values: Tensor, theta: Tensor, spacing: Sequence[float] | None = None, truncate: float = TRUNCATE
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`spatial_gaussian` without autograd, keeping what :func:`gaussian_backward` needs for θ's gradient:
+    ``(K v, [x_1, ..., x_S])``, the inputs of the S separable passes (``x_1 = v``)."""
+    states = [values]
+    for axis, taps in _passes(theta.detach(), values.shape[1:-1], spacing, truncate):
+        states.append(_axis_pass(states[-1], taps, axis))
+    return states[-1], states[:-1]
+
+
+def gaussian_backward(
+    grad: Tensor,
+    theta: Tensor,
+    states: Sequence[Tensor] | None,
+    sizes: Sequence[int],
+    spacing: Sequence[float] | None = None,
+    truncate: float = TRUNCATE,
+) -> tuple[Tensor, Tensor | None]:
+    """The backward pass of :func:`spatial_gaussian` for ``grad`` = ∂L/∂(K v): ``(K grad, ∂L/∂θ)``, the latter
+    None when ``states`` (from :func:`gaussian_passes`) is None. See :class:`_SpatialGaussian` for the formula."""
+    theta_d = theta.detach()
+    passes = _passes(theta_d, sizes, spacing, truncate)
+    thetas = axis_bandwidths(theta_d, len(sizes), spacing)
+    total = grad.new_zeros(())
+    suffix = grad.contiguous()  # P_{s+1} ··· P_S g, from s = S down to 1; then K g
+    for (axis, taps), state in zip(reversed(passes), reversed(states or [None] * len(passes))):
+        if states is not None:
+            offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
+            derivative = taps * (offset / thetas[axis]).square() / theta_d
+            total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
+        suffix = _axis_pass(suffix, taps, axis)
+    return suffix, (None if states is None else total.to(theta.dtype).reshape(theta.shape))
+
+
 class _SpatialGaussian(torch.autograd.Function):
     """:func:`spatial_gaussian` with the exact θ-derivative of the truncated filter, by separable passes.
 
@@ -225,30 +263,15 @@ class _SpatialGaussian(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, theta: Tensor, spacing: tuple[float, ...] | None, truncate: float) -> Tensor:
-        passes = _passes(theta.detach(), values.shape[1:-1], spacing, truncate)
-        states = [values]
-        for axis, taps in passes:
-            states.append(_axis_pass(states[-1], taps, axis))
+        out, states = gaussian_passes(values, theta, spacing, truncate)
         ctx.spacing, ctx.truncate, ctx.sizes = spacing, truncate, values.shape[1:-1]
-        ctx.save_for_backward(theta, *(states[:-1] if ctx.needs_input_grad[1] else ()))  # states: for ∂/∂θ only
-        return states[-1]
+        ctx.save_for_backward(theta, *(states if ctx.needs_input_grad[1] else ()))  # states: for ∂/∂θ only
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         theta, *states = ctx.saved_tensors
-        theta_d = theta.detach()
-        sizes = ctx.sizes
-        passes = _passes(theta_d, sizes, ctx.spacing, ctx.truncate)
-        thetas = axis_bandwidths(theta_d, len(sizes), ctx.spacing)
-        total = grad.new_zeros(())
-        suffix = grad.contiguous()  # P_{s+1} ··· P_S g, from s = S down to 1; then K g
-        for (axis, taps), state in zip(reversed(passes), reversed(states or [None] * len(passes))):
-            if ctx.needs_input_grad[1]:
-                axis_theta = thetas[axis]
-                offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
-                derivative = taps * (offset / axis_theta).square() / theta_d
-                total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
-            suffix = _axis_pass(suffix, taps, axis)
-        grad_theta = total.to(theta.dtype).reshape(theta.shape) if ctx.needs_input_grad[1] else None
-        return suffix if ctx.needs_input_grad[0] else None, grad_theta, None, None
+        grad_values, grad_theta = gaussian_backward(grad, theta, states if ctx.needs_input_grad[1] else None,
+                                                    ctx.sizes, ctx.spacing, ctx.truncate)
+        return grad_values if ctx.needs_input_grad[0] else None, grad_theta, None, None

@@ -410,3 +410,19 @@ def test_recovery_optimum_is_the_exact_crfs():
     result = minimize(lambda x: exact_crf_loss(scene_, *np.exp(x)), start, method="Nelder-Mead",
                       options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
     np.testing.assert_allclose(np.exp(result.x), RECOVERY_OPTIMUM, rtol=0.03)
+
+
+@pytest.mark.parametrize("points", [30, 2000])  # all pairs / sampled pairs
+def test_contract_with_point_scales_equals_contract_of_scaled_values(points):
+    # The per-point factors (a normaliser folded into the lattice) on the pair values: the same as scaling the
+    # arrays first, for all pairs and for sampled pairs (the partner's own factor).
+    g = torch.Generator().manual_seed(points)
+    features = torch.rand(2, points, 3, generator=g, dtype=torch.float64) * 4
+    mass = 0.3 + torch.rand(2, points, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    pairs = kernel_pairs(features, mass)
+    left, right = (torch.randn(2, points, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    a, b = (0.2 + torch.rand(2, points, generator=g, dtype=torch.float64) for _ in range(2))
+    expected = pairs.contract(left * a[..., None], right * b[..., None])
+    torch.testing.assert_close(pairs.contract(left, right, a, b), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pairs.contract(left * a[..., None], right, None, b), expected, rtol=1e-12, atol=1e-12)

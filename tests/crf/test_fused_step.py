@@ -28,6 +28,14 @@ def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
     return crf, logits, image, mask, target
 
 
+def _loop(unary, kernels, pairwise, iterations):
+    """The layer's iterations through mean_field_step (autograd's nodes where the fixed node does not apply)."""
+    z = unary
+    for _ in range(iterations):
+        z = mean_field_step(unary, z, kernels, pairwise)
+    return z
+
+
 def _run(crf, logits, image, mask, target):
     crf.zero_grad()
     z = logits.clone().requires_grad_(True)
@@ -46,6 +54,7 @@ def test_fused_iterations_equal_autograd_path(monkeypatch, spatial_dims, masked,
     fused, fused_grads = _run(crf, logits, image, mask, target)
     assert calls == [crf.train_iterations]  # the layer's iterations took the one node
     monkeypatch.setattr(fused_step, "applies", lambda kernels: False)
+    monkeypatch.setattr(fused_step, "learned_iterations", _loop)
     nodes, node_grads = _run(crf, logits, image, mask, target)
     assert calls == [crf.train_iterations]
     torch.testing.assert_close(fused, nodes, rtol=1e-12, atol=1e-12)
@@ -91,6 +100,7 @@ def test_fused_iterations_without_the_unary_gradient():
         with pytest.MonkeyPatch.context() as patch:
             if not fused:
                 patch.setattr(fused_step, "applies", lambda kernels: False)
+                patch.setattr(fused_step, "learned_iterations", _loop)
             (crf(logits, image, mask) * target).sum().backward()
         results.append([p.grad.clone() for p in (crf.compatibility, crf.spatial_weight, crf.bilateral_weight)])
     for a, b in zip(*results):
@@ -157,3 +167,76 @@ def test_training_under_torch_compile_matches_eager(learn_bandwidths):
     assert len(results[0]) == len(results[1]) == 2 + (6 if learn_bandwidths else 3)
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize(
+    "spatial_dims, masked, sizes, learned",
+    [(2, False, (6, 9), "all"), (2, True, (6, 9), "all"), (2, False, (40, 45), "all"),  # all / sampled pairs
+     (3, True, (4, 5, 6), "all"), (2, True, (40, 45), "alpha beta"), (2, False, (6, 9), "gamma")],
+)
+def test_learned_iterations_equal_autograd_path(monkeypatch, spatial_dims, masked, sizes, learned):
+    # The learned-bandwidth iterations as one node against mean_field_step through autograd's nodes: outputs and
+    # the gradients of the logits and of every parameter (bandwidths included, the same sampled pairs) in float64.
+    crf, _, image, _, _ = _layer_and_inputs(spatial_dims, masked, 4)
+    crf.log_theta_alpha.requires_grad_(learned != "gamma")
+    crf.log_theta_beta.requires_grad_(learned != "gamma")
+    crf.log_theta_gamma.requires_grad_(learned != "alpha beta")
+    g = torch.Generator().manual_seed(7)
+    if sizes != image.shape[2:]:
+        image = torch.rand(2, 3, *sizes, generator=g, dtype=torch.float64) * 255
+    logits = torch.randn(2, 4, *sizes, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(2, *sizes, generator=g) > 0.25 if masked else None
+    target = torch.randn(2, 4, *sizes, generator=g, dtype=torch.float64)
+
+    def run():
+        torch.manual_seed(3)  # the sampled pairs
+        crf.zero_grad()
+        z = logits.clone().requires_grad_(True)
+        (crf(z, image, mask) * target).sum().backward()
+        params = [p.grad.clone() for p in crf.parameters() if p.grad is not None]
+        return [crf(z, image, mask).detach(), z.grad] + params, len(params)
+
+    calls = []
+    node = fused_step.learned_iterations
+    monkeypatch.setattr(fused_step, "learned_iterations", lambda *a: calls.append(a[-1]) or node(*a))
+    fused, count = run()
+    assert calls and count == 6 - (2 if learned == "gamma" else 1 if learned == "alpha beta" else 0)
+    monkeypatch.setattr(fused_step, "learned_iterations", _loop)
+    for a, b in zip(fused, run()[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_iterations_gradcheck():
+    # Every input the node differentiates but the bandwidths of the lattice (its forward is piecewise in them):
+    # z_0, both matrices, both normalisers (as free inputs) and θγ.
+    import dataclasses
+
+    crf, logits, image, mask, _ = _layer_and_inputs(2, True, 3)
+    crf.log_theta_alpha.requires_grad_(False)
+    crf.log_theta_beta.requires_grad_(False)
+    kernels = crf.kernels(image, mask)
+    g = torch.Generator().manual_seed(5)
+    # Normalisers > 0 everywhere (the layer's are 0 on masked voxels, where torch.where stops their gradient and
+    # the node returns 0 for them).
+    norms = [0.2 + torch.rand(n.shape, generator=g, dtype=torch.float64) for n in (kernels.norm_spatial,
+                                                                                    kernels.norm_bilateral)]
+    inputs = [logits.movedim(1, -1).contiguous(), *crf.pairwise(torch.float64), *norms,
+              torch.tensor(1.7, dtype=torch.float64)]
+    inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+
+    def node(unary, w_s, w_b, ns, nb, theta):
+        changed = dataclasses.replace(kernels, norm_spatial=ns, norm_bilateral=nb, theta_gamma=theta)
+        return fused_step.learned_iterations(unary, changed, (w_s, w_b), 2)
+
+    assert torch.autograd.gradcheck(node, tuple(inputs))
+
+
+def test_learned_iterations_need_the_symmetric_normalisation():
+    crf = MeanFieldCRF(num_classes=3, normalization="after").train()
+    image, z = torch.rand(1, 3, 5, 6) * 255, torch.randn(1, 5, 6, 3)
+    with pytest.raises(ValueError, match="symmetric normalisation"):
+        fused_step.learned_iterations(z, crf.kernels(image), crf.pairwise(), 2)
+    kernels = MeanFieldCRF(num_classes=3).train().kernels(image)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        fused_step.learned_iterations(z, kernels, crf.pairwise(), 0)
