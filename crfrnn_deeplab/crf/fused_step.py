@@ -159,7 +159,7 @@ class _FixedBandwidthIterations(torch.autograd.Function):
         w_spatial, w_bilateral, *saved = ctx.saved_tensors
         need_unary, need_spatial, need_bilateral = ctx.needs_input_grad[:3]
         total = grad_spatial = grad_bilateral = None
-        g = grad
+        g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
         for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}; z_0 appears in every z_{t+1} and as z_1's input
             q, s, on_lattice = saved[3 * t : 3 * t + 3]
             needs = (need_unary or t > 0, need_spatial, need_bilateral)
@@ -269,7 +269,7 @@ class _LearnedIterations(torch.autograd.Function):
         total = grad_ws = grad_wb = None
         grad_theta = theta_gamma.new_zeros(()) if need[5] else None
         grad_scale = scale.new_zeros(scale.shape) if need[6] else None
-        g = grad
+        g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
         for t in reversed(range(t_count)):  # g = ∂L/∂z_{t+1}
             q, spatial, on_lattice, bilateral = saved[4 * t : 4 * t + 4]
             g2 = g.contiguous().view(p, c)
