@@ -1,6 +1,7 @@
-"""The fixed-bandwidth training iteration as one autograd node (crf/fused_step.py) against the separate operations.
+"""The training iterations as one autograd node (crf/fused_step.py) against the separate operations of autograd.
 
-Forward + backward of the CRF (fixed bandwidths, learned weights and compatibility, symmetric normalisation):
+Forward + backward of the CRF (learned weights and compatibility, symmetric normalisation; bandwidths fixed —
+``fixed_bandwidth_iterations`` — or with ``--learned`` learned too — ``learned_iterations``):
 
 - time: fused / separate, both in one process, timed in interleaved pairs (the order alternates), median and
   range of the per-pair ratios;
@@ -8,6 +9,7 @@ Forward + backward of the CRF (fixed bandwidths, learned weights and compatibili
 
     python benchmarks/bench_fused_step.py                       # 321×321, batch 4, 21 classes, 2 threads
     python benchmarks/bench_fused_step.py --batch 1 --pairs 12
+    python benchmarks/bench_fused_step.py --learned             # the learned-bandwidth node
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from bench_crf import DENSECRF_PARAMS, _high_water_mib, scene  # noqa: E402
 
 from crfrnn_deeplab.allocator import retain_freed_memory  # noqa: E402
 from crfrnn_deeplab.crf import MeanFieldCRF, fused_step  # noqa: E402
+from crfrnn_deeplab.crf.mean_field import mean_field_step  # noqa: E402
+
+NODES = (fused_step.applies, fused_step.learned_iterations)
 
 
-def setup(size: int, batch: int, classes: int):
-    """A training-mode CRF with fixed bandwidths, and a step running forward + backward on a batch."""
+def setup(size: int, batch: int, classes: int, learned: bool):
+    """A training-mode CRF (bandwidths learned or fixed), and a step running forward + backward on a batch."""
     image, logits = scene(size, size, classes)
-    crf = MeanFieldCRF(num_classes=classes, train_iterations=5, learn_bandwidths=False, **DENSECRF_PARAMS).train()
+    crf = MeanFieldCRF(num_classes=classes, train_iterations=5, learn_bandwidths=learned, **DENSECRF_PARAMS).train()
     z = torch.from_numpy(logits)[None].repeat(batch, 1, 1, 1).requires_grad_(True)
     im = torch.from_numpy(image).permute(2, 0, 1)[None].float().repeat(batch, 1, 1, 1)
 
@@ -44,14 +49,23 @@ def setup(size: int, batch: int, classes: int):
     return step
 
 
-def use_fused(on: bool, applies=fused_step.applies) -> None:
-    fused_step.applies = applies if on else (lambda kernels: False)
+def separate(unary, kernels, pairwise, iterations):
+    """The layer's iterations as autograd's nodes (with fused_step.applies off)."""
+    z = unary
+    for _ in range(iterations):
+        z = mean_field_step(unary, z, kernels, pairwise)
+    return z
+
+
+def use_fused(on: bool) -> None:
+    fused_step.applies, fused_step.learned_iterations = NODES if on else ((lambda kernels: False), separate)
 
 
 def child_memory(args) -> None:
     """Fresh process: one forward + backward in the mode asked for; prints JSON {peak_mib}."""
     use_fused(args.child_memory == "fused")
-    step = setup(args.size, args.batch, args.classes)
+    torch.manual_seed(0)
+    step = setup(args.size, args.batch, args.classes, args.learned)
     base = _high_water_mib()
     step()
     print(json.dumps({"peak_mib": _high_water_mib() - base}))
@@ -64,6 +78,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--learned", action="store_true", help="bandwidths learned (the learned-bandwidth node)")
     parser.add_argument("--child-memory", choices=["fused", "separate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,9 +86,10 @@ def main() -> None:
         child_memory(args)
         return
     retain_freed_memory()
-    print(f"torch {torch.__version__}, {args.threads} threads; CRF 5 iterations forward+backward, fixed bandwidths, "
-          f"{args.size}×{args.size}, batch {args.batch}, {args.classes} classes")
-    step = setup(args.size, args.batch, args.classes)
+    print(f"torch {torch.__version__}, {args.threads} threads; CRF 5 iterations forward+backward, bandwidths "
+          f"{'learned' if args.learned else 'fixed'}, {args.size}×{args.size}, batch {args.batch}, {args.classes} "
+          "classes")
+    step = setup(args.size, args.batch, args.classes, args.learned)
     for on in (True, False, True, False):  # warm-up
         use_fused(on)
         step()
@@ -94,7 +110,7 @@ def main() -> None:
     peaks = {}
     for mode in ("fused", "separate"):
         cmd = [sys.executable, __file__, "--child-memory", mode, "--size", str(args.size), "--batch", str(args.batch),
-               "--classes", str(args.classes), "--threads", str(args.threads)]
+               "--classes", str(args.classes), "--threads", str(args.threads)] + (["--learned"] if args.learned else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         peaks[mode] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
     print(f"peak RSS above the inputs, forward+backward, fresh process: fused {peaks['fused']:.0f} MiB, separate "

@@ -143,28 +143,43 @@ class _FixedBandwidthStep(torch.autograd.Function):
 
 
 class _FixedBandwidthIterations(torch.autograd.Function):
+    """The T iterations; each iteration's arrays (q, s, lattice values) are kept on ``ctx`` and released as the
+    backward pass is done with them, as autograd releases separate nodes' (a second backward through a retained
+    graph recomputes them from the inputs)."""
+
     @staticmethod
     def forward(ctx, unary: Tensor, w_spatial: Tensor, w_bilateral: Tensor, kernels: CRFKernels, iterations: int):
-        z, saved = unary, []
-        for _ in range(iterations):
-            z, *kept = _step(unary, z, kernels, w_spatial, w_bilateral)  # q, s, lattice values
-            saved += kept
+        z, ctx.iterates = _FixedBandwidthIterations.run(unary, w_spatial, w_bilateral, kernels, iterations)
         ctx.kernels, ctx.iterations = kernels, iterations
-        ctx.save_for_backward(w_spatial, w_bilateral, *saved)
+        ctx.save_for_backward(unary, w_spatial, w_bilateral)
         return z
+
+    @staticmethod
+    def run(unary, w_spatial, w_bilateral, kernels, iterations):
+        """``(z_T, [(q, s, lattice values) of every iteration]``."""
+        z, iterates = unary, []
+        for _ in range(iterations):
+            z, *kept = _step(unary, z, kernels, w_spatial, w_bilateral)
+            iterates.append(kept)
+        return z, iterates
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        w_spatial, w_bilateral, *saved = ctx.saved_tensors
+        unary, w_spatial, w_bilateral = ctx.saved_tensors
+        iterates = ctx.iterates
+        if iterates is None:  # released by an earlier backward pass (retain_graph=True): recomputed
+            iterates = _FixedBandwidthIterations.run(unary, w_spatial, w_bilateral, ctx.kernels, ctx.iterations)[1]
+        ctx.iterates = None
         need_unary, need_spatial, need_bilateral = ctx.needs_input_grad[:3]
         total = grad_spatial = grad_bilateral = None
         g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
         for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}; z_0 appears in every z_{t+1} and as z_1's input
-            q, s, on_lattice = saved[3 * t : 3 * t + 3]
+            q, s, on_lattice = iterates.pop()
             needs = (need_unary or t > 0, need_spatial, need_bilateral)
             g_logits, d_spatial, d_bilateral = _step_backward(g, q, s, on_lattice, ctx.kernels, w_spatial,
                                                               w_bilateral, needs)
+            del q, s, on_lattice
             if need_unary:  # Σ of ∂L/∂z_{t+1} over t, and ∂L/∂z_0 through the first softmax
                 total = g + g_logits if total is None else total.add_(g_logits)
             grad_spatial = _add(grad_spatial, d_spatial)
@@ -217,43 +232,52 @@ def _divided(total: Tensor, norm: Tensor) -> Tensor:
 
 
 class _LearnedIterations(torch.autograd.Function):
+    """The T iterations; as :class:`_FixedBandwidthIterations`, each iteration's arrays are released as the backward
+    pass is done with them (recomputed by a second backward through a retained graph)."""
+
     @staticmethod
     def forward(ctx, unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale,
                 kernels: CRFKernels, iterations: int):
+        b = unary.shape[0]
+        weights = norm_bilateral.detach().reshape(b, -1)
+        folded = kernels.lattice.weighted(weights, weights)  # nb on both sides of the lattice
+        ctx.kernels, ctx.folded, ctx.iterations, ctx.keep_states = kernels, folded, iterations, ctx.needs_input_grad[5]
+        z, ctx.iterates = _LearnedIterations.run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma)
+        ctx.save_for_backward(unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale)
+        return z
+
+    @staticmethod
+    def run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma):
+        """``(z_T, [(q, ns ⊙ K_s(ns ⊙ q), lattice values, bilateral message, the spatial passes' inputs or None)
+        of every iteration])``."""
         b, c = unary.shape[0], unary.shape[-1]
         p = unary.numel() // c
         ns = norm_spatial.reshape(p, 1)
-        weights = norm_bilateral.detach().reshape(b, -1)
-        folded = kernels.lattice.weighted(weights, weights)  # nb on both sides of the lattice
-        keep_states = ctx.needs_input_grad[5]
-        z, saved, states = unary, [], []
-        for _ in range(iterations):
+        z, iterates = unary, []
+        for _ in range(ctx.iterations):
             q = class_softmax(z.contiguous())
             a = q * norm_spatial
-            if keep_states:
-                k, kept = gaussian_passes(a, theta_gamma, kernels.spacing)
-                states.append(kept)
+            if ctx.keep_states:
+                k, states = gaussian_passes(a, theta_gamma, ctx.kernels.spacing)
             else:
-                k = spatial_gaussian(a, theta_gamma, spacing=kernels.spacing)
+                k, states = spatial_gaussian(a, theta_gamma, spacing=ctx.kernels.spacing), None
             spatial = k.view(p, c) * ns  # ns ⊙ K_s(ns ⊙ q)
-            on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
-            bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
+            on_lattice = ctx.folded.to_lattice(q.view(b, -1, c))  # [M, C]
+            bilateral = ctx.folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
             out = torch.sub(unary.reshape(p, c), bilateral).addmm_(spatial, w_spatial.T, alpha=-1.0)
-            saved += [q, spatial, on_lattice, bilateral]
+            iterates.append([q, spatial, on_lattice, bilateral, states])
             z = out.view(unary.shape)
-        ctx.kernels, ctx.folded, ctx.iterations = kernels, folded, iterations
-        ctx.num_states = len(states[0]) if states else 0
-        ctx.save_for_backward(w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale, *saved,
-                              *(x for kept in states for x in kept))
-        return z
+        return z, iterates
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale, *rest = ctx.saved_tensors
+        unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale = ctx.saved_tensors
+        iterates = ctx.iterates
+        if iterates is None:  # released by an earlier backward pass (retain_graph=True): recomputed
+            iterates = _LearnedIterations.run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma)[1]
+        ctx.iterates = None
         kernels: CRFKernels = ctx.kernels
-        t_count, n_states = ctx.iterations, ctx.num_states
-        saved, states = rest[: 4 * t_count], rest[4 * t_count :]
         need = ctx.needs_input_grad
         b, c = grad.shape[0], grad.shape[-1]
         p = grad.numel() // c
@@ -270,8 +294,8 @@ class _LearnedIterations(torch.autograd.Function):
         grad_theta = theta_gamma.new_zeros(()) if need[5] else None
         grad_scale = scale.new_zeros(scale.shape) if need[6] else None
         g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
-        for t in reversed(range(t_count)):  # g = ∂L/∂z_{t+1}
-            q, spatial, on_lattice, bilateral = saved[4 * t : 4 * t + 4]
+        for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}
+            q, spatial, on_lattice, bilateral, kept = iterates.pop()
             g2 = g.contiguous().view(p, c)
             if need[1]:
                 grad_ws = _add(grad_ws, -gram(g2, spatial))
@@ -283,7 +307,6 @@ class _LearnedIterations(torch.autograd.Function):
             u = g2 @ w_spatial  # -∂L/∂(ns ⊙ k)
             if need[3]:
                 spatial_outer.addcmul_(u, spatial)  # Σ_c u_c (ns k)_c: ns ×(-∂L/∂ns), outer product
-            kept = states[n_states * t : n_states * (t + 1)] if n_states else None
             filtered, theta_part = gaussian_backward((u * ns).view(q.shape), theta_gamma, kept, sizes,
                                                      kernels.spacing)
             if need[5]:

@@ -240,3 +240,22 @@ def test_learned_iterations_need_the_symmetric_normalisation():
     kernels = MeanFieldCRF(num_classes=3).train().kernels(image)
     with pytest.raises(ValueError, match="iterations must be an int >= 1"):
         fused_step.learned_iterations(z, kernels, crf.pairwise(), 0)
+
+
+@pytest.mark.parametrize("learn_bandwidths", [False, True])  # the fixed / the learned node
+def test_second_backward_through_a_retained_graph(learn_bandwidths):
+    # The nodes release each iteration's arrays during backward; a second backward (retain_graph=True, e.g. two
+    # losses on one output) recomputes them and gives the same gradients.
+    crf, logits, image, mask, target = _layer_and_inputs(2, True, 3)
+    crf.log_theta_alpha.requires_grad_(learn_bandwidths)
+    crf.log_theta_beta.requires_grad_(learn_bandwidths)
+    crf.log_theta_gamma.requires_grad_(learn_bandwidths)
+    z = logits.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    out = crf(z, image, mask)
+    params = [z] + [p for p in crf.parameters() if p.requires_grad]
+    first = torch.autograd.grad((out * target).sum(), params, retain_graph=True)
+    second = torch.autograd.grad((out * target).sum(), params)
+    assert len(first) == 1 + (6 if learn_bandwidths else 3)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
