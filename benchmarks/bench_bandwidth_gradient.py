@@ -67,9 +67,13 @@ class LatticeMoments:
     def __init__(self, lattice: PermutohedralLattice, raw: torch.Tensor, scale: torch.Tensor, *_):
         self.lattice, self.features = lattice, raw.detach() * scale.detach()
 
-    def contract(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def contract(self, left: torch.Tensor, right: torch.Tensor, left_scale=None, right_scale=None) -> torch.Tensor:
         lattice, f = self.lattice, self.features
         b, n, c = right.shape
+        if left_scale is not None:  # per-point factors (a folded normaliser), as KernelPairs.contract takes them
+            left = left * left_scale.detach().reshape(b, n, 1)
+        if right_scale is not None:
+            right = right * right_scale.detach().reshape(b, n, 1)
         d = f.shape[-1]
         moments = (f[..., :, None] * right[..., None, :]).reshape(b, n, d * c)
         cross = (lattice.filter(moments).view(b, n, d, c) * left[..., None, :]).sum(-1)
