@@ -1,4 +1,4 @@
-"""One mean-field iteration as a single autograd node, for training with fixed bandwidths.
+"""Mean-field training iterations as single autograd nodes (``symmetric`` normalisation).
 
 With the bandwidths fixed (the kernels and their normalisers are constants of the batch) and the ``symmetric``
 normalisation, an iteration ``z' = z_0 - (ns ⊙ K_s(ns ⊙ q)) W_sᵀ - K̃_b(q) W_bᵀ`` (``q = softmax(z)``, ``K̃_b``
@@ -15,8 +15,10 @@ accumulation); :class:`_FixedBandwidthStep` computes the same values and gradien
 
 :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` uses it when it applies (:func:`applies`), and
 :class:`~crfrnn_deeplab.crf.mean_field.MeanFieldCRF` runs its T training iterations as one node of the same
-steps (:func:`fixed_bandwidth_iterations`), which also sums the T gradient terms of ``z_0`` in place; the
-tests check the outputs and every gradient of both against the autograd path's.
+steps (:func:`fixed_bandwidth_iterations`), which also sums the T gradient terms of ``z_0`` in place. With
+learned bandwidths the normalisers and θ are differentiable too: :func:`learned_iterations` runs the T
+iterations as one node that also returns their gradients (see there). The tests check the outputs and every
+gradient of each node against autograd's nodes.
 """
 
 from __future__ import annotations
