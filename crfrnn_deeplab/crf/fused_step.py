@@ -1,24 +1,28 @@
-"""Mean-field training iterations as single autograd nodes (``symmetric`` normalisation).
+"""Mean-field training iterations as one autograd node (``symmetric`` normalisation).
 
-With the bandwidths fixed (the kernels and their normalisers are constants of the batch) and the ``symmetric``
-normalisation, an iteration ``z' = z_0 - (ns ⊙ K_s(ns ⊙ q)) W_sᵀ - K̃_b(q) W_bᵀ`` (``q = softmax(z)``, ``K̃_b``
-the lattice with ``nb`` folded into its splat and slice) is differentiable w.r.t. ``z_0``, ``z`` and the two
-C×C matrices only. Autograd records it as a dozen nodes with a pass over the [P, C] values each (the
-normalisers' products, the sum of the two messages, the subtraction, their gradients' negation and
-accumulation); :class:`_FixedBandwidthStep` computes the same values and gradients with fewer passes:
+An iteration is ``z' = z_0 - (ns ⊙ K_s(ns ⊙ q)) W_sᵀ - nb ⊙ K_b(nb ⊙ q) W_bᵀ`` (``q = softmax(z)``). Autograd
+records it as a dozen nodes with a pass over the [P, C] values each (the normalisers' products, the sum of the
+two messages, the subtraction, their gradients' negation and accumulation) and adds the gradients of ``q`` and
+of ``z_0`` into new arrays. :class:`_Iterations` computes the same values and gradients for T iterations with
+fewer passes:
 
-- forward: the row scaling commutes with the mix, ``(ns ⊙ s) W_sᵀ = ns ⊙ (s W_sᵀ)``, so the spatial message is
-  one matrix product and one ``addcmul`` into ``z_0 - bilateral``;
+- forward: the bilateral normaliser is folded into the lattice's splat and slice weights
+  (:meth:`~crfrnn_deeplab.crf.kernels.CRFKernels.folded`); the spatial row scaling commutes with the mix,
+  ``(ns ⊙ s) W_sᵀ = ns ⊙ (s W_sᵀ)``, so the spatial message is one matrix product and one ``addcmul`` into
+  ``z_0 - bilateral``;
 - backward, for ``g = ∂L/∂z'``: ``∂L/∂W_s = -(ns ⊙ g)ᵀ s``, ``∂L/∂W_b = -α (splat g)ᵀ (lattice values)``, and
-  ``∂L/∂q = -ns ⊙ K_s((ns ⊙ g) W_s) - slice(blurᵀ(splat g) W_b)``, the signs carried by the C×C matrices
-  (``K_s`` is symmetric, the folded lattice transposable).
+  ``∂L/∂q = -ns ⊙ K_s((ns ⊙ g) W_s) - slice(blurᵀ(splat g) W_b)`` (``K_s`` is symmetric, the folded lattice
+  transposable); the gradients of ``z_0`` (one term per iteration) are summed in place;
+- with learned bandwidths the normalisers and θ are differentiable too: the normalisers' gradients (row sums of
+  products) are accumulated over the iterations with one ``addcmul`` per term and summed once; θγ's gradient is
+  the exact derivative of the separable filter (:func:`.spatial.gaussian_backward`), θα's and θβ's the kernel
+  pairs' contraction (:meth:`.bandwidth_gradient.KernelPairs.contract`, the normaliser on the pair values), as
+  through the separate nodes.
 
-:func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` uses it when it applies (:func:`applies`), and
-:class:`~crfrnn_deeplab.crf.mean_field.MeanFieldCRF` runs its T training iterations as one node of the same
-steps (:func:`fixed_bandwidth_iterations`), which also sums the T gradient terms of ``z_0`` in place. With
-learned bandwidths the normalisers and θ are differentiable too: :func:`learned_iterations` runs the T
-iterations as one node that also returns their gradients (see there). The tests check the outputs and every
-gradient of each node against autograd's nodes.
+:func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` runs one iteration through it when the bandwidths are fixed
+(:func:`applies`, :func:`fixed_bandwidth_step`); :class:`~crfrnn_deeplab.crf.mean_field.MeanFieldCRF` runs its T
+training iterations through it (:func:`fixed_bandwidth_iterations`, :func:`learned_iterations`). The tests check
+the outputs and every gradient against autograd's nodes.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def fixed_bandwidth_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pai
             "fixed_bandwidth_step needs the symmetric normalisation and bandwidths without gradient, got "
             f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
         )
-    return _FixedBandwidthStep.apply(unary, logits, pairwise[0], pairwise[1], kernels)
+    return _apply(unary, logits, kernels, pairwise, 1)
 
 
 def fixed_bandwidth_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor],
@@ -87,129 +91,17 @@ def fixed_bandwidth_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tup
             "fixed_bandwidth_iterations needs the symmetric normalisation and bandwidths without gradient, got "
             f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
         )
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    return _FixedBandwidthIterations.apply(unary, pairwise[0], pairwise[1], kernels, iterations)
-
-
-def _step(unary: Tensor, logits: Tensor, kernels: CRFKernels, w_spatial: Tensor, w_bilateral: Tensor):
-    """One iteration's forward: ``(z_{t+1}, q, s, lattice values)``, the last three what its backward needs."""
-    b, c = unary.shape[0], unary.shape[-1]
-    p = unary.numel() // c
-    ns = kernels.norm_spatial.reshape(p, 1)
-    folded = kernels.folded()
-    q = class_softmax(logits.contiguous())
-    s = spatial_gaussian(q * kernels.norm_spatial, kernels.theta_gamma, spacing=kernels.spacing).view(p, c)
-    on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
-    out = torch.sub(unary.reshape(p, c), folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c))
-    out.addcmul_(ns, s @ w_spatial.T, value=-1.0)
-    return out.view(unary.shape), q, s, on_lattice
-
-
-def _step_backward(grad: Tensor, q: Tensor, s: Tensor, on_lattice: Tensor, kernels: CRFKernels, w_spatial: Tensor,
-                   w_bilateral: Tensor, needs: tuple[bool, bool, bool]):
-    """One iteration's backward for ``grad = ∂L/∂z_{t+1}``: ``(∂L/∂z_t, ∂L/∂W_s, ∂L/∂W_b)``, each None unless
-    ``needs`` says so (in that order)."""
-    folded = kernels.folded()
-    b, c = q.shape[0], q.shape[-1]
-    p = q.numel() // c
-    ns = kernels.norm_spatial.reshape(p, 1)
-    g = grad.contiguous().view(p, c)
-    scaled = g * ns  # ns ⊙ g
-    splat = folded.to_lattice(g.view(b, -1, c), blur=False)  # [M, C]
-    grad_spatial = -gram(scaled, s) if needs[1] else None
-    grad_bilateral = -folded.alpha * gram(splat, on_lattice) if needs[2] else None
-    grad_logits = None
-    if needs[0]:
-        spatial = spatial_gaussian((scaled @ -w_spatial).view(q.shape), kernels.theta_gamma, spacing=kernels.spacing)
-        lattice = folded.blur_lattice(splat, transpose=True) @ -w_bilateral
-        grad_q = folded.from_lattice(lattice).view(p, c).addcmul_(ns, spatial.view(p, c))
-        grad_logits = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)
-    return grad_logits, grad_spatial, grad_bilateral
-
-
-class _FixedBandwidthStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, unary: Tensor, logits: Tensor, w_spatial: Tensor, w_bilateral: Tensor, kernels: CRFKernels):
-        out, q, s, on_lattice = _step(unary, logits, kernels, w_spatial, w_bilateral)
-        ctx.kernels = kernels
-        ctx.save_for_backward(q, s, on_lattice, w_spatial, w_bilateral)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        q, s, on_lattice, w_spatial, w_bilateral = ctx.saved_tensors
-        grads = _step_backward(grad, q, s, on_lattice, ctx.kernels, w_spatial, w_bilateral, ctx.needs_input_grad[1:4])
-        return grad, *grads, None
-
-
-class _FixedBandwidthIterations(torch.autograd.Function):
-    """The T iterations; each iteration's arrays (q, s, lattice values) are kept on ``ctx`` and released as the
-    backward pass is done with them, as autograd releases separate nodes' (a second backward through a retained
-    graph recomputes them from the inputs)."""
-
-    @staticmethod
-    def forward(ctx, unary: Tensor, w_spatial: Tensor, w_bilateral: Tensor, kernels: CRFKernels, iterations: int):
-        z, ctx.iterates = _FixedBandwidthIterations.run(unary, w_spatial, w_bilateral, kernels, iterations)
-        ctx.kernels, ctx.iterations = kernels, iterations
-        ctx.save_for_backward(unary, w_spatial, w_bilateral)
-        return z
-
-    @staticmethod
-    def run(unary, w_spatial, w_bilateral, kernels, iterations):
-        """``(z_T, [(q, s, lattice values) of every iteration]``."""
-        z, iterates = unary, []
-        for _ in range(iterations):
-            z, *kept = _step(unary, z, kernels, w_spatial, w_bilateral)
-            iterates.append(kept)
-        return z, iterates
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        unary, w_spatial, w_bilateral = ctx.saved_tensors
-        iterates = ctx.iterates
-        if iterates is None:  # released by an earlier backward pass (retain_graph=True): recomputed
-            iterates = _FixedBandwidthIterations.run(unary, w_spatial, w_bilateral, ctx.kernels, ctx.iterations)[1]
-        ctx.iterates = None
-        need_unary, need_spatial, need_bilateral = ctx.needs_input_grad[:3]
-        total = grad_spatial = grad_bilateral = None
-        g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
-        for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}; z_0 appears in every z_{t+1} and as z_1's input
-            q, s, on_lattice = iterates.pop()
-            needs = (need_unary or t > 0, need_spatial, need_bilateral)
-            g_logits, d_spatial, d_bilateral = _step_backward(g, q, s, on_lattice, ctx.kernels, w_spatial,
-                                                              w_bilateral, needs)
-            del q, s, on_lattice
-            if need_unary:  # Σ of ∂L/∂z_{t+1} over t, and ∂L/∂z_0 through the first softmax
-                total = g + g_logits if total is None else total.add_(g_logits)
-            grad_spatial = _add(grad_spatial, d_spatial)
-            grad_bilateral = _add(grad_bilateral, d_bilateral)
-            g = g_logits
-        return total, grad_spatial, grad_bilateral, None, None
-
-
-def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
-    return term if total is None else total + term
+    _check_iterations(iterations)
+    return _apply(unary, None, kernels, pairwise, iterations)
 
 
 def learned_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
     """``iterations`` (>= 1) mean-field iterations with the ``symmetric`` normalisation as one autograd node that
     also differentiates the normalisers and the bandwidths (learned θ): the values and gradients of as many
-    :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` calls through autograd's nodes.
+    :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` calls through autograd's nodes (see the module).
 
-    An iteration is ``z' = z_0 - (ns ⊙ K_s(ns ⊙ q)) W_sᵀ - nb ⊙ K_b(nb ⊙ q) W_bᵀ``. Autograd records each product
-    with a normaliser as a node with a pass over the [P, C] values forward and two or three backward (the
-    normaliser's gradient a row sum of a product), and adds the gradients of ``q`` and of ``z_0`` into new arrays.
-    Here the bilateral normaliser is folded into the lattice's splat and slice weights (as without learned
-    bandwidths), the spatial message's mix and subtraction are one matrix product into the output, the row
-    products of the normalisers' gradients are accumulated over the iterations with one ``addcmul`` each and
-    summed once, and the gradients of ``q`` and ``z_0`` are summed in place. The bandwidths' gradients are those of
-    the separate nodes: θγ's the exact derivative of the separable filter (:func:`.spatial.gaussian_backward`),
-    θα's and θβ's the kernel pairs' contraction (:meth:`.bandwidth_gradient.KernelPairs.contract`, the normaliser
-    on the pair values). A normaliser's gradient is returned as 0 where the normaliser is 0 (masked voxels, whose
-    normaliser is a constant the layer selects with ``torch.where``, so no gradient reaches it there).
+    A normaliser's gradient is returned as 0 where the normaliser is 0 (masked voxels, whose normaliser is a
+    constant the layer selects with ``torch.where``, so no gradient reaches it there).
 
     Args:
         unary: Tensor[B, *S, C], ``z_0``.
@@ -222,10 +114,19 @@ def learned_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tenso
     """
     if kernels.normalization != "symmetric":
         raise ValueError(f"learned_iterations needs the symmetric normalisation, got {kernels.normalization!r}")
+    _check_iterations(iterations)
+    return _apply(unary, None, kernels, pairwise, iterations)
+
+
+def _check_iterations(iterations: object) -> None:
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    return _LearnedIterations.apply(unary, pairwise[0], pairwise[1], kernels.norm_spatial, kernels.norm_bilateral,
-                                    kernels.theta_gamma, kernels.scale, kernels, iterations)
+
+
+def _apply(unary: Tensor, logits: Tensor | None, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor],
+           iterations: int) -> Tensor:
+    return _Iterations.apply(unary, logits, pairwise[0], pairwise[1], kernels.norm_spatial, kernels.norm_bilateral,
+                             kernels.theta_gamma, kernels.scale, kernels, iterations)
 
 
 def _divided(total: Tensor, norm: Tensor) -> Tensor:
@@ -233,29 +134,37 @@ def _divided(total: Tensor, norm: Tensor) -> Tensor:
     return torch.where(norm > 0, total / torch.where(norm > 0, norm, 1.0), 0.0)
 
 
-class _LearnedIterations(torch.autograd.Function):
-    """The T iterations; as :class:`_FixedBandwidthIterations`, each iteration's arrays are released as the backward
-    pass is done with them (recomputed by a second backward through a retained graph)."""
+def _add(total: Tensor | None, term: Tensor | None) -> Tensor | None:
+    return term if total is None else total + term
+
+
+class _Iterations(torch.autograd.Function):
+    """T iterations from ``z_0 = unary``, the first one's softmax taken of ``logits`` (None: of ``unary``).
+
+    ``norm_bilateral`` must be the kernels' own (the forward filters through ``kernels.folded()``). Each
+    iteration's arrays are kept on ``ctx`` and released as the backward pass is done with them, as autograd
+    releases separate nodes' (a second backward through a retained graph recomputes them from the inputs).
+    """
 
     @staticmethod
-    def forward(ctx, unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale,
+    def forward(ctx, unary, logits, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale,
                 kernels: CRFKernels, iterations: int):
-        b = unary.shape[0]
-        weights = norm_bilateral.detach().reshape(b, -1)
-        folded = kernels.lattice.weighted(weights, weights)  # nb on both sides of the lattice
-        ctx.kernels, ctx.folded, ctx.iterations, ctx.keep_states = kernels, folded, iterations, ctx.needs_input_grad[5]
-        z, ctx.iterates = _LearnedIterations.run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma)
-        ctx.save_for_backward(unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale)
+        need = ctx.needs_input_grad
+        ctx.kernels, ctx.iterations = kernels, iterations
+        ctx.keep_states, ctx.keep_bilateral = need[6], need[5]  # for θγ's gradient; for nb's
+        z, ctx.iterates = _Iterations.run(ctx, unary, logits, w_spatial, w_bilateral, norm_spatial, theta_gamma)
+        ctx.save_for_backward(unary, logits, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale)
         return z
 
     @staticmethod
-    def run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma):
-        """``(z_T, [(q, ns ⊙ K_s(ns ⊙ q), lattice values, bilateral message, the spatial passes' inputs or None)
+    def run(ctx, unary, logits, w_spatial, w_bilateral, norm_spatial, theta_gamma):
+        """``(z_T, [(q, K_s(ns ⊙ q), lattice values, bilateral message or None, the spatial passes' inputs or None)
         of every iteration])``."""
         b, c = unary.shape[0], unary.shape[-1]
         p = unary.numel() // c
         ns = norm_spatial.reshape(p, 1)
-        z, iterates = unary, []
+        folded = ctx.kernels.folded()  # nb on both sides of the lattice
+        z, iterates = (unary if logits is None else logits), []
         for _ in range(ctx.iterations):
             q = class_softmax(z.contiguous())
             a = q * norm_spatial
@@ -263,76 +172,95 @@ class _LearnedIterations(torch.autograd.Function):
                 k, states = gaussian_passes(a, theta_gamma, ctx.kernels.spacing)
             else:
                 k, states = spatial_gaussian(a, theta_gamma, spacing=ctx.kernels.spacing), None
-            spatial = k.view(p, c) * ns  # ns ⊙ K_s(ns ⊙ q)
-            on_lattice = ctx.folded.to_lattice(q.view(b, -1, c))  # [M, C]
-            bilateral = ctx.folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
-            out = torch.sub(unary.reshape(p, c), bilateral).addmm_(spatial, w_spatial.T, alpha=-1.0)
-            iterates.append([q, spatial, on_lattice, bilateral, states])
+            k = k.view(p, c)
+            on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
+            bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
+            # the row scaling commutes with the mix: (ns ⊙ k) W_sᵀ = ns ⊙ (k W_sᵀ)
+            out = torch.sub(unary.reshape(p, c), bilateral).addcmul_(ns, k @ w_spatial.T, value=-1.0)
+            iterates.append([q, k, on_lattice, bilateral if ctx.keep_bilateral else None, states])
             z = out.view(unary.shape)
         return z, iterates
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        unary, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale = ctx.saved_tensors
+        unary, logits, w_spatial, w_bilateral, norm_spatial, norm_bilateral, theta_gamma, scale = ctx.saved_tensors
         iterates = ctx.iterates
         if iterates is None:  # released by an earlier backward pass (retain_graph=True): recomputed
-            iterates = _LearnedIterations.run(ctx, unary, w_spatial, w_bilateral, norm_spatial, theta_gamma)[1]
+            iterates = _Iterations.run(ctx, unary, logits, w_spatial, w_bilateral, norm_spatial, theta_gamma)[1]
         ctx.iterates = None
         kernels: CRFKernels = ctx.kernels
         need = ctx.needs_input_grad
         b, c = grad.shape[0], grad.shape[-1]
         p = grad.numel() // c
         ns, nb = norm_spatial.reshape(p, 1), norm_bilateral.reshape(p, 1)
-        folded = ctx.folded
+        folded = kernels.folded()
         sizes = grad.shape[1:-1]
-        through = need[0] or any(need[3:7])  # gradients that need each iteration's whole backward pass
+        first_softmax = need[0] if logits is None else need[1]  # ∂L/∂(the first iteration's input)
+        through = need[0] or first_softmax or any(need[4:8])  # gradients that need every iteration's whole backward
         # Row products of the normalisers' gradients, summed over the iterations (divided by the normaliser at
         # the end where the product is of the scaled array): spatial (outer, inner), bilateral (both outer).
-        spatial_outer = grad.new_zeros(p, c) if need[3] else None
-        spatial_inner = grad.new_zeros(p, c) if need[3] else None
-        bilateral_rows = grad.new_zeros(p, c) if need[4] else None
-        total = grad_ws = grad_wb = None
-        grad_theta = theta_gamma.new_zeros(()) if need[5] else None
-        grad_scale = scale.new_zeros(scale.shape) if need[6] else None
+        spatial_outer = grad.new_zeros(p, c) if need[4] else None
+        spatial_inner = grad.new_zeros(p, c) if need[4] else None
+        bilateral_rows = grad.new_zeros(p, c) if need[5] else None
+        grad_ws = grad_wb = grad_logits = None
+        grad_theta = theta_gamma.new_zeros(()) if need[6] else None
+        grad_scale = scale.new_zeros(scale.shape) if need[7] else None
+        total, own = None, False  # Σ_t ∂L/∂z_{t+1} (z_0 is in every z_{t+1}); own: an array of ours, added in place
+
+        def add_to_unary(term: Tensor) -> None:
+            nonlocal total, own
+            if total is None:
+                total = term  # (the first term may be the incoming gradient: not ours to change)
+            elif own:
+                total.add_(term)
+            else:
+                total, own = total + term, True
+
         g = grad.contiguous()  # (the layer's output is a channels-first view: its gradient may be too)
         for t in reversed(range(ctx.iterations)):  # g = ∂L/∂z_{t+1}
-            q, spatial, on_lattice, bilateral, kept = iterates.pop()
-            g2 = g.contiguous().view(p, c)
-            if need[1]:
-                grad_ws = _add(grad_ws, -gram(g2, spatial))
-            splat = folded.to_lattice(g2.view(b, -1, c), blur=False)  # [M, C]
+            q, k, on_lattice, bilateral, kept = iterates.pop()
+            if need[0]:
+                add_to_unary(g)
+            g2 = g.view(p, c)
+            scaled = g2 * ns  # ns ⊙ g
             if need[2]:
+                grad_ws = _add(grad_ws, -gram(scaled, k))
+            splat = folded.to_lattice(g2.view(b, -1, c), blur=False)  # [M, C]
+            if need[3]:
                 grad_wb = _add(grad_wb, -folded.alpha * gram(splat, on_lattice))
             if not (through or t > 0):  # only the mixes' gradients: iteration 1 has given them
                 break
-            u = g2 @ w_spatial  # -∂L/∂(ns ⊙ k)
-            if need[3]:
-                spatial_outer.addcmul_(u, spatial)  # Σ_c u_c (ns k)_c: ns ×(-∂L/∂ns), outer product
-            filtered, theta_part = gaussian_backward((u * ns).view(q.shape), theta_gamma, kept, sizes,
-                                                     kernels.spacing)
-            if need[5]:
+            e = scaled @ w_spatial  # -∂L/∂k = ns ⊙ (g W_s)
+            if need[4]:
+                spatial_outer.addcmul_(e, k)  # Σ_c e_c k_c = ns ×(-∂L/∂ns), outer product
+            if need[6]:
+                filtered, theta_part = gaussian_backward(e.view(q.shape), theta_gamma, kept, sizes, kernels.spacing)
                 grad_theta -= theta_part
+            else:
+                filtered = spatial_gaussian(e.view(q.shape), theta_gamma, spacing=kernels.spacing)
             filtered = filtered.view(p, c)  # -∂L/∂a, a = ns ⊙ q
-            if need[3]:
+            if need[4]:
                 spatial_inner.addcmul_(filtered, q.view(p, c))
             grad_q = folded.from_lattice(folded.blur_lattice(splat, transpose=True) @ -w_bilateral).view(p, c)
-            if need[4]:  # ∂L/∂nb = Σ_c [grad_q ⊙ q - g ⊙ bilateral]_c / nb
+            if need[5]:  # ∂L/∂nb = Σ_c [grad_q ⊙ q - g ⊙ bilateral]_c / nb
                 bilateral_rows.addcmul_(grad_q, q.view(p, c)).addcmul_(g2, bilateral, value=-1.0)
-            if need[6]:  # left: ∂L/∂(K_b v) mixed back, right: v = nb ⊙ q, the normaliser on the pair values
+            if need[7]:  # left: ∂L/∂(K_b v) mixed back, right: v = nb ⊙ q, the normaliser on the pair values
                 flat = (b, -1, c)
                 grad_scale += kernels.pairs.contract((g2 @ w_bilateral).view(flat), q.view(flat), nb, nb) / scale
-            if t == 0 and not need[0]:  # ∂L/∂z_0 through the first softmax: not wanted
+            if t == 0 and not first_softmax:
                 break
             grad_q.addcmul_(ns, filtered, value=-1.0)
-            g_logits = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)
-            if need[0]:  # z_0 is in every z_{t+1} and is z_1's input
-                total = g + g_logits if total is None else total.add_(g_logits)
-            g = g_logits
+            g = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)  # ∂L/∂z_t
+            if t == 0:
+                if logits is None:
+                    add_to_unary(g)
+                else:
+                    grad_logits = g
         grad_ns = grad_nb = None
-        if need[3]:
+        if need[4]:
             grad_ns = -(_divided(spatial_outer.sum(1, keepdim=True), ns) + spatial_inner.sum(1, keepdim=True))
             grad_ns = grad_ns.view(norm_spatial.shape)
-        if need[4]:
+        if need[5]:
             grad_nb = _divided(bilateral_rows.sum(1, keepdim=True), nb).view(norm_bilateral.shape)
-        return total, grad_ws, grad_wb, grad_ns, grad_nb, grad_theta, grad_scale, None, None
+        return total, grad_logits, grad_ws, grad_wb, grad_ns, grad_nb, grad_theta, grad_scale, None, None
