@@ -10,8 +10,8 @@ One mean-field iteration (Zheng et al., Algorithm 1), repeated T times from ``z_
     z_{t+1} = z_0 - μ · M                           μ: C×C label compatibility
 
 ``K̃_m`` are the normalised kernel filters of :mod:`.kernels`. With autograd the layer runs
-:func:`mean_field_step` T times (the reference path; with fixed bandwidths one node of T fused steps,
-:mod:`.fused_step`); without it, :func:`.fast_inference.mean_field_inference`.
+:func:`mean_field_step` T times (the reference path; with the symmetric normalisation one node of T fused
+steps, :mod:`.fused_step`); without it, :func:`.fast_inference.mean_field_inference`.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
 
 @torch.compiler.disable  # as mean_field_step
 def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
-    """``iterations`` mean-field steps with autograd: :func:`mean_field_step` T times, or with fixed bandwidths one
-    node for all of them (:func:`.fused_step.fixed_bandwidth_iterations`, the same values and gradients)."""
+    """``iterations`` mean-field steps with autograd: with the symmetric normalisation one node for all of them
+    (:func:`.fused_step.fixed_bandwidth_iterations` or :func:`.fused_step.learned_iterations`, the values and
+    gradients of autograd's nodes), otherwise :func:`mean_field_step` T times."""
     if iterations > 0 and fused_step.applies(kernels):
         return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
     if iterations > 0 and kernels.normalization == "symmetric":

@@ -43,6 +43,9 @@ def gram(a: Tensor, b: Tensor) -> Tensor:
 def channel_mix(x: Tensor, mix: Tensor) -> Tensor:
     """``x @ mix`` for tall Tensor[N, C] values and Tensor[C, C'], differentiable; the gradient w.r.t. ``mix`` is
     :func:`gram` ``(x, grad)`` (autograd's own is the single slow product)."""
+    if x.dim() != 2 or mix.dim() != 2 or x.shape[1] != mix.shape[0]:
+        raise ValueError(f"channel_mix takes Tensor[N, C] and Tensor[C, C'], got {tuple(x.shape)} and "
+                         f"{tuple(mix.shape)}")
     return _ChannelMix.apply(x, mix)
 
 

@@ -68,8 +68,7 @@ def spatial_gaussian(
     Returns:
         Tensor of the shape of ``values``, contiguous.
     """
-    if values.dim() not in (4, 5):
-        raise ValueError(f"values must be a Tensor[B, H, W, C] or [B, D, H, W, C], got {tuple(values.shape)}")
+    _check_values(values)
     if torch.is_grad_enabled() and (theta.requires_grad or values.requires_grad):  # (the passes write into views)
         spacing = None if spacing is None else tuple(float(s) for s in spacing)
         return _SpatialGaussian.apply(values, theta, spacing, truncate)
@@ -77,6 +76,11 @@ def spatial_gaussian(
     for axis, taps in _passes(theta, values.shape[1:-1], spacing, truncate):
         x = _axis_pass(x, taps, axis)
     return x
+
+
+def _check_values(values: Tensor) -> None:
+    if values.dim() not in (4, 5):
+        raise ValueError(f"values must be a Tensor[B, H, W, C] or [B, D, H, W, C], got {tuple(values.shape)}")
 
 
 def axis_bandwidths(theta: Tensor, spatial_dims: int, spacing: Sequence[float] | None) -> list[Tensor]:
@@ -218,6 +222,7 @@ def gaussian_passes(
 ) -> tuple[Tensor, list[Tensor]]:
     """:func:`spatial_gaussian` without autograd, keeping what :func:`gaussian_backward` needs for θ's gradient:
     ``(K v, [x_1, ..., x_S])``, the inputs of the S separable passes (``x_1 = v``)."""
+    _check_values(values)
     states = [values]
     for axis, taps in _passes(theta.detach(), values.shape[1:-1], spacing, truncate):
         states.append(_axis_pass(states[-1], taps, axis))
@@ -234,6 +239,10 @@ def gaussian_backward(
 ) -> tuple[Tensor, Tensor | None]:
     """The backward pass of :func:`spatial_gaussian` for ``grad`` = ∂L/∂(K v): ``(K grad, ∂L/∂θ)``, the latter
     None when ``states`` (from :func:`gaussian_passes`) is None. See :class:`_SpatialGaussian` for the formula."""
+    _check_values(grad)
+    if tuple(grad.shape[1:-1]) != tuple(sizes) or (states is not None and len(states) != len(sizes)):
+        raise ValueError(f"grad {tuple(grad.shape)} and {0 if states is None else len(states)} states do not match "
+                         f"the filtered grid {tuple(sizes)} (one state per spatial axis, or None)")
     theta_d = theta.detach()
     passes = _passes(theta_d, sizes, spacing, truncate)
     thetas = axis_bandwidths(theta_d, len(sizes), spacing)

@@ -39,3 +39,9 @@ def test_channel_mix_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
     only_x = torch.autograd.grad(channel_mix(x, mix.detach()), x, g)[0]  # the mix without gradient: not saved
     torch.testing.assert_close(only_x, expected[0], rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("x, mix", [((10, 3), (4, 2)), ((2, 10, 3), (3, 2)), ((10, 3), (3,))])
+def test_channel_mix_rejects_mismatched_arrays(x, mix):
+    with pytest.raises(ValueError, match="channel_mix takes Tensor\\[N, C\\] and Tensor\\[C, C'\\]"):
+        channel_mix(torch.zeros(x), torch.zeros(mix))

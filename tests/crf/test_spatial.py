@@ -102,3 +102,18 @@ def test_banded_passes_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def test_gaussian_passes_and_backward_reject_mismatched_inputs():
+    theta = torch.tensor(1.5)
+    with pytest.raises(ValueError, match="values must be a Tensor\\[B, H, W, C\\]"):
+        spatial.gaussian_passes(torch.zeros(5, 6, 2), theta)
+    out, states = spatial.gaussian_passes(torch.rand(1, 5, 6, 2), theta)
+    assert len(states) == 2
+    with pytest.raises(ValueError, match="do not match the filtered grid"):
+        spatial.gaussian_backward(torch.ones(1, 5, 7, 2), theta, states, (5, 6))
+    with pytest.raises(ValueError, match="do not match the filtered grid"):
+        spatial.gaussian_backward(torch.ones(1, 5, 6, 2), theta, states[:1], (5, 6))
+    filtered, grad_theta = spatial.gaussian_backward(torch.ones_like(out), theta, states, (5, 6))
+    torch.testing.assert_close(filtered, spatial_gaussian(torch.ones_like(out), theta))  # K is symmetric
+    assert grad_theta is not None and grad_theta > 0  # a wider filter sums more of positive values
