@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
+from crfrnn_deeplab.crf.routes import cpu_route
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
@@ -157,7 +158,7 @@ def class_softmax(z: Tensor) -> Tensor:
     flat = z.reshape(-1, c)
     p = flat.shape[0]
     head = p - p % _TILE
-    if c >= _FEW_CLASSES or head == 0 or z.device.type != "cpu":
+    if c >= _FEW_CLASSES or head == 0 or not cpu_route(z.device):
         return torch.softmax(z, dim=-1)
     tiles = flat[:head].view(head // _TILE, _TILE, c).transpose(1, 2).contiguous()  # [P / tile, C, tile]
     out = torch.empty_like(flat)  # (autograd records the copies into it)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
 from crfrnn_deeplab.crf.products import gram
+from crfrnn_deeplab.crf.routes import cpu_route
 from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
@@ -210,7 +211,7 @@ class _Vertices:
         -1 where absent."""
         if self.packed:  # each row of queries is sorted, as the codes are
             query = self.codes + (steps * self.radix[1:]).sum(1, keepdim=True).to(self.codes.dtype)
-            if query.device.type == "cpu":  # numpy's binary search starts from the last key's place: sorted keys
+            if cpu_route(query.device):  # numpy's binary search starts from the last key's place: sorted keys
                 # go several times faster (295 k vertices × 6 directions: 36 instead of 107 ms, one thread)
                 codes = self.codes.numpy()
                 pos = torch.from_numpy(np.stack([np.searchsorted(codes, row) for row in query.numpy()]))
@@ -237,7 +238,7 @@ def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
     about 40 ms instead of 86 for ``np.unique``, 88 for ``torch.unique``, one thread), or numpy's argsort where
     the codes' span is too wide to pack; then the distinct values are numbered by an int32 cumulative sum (numpy's
     cumsum of a bool mask takes 2-4× as long)."""
-    if x.device.type != "cpu" or x.numel() == 0:
+    if not cpu_route(x.device) or x.numel() == 0:
         return torch.unique(x, return_inverse=True)
     flat = x.numpy().reshape(-1)
     lo, hi = int(flat.min()), int(flat.max())
@@ -437,12 +438,12 @@ def _splat_and_slice(
     index = torch.int32 if max(m, total_points) * d1 < 2**31 else torch.long  # embedding_bag's fast path
     keys = vertices.ids.to(index).reshape(-1)  # the entries, point by point: vertex e % (d+1) of point e // (d+1)
     e = keys.numel()
-    blocked = device.type == "cpu" and p > _SPLAT_BLOCK and m <= _SPLAT_BLOCK * d1
+    blocked = cpu_route(device) and p > _SPLAT_BLOCK and m <= _SPLAT_BLOCK * d1
     span = _SPLAT_BLOCK * d1 if blocked else e  # entries per block
 
     # Splat: a vertex's entries are the points that touch it, in ascending order (within each block of points).
     entry = _stable_argsort(keys, m, span)
-    if device.type == "cpu":  # numpy divides by a constant without a hardware division (3× faster on 4 M entries)
+    if cpu_route(device):  # numpy divides by a constant without a hardware division (3× faster on 4 M entries)
         point = torch.from_numpy(np.floor_divide(entry.numpy(), d1))
     else:
         point = entry // d1
@@ -495,7 +496,7 @@ def _stable_argsort(keys: Tensor, num_keys: int, block: int | None = None) -> Te
     """
     e = keys.numel()
     block = e if block is None else block
-    if keys.device.type != "cpu":
+    if not cpu_route(keys.device):
         keys = keys.to(torch.int16 if num_keys < 2**15 else keys.dtype)  # fewer bytes to move
         return torch.cat([torch.sort(keys[s : s + block], stable=True).indices + s for s in range(0, e, block)])
     ranks, out = keys.numpy(), np.empty(e, dtype=np.int64)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from crfrnn_deeplab.crf.routes import cpu_route
+
 __all__ = ["channel_mix", "gram"]
 
 _BLOCK_ROWS = 4096  # rows per block of the Gram product: both blocks of 21 channels in the L2 cache
@@ -28,7 +30,7 @@ def gram(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"gram takes Tensor[N, C] and Tensor[N, C'], got {tuple(a.shape)} and {tuple(b.shape)}")
     n = a.shape[0]
-    if a.device.type != "cpu" or n < 2 * _BLOCK_ROWS:
+    if not cpu_route(a.device) or n < 2 * _BLOCK_ROWS:
         return a.T @ b
     head = n - n % _BLOCK_ROWS
     a, b = a.contiguous(), b.contiguous()

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crfrnn_deeplab.crf.routes import cpu_route
+
 __all__ = [
     "axis_bandwidths", "channel_blocks", "gaussian_1d", "gaussian_backward", "gaussian_passes", "gaussian_taps",
     "spatial_gaussian",
@@ -112,7 +114,7 @@ def _leading_axis(x: Tensor, taps: Tensor, c: int) -> Tensor:
     """
     taps = taps.to(x.dtype)
     b, length, m = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    if x.device.type == "cpu" and length * m >= _BAND_MIN_VALUES:
+    if cpu_route(x.device) and length * m >= _BAND_MIN_VALUES:
         return _banded_rows(x.reshape(b, length, m).contiguous(), taps)
     lanes = _CPU_BLOCK if c < _CPU_BLOCK and m % _CPU_BLOCK == 0 else c
     x = x.reshape(b, length, m // lanes, lanes).permute(0, 3, 1, 2)
@@ -188,7 +190,7 @@ def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, i
     """
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(f"num_channels must be an int >= 1, got {num_channels!r}")
-    if torch.device(device).type != "cpu" or num_channels <= _CPU_BLOCK:
+    if not cpu_route(device) or num_channels <= _CPU_BLOCK:
         return [(0, num_channels, 0)]
     blocks = [(start, start + _CPU_BLOCK, start) for start in range(0, num_channels - _CPU_BLOCK + 1, _CPU_BLOCK)]
     done = blocks[-1][1]
