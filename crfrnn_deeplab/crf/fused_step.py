@@ -172,6 +172,7 @@ class _Iterations(torch.autograd.Function):
                 k, states = gaussian_passes(a, theta_gamma, ctx.kernels.spacing)
             else:
                 k, states = spatial_gaussian(a, theta_gamma, spacing=ctx.kernels.spacing), None
+            del a
             k = k.view(p, c)
             on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
             bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
@@ -179,6 +180,7 @@ class _Iterations(torch.autograd.Function):
             out = torch.sub(unary.reshape(p, c), bilateral).addcmul_(ns, k @ w_spatial.T, value=-1.0)
             iterates.append([q, k, on_lattice, bilateral if ctx.keep_bilateral else None, states])
             z = out.view(unary.shape)
+            del q, k, on_lattice, bilateral, states, out
         return z, iterates
 
     @staticmethod
@@ -210,8 +212,8 @@ class _Iterations(torch.autograd.Function):
 
         def add_to_unary(term: Tensor) -> None:
             nonlocal total, own
-            if total is None:
-                total = term  # (the first term may be the incoming gradient: not ours to change)
+            if total is None:  # the incoming gradient is not ours to change; a contiguous copy of it is
+                total, own = term, term is not grad
             elif own:
                 total.add_(term)
             else:
@@ -232,6 +234,7 @@ class _Iterations(torch.autograd.Function):
             if not (through or t > 0):  # only the mixes' gradients: iteration 1 has given them
                 break
             e = scaled @ w_spatial  # -∂L/∂k = ns ⊙ (g W_s)
+            del scaled  # (each array is let go at its last use: the peak holds fewer [P, C] arrays)
             if need[4]:
                 spatial_outer.addcmul_(e, k)  # Σ_c e_c k_c = ns ×(-∂L/∂ns), outer product
             if need[6]:
@@ -240,6 +243,7 @@ class _Iterations(torch.autograd.Function):
             else:
                 filtered = spatial_gaussian(e.view(q.shape), theta_gamma, spacing=kernels.spacing)
             filtered = filtered.view(p, c)  # -∂L/∂a, a = ns ⊙ q
+            del e
             if need[4]:
                 spatial_inner.addcmul_(filtered, q.view(p, c))
             grad_q = folded.from_lattice(folded.blur_lattice(splat, transpose=True) @ -w_bilateral).view(p, c)
@@ -251,7 +255,9 @@ class _Iterations(torch.autograd.Function):
             if t == 0 and not first_softmax:
                 break
             grad_q.addcmul_(ns, filtered, value=-1.0)
+            del filtered, g2, g, k, on_lattice, bilateral, kept
             g = torch._softmax_backward_data(grad_q.view(q.shape), q, q.dim() - 1, q.dtype)  # ∂L/∂z_t
+            del grad_q, q
             if t == 0:
                 if logits is None:
                     add_to_unary(g)
