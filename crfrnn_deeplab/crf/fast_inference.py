@@ -118,15 +118,18 @@ def _mean_field_inference(
     # The first softmax reads z_0 from the table: the shift there is the same for every class of a pixel,
     # and softmax ignores such a shift.
     z = table[:p]
-    for _ in range(iterations):
+    for _ in range(iterations):  # (each [P, C] array is let go at its last use, not when its name is bound again)
         q = class_softmax(z)
+        del z
         to_blocks(q)  # while q is in cache
         on_lattice = kernels.lattice.blur_lattice(splat @ q)
+        del q
         if bilateral_potts is None:
             with caller_threads():  # products round by thread count: never by the load
                 torch.mm(on_lattice, mix_bilateral, out=table[-m:])
         else:
             table[-m:] = on_lattice
+        del on_lattice
         if spatial_potts is None:
             spatial = table[p : 2 * p]
             for i, (first, stop, filtered) in enumerate(spatial_blocks()):
@@ -141,6 +144,7 @@ def _mean_field_inference(
             z = update @ table
             for first, stop, filtered in spatial:
                 z[:, first:stop].addcmul_(ns, filtered, value=-spatial_potts[1])
+            del spatial, filtered
     return z.view(b, *sizes, c)
 
 
