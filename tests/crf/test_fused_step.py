@@ -259,3 +259,24 @@ def test_second_backward_through_a_retained_graph(learn_bandwidths):
     assert len(first) == 1 + (6 if learn_bandwidths else 3)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("learn_bandwidths", [False, True])
+@pytest.mark.parametrize("layout", ["channels first", "channels last"])
+def test_backward_leaves_the_incoming_gradient_alone(learn_bandwidths, layout):
+    # The nodes sum z_0's gradient in place into an array of their own: a contiguous copy of the incoming
+    # gradient, never the caller's tensor (which arrives as it is when its memory is already channels-last).
+    crf, logits, image, mask, target = _layer_and_inputs(2, True, 3)
+    for p in (crf.log_theta_alpha, crf.log_theta_beta, crf.log_theta_gamma):
+        p.requires_grad_(learn_bandwidths)
+    gradient = target if layout == "channels first" else target.contiguous(memory_format=torch.channels_last)
+    before = gradient.clone()
+    z = logits.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    out = crf(z, image, mask)
+    (grad_z,) = torch.autograd.grad(out, z, gradient)
+    assert torch.equal(gradient, before)
+    z_reference = logits.clone().requires_grad_(True)
+    torch.manual_seed(0)
+    expected = torch.autograd.grad(crf(z_reference, image, mask), z_reference, target.clone())[0]
+    torch.testing.assert_close(grad_z, expected, rtol=1e-12, atol=1e-14)
