@@ -41,8 +41,13 @@ __all__ = ["applies", "fixed_bandwidth_iterations", "fixed_bandwidth_step", "lea
 def applies(kernels: CRFKernels) -> bool:
     """Whether :func:`fixed_bandwidth_step` computes this batch's iteration: symmetric normalisation and no
     gradient wanted for the bandwidths (nor, therefore, the normalisers)."""
-    constant = (kernels.norm_spatial, kernels.norm_bilateral, kernels.theta_gamma, kernels.scale)
-    return kernels.normalization == "symmetric" and not any(t.requires_grad for t in constant)
+    return kernels.normalization == "symmetric" and not _bandwidths_learned(kernels)
+
+
+def _bandwidths_learned(kernels: CRFKernels) -> bool:
+    """Whether the bandwidths, and so the normalisers, want a gradient."""
+    depend_on_bandwidths = (kernels.norm_spatial, kernels.norm_bilateral, kernels.theta_gamma, kernels.scale)
+    return any(t.requires_grad for t in depend_on_bandwidths)
 
 
 def fixed_bandwidth_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor]) -> Tensor:
@@ -61,11 +66,7 @@ def fixed_bandwidth_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pai
         ValueError: where the node does not compute the iteration (learned bandwidths or ``after``
             normalisation: its gradients would miss the normalisers', its forward the other normalisation).
     """
-    if not applies(kernels):
-        raise ValueError(
-            "fixed_bandwidth_step needs the symmetric normalisation and bandwidths without gradient, got "
-            f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
-        )
+    _require_fixed(kernels, "fixed_bandwidth_step")
     return _apply(unary, logits, kernels, pairwise, 1)
 
 
@@ -86,11 +87,7 @@ def fixed_bandwidth_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tup
     Returns:
         Tensor[B, *S, C], ``z_T``.
     """
-    if not applies(kernels):
-        raise ValueError(
-            "fixed_bandwidth_iterations needs the symmetric normalisation and bandwidths without gradient, got "
-            f"normalization={kernels.normalization!r} and bandwidths that require grad: use mean_field_step"
-        )
+    _require_fixed(kernels, "fixed_bandwidth_iterations")
     _check_iterations(iterations)
     return _apply(unary, None, kernels, pairwise, iterations)
 
@@ -116,6 +113,17 @@ def learned_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tenso
         raise ValueError(f"learned_iterations needs the symmetric normalisation, got {kernels.normalization!r}")
     _check_iterations(iterations)
     return _apply(unary, None, kernels, pairwise, iterations)
+
+
+def _require_fixed(kernels: CRFKernels, caller: str) -> None:
+    """Raises where :func:`applies` does not hold, naming what fails."""
+    if applies(kernels):
+        return
+    found = [] if kernels.normalization == "symmetric" else [f"normalization={kernels.normalization!r}"]
+    if _bandwidths_learned(kernels):
+        found.append("bandwidths that require grad")
+    raise ValueError(f"{caller} needs the symmetric normalisation and bandwidths without gradient, got "
+                     f"{' and '.join(found)}: use mean_field_step")
 
 
 def _check_iterations(iterations: object) -> None:

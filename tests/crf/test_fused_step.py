@@ -126,6 +126,9 @@ def test_fused_step_refuses_kernels_it_does_not_compute(learn, normalization):
         fused_step.fixed_bandwidth_step(z, z, crf.kernels(image), crf.pairwise())
     with pytest.raises(ValueError, match="symmetric normalisation and bandwidths without gradient"):
         fused_step.fixed_bandwidth_iterations(z, crf.kernels(image), crf.pairwise(), 2)
+    found = "bandwidths that require grad" if learn else "normalization='after'"  # only what fails is named
+    with pytest.raises(ValueError, match=f"got {found}: use mean_field_step"):
+        fused_step.fixed_bandwidth_step(z, z, crf.kernels(image), crf.pairwise())
 
 
 @pytest.mark.parametrize("iterations", [0, -1, 2.0, True])
