@@ -29,7 +29,7 @@ from bench_crf import DENSECRF_PARAMS, _high_water_mib, scene  # noqa: E402
 
 from crfrnn_deeplab.allocator import retain_freed_memory  # noqa: E402
 from crfrnn_deeplab.crf import MeanFieldCRF, fused_step  # noqa: E402
-from crfrnn_deeplab.crf.mean_field import mean_field_step  # noqa: E402
+from crfrnn_deeplab.crf.mean_field import mean_field_steps  # noqa: E402
 
 NODES = (fused_step.applies, fused_step.learned_iterations)
 
@@ -49,16 +49,9 @@ def setup(size: int, batch: int, classes: int, learned: bool):
     return step
 
 
-def separate(unary, kernels, pairwise, iterations):
-    """The layer's iterations as autograd's nodes (with fused_step.applies off)."""
-    z = unary
-    for _ in range(iterations):
-        z = mean_field_step(unary, z, kernels, pairwise)
-    return z
-
-
 def use_fused(on: bool) -> None:
-    fused_step.applies, fused_step.learned_iterations = NODES if on else ((lambda kernels: False), separate)
+    """The layer's iterations as the one node, or (off) as autograd's nodes: mean_field_steps, applies False."""
+    fused_step.applies, fused_step.learned_iterations = NODES if on else ((lambda kernels: False), mean_field_steps)
 
 
 def child_memory(args) -> None:

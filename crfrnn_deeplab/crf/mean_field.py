@@ -34,7 +34,7 @@ from crfrnn_deeplab.images import (
     check_valid_mask,
 )
 
-__all__ = ["MeanFieldCRF", "check_crf_inputs", "fixed_crf", "mean_field_step"]
+__all__ = ["MeanFieldCRF", "check_crf_inputs", "fixed_crf", "mean_field_step", "mean_field_steps"]
 
 
 @torch.compiler.disable  # custom autograd nodes holding the lattice, which Dynamo cannot trace: eager when compiled
@@ -64,6 +64,13 @@ def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tens
         return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
     if iterations > 0 and kernels.normalization == "symmetric":
         return fused_step.learned_iterations(unary, kernels, pairwise, iterations)
+    return mean_field_steps(unary, kernels, pairwise, iterations)
+
+
+def mean_field_steps(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
+    """``iterations`` chained :func:`mean_field_step` calls from ``z_0 = unary`` (Tensor[B, *S, C]): the reference
+    path of the layer's training iterations, one autograd record per step, against which the one-node forms of
+    :mod:`.fused_step` are tested."""
     z = unary
     for _ in range(iterations):
         z = mean_field_step(unary, z, kernels, pairwise)

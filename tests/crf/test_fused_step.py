@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crfrnn_deeplab.crf import MeanFieldCRF, fused_step
-from crfrnn_deeplab.crf.mean_field import mean_field_step
+from crfrnn_deeplab.crf.mean_field import mean_field_step, mean_field_steps
 
 
 def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
@@ -28,14 +28,6 @@ def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
     return crf, logits, image, mask, target
 
 
-def _loop(unary, kernels, pairwise, iterations):
-    """The layer's iterations through mean_field_step (autograd's nodes where the fixed node does not apply)."""
-    z = unary
-    for _ in range(iterations):
-        z = mean_field_step(unary, z, kernels, pairwise)
-    return z
-
-
 def _run(crf, logits, image, mask, target):
     crf.zero_grad()
     z = logits.clone().requires_grad_(True)
@@ -54,7 +46,7 @@ def test_fused_iterations_equal_autograd_path(monkeypatch, spatial_dims, masked,
     fused, fused_grads = _run(crf, logits, image, mask, target)
     assert calls == [crf.train_iterations]  # the layer's iterations took the one node
     monkeypatch.setattr(fused_step, "applies", lambda kernels: False)
-    monkeypatch.setattr(fused_step, "learned_iterations", _loop)
+    monkeypatch.setattr(fused_step, "learned_iterations", mean_field_steps)
     nodes, node_grads = _run(crf, logits, image, mask, target)
     assert calls == [crf.train_iterations]
     torch.testing.assert_close(fused, nodes, rtol=1e-12, atol=1e-12)
@@ -100,7 +92,7 @@ def test_fused_iterations_without_the_unary_gradient():
         with pytest.MonkeyPatch.context() as patch:
             if not fused:
                 patch.setattr(fused_step, "applies", lambda kernels: False)
-                patch.setattr(fused_step, "learned_iterations", _loop)
+                patch.setattr(fused_step, "learned_iterations", mean_field_steps)
             (crf(logits, image, mask) * target).sum().backward()
         results.append([p.grad.clone() for p in (crf.compatibility, crf.spatial_weight, crf.bilateral_weight)])
     for a, b in zip(*results):
@@ -205,7 +197,7 @@ def test_learned_iterations_equal_autograd_path(monkeypatch, spatial_dims, maske
     monkeypatch.setattr(fused_step, "learned_iterations", lambda *a: calls.append(a[-1]) or node(*a))
     fused, count = run()
     assert calls and count == 6 - (2 if learned == "gamma" else 1 if learned == "alpha beta" else 0)
-    monkeypatch.setattr(fused_step, "learned_iterations", _loop)
+    monkeypatch.setattr(fused_step, "learned_iterations", mean_field_steps)
     for a, b in zip(fused, run()[0]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
