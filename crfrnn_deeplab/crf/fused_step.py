@@ -35,7 +35,7 @@ from crfrnn_deeplab.crf.kernels import CRFKernels
 from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.spatial import gaussian_backward, gaussian_passes, spatial_gaussian
 
-__all__ = ["applies", "fixed_bandwidth_iterations", "fixed_bandwidth_step", "learned_iterations"]
+__all__ = ["applies", "check_iterations", "fixed_bandwidth_iterations", "fixed_bandwidth_step", "learned_iterations"]
 
 
 def applies(kernels: CRFKernels) -> bool:
@@ -88,7 +88,7 @@ def fixed_bandwidth_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tup
         Tensor[B, *S, C], ``z_T``.
     """
     _require_fixed(kernels, "fixed_bandwidth_iterations")
-    _check_iterations(iterations)
+    check_iterations(iterations)
     return _apply(unary, None, kernels, pairwise, iterations)
 
 
@@ -111,7 +111,7 @@ def learned_iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tenso
     """
     if kernels.normalization != "symmetric":
         raise ValueError(f"learned_iterations needs the symmetric normalisation, got {kernels.normalization!r}")
-    _check_iterations(iterations)
+    check_iterations(iterations)
     return _apply(unary, None, kernels, pairwise, iterations)
 
 
@@ -126,9 +126,10 @@ def _require_fixed(kernels: CRFKernels, caller: str) -> None:
                      f"{' and '.join(found)}: use mean_field_step")
 
 
-def _check_iterations(iterations: object) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+def check_iterations(iterations: object, minimum: int = 1) -> None:
+    """Raises ValueError unless ``iterations`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < minimum:
+        raise ValueError(f"iterations must be an int >= {minimum}, got {iterations!r}")
 
 
 def _apply(unary: Tensor, logits: Tensor | None, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor],

@@ -70,7 +70,8 @@ def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tens
 def mean_field_steps(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
     """``iterations`` chained :func:`mean_field_step` calls from ``z_0 = unary`` (Tensor[B, *S, C]): the reference
     path of the layer's training iterations, one autograd record per step, against which the one-node forms of
-    :mod:`.fused_step` are tested."""
+    :mod:`.fused_step` are tested. ``iterations`` >= 0 (0: ``unary`` itself)."""
+    fused_step.check_iterations(iterations, minimum=0)
     z = unary
     for _ in range(iterations):
         z = mean_field_step(unary, z, kernels, pairwise)

@@ -131,6 +131,15 @@ def test_fused_iterations_need_a_positive_count(iterations):
         fused_step.fixed_bandwidth_iterations(z, crf.kernels(image), crf.pairwise(), iterations)
 
 
+@pytest.mark.parametrize("iterations", [-1, 2.0, True, None])
+def test_mean_field_steps_need_a_count(iterations):
+    crf = MeanFieldCRF(num_classes=3).train()
+    image, z = torch.rand(1, 3, 5, 6) * 255, torch.randn(1, 5, 6, 3)
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        mean_field_steps(z, crf.kernels(image), crf.pairwise(), iterations)
+    assert mean_field_steps(z, crf.kernels(image), crf.pairwise(), 0) is z
+
+
 def test_fused_step_gradcheck():
     crf, logits, image, mask, _ = _layer_and_inputs(2, True, 3)
     kernels = crf.kernels(image, mask)
