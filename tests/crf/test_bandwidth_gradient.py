@@ -198,7 +198,9 @@ def crf_inputs(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, c
     (logits Tensor[1, C, H, W], image Tensor[1, 3, H, W], labels Tensor[1, H, W])."""
     h, w = label.shape
     hs, ws = max(2, h // 4), max(2, w // 4)
-    coarse = cv2.resize(np.eye(c, dtype=np.float32)[label], (ws, hs), interpolation=cv2.INTER_AREA).reshape(hs, ws, c)
+    onehot = np.eye(c, dtype=np.float32)[label]  # INTER_AREA takes at most 4 channels at a non-integer scale
+    coarse = np.concatenate([cv2.resize(onehot[..., k : k + 4], (ws, hs), interpolation=cv2.INTER_AREA)
+                             .reshape(hs, ws, -1) for k in range(0, c, 4)], -1)
     coarse = scale * coarse + rng.normal(0, coarse_noise, coarse.shape).astype(np.float32)
     logits = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, c).transpose(2, 0, 1)
     logits = logits + rng.normal(0, pixel_noise, logits.shape)
@@ -362,21 +364,44 @@ RECOVERY_OPTIMUM = (2.981, 25.015, 1.218)
 RECOVERY_STARTS = ((0.3, 3.0, 0.3), (3.5, 3.0, 3.0))  # × the optimum
 
 
-def exact_crf_loss(scene_, theta_alpha, theta_beta, theta_gamma) -> float:
+def exact_crf_logits(scene_, theta_alpha, theta_beta, theta_gamma) -> torch.Tensor:
+    """The exact dense CRF's output on a recovery scene with RECOVERY's weights (bandwidths: floats or tensors)."""
     logits, image, label = scene_
     eye = torch.eye(logits.shape[1], dtype=torch.float64)
-    out = dense_crf(logits, image, spatial_weight=RECOVERY["spatial_weight"] * eye,
-                    bilateral_weight=RECOVERY["bilateral_weight"] * eye, compatibility=1 - eye,
-                    theta_alpha=torch.tensor(theta_alpha), theta_beta=torch.tensor(theta_beta),
-                    theta_gamma=torch.tensor(theta_gamma), iterations=5, normalization=RECOVERY["normalization"])
-    return float(F.cross_entropy(out, label))
+    theta = [torch.as_tensor(t, dtype=torch.float64) for t in (theta_alpha, theta_beta, theta_gamma)]
+    return dense_crf(logits, image, spatial_weight=RECOVERY["spatial_weight"] * eye,
+                     bilateral_weight=RECOVERY["bilateral_weight"] * eye, compatibility=1 - eye,
+                     theta_alpha=theta[0], theta_beta=theta[1], theta_gamma=theta[2], iterations=5,
+                     normalization=RECOVERY["normalization"])
 
 
-def descend(start: tuple[float, float, float], steps: int = 150) -> np.ndarray:
+def exact_crf_loss(scene_, theta_alpha, theta_beta, theta_gamma) -> float:
+    return float(F.cross_entropy(exact_crf_logits(scene_, theta_alpha, theta_beta, theta_gamma), scene_[2]))
+
+
+def exact_optimum(seed: int) -> tuple[np.ndarray, bool]:
+    """The exact CRF's best (θα, θβ, θγ) on ``recovery_scene(seed)``: a log-spaced grid search of its loss refined
+    by Nelder-Mead, and whether the grid's best point is interior (else the loss has no optimum in range)."""
+    from scipy.optimize import minimize
+
+    scene_ = recovery_scene(seed)
+    grid = [np.geomspace(2, 64, 7), np.geomspace(4, 100, 7), np.geomspace(0.5, 6, 5)]
+    losses = np.array([[[exact_crf_loss(scene_, a, b, g) for g in grid[2]] for b in grid[1]] for a in grid[0]])
+    best = np.unravel_index(losses.argmin(), losses.shape)
+    interior = all(0 < i < n - 1 for i, n in zip(best, losses.shape))
+    start = np.log([grid[k][i] for k, i in enumerate(best)])
+    result = minimize(lambda x: exact_crf_loss(scene_, *np.exp(x)), start, method="Nelder-Mead",
+                      options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
+    return np.exp(result.x), interior
+
+
+def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = RECOVERY["seed"],
+            optimum=RECOVERY_OPTIMUM, exact: bool = False) -> np.ndarray:
     """Adam (lr 0.05) on the log-bandwidths alone (unaries and kernel weights frozen) from ``start`` × the
-    optimum: the end bandwidths divided by the exact CRF's optimum, per θ."""
-    logits, image, label = recovery_scene(RECOVERY["seed"])
-    begin = [o * f for o, f in zip(RECOVERY_OPTIMUM, start)]
+    optimum, on ``recovery_scene(seed)``: the end bandwidths divided by the exact CRF's optimum, per θ. The
+    layer's gradient, or with ``exact`` the exact dense CRF's own (autograd through its kernel matrices)."""
+    scene_ = logits, image, label = recovery_scene(seed)
+    begin = [o * f for o, f in zip(optimum, start)]
     crf = MeanFieldCRF(num_classes=3, spatial_weight=RECOVERY["spatial_weight"],
                        bilateral_weight=RECOVERY["bilateral_weight"], theta_alpha=begin[0], theta_beta=begin[1],
                        theta_gamma=begin[2], normalization=RECOVERY["normalization"], train_iterations=5,
@@ -385,9 +410,10 @@ def descend(start: tuple[float, float, float], steps: int = 150) -> np.ndarray:
     optimiser = torch.optim.Adam(bandwidths, lr=0.05)
     for _ in range(steps):
         optimiser.zero_grad()
-        F.cross_entropy(crf(logits, image), label).backward()
+        out = exact_crf_logits(scene_, *[p.exp() for p in bandwidths]) if exact else crf(logits, image)
+        F.cross_entropy(out, label).backward()
         optimiser.step()
-    return np.array([float(p.detach().exp()) for p in bandwidths]) / np.array(RECOVERY_OPTIMUM)
+    return np.array([float(p.detach().exp()) for p in bandwidths]) / np.array(optimum)
 
 
 @pytest.mark.parametrize("start", [RECOVERY_STARTS[0], pytest.param(RECOVERY_STARTS[1], marks=pytest.mark.slow)])
@@ -399,17 +425,9 @@ def test_gradient_descent_recovers_the_exact_crfs_bandwidths(start):
 
 @pytest.mark.slow
 def test_recovery_optimum_is_the_exact_crfs():
-    from scipy.optimize import minimize
-
-    scene_ = recovery_scene(RECOVERY["seed"])
-    grid = [np.geomspace(2, 64, 7), np.geomspace(4, 100, 7), np.geomspace(0.5, 6, 5)]
-    losses = np.array([[[exact_crf_loss(scene_, a, b, g) for g in grid[2]] for b in grid[1]] for a in grid[0]])
-    best = np.unravel_index(losses.argmin(), losses.shape)
-    assert all(0 < i < n - 1 for i, n in zip(best, losses.shape)), "the optimum must be interior"
-    start = np.log([grid[k][i] for k, i in enumerate(best)])
-    result = minimize(lambda x: exact_crf_loss(scene_, *np.exp(x)), start, method="Nelder-Mead",
-                      options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
-    np.testing.assert_allclose(np.exp(result.x), RECOVERY_OPTIMUM, rtol=0.03)
+    optimum, interior = exact_optimum(RECOVERY["seed"])
+    assert interior, "the optimum must be interior"
+    np.testing.assert_allclose(optimum, RECOVERY_OPTIMUM, rtol=0.03)
 
 
 @pytest.mark.parametrize("points", [30, 2000])  # all pairs / sampled pairs
