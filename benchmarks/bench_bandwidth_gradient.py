@@ -14,9 +14,15 @@ Sections:
               factor) and the lattice moment identity (the previous estimator) divided by the exact dense CRF's
               gradient; the cosine of the full CRF-parameter gradient with the exact CRF's; how much the mass
               ratio c_i varies over an image's pixels.
+    drawn     cases drawn at random (--cases, --seed) from the accuracy section's kinds, sizes, classes, weights and
+              bandwidths: the same ratios and cosines, the cosine of the weight and compatibility gradients alone
+              (no bandwidth estimate involved), the best cosine any bandwidth estimator could reach with this
+              forward pass (ours with the exact CRF's three bandwidth gradients), and how far the forward pass is
+              from the exact CRF's, next to densecrf's.
     sampled   40×48 images (above EXACT_POINTS: pairs sampled): ours / the ideal and / exact over seeds.
     recovery  gradient descent on the bandwidths alone from 3-4× off the exact CRF's optimum, with each
-              gradient: where each θ ends, relative to the optimum.
+              gradient and with the exact CRF's own: where each θ ends, relative to the optimum, on the test's
+              scene or on --scenes (their optima found here).
     cost      5 mean-field iterations forward+backward at 321×321, 21 classes: bandwidths learned vs fixed,
               in interleaved pairs, and as a share of deeplabv2_resnet101 forward+backward (wall clock, or
               with --cpu-time --threads 1 the CPU time of the process, steadier on a shared machine).
@@ -39,15 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "crf"), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_crf import DENSECRF_PARAMS, scene as bench_scene, timed_pairs  # noqa: E402
+from crf_scenes import densecrf_q  # noqa: E402
 from test_bandwidth_gradient import (  # noqa: E402
     CASES,
     NORMALIZATIONS,
+    RECOVERY,
     RECOVERY_OPTIMUM,
     RECOVERY_STARTS,
     crf_gradient,
     dense_pairs,
     descend,
     exact_crf_gradient,
+    exact_crf_loss,
+    exact_optimum,
+    recovery_scene,
     scene,
 )
 
@@ -55,7 +66,7 @@ from crfrnn_deeplab import MeanFieldCRF  # noqa: E402
 from crfrnn_deeplab.crf import bandwidth_gradient, kernels as kernels_module  # noqa: E402
 from crfrnn_deeplab.crf.kernels import bilateral_features  # noqa: E402
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice  # noqa: E402
-from crfrnn_deeplab.crf.reference import dense_gaussian  # noqa: E402
+from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian  # noqa: E402
 
 BANDWIDTHS = ("θα", "θβ", "θγ")
 
@@ -167,6 +178,84 @@ def section_accuracy(args) -> None:
               f"({sum(x >= 0.98 for x in c)}/{len(c)} >= 0.98)")
 
 
+def draw_case(rng: np.random.Generator) -> tuple:
+    """A case like the accuracy section's, drawn at random: kind, seed, 16-24 × 16-32 pixels, 3-5 classes, spatial
+    weight 1-5, bilateral weight 3-10, θα 10-100, θβ 5-30, θγ 1-3 (the bandwidths log-uniform)."""
+    log_uniform = lambda low, high: float(np.exp(rng.uniform(np.log(low), np.log(high))))  # noqa: E731
+    return (str(rng.choice(["synthetic", "textured", "natural"])), int(rng.integers(10_000, 100_000)),
+            int(rng.integers(16, 25)), int(rng.integers(16, 33)), int(rng.integers(3, 6)),
+            round(float(rng.uniform(1, 5)), 2), round(float(rng.uniform(3, 10)), 2),
+            round(log_uniform(10, 100), 1), round(log_uniform(5, 30), 1), round(log_uniform(1, 3), 2))
+
+
+def forward_errors(case, normalization) -> tuple[float, float | None]:
+    """Mean |ΔQ| after 5 iterations against the exact dense CRF: the layer's, and densecrf's (symmetric only)."""
+    kind, seed, h, w, c, ws, wb, ta, tb, tg = case
+    logits, image, _ = scene(kind, seed, h, w, c)
+    crf = MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
+                       theta_gamma=tg, normalization=normalization, train_iterations=5).double().train()
+    eye, t = torch.eye(c, dtype=torch.float64), lambda x: torch.tensor(float(x), dtype=torch.float64)
+    exact = dense_crf(logits, image, spatial_weight=ws * eye, bilateral_weight=wb * eye, compatibility=1 - eye,
+                      theta_alpha=t(ta), theta_beta=t(tb), theta_gamma=t(tg), iterations=5,
+                      normalization=normalization).softmax(1)[0]
+    with torch.no_grad():
+        ours = float((crf(logits, image).softmax(1)[0] - exact).abs().mean())
+    if normalization != "symmetric":
+        return ours, None
+    rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    theirs = densecrf_q(logits[0].float().numpy(), rgb, 5, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta,
+                        theta_beta=tb, theta_gamma=tg)
+    return ours, float((torch.from_numpy(theirs).double() - exact).abs().mean())
+
+
+def section_drawn(args) -> None:
+    print(f"\n## {args.cases} cases drawn at random (seed {args.seed}) × both normalisations, float64, T = 5")
+    print("cos: of the full CRF-parameter gradient with the exact CRF's; weights+μ: of the kernel-weight and "
+          "compatibility gradients alone; ceiling: ours with the exact CRF's bandwidth gradients (the best any "
+          "bandwidth estimator can do with this forward pass); |ΔQ|: forward pass against the exact CRF")
+    print(f"{'case':<44}{'norm':>5}{'ours/ideal α β γ':>22}{'cos':>8}{'moments':>9}{'weights+μ':>10}"
+          f"{'ceiling':>9}{'|ΔQ| ours':>11}{'densecrf':>10}")
+    rng = np.random.default_rng(args.seed)
+    columns = {k: [] for k in ("cos", "moments", "weights+μ", "ceiling")}
+    ratios, errors = [], []
+    for _ in range(args.cases):
+        case = draw_case(rng)
+        c = case[4]
+        for normalization in NORMALIZATIONS:
+            torch.manual_seed(0)
+            ours = crf_gradient(case, normalization)
+            with dense_pairs("pair"):
+                ideal = crf_gradient(case, normalization)
+            with pairs_from(LatticeMoments):
+                moments = crf_gradient(case, normalization)
+            exact = exact_crf_gradient(case, normalization)
+            weights = slice(0, 3 * c * c)
+            cos = lambda a, b: float(F.cosine_similarity(a, b, dim=0))  # noqa: E731
+            best = torch.cat([ours[:-3], exact[-3:]])  # the exact CRF's bandwidth gradients in ours
+            row = {"cos": cos(ours, exact), "moments": cos(moments, exact),
+                   "weights+μ": cos(ours[weights], exact[weights]), "ceiling": cos(best, exact)}
+            for k, v in row.items():
+                columns[k].append(v)
+            r = (ours[-3:] / ideal[-3:]).tolist()
+            ratios.extend(r)
+            errors.append(forward_errors(case, normalization))
+            theirs = "" if errors[-1][1] is None else f"{errors[-1][1]:.1e}"
+            kind, seed, h, w, _, ws, wb, ta, tb, tg = case
+            label = f"{kind}{seed} {h}×{w} C{c} w {ws}/{wb} θ {ta}/{tb}/{tg}"
+            print(f"{label:<44}{normalization[:3]:>5}" + "".join(f"{x:>7.3f}" for x in r)
+                  + "".join(f"{v:>{w}.4f}" for v, w in zip(row.values(), (8, 9, 10, 9)))
+                  + f"{errors[-1][0]:>11.1e}{theirs:>10}", flush=True)
+    n = len(columns["cos"])
+    print(f"\nours / ideal over all {len(ratios)} bandwidth gradients: min {min(ratios):.4f} max {max(ratios):.4f}")
+    for k, v in columns.items():
+        print(f"cosine {k:<10} min {min(v):7.4f}  median {statistics.median(v):.4f}  "
+              f"{sum(x >= 0.98 for x in v)}/{n} >= 0.98")
+    sym = [e for e in errors if e[1] is not None]
+    print(f"forward mean |ΔQ| vs exact, symmetric: ours median {statistics.median(e[0] for e in sym):.4f} "
+          f"(max {max(e[0] for e in sym):.4f}), densecrf median {statistics.median(e[1] for e in sym):.4f} "
+          f"(max {max(e[1] for e in sym):.4f})")
+
+
 def section_sampled(args) -> None:
     print("\n## Sampled pairs (40×48 = 1920 px > EXACT_POINTS): over 8 seeds, min median max of the ratio")
     cases = [("natural", 2, 40, 48, 4, 3.0, 5.0, 20.0, 13.0, 3.0), ("synthetic", 1, 40, 48, 3, 3.0, 10.0, 80.0, 13.0, 3.0)]
@@ -190,20 +279,61 @@ def section_sampled(args) -> None:
                       + f"{min(cos):>9.4f}")
 
 
+def layer_optimum(scene_, start: np.ndarray) -> np.ndarray:
+    """The best (θα, θβ, θγ) for the layer's own loss (its lattice forward pass, no gradient): Nelder-Mead from
+    ``start``. What a perfect gradient of this forward pass would descend to."""
+    from scipy.optimize import minimize
+
+    logits, image, label = scene_
+
+    def loss(x):
+        ta, tb, tg = np.exp(x)
+        crf = MeanFieldCRF(num_classes=logits.shape[1], spatial_weight=RECOVERY["spatial_weight"],
+                           bilateral_weight=RECOVERY["bilateral_weight"], theta_alpha=ta, theta_beta=tb,
+                           theta_gamma=tg, normalization=RECOVERY["normalization"], train_iterations=5).double()
+        with torch.no_grad():
+            return float(F.cross_entropy(crf.train()(logits, image), label))
+
+    result = minimize(loss, np.log(start), method="Nelder-Mead", options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
+    return np.exp(result.x)
+
+
 def section_recovery(args) -> None:
-    print(f"\n## Recovery (tests/crf/test_bandwidth_gradient.py): Adam lr 0.05, 150 steps on the log-bandwidths "
-          f"alone; exact CRF optimum (θα, θβ, θγ) = {RECOVERY_OPTIMUM} (grid search + Nelder-Mead of its loss)")
-    print(f"{'gradient':<30}{'start θα θβ θγ':>24}{'end θα θβ θγ':>24}{'% off the optimum α β γ':>28}")
-    for start in RECOVERY_STARTS:
-        begin = [o * f for o, f in zip(RECOVERY_OPTIMUM, start)]
-        for name, context in (("ours", contextlib.nullcontext), ("previous (lattice moments)",
-                                                                lambda: pairs_from(LatticeMoments))):
-            torch.manual_seed(0)
-            with context():
-                end = descend(start) * np.array(RECOVERY_OPTIMUM)
-            off = 100 * (end / np.array(RECOVERY_OPTIMUM) - 1)
-            print(f"{name:<30}" + "".join(f"{x:>8.2f}" for x in begin) + "".join(f"{x:>8.2f}" for x in end)
-                  + "".join(f"{x:>+9.1f}" for x in off))
+    print("\n## Recovery (tests/crf/test_bandwidth_gradient.py): Adam lr 0.05, 150 steps on the log-bandwidths "
+          "alone, from 3-4× off the exact CRF's optimum (grid search + Nelder-Mead of its loss); 'exact CRF' is "
+          "the same descent on the exact dense CRF's own gradient")
+    print(f"{'scene':<7}{'gradient':<28}{'start θα θβ θγ':>24}{'end θα θβ θγ':>24}"
+          f"{'% off the optimum α β γ':>28}{'exact loss at end':>19}")
+    within = {}
+    for seed in args.scenes:
+        if seed == RECOVERY["seed"]:
+            optimum, interior = np.array(RECOVERY_OPTIMUM), True
+        else:
+            optimum, interior = exact_optimum(seed)
+        scene_ = recovery_scene(seed)
+        print(f"{seed:<7}optimum {np.round(optimum, 3).tolist()}, exact loss {exact_crf_loss(scene_, *optimum):.4f}"
+              + ("" if interior else ": not interior (the loss is flat along a θ), skipped"))
+        if not interior:
+            continue
+        own = layer_optimum(scene_, optimum)
+        name = "the layer's own optimum"
+        print(f"{'':<7}{name:<28}{'':>24}" + "".join(f"{x:>8.2f}" for x in own)
+              + "".join(f"{x:>+9.1f}" for x in 100 * (own / optimum - 1)) + f"{exact_crf_loss(scene_, *own):>19.4f}")
+        for start in RECOVERY_STARTS:
+            begin = optimum * np.array(start)
+            for name, context, exact in (("ours", contextlib.nullcontext, False),
+                                         ("previous (lattice moments)", lambda: pairs_from(LatticeMoments), False),
+                                         ("exact CRF", contextlib.nullcontext, True)):
+                torch.manual_seed(0)
+                with context():
+                    end = descend(start, seed=seed, optimum=tuple(optimum), exact=exact) * optimum
+                off = 100 * (end / optimum - 1)
+                within.setdefault(name, []).append(bool((np.abs(off) < 10).all()))
+                print(f"{'':<7}{name:<28}" + "".join(f"{x:>8.2f}" for x in begin)
+                      + "".join(f"{x:>8.2f}" for x in end) + "".join(f"{x:>+9.1f}" for x in off)
+                      + f"{exact_crf_loss(scene_, *end):>19.4f}", flush=True)
+    for name, hits in within.items():
+        print(f"{name}: every θ within 10 % of the optimum in {sum(hits)}/{len(hits)} descents")
 
 
 def section_cost(args) -> None:
@@ -253,8 +383,8 @@ def section_cost(args) -> None:
         print(f"{name:<40}{t * 1e3:>10.1f}{ratio:>34}{share:>14}")
 
 
-SECTIONS = {"accuracy": section_accuracy, "sampled": section_sampled, "recovery": section_recovery,
-            "cost": section_cost}
+SECTIONS = {"accuracy": section_accuracy, "drawn": section_drawn, "sampled": section_sampled,
+            "recovery": section_recovery, "cost": section_cost}
 
 
 def main() -> None:
@@ -262,6 +392,10 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--cases", type=int, default=24, help="drawn section: how many cases to draw")
+    parser.add_argument("--seed", type=int, default=0, help="drawn section: the seed of the draw")
+    parser.add_argument("--scenes", type=lambda x: [int(v) for v in x.split(",")], default=[RECOVERY["seed"]],
+                        help="recovery section: the recovery scenes' seeds, comma-separated (default: the test's)")
     parser.add_argument("--no-network", action="store_true", help="skip timing the network (slow on a CPU)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time the cost section in CPU time of this process (use with --threads 1)")
