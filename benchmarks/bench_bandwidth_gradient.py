@@ -55,6 +55,7 @@ from test_bandwidth_gradient import (  # noqa: E402
     crf_gradient,
     dense_pairs,
     descend,
+    draw_case,
     exact_crf_gradient,
     exact_crf_loss,
     exact_optimum,
@@ -176,16 +177,6 @@ def section_accuracy(args) -> None:
     for name, c in cosines.items():
         print(f"cosine with the exact CRF, {name}: min {min(c):.4f} median {statistics.median(c):.4f} "
               f"({sum(x >= 0.98 for x in c)}/{len(c)} >= 0.98)")
-
-
-def draw_case(rng: np.random.Generator) -> tuple:
-    """A case like the accuracy section's, drawn at random: kind, seed, 16-24 × 16-32 pixels, 3-5 classes, spatial
-    weight 1-5, bilateral weight 3-10, θα 10-100, θβ 5-30, θγ 1-3 (the bandwidths log-uniform)."""
-    log_uniform = lambda low, high: float(np.exp(rng.uniform(np.log(low), np.log(high))))  # noqa: E731
-    return (str(rng.choice(["synthetic", "textured", "natural"])), int(rng.integers(10_000, 100_000)),
-            int(rng.integers(16, 25)), int(rng.integers(16, 33)), int(rng.integers(3, 6)),
-            round(float(rng.uniform(1, 5)), 2), round(float(rng.uniform(3, 10)), 2),
-            round(log_uniform(10, 100), 1), round(log_uniform(5, 30), 1), round(log_uniform(1, 3), 2))
 
 
 def forward_errors(case, normalization) -> tuple[float, float | None]:

@@ -253,6 +253,16 @@ def exact_crf_gradient(case, normalization) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in params])
 
 
+def draw_case(rng: np.random.Generator) -> tuple:
+    """A case like the accuracy section's, drawn at random: kind, seed, 16-24 × 16-32 pixels, 3-5 classes, spatial
+    weight 1-5, bilateral weight 3-10, θα 10-100, θβ 5-30, θγ 1-3 (the bandwidths log-uniform)."""
+    log_uniform = lambda low, high: float(np.exp(rng.uniform(np.log(low), np.log(high))))  # noqa: E731
+    return (str(rng.choice(["synthetic", "textured", "natural"])), int(rng.integers(10_000, 100_000)),
+            int(rng.integers(16, 25)), int(rng.integers(16, 33)), int(rng.integers(3, 6)),
+            round(float(rng.uniform(1, 5)), 2), round(float(rng.uniform(3, 10)), 2),
+            round(log_uniform(10, 100), 1), round(log_uniform(5, 30), 1), round(log_uniform(1, 3), 2))
+
+
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}{c[1]}-{c[2]}x{c[3]}" for c in CASES])
 def test_crf_bandwidth_gradient_against_ideal_and_exact_crf(case, normalization):
@@ -263,6 +273,31 @@ def test_crf_bandwidth_gradient_against_ideal_and_exact_crf(case, normalization)
     assert ((ratio > 0.85) & (ratio < 1.15)).all(), (ours[-3:], ideal[-3:])
     exact = exact_crf_gradient(case, normalization)
     assert F.cosine_similarity(ours, exact, dim=0) >= 0.98, (ours[-3:], exact[-3:])
+
+
+DRAWN = [draw_case(rng) for rng in [np.random.default_rng(2026)] for _ in range(4)]
+
+
+def test_drawn_cases_are_reproducible_distinct_and_in_range():
+    rng = np.random.default_rng(4)
+    cases = [draw_case(rng) for _ in range(50)]
+    assert cases[0] == draw_case(np.random.default_rng(4)) and len(set(cases)) == 50
+    for kind, _, h, w, c, ws, wb, ta, tb, tg in cases:
+        assert kind in ("synthetic", "textured", "natural")
+        assert 16 <= h <= 24 and 16 <= w <= 32 and 3 <= c <= 5
+        assert 1 <= ws <= 5 and 3 <= wb <= 10 and 10 <= ta <= 100 and 5 <= tb <= 30 and 1 <= tg <= 3
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("case", DRAWN, ids=[f"{c[0]}{c[1]}-{c[2]}x{c[3]}" for c in DRAWN])
+def test_crf_bandwidth_gradient_against_ideal_on_drawn_cases(case, normalization):
+    # Cases drawn at random, not chosen: the bandwidth gradient is the ideal one for the layer's forward pass
+    # (the cosine with the exact CRF depends on how close that forward pass is; README measures it on drawn cases).
+    ours = crf_gradient(case, normalization)
+    with dense_pairs("pair"):
+        ideal = crf_gradient(case, normalization)
+    ratio = ours[-3:] / ideal[-3:]
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), (ours[-3:], ideal[-3:])
 
 
 def test_padded_batch_gives_the_gradients_of_its_images():
