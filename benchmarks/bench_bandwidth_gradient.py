@@ -210,8 +210,8 @@ def section_drawn(args) -> None:
     columns = {k: [] for k in ("cos", "moments", "weights+μ", "ceiling")}
     ratios, errors = [], []
     for _ in range(args.cases):
-        case = draw_case(rng)
-        c = case[4]
+        case = kind, seed, h, w, c, ws, wb, ta, tb, tg = draw_case(rng)
+        label = f"{kind}{seed} {h}×{w} C{c} w {ws}/{wb} θ {ta}/{tb}/{tg}"
         for normalization in NORMALIZATIONS:
             torch.manual_seed(0)
             ours = crf_gradient(case, normalization)
@@ -231,10 +231,8 @@ def section_drawn(args) -> None:
             ratios.extend(r)
             errors.append(forward_errors(case, normalization))
             theirs = "" if errors[-1][1] is None else f"{errors[-1][1]:.1e}"
-            kind, seed, h, w, _, ws, wb, ta, tb, tg = case
-            label = f"{kind}{seed} {h}×{w} C{c} w {ws}/{wb} θ {ta}/{tb}/{tg}"
             print(f"{label:<44}{normalization[:3]:>5}" + "".join(f"{x:>7.3f}" for x in r)
-                  + "".join(f"{v:>{w}.4f}" for v, w in zip(row.values(), (8, 9, 10, 9)))
+                  + "".join(f"{v:>{width}.4f}" for v, width in zip(row.values(), (8, 9, 10, 9)))
                   + f"{errors[-1][0]:>11.1e}{theirs:>10}", flush=True)
     n = len(columns["cos"])
     print(f"\nours / ideal over all {len(ratios)} bandwidth gradients: min {min(ratios):.4f} max {max(ratios):.4f}")
@@ -309,7 +307,8 @@ def section_recovery(args) -> None:
         own = layer_optimum(scene_, optimum)
         name = "the layer's own optimum"
         print(f"{'':<7}{name:<28}{'':>24}" + "".join(f"{x:>8.2f}" for x in own)
-              + "".join(f"{x:>+9.1f}" for x in 100 * (own / optimum - 1)) + f"{exact_crf_loss(scene_, *own):>19.4f}")
+              + "".join(f"{x:>+9.1f}" for x in 100 * (own / optimum - 1))
+              + f"{exact_crf_loss(scene_, *own):>19.4f}")
         for start in RECOVERY_STARTS:
             begin = optimum * np.array(start)
             for name, context, exact in (("ours", contextlib.nullcontext, False),
