@@ -208,7 +208,7 @@ def section_drawn(args) -> None:
           f"{'ceiling':>9}{'|ΔQ| ours':>11}{'densecrf':>10}")
     rng = np.random.default_rng(args.seed)
     columns = {k: [] for k in ("cos", "moments", "weights+μ", "ceiling")}
-    ratios, errors = [], []
+    ratios, errors, alone = [], [], {"spatial": [], "lattice": []}
     for _ in range(args.cases):
         case = kind, seed, h, w, c, ws, wb, ta, tb, tg = draw_case(rng)
         label = f"{kind}{seed} {h}×{w} C{c} w {ws}/{wb} θ {ta}/{tb}/{tg}"
@@ -234,11 +234,21 @@ def section_drawn(args) -> None:
             print(f"{label:<44}{normalization[:3]:>5}" + "".join(f"{x:>7.3f}" for x in r)
                   + "".join(f"{v:>{width}.4f}" for v, width in zip(row.values(), (8, 9, 10, 9)))
                   + f"{errors[-1][0]:>11.1e}{theirs:>10}", flush=True)
+            if row["cos"] < 0.98:  # which kernel it comes from: each kernel alone, the other's weight ~0
+                for name, kept in (("spatial", case[:6] + (1e-9,) + case[7:]),
+                                   ("lattice", case[:5] + (1e-9,) + case[6:])):
+                    alone[name].append(cos(crf_gradient(kept, normalization), exact_crf_gradient(kept, normalization)))
+                print(f"{'':<49}below 0.98; the cosine with the spatial kernel alone {alone['spatial'][-1]:.4f}, "
+                      f"the lattice's alone {alone['lattice'][-1]:.4f}", flush=True)
     n = len(columns["cos"])
     print(f"\nours / ideal over all {len(ratios)} bandwidth gradients: min {min(ratios):.4f} max {max(ratios):.4f}")
     for k, v in columns.items():
         print(f"cosine {k:<10} min {min(v):7.4f}  median {statistics.median(v):.4f}  "
               f"{sum(x >= 0.98 for x in v)}/{n} >= 0.98")
+    if alone["spatial"]:
+        print(f"the {len(alone['spatial'])} cases below 0.98, each kernel alone: spatial (exact separable) "
+              f"{min(alone['spatial']):.4f}-{max(alone['spatial']):.4f}, lattice {min(alone['lattice']):.4f}-"
+              f"{max(alone['lattice']):.4f}")
     sym = [e for e in errors if e[1] is not None]
     print(f"forward mean |ΔQ| vs exact, symmetric: ours median {statistics.median(e[0] for e in sym):.4f} "
           f"(max {max(e[0] for e in sym):.4f}), densecrf median {statistics.median(e[1] for e in sym):.4f} "
