@@ -328,9 +328,9 @@ def explicit_crf_gradient(case, normalization, bilateral_kernel: torch.Tensor) -
 def section_kernel(args) -> None:
     print("\n## The lattice's kernel against the Gaussian it stands for (explicit N×N matrices, float64)")
     print("row L1: mean over pixels of Σ_j |K_ij/(K·1)_i - k_ij/(k·1)_i| (the normalised rows); mass: how much "
-          "(K·1)_i/(k·1)_i varies (max/min) over the pixels; finer ×s: features × s, the blur repeated s² times (the same width); "
-          "grown: one ring of vertices around the occupied ones; cos: of the kernel-weight and compatibility "
-          "gradients with the exact CRF's, symmetric / after (the lattice row: the layer's)")
+          "(K·1)_i/(k·1)_i varies (max/min) over the pixels; finer ×s: features × s, the blur repeated s² times "
+          "(the same width); grown: one ring of vertices around the occupied ones; cos: of the kernel-weight and "
+          "compatibility gradients with the exact CRF's, symmetric / after (the densecrf row: the layer's)")
     print(f"{'case':<40}{'lattice':>10}{'vertices':>10}{'row L1':>8}{'mass max/min':>14}{'cos sym / after':>18}")
     for case in KERNEL_CASES:
         kind, seed, h, w, c, _, _, ta, tb, _ = case
