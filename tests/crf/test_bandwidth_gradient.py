@@ -417,28 +417,30 @@ def exact_crf_loss(scene_, theta_alpha, theta_beta, theta_gamma) -> float:
     return float(F.cross_entropy(exact_crf_logits(scene_, theta_alpha, theta_beta, theta_gamma), scene_[2]))
 
 
-def exact_optimum(seed: int) -> tuple[np.ndarray, bool]:
-    """The exact CRF's best (θα, θβ, θγ) on ``recovery_scene(seed)``: a log-spaced grid search of its loss refined
-    by Nelder-Mead, and whether the grid's best point is interior (else the loss has no optimum in range)."""
+def exact_optimum(seed: int, size: int = 24) -> tuple[np.ndarray, bool]:
+    """The exact CRF's best (θα, θβ, θγ) on ``recovery_scene(seed, size, size)``: a log-spaced grid search of its
+    loss refined by Nelder-Mead, and whether it lies inside the grid's range (else the loss has no optimum there:
+    it keeps falling along a θ)."""
     from scipy.optimize import minimize
 
-    scene_ = recovery_scene(seed)
+    scene_ = recovery_scene(seed, size, size)
     grid = [np.geomspace(2, 64, 7), np.geomspace(4, 100, 7), np.geomspace(0.5, 6, 5)]
     losses = np.array([[[exact_crf_loss(scene_, a, b, g) for g in grid[2]] for b in grid[1]] for a in grid[0]])
     best = np.unravel_index(losses.argmin(), losses.shape)
-    interior = all(0 < i < n - 1 for i, n in zip(best, losses.shape))
     start = np.log([grid[k][i] for k, i in enumerate(best)])
     result = minimize(lambda x: exact_crf_loss(scene_, *np.exp(x)), start, method="Nelder-Mead",
                       options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
-    return np.exp(result.x), interior
+    optimum = np.exp(result.x)
+    return optimum, all(g[0] < o < g[-1] for g, o in zip(grid, optimum))
 
 
 def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = RECOVERY["seed"],
-            optimum=RECOVERY_OPTIMUM, exact: bool = False) -> np.ndarray:
-    """Adam (lr 0.05) on the log-bandwidths alone (unaries and kernel weights frozen) from ``start`` × the
-    optimum, on ``recovery_scene(seed)``: the end bandwidths divided by the exact CRF's optimum, per θ. The
-    layer's gradient, or with ``exact`` the exact dense CRF's own (autograd through its kernel matrices)."""
-    scene_ = logits, image, label = recovery_scene(seed)
+            optimum=RECOVERY_OPTIMUM, exact: bool = False, size: int = 24, decay: bool = False) -> np.ndarray:
+    """Adam (lr 0.05; with ``decay`` brought to 0 along a cosine) on the log-bandwidths alone (unaries and kernel
+    weights frozen) from ``start`` × the optimum, on ``recovery_scene(seed, size, size)``: the end bandwidths
+    divided by the exact CRF's optimum, per θ. The layer's gradient, or with ``exact`` the exact dense CRF's own
+    (autograd through its kernel matrices)."""
+    scene_ = logits, image, label = recovery_scene(seed, size, size)
     begin = [o * f for o, f in zip(optimum, start)]
     crf = MeanFieldCRF(num_classes=3, spatial_weight=RECOVERY["spatial_weight"],
                        bilateral_weight=RECOVERY["bilateral_weight"], theta_alpha=begin[0], theta_beta=begin[1],
@@ -446,11 +448,14 @@ def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = 
                        learn_kernel_weights=False, learn_compatibility=False).double().train()
     bandwidths = [crf.log_theta_alpha, crf.log_theta_beta, crf.log_theta_gamma]
     optimiser = torch.optim.Adam(bandwidths, lr=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if decay else None
     for _ in range(steps):
         optimiser.zero_grad()
         out = exact_crf_logits(scene_, *[p.exp() for p in bandwidths]) if exact else crf(logits, image)
         F.cross_entropy(out, label).backward()
         optimiser.step()
+        if schedule is not None:
+            schedule.step()
     return np.array([float(p.detach().exp()) for p in bandwidths]) / np.array(optimum)
 
 
