@@ -55,12 +55,14 @@ from test_bandwidth_gradient import (  # noqa: E402
     RECOVERY,
     RECOVERY_OPTIMUM,
     RECOVERY_STARTS,
+    case_layer,
     crf_gradient,
     dense_pairs,
     descend,
     draw_case,
     exact_crf_gradient,
     exact_crf_loss,
+    exact_crf_output,
     exact_optimum,
     recovery_scene,
     scene,
@@ -186,14 +188,9 @@ def forward_errors(case, normalization) -> tuple[float, float | None]:
     """Mean |ΔQ| after 5 iterations against the exact dense CRF: the layer's, and densecrf's (symmetric only)."""
     kind, seed, h, w, c, ws, wb, ta, tb, tg = case
     logits, image, _ = scene(kind, seed, h, w, c)
-    crf = MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
-                       theta_gamma=tg, normalization=normalization, train_iterations=5).double().train()
-    eye, t = torch.eye(c, dtype=torch.float64), lambda x: torch.tensor(float(x), dtype=torch.float64)
-    exact = dense_crf(logits, image, spatial_weight=ws * eye, bilateral_weight=wb * eye, compatibility=1 - eye,
-                      theta_alpha=t(ta), theta_beta=t(tb), theta_gamma=t(tg), iterations=5,
-                      normalization=normalization).softmax(1)[0]
     with torch.no_grad():
-        ours = float((crf(logits, image).softmax(1)[0] - exact).abs().mean())
+        exact = exact_crf_output(case, normalization)[0].softmax(1)[0]
+        ours = float((case_layer(case, normalization)(logits, image).softmax(1)[0] - exact).abs().mean())
     if normalization != "symmetric":
         return ours, None
     rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
@@ -409,7 +406,8 @@ def section_recovery(args) -> None:
         if seed == RECOVERY["seed"] and args.size == 24:
             optimum, interior = np.array(RECOVERY_OPTIMUM), True
         else:
-            optimum, interior = exact_optimum(seed, args.size)
+            found = exact_optimum(seed, args.size)
+            optimum, interior = found.theta, found.in_range
         scene_ = recovery_scene(seed, args.size, args.size)
         print(f"{seed:<7}optimum {np.round(optimum, 3).tolist()}, exact loss {exact_crf_loss(scene_, *optimum):.4f}"
               + ("" if interior else ": outside the grid's range (the loss keeps falling along a θ), skipped"))

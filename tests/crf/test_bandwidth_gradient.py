@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -228,28 +229,41 @@ PARAMETERS = ("spatial_weight", "bilateral_weight", "compatibility", "log_theta_
               "log_theta_gamma")
 
 
+def case_layer(case, normalization) -> MeanFieldCRF:
+    """The layer with a case's parameters, float64, in training mode (5 iterations)."""
+    _, _, _, _, c, ws, wb, ta, tb, tg = case
+    return MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
+                        theta_gamma=tg, normalization=normalization, train_iterations=5).double().train()
+
+
 def crf_gradient(case, normalization) -> torch.Tensor:
     """The layer's gradient of the cross-entropy after 5 iterations, float64: (W_spatial, W_bilateral, μ,
     log θα, log θβ, log θγ) concatenated."""
-    kind, seed, h, w, c, ws, wb, ta, tb, tg = case
-    logits, image, label = scene(kind, seed, h, w, c)
-    crf = MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
-                       theta_gamma=tg, normalization=normalization, train_iterations=5).double().train()
+    logits, image, label = scene(*case[:5])
+    crf = case_layer(case, normalization)
     F.cross_entropy(crf(logits, image), label).backward()
     return torch.cat([getattr(crf, p).grad.reshape(-1) for p in PARAMETERS])
 
 
-def exact_crf_gradient(case, normalization) -> torch.Tensor:
-    """The same gradient of the exact dense CRF (explicit Gaussian kernel matrices, plain autograd)."""
+def exact_crf_output(case, normalization) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The exact dense CRF's logits after 5 iterations (explicit Gaussian kernel matrices) with a case's
+    parameters, and those parameters as leaves that require grad: (W_spatial, W_bilateral, μ, log θα, log θβ,
+    log θγ)."""
     kind, seed, h, w, c, ws, wb, ta, tb, tg = case
-    logits, image, label = scene(kind, seed, h, w, c)
+    logits, image, _ = scene(kind, seed, h, w, c)
     eye = torch.eye(c, dtype=torch.float64)
     params = [ws * eye, wb * eye, 1 - eye] + [torch.tensor(math.log(t), dtype=torch.float64) for t in (ta, tb, tg)]
     params = [p.requires_grad_(True) for p in params]
     out = dense_crf(logits, image, spatial_weight=params[0], bilateral_weight=params[1], compatibility=params[2],
                     theta_alpha=params[3].exp(), theta_beta=params[4].exp(), theta_gamma=params[5].exp(),
                     iterations=5, normalization=normalization)
-    F.cross_entropy(out, label).backward()
+    return out, params
+
+
+def exact_crf_gradient(case, normalization) -> torch.Tensor:
+    """The same gradient as :func:`crf_gradient`, of the exact dense CRF (plain autograd)."""
+    out, params = exact_crf_output(case, normalization)
+    F.cross_entropy(out, scene(*case[:5])[2]).backward()
     return torch.cat([p.grad.reshape(-1) for p in params])
 
 
@@ -417,10 +431,17 @@ def exact_crf_loss(scene_, theta_alpha, theta_beta, theta_gamma) -> float:
     return float(F.cross_entropy(exact_crf_logits(scene_, theta_alpha, theta_beta, theta_gamma), scene_[2]))
 
 
-def exact_optimum(seed: int, size: int = 24) -> tuple[np.ndarray, bool]:
+class Optimum(NamedTuple):
+    """The exact CRF's best (θα, θβ, θγ) found by :func:`exact_optimum`."""
+
+    theta: np.ndarray
+    in_range: bool  # inside the grid's range (else the loss has no optimum there: it keeps falling along a θ)
+    grid_interior: bool  # the grid's best point is off the grid's edges
+
+
+def exact_optimum(seed: int, size: int = 24) -> Optimum:
     """The exact CRF's best (θα, θβ, θγ) on ``recovery_scene(seed, size, size)``: a log-spaced grid search of its
-    loss refined by Nelder-Mead, and whether it lies inside the grid's range (else the loss has no optimum there:
-    it keeps falling along a θ)."""
+    loss refined by Nelder-Mead."""
     from scipy.optimize import minimize
 
     scene_ = recovery_scene(seed, size, size)
@@ -430,8 +451,9 @@ def exact_optimum(seed: int, size: int = 24) -> tuple[np.ndarray, bool]:
     start = np.log([grid[k][i] for k, i in enumerate(best)])
     result = minimize(lambda x: exact_crf_loss(scene_, *np.exp(x)), start, method="Nelder-Mead",
                       options=dict(xatol=1e-3, fatol=1e-7, maxiter=400))
-    optimum = np.exp(result.x)
-    return optimum, all(g[0] < o < g[-1] for g, o in zip(grid, optimum))
+    theta = np.exp(result.x)
+    return Optimum(theta, all(g[0] < t < g[-1] for g, t in zip(grid, theta)),
+                   all(0 < i < n - 1 for i, n in zip(best, losses.shape)))
 
 
 def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = RECOVERY["seed"],
@@ -468,9 +490,9 @@ def test_gradient_descent_recovers_the_exact_crfs_bandwidths(start):
 
 @pytest.mark.slow
 def test_recovery_optimum_is_the_exact_crfs():
-    optimum, interior = exact_optimum(RECOVERY["seed"])
-    assert interior, "the optimum must be interior"
-    np.testing.assert_allclose(optimum, RECOVERY_OPTIMUM, rtol=0.03)
+    optimum = exact_optimum(RECOVERY["seed"])
+    assert optimum.grid_interior and optimum.in_range, "the optimum must be interior"
+    np.testing.assert_allclose(optimum.theta, RECOVERY_OPTIMUM, rtol=0.03)
 
 
 @pytest.mark.parametrize("points", [30, 2000])  # all pairs / sampled pairs
