@@ -72,7 +72,7 @@ from crfrnn_deeplab import MeanFieldCRF  # noqa: E402
 from crfrnn_deeplab.crf import bandwidth_gradient, kernels as kernels_module  # noqa: E402
 from crfrnn_deeplab.crf.kernels import bilateral_features  # noqa: E402
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice  # noqa: E402
-from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian  # noqa: E402
+from crfrnn_deeplab.crf.reference import dense_gaussian, dense_mean_field  # noqa: E402
 
 BANDWIDTHS = ("θα", "θβ", "θγ")
 
@@ -310,14 +310,8 @@ def explicit_crf_gradient(case, normalization, bilateral_kernel: torch.Tensor) -
     spatial_kernel = dense_gaussian(bilateral_features(image)[0, :, :2] / tg)
     eye = torch.eye(c, dtype=torch.float64)
     params = [(ws * eye).requires_grad_(True), (wb * eye).requires_grad_(True), (1 - eye).requires_grad_(True)]
-    unary = z = logits[0].reshape(c, -1).T
-    for _ in range(5):
-        q, message = torch.softmax(z, -1), 0
-        for weight, kernel in ((params[0], spatial_kernel), (params[1], bilateral_kernel)):
-            d = kernel.sum(1, keepdim=True)
-            filtered = d.rsqrt() * (kernel @ (d.rsqrt() * q)) if normalization == "symmetric" else kernel @ q / d
-            message = message + filtered @ (params[2] @ weight).T
-        z = unary - message
+    z = dense_mean_field(logits[0].reshape(c, -1).T, [(params[0], spatial_kernel), (params[1], bilateral_kernel)],
+                         params[2], 5, normalization)
     F.cross_entropy(z, label.reshape(-1)).backward()
     return torch.cat([p.grad.reshape(-1) for p in params])
 

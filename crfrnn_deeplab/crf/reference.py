@@ -11,7 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DenseKernelPairs", "dense_crf", "dense_gaussian"]
+from crfrnn_deeplab.crf.fused_step import check_iterations
+
+__all__ = ["DenseKernelPairs", "dense_crf", "dense_gaussian", "dense_mean_field"]
 
 
 def dense_gaussian(features: Tensor) -> Tensor:
@@ -70,26 +72,67 @@ def dense_crf(
             (spatial_weight, dense_gaussian(pos / theta_gamma)),
             (bilateral_weight, dense_gaussian(torch.cat([pos / theta_alpha, guidance / beta], 1))),
         ]
-        m = torch.ones(pos.shape[0], dtype=logits.dtype)
-        if valid_mask is not None:
-            m = valid_mask[i].reshape(-1).to(logits.dtype)
-        unary = logits[i].reshape(c, -1).T  # [N, C]
-        z = unary
-        for _ in range(iterations):
-            q = torch.softmax(z, -1) * m[:, None]
-            message = torch.zeros_like(unary)
-            for weight, kernel in kernels:
-                kernel = kernel * m[:, None] * m[None, :]
-                d = kernel.sum(1, keepdim=True)
-                if normalization == "symmetric":
-                    n = torch.where(m[:, None] > 0, d.clamp_min(1e-300).rsqrt(), 0.0)
-                    filtered = n * (kernel @ (n * q))
-                else:
-                    filtered = torch.where(m[:, None] > 0, (kernel @ q) / d.clamp_min(1e-300), 0.0)
-                message = message + filtered @ (compatibility @ weight).T
-            z = unary - message
+        mask = None if valid_mask is None else valid_mask[i].reshape(-1)
+        z = dense_mean_field(logits[i].reshape(c, -1).T, kernels, compatibility, iterations, normalization, mask)
         out.append(z.T.reshape(c, *sizes))
     return torch.stack(out)
+
+
+def dense_mean_field(
+    unary: Tensor,
+    kernels: Sequence[tuple[Tensor, Tensor]],
+    compatibility: Tensor,
+    iterations: int,
+    normalization: str = "symmetric",
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Mean-field inference of one image with explicit kernel matrices: :func:`dense_crf`'s iterations, for any
+    kernels (the exact Gaussians there; a lattice's explicit matrix in the benchmarks).
+
+    Args:
+        unary: Tensor[N, C], ``z_0``.
+        kernels: ``(W_m, K_m)`` pairs, Tensor[C, C] and Tensor[N, N].
+        compatibility: Tensor[C, C], ``μ``.
+        iterations: T.
+        normalization: "symmetric" or "after", with ``D = K·1`` of the masked kernel.
+        valid: bool Tensor[N] or None; masked points neither send nor receive.
+
+    Returns:
+        Tensor[N, C], ``z_T``.
+
+    Raises:
+        ValueError: naming the argument whose shape, count or value does not fit.
+    """
+    if unary.dim() != 2:
+        raise ValueError(f"unary must be a Tensor[N, C], got shape {tuple(unary.shape)}")
+    n, c = unary.shape
+    for weight, kernel in kernels:
+        if weight.shape != (c, c) or kernel.shape != (n, n):
+            raise ValueError(f"each kernel must be a (Tensor[{c}, {c}], Tensor[{n}, {n}]) pair for {n} points and "
+                             f"{c} classes, got {tuple(weight.shape)} and {tuple(kernel.shape)}")
+    if compatibility.shape != (c, c):
+        raise ValueError(f"compatibility must be a Tensor[{c}, {c}], got {tuple(compatibility.shape)}")
+    check_iterations(iterations, minimum=0)
+    if normalization not in ("symmetric", "after"):
+        raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (n,)):
+        raise ValueError(f"valid must be a bool Tensor[{n}] or None, got {valid.dtype} {tuple(valid.shape)}")
+    m = torch.ones(n, dtype=unary.dtype) if valid is None else valid.to(unary.dtype)
+    z = unary
+    for _ in range(iterations):
+        q = torch.softmax(z, -1) * m[:, None]
+        message = torch.zeros_like(unary)
+        for weight, kernel in kernels:
+            kernel = kernel * m[:, None] * m[None, :]
+            d = kernel.sum(1, keepdim=True)
+            if normalization == "symmetric":
+                n = torch.where(m[:, None] > 0, d.clamp_min(1e-300).rsqrt(), 0.0)
+                filtered = n * (kernel @ (n * q))
+            else:
+                filtered = torch.where(m[:, None] > 0, (kernel @ q) / d.clamp_min(1e-300), 0.0)
+            message = message + filtered @ (compatibility @ weight).T
+        z = unary - message
+    return z
 
 
 class DenseKernelPairs:

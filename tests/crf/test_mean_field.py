@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from crfrnn_deeplab.crf.reference import dense_crf
+from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian, dense_mean_field
 from crf_scenes import PARAMS, densecrf_q, scene
 from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crf.fast_inference import class_softmax
@@ -555,3 +555,33 @@ def test_blocked_splat_gives_the_plain_splats_outputs_and_gradients(normalizatio
     assert len(blocked_grads) == len(plain_grads) == (7 if learn_bandwidths else 4)
     for a, b in zip(blocked_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_mean_field_is_dense_crfs_loop():
+    # dense_crf is dense_mean_field on the exact Gaussians; a mask zeroes what masked points send and receive.
+    g = torch.Generator().manual_seed(0)
+    unary = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    features = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    kernel, eye = dense_gaussian(features), torch.eye(3, dtype=torch.float64)
+    valid = torch.arange(12) % 4 != 0
+    z = dense_mean_field(unary, [(2 * eye, kernel)], 1 - eye, 4, "after", valid)
+    alone = dense_mean_field(unary[valid], [(2 * eye, kernel[valid][:, valid])], 1 - eye, 4, "after")
+    torch.testing.assert_close(z[valid], alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z[~valid], unary[~valid], rtol=0, atol=0)
+    assert torch.equal(dense_mean_field(unary, [(2 * eye, kernel)], 1 - eye, 0), unary)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(unary=torch.zeros(12)), r"unary must be a Tensor\[N, C\]"),
+    (dict(kernels=[(torch.eye(3), torch.eye(11))]), r"each kernel must be a \(Tensor\[3, 3\], Tensor\[12, 12\]\)"),
+    (dict(compatibility=torch.ones(2, 2)), r"compatibility must be a Tensor\[3, 3\]"),
+    (dict(iterations=-1), "iterations must be an int >= 0"),
+    (dict(iterations=2.0), "iterations must be an int >= 0"),
+    (dict(normalization="before"), "normalization must be 'symmetric' or 'after'"),
+    (dict(valid=torch.ones(12)), r"valid must be a bool Tensor\[12\]"),
+])
+def test_dense_mean_field_names_bad_input(change, match):
+    args = dict(unary=torch.zeros(12, 3), kernels=[(torch.eye(3), torch.eye(12))], compatibility=torch.ones(3, 3),
+                iterations=2, normalization="symmetric", valid=None)
+    with pytest.raises(ValueError, match=match):
+        dense_mean_field(**{**args, **change})
