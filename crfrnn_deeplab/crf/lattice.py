@@ -33,7 +33,7 @@ from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
 
-__all__ = ["PermutohedralLattice", "build_lattice", "lattice_gaussian", "point_pairs"]
+__all__ = ["PermutohedralLattice", "build_lattice", "check_lattice_inputs", "lattice_gaussian", "point_pairs"]
 
 _PACK_LIMIT = 2**62
 _NARROW_KEYS = 2**30  # remainder-0 points smaller than this in magnitude are kept as int32, larger ones as int64
@@ -338,7 +338,14 @@ def build_lattice(features: Tensor, valid: Tensor | None = None) -> Permutohedra
         return _build_lattice(features, valid)
 
 
-def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLattice:
+def check_lattice_inputs(features: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`build_lattice`'s arguments checked (a clear error for any it cannot take) and laid out as it uses them.
+
+    Returns:
+        ``(f, valid)``: the features as Tensor[d, B·N] (points are columns, image by image) in float32 or
+        float64, and the valid points as a bool Tensor[B·N], or None when every point is on the lattice (no mask,
+        or a mask with all or none of the points valid).
+    """
     if features.dim() not in (3, 4) or not features.is_floating_point():
         raise ValueError(
             f"features must be a floating-point Tensor[B, d, H, W] or [B, d, N], got shape "
@@ -349,31 +356,38 @@ def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLatti
         raise ValueError(f"features need B, d, N >= 1, got shape {tuple(features.shape)}")
     if not all_finite(features):
         raise ValueError("features contain NaN or infinite values")
-    dtype, device = features.dtype, features.device
-    if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32
-    # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
+    dtype = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
     # N-contiguous rows: the elevation's [d+1, d] × [d, P] product runs several times faster than on the
     # point-major features that bilateral_features makes (a copy of d × P values).
     f = features.reshape(b, d, -1).transpose(0, 1).reshape(d, -1).to(dtype).contiguous()
+    if valid is None:
+        return f, None
+    total_points = f.shape[1]
+    if valid.dtype != torch.bool or valid.numel() != total_points or valid.shape[0] != b:
+        raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] with B*N = {total_points} points, got "
+                         f"{tuple(valid.shape)} {valid.dtype}")
+    flat_valid = valid.reshape(-1).to(features.device)
+    all_or_none = bool(flat_valid.all()) or not bool(flat_valid.any())  # then every point is on the lattice
+    return f, None if all_or_none else flat_valid
+
+
+def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLattice:
+    # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
+    f, flat_valid = check_lattice_inputs(features, valid)
+    b, d = features.shape[:2]
+    device = f.device
     total_points = f.shape[1]
     n = total_points // b
-    d1 = d + 1
     # The points on the lattice: all, or the valid ones (kept[i] = the index of the i-th among all points).
     kept = None
-    if valid is not None:
-        if valid.dtype != torch.bool or valid.numel() != total_points or valid.shape[0] != b:
-            raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] with B*N = {total_points} points, got "
-                             f"{tuple(valid.shape)} {valid.dtype}")
-        flat_valid = valid.reshape(-1).to(device)
-        if not bool(flat_valid.all()) and bool(flat_valid.any()):  # all or none valid: every point on the lattice
-            kept = flat_valid.nonzero()[:, 0]
-            f = f.index_select(1, kept)
+    if flat_valid is not None:
+        kept = flat_valid.nonzero()[:, 0]
+        f = f.index_select(1, kept)
     rem0, rank, bary = _enclosing_simplices(f)
     image = torch.arange(b, device=device).repeat_interleave(n)
     vertices = _Vertices(image if kept is None else image[kept], rem0, rank, b)
     splat, slice_, alpha = _splat_and_slice(vertices, bary, kept, total_points)
-    blur = _blur(vertices, dtype, slice_.columns.dtype)
+    blur = _blur(vertices, f.dtype, slice_.columns.dtype)
     return PermutohedralLattice(b, n, d, vertices.num, splat, slice_, blur, alpha)
 
 
