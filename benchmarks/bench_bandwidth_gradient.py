@@ -7,6 +7,10 @@ Every figure is measured in this run.
     python benchmarks/bench_bandwidth_gradient.py --only accuracy   # accuracy | sampled | recovery | cost
     python benchmarks/bench_bandwidth_gradient.py --only cost --cpu-time --threads 1 --no-network
 
+Images of at most 1024 pixels take the exact bilateral filter by default (crfrnn_deeplab/crf/exact_filter.py), and
+then every gradient is the exact CRF's; the sections measure the lattice's estimator (bilateral_filter="lattice"),
+what images beyond that size get, unless they say "default".
+
 Sections:
     accuracy  the cases of tests/crf/test_bandwidth_gradient.py (16×16 to 24×32, T = 5, both normalisations):
               per bandwidth ours / the mass-consistent ideal (the layer's own iterates, exact dense derivative
@@ -18,14 +22,16 @@ Sections:
               bandwidths: the same ratios and cosines, the cosine of the weight and compatibility gradients alone
               (no bandwidth estimate involved), the best cosine any bandwidth estimator could reach with this
               forward pass (ours with the exact CRF's three bandwidth gradients), and how far the forward pass is
-              from the exact CRF's, next to densecrf's.
+              from the exact CRF's, next to densecrf's; and the cosine of the default layer's gradient (the exact
+              filter at these sizes).
     kernel    the lattice's normalised kernel rows and mass against the Gaussian's, and the weight and
               compatibility gradients' cosine with the exact CRF's, on three images where the cosine misses, for
               densecrf's lattice, finer ones and one grown by a ring of vertices (explicit matrices).
     sampled   40×48 images (above EXACT_POINTS: pairs sampled): ours / the ideal and / exact over seeds.
     recovery  gradient descent on the bandwidths alone from 3-4× off the exact CRF's optimum, with each
-              gradient and with the exact CRF's own: where each θ ends, relative to the optimum, on the test's
-              scene or on --scenes (their optima found here).
+              gradient (the default layer's, the lattice's, the previous estimator's) and with the exact CRF's own:
+              where each θ ends, relative to the optimum, on the test's scene or on --scenes (their optima found
+              here).
     cost      5 mean-field iterations forward+backward at 321×321, 21 classes: bandwidths learned vs fixed,
               in interleaved pairs, and as a share of deeplabv2_resnet101 forward+backward (wall clock, or
               with --cpu-time --threads 1 the CPU time of the process, steadier on a shared machine).
@@ -203,11 +209,12 @@ def section_drawn(args) -> None:
     print(f"\n## {args.cases} cases drawn at random (seed {args.seed}) × both normalisations, float64, T = 5")
     print("cos: of the full CRF-parameter gradient with the exact CRF's; weights+μ: of the kernel-weight and "
           "compatibility gradients alone; ceiling: ours with the exact CRF's bandwidth gradients (the best any "
-          "bandwidth estimator can do with this forward pass); |ΔQ|: forward pass against the exact CRF")
+          "bandwidth estimator can do with this forward pass); |ΔQ|: forward pass against the exact CRF; default: "
+          "the cosine of the default layer's gradient (the exact filter at these sizes)")
     print(f"{'case':<44}{'norm':>5}{'ours/ideal α β γ':>22}{'cos':>8}{'moments':>9}{'weights+μ':>10}"
-          f"{'ceiling':>9}{'|ΔQ| ours':>11}{'densecrf':>10}")
+          f"{'ceiling':>9}{'|ΔQ| ours':>11}{'densecrf':>10}{'default':>9}")
     rng = np.random.default_rng(args.seed)
-    columns = {k: [] for k in ("cos", "moments", "weights+μ", "ceiling")}
+    columns = {k: [] for k in ("cos", "moments", "weights+μ", "ceiling", "default")}
     ratios, errors, alone = [], [], {"spatial": [], "lattice": []}
     for _ in range(args.cases):
         case = kind, seed, h, w, c, ws, wb, ta, tb, tg = draw_case(rng)
@@ -224,7 +231,8 @@ def section_drawn(args) -> None:
             cos = lambda a, b: float(F.cosine_similarity(a, b, dim=0))  # noqa: E731
             best = torch.cat([ours[:-3], exact[-3:]])  # the exact CRF's bandwidth gradients in ours
             row = {"cos": cos(ours, exact), "moments": cos(moments, exact),
-                   "weights+μ": cos(ours[weights], exact[weights]), "ceiling": cos(best, exact)}
+                   "weights+μ": cos(ours[weights], exact[weights]), "ceiling": cos(best, exact),
+                   "default": cos(crf_gradient(case, normalization, bilateral_filter="auto"), exact)}
             for k, v in row.items():
                 columns[k].append(v)
             r = (ours[-3:] / ideal[-3:]).tolist()
@@ -232,8 +240,8 @@ def section_drawn(args) -> None:
             errors.append(forward_errors(case, normalization))
             theirs = "" if errors[-1][1] is None else f"{errors[-1][1]:.1e}"
             print(f"{label:<44}{normalization[:3]:>5}" + "".join(f"{x:>7.3f}" for x in r)
-                  + "".join(f"{v:>{width}.4f}" for v, width in zip(row.values(), (8, 9, 10, 9)))
-                  + f"{errors[-1][0]:>11.1e}{theirs:>10}", flush=True)
+                  + "".join(f"{v:>{width}.4f}" for v, width in zip(list(row.values())[:4], (8, 9, 10, 9)))
+                  + f"{errors[-1][0]:>11.1e}{theirs:>10}{row['default']:>9.4f}", flush=True)
             if row["cos"] < 0.98:  # which kernel it comes from: each kernel alone, the other's weight ~0
                 for name, kept in (("spatial", case[:6] + (1e-9,) + case[7:]),
                                    ("lattice", case[:5] + (1e-9,) + case[6:])):
@@ -370,7 +378,7 @@ def section_sampled(args) -> None:
 
 
 def layer_optimum(scene_, start: np.ndarray) -> np.ndarray:
-    """The best (θα, θβ, θγ) for the layer's own loss (its lattice forward pass, no gradient): Nelder-Mead from
+    """The best (θα, θβ, θγ) for the lattice layer's own loss (its forward pass, no gradient): Nelder-Mead from
     ``start``. What a perfect gradient of this forward pass would descend to."""
     from scipy.optimize import minimize
 
@@ -380,7 +388,8 @@ def layer_optimum(scene_, start: np.ndarray) -> np.ndarray:
         ta, tb, tg = np.exp(x)
         crf = MeanFieldCRF(num_classes=logits.shape[1], spatial_weight=RECOVERY["spatial_weight"],
                            bilateral_weight=RECOVERY["bilateral_weight"], theta_alpha=ta, theta_beta=tb,
-                           theta_gamma=tg, normalization=RECOVERY["normalization"], train_iterations=5).double()
+                           theta_gamma=tg, normalization=RECOVERY["normalization"], train_iterations=5,
+                           bilateral_filter="lattice").double()
         with torch.no_grad():
             return float(F.cross_entropy(crf.train()(logits, image), label))
 
@@ -408,21 +417,24 @@ def section_recovery(args) -> None:
         if not interior:
             continue
         own = layer_optimum(scene_, optimum)
-        name = "the layer's own optimum"
+        name = "the lattice layer's optimum"
         print(f"{'':<7}{name:<28}{'':>24}" + "".join(f"{x:>8.2f}" for x in own)
               + "".join(f"{x:>+9.1f}" for x in 100 * (own / optimum - 1))
               + f"{exact_crf_loss(scene_, *own):>19.4f}")
         for start in RECOVERY_STARTS:
             begin = optimum * np.array(start)
-            for name, context, exact in (("ours", contextlib.nullcontext, False),
-                                         ("previous (lattice moments)", lambda: pairs_from(LatticeMoments), False),
-                                         ("exact CRF", contextlib.nullcontext, True)):
+            for name, context, exact, bilateral_filter in (
+                ("ours, default filter", contextlib.nullcontext, False, "auto"),
+                ("ours, lattice", contextlib.nullcontext, False, "lattice"),
+                ("previous (lattice moments)", lambda: pairs_from(LatticeMoments), False, "lattice"),
+                ("exact CRF", contextlib.nullcontext, True, "auto"),
+            ):
                 if name.startswith("previous") and args.size != 24:
                     continue  # (the moment identity is the 24×24 table's baseline)
                 torch.manual_seed(0)
                 with context():
                     end = descend(start, args.steps, seed=seed, optimum=tuple(optimum), exact=exact, size=args.size,
-                                  decay=args.decay) * optimum
+                                  decay=args.decay, bilateral_filter=bilateral_filter) * optimum
                 off = 100 * (end / optimum - 1)
                 within.setdefault(name, []).append(bool((np.abs(off) < 10).all()))
                 print(f"{'':<7}{name:<28}" + "".join(f"{x:>8.2f}" for x in begin)

@@ -4,6 +4,7 @@ Every figure is measured in this run; ratios compare against a reference timed i
 
     python benchmarks/bench_crf.py                 # everything, CPU, 2 threads
     python benchmarks/bench_crf.py --only speed    # one section: accuracy | speed | training | scaling | cuda | volumes
+                                                   # | small
     python benchmarks/bench_crf.py --malloc default  # glibc's default allocator settings (see runtime.py)
     python benchmarks/bench_crf.py --isa avx2      # as on a CPU without AVX-512 (PyTorch, MKL, oneDNN, FBGEMM)
 
@@ -16,6 +17,9 @@ Sections:
     scaling   time and peak memory from 128² to 1024² (each size in a fresh process), and a 1024×2048
               Cityscapes frame with 19 classes.
     cuda      milliseconds per iteration at 513×513 and 1024×2048 (skipped without a GPU).
+    small     images of at most 1024 pixels, which take the exact bilateral filter by default: its time against the
+              lattice's (inference, 10 iterations; training, 5 iterations forward+backward, everything learned),
+              interleaved pairs at 1 thread, and how far each (and densecrf) is from the exact dense CRF.
     volumes   3-D: a 96³ synthetic volume, 1 guidance channel, 3 classes, 10 iterations, 1 thread, vs pydensecrf2's
               generic DenseCRF on the same features; time for 4× the voxels (median of per-round ratios); peak
               memory at 128³ (fresh process).
@@ -228,6 +232,55 @@ def section_speed(args) -> None:
             ref = run_densecrf(image, logits, iterations)
             agree = (q.argmax(0) == ref.argmax(0)).mean()
             print(f"{kind:<11}{iterations:>4}{np.abs(q - ref).mean():>11.2e}{agree:>14.4f}")
+
+
+def section_small(args) -> None:
+    from crfrnn_deeplab.crf.reference import dense_crf
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("\n## Small images (<= 1024 pixels): the default exact filter vs the lattice, 1 thread, densecrf's parameters")
+    print("(time: interleaved pairs, ratio = exact / lattice, median of the per-pair ratios and their range; "
+          "|ΔQ|: mean over pixels and classes after 10 iterations against the float64 exact dense CRF)")
+    print(f"{'size':<12}{'inference ms lattice/exact':>28}{'ratio':>7}{'range':>12}{'training ms lattice/exact':>27}"
+          f"{'ratio':>7}{'range':>12}{'|ΔQ| lattice':>14}{'exact':>9}{'densecrf':>10}")
+    try:
+        for h, w, c in ((16, 16, 5), (24, 32, 5), (32, 32, 5), (32, 32, 21)):
+            image, logits = scene(h, w, c)
+            z = torch.from_numpy(logits)[None]
+            im = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+            layers = {f: MeanFieldCRF(num_classes=c, bilateral_filter=f, train_iterations=5, eval_iterations=10,
+                                      **DENSECRF_PARAMS) for f in ("lattice", "exact")}
+
+            def infer(f):
+                def fn():
+                    with torch.no_grad():
+                        return layers[f].eval()(z, im)
+                return fn
+
+            def train(f):
+                def fn():
+                    x = z.clone().requires_grad_(True)
+                    layers[f].train()(x, im).square().sum().backward()
+                return fn
+
+            t_lat, t_exact, r_inf = timed_pairs(infer("lattice"), infer("exact"), args.repeats)
+            u_lat, u_exact, r_train = timed_pairs(train("lattice"), train("exact"), args.repeats)
+            params = {k: torch.tensor(v, dtype=torch.float64) for k, v in DENSECRF_PARAMS.items()}
+            eye = torch.eye(c, dtype=torch.float64)
+            exact = torch.softmax(dense_crf(z.double(), im.double(), spatial_weight=params["spatial_weight"] * eye,
+                                            bilateral_weight=params["bilateral_weight"] * eye, compatibility=1 - eye,
+                                            theta_alpha=params["theta_alpha"], theta_beta=params["theta_beta"],
+                                            theta_gamma=params["theta_gamma"], iterations=10), 1)[0]
+            errors = [float((torch.softmax(infer(f)(), 1)[0].double() - exact).abs().mean()) for f in layers]
+            errors.append(float((torch.from_numpy(run_densecrf(image, logits, 10)).double() - exact).abs().mean()))
+            rng = lambda r: f"{min(r):.2f}-{max(r):.2f}"  # noqa: E731
+            print(f"{f'{h}×{w} C{c}':<12}{f'{t_lat * 1e3:.1f} / {t_exact * 1e3:.1f}':>28}"
+                  f"{statistics.median(r_inf):>7.2f}{rng(r_inf):>12}{f'{u_lat * 1e3:.1f} / {u_exact * 1e3:.1f}':>27}"
+                  f"{statistics.median(r_train):>7.2f}{rng(r_train):>12}"
+                  + "".join(f"{e:>{width}.1e}" for e, width in zip(errors, (14, 9, 10))), flush=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def section_training(args) -> None:
@@ -460,7 +513,7 @@ def section_volumes(args) -> None:
 
 
 SECTIONS = {"accuracy": section_accuracy, "speed": section_speed, "training": section_training,
-            "scaling": section_scaling, "cuda": section_cuda, "volumes": section_volumes}
+            "scaling": section_scaling, "cuda": section_cuda, "volumes": section_volumes, "small": section_small}
 
 
 def main() -> None:

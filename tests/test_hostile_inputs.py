@@ -76,6 +76,7 @@ CASES = [
     ("crf no classes", lambda: MeanFieldCRF(num_classes=0), ValueError, r"num_classes must be an int >= 1, got 0"),
     ("crf float classes", lambda: MeanFieldCRF(num_classes=2.5), ValueError, r"num_classes must be an int"),
     ("crf normalisation", lambda: crf(normalization="before"), ValueError, r"normalization must be 'symmetric' or 'after'"),
+    ("crf bilateral filter", lambda: crf(bilateral_filter="dense"), ValueError, r"bilateral_filter must be 'auto', 'lattice' or 'exact', got 'dense'"),
     ("crf negative iterations", lambda: crf(eval_iterations=-1), ValueError, r"eval_iterations must be an int >= 0"),
     # DenseCRF
     ("dense empty image", lambda: dense(image=np.zeros((0, 11, 3), np.uint8)), ValueError, r"image is empty"),

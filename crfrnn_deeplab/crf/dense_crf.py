@@ -16,7 +16,9 @@ symmetric normalisation, and the unary ``-log p``; for volumes and other guidanc
 ``DenseCRF`` with ``addPairwiseEnergy`` on the features ``p·s/θγ`` and ``(p·s/θα, I_g/θβ_g)`` (DESIGN §4).
 The defaults are densecrf's example values; DeepLab v2's grid-searched VOC values are ``bilateral_weight=4,
 theta_alpha=121, theta_beta=5`` (Chen et al., TPAMI 2017). The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF`
-with nothing learnable (:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32.
+with nothing learnable (:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32. One difference by default: images
+of at most 1024 pixels are filtered with the exact Gaussian rather than densecrf's permutohedral lattice, whose
+kernel is least accurate there (``bilateral_filter="lattice"`` computes what densecrf computes at every size).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.kernels import Normalization
+from crfrnn_deeplab.crf.kernels import BilateralFilter, Normalization
 from crfrnn_deeplab.images import check_guidance, check_rgb_image
 from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, fixed_crf
 
 __all__ = ["DenseCRF"]
 
-_DEFAULTS = dict(spatial_dims=2, guidance_groups=None, spacing=None)  # the 2-D RGB CRF (kept out of repr)
+_DEFAULTS = dict(spatial_dims=2, guidance_groups=None, spacing=None, bilateral_filter="auto")  # kept out of repr
 
 
 class DenseCRF:
@@ -49,6 +51,9 @@ class DenseCRF:
         theta_gamma: its bandwidth in pixels (``sxy``), or the physical units of ``spacing``.
         iterations: mean-field iterations (pydensecrf's ``inference(n)``).
         normalization: ``"symmetric"`` (densecrf) or ``"after"`` (CRF-as-RNN).
+        bilateral_filter: ``"auto"`` (the exact Gaussian for images of at most 1024 pixels, where densecrf's
+            lattice is least accurate, else the lattice), ``"lattice"`` (densecrf's filter at every size) or
+            ``"exact"`` (B·N² memory); see :class:`~crfrnn_deeplab.MeanFieldCRF`.
         spatial_dims: 2 (images) or 3 (volumes).
         guidance_groups: None: the guidance is an RGB image in 0–255; else the channel counts of the guidance
             groups (see :class:`~crfrnn_deeplab.MeanFieldCRF`).
@@ -67,6 +72,7 @@ class DenseCRF:
         theta_gamma: float = 3.0,
         iterations: int = 10,
         normalization: Normalization = "symmetric",
+        bilateral_filter: BilateralFilter = "auto",
         spatial_dims: int = 2,
         guidance_groups: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
@@ -80,7 +86,8 @@ class DenseCRF:
                            theta_beta=tuple(map(float, theta_beta)) if several else float(theta_beta),
                            spatial_weight=float(spatial_weight), theta_gamma=float(theta_gamma),
                            normalization=normalization)
-        volume = dict(spatial_dims=spatial_dims, guidance_groups=guidance_groups, spacing=spacing)
+        volume = dict(spatial_dims=spatial_dims, guidance_groups=guidance_groups, spacing=spacing,
+                      bilateral_filter=bilateral_filter)
         self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
         self.iterations = iterations
         self.device = None if device is None else torch.device(device)

@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
+from crfrnn_deeplab.crf.exact_filter import exact_filter, lattice_points, uses_exact_filter
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
 
 __all__ = [
+    "BilateralFilter",
     "CRFKernels",
     "Normalization",
     "bilateral_features",
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 Normalization = Literal["symmetric", "after"]
+BilateralFilter = Literal["auto", "lattice", "exact"]
 _EPS = 1e-20  # densecrf's guard in D^-½
 
 
@@ -189,8 +192,9 @@ def build_kernels(
     normalization: Normalization = "symmetric",
     guidance_groups: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
+    bilateral_filter: BilateralFilter = "auto",
 ) -> CRFKernels:
-    """Builds the bilateral lattice and both normalisers for a batch.
+    """Builds the bilateral lattice (or exact filter) and both normalisers for a batch.
 
     Args:
         image: Tensor[B, K, *S], floating point: the raw RGB image in 0–255 (K = 3, S = (H, W)), or any guidance
@@ -203,6 +207,9 @@ def build_kernels(
         normalization: "symmetric" (densecrf) or "after" (CRF-as-RNN).
         guidance_groups: the channel counts of the guidance groups (adding up to K), or None: one group.
         spacing: the voxel size along each spatial axis (axes' order), or None (1).
+        bilateral_filter: "lattice": the permutohedral lattice (densecrf's filter); "exact": the exact Gaussian
+            (:mod:`.exact_filter`, memory B·N²); "auto": exact when no image of the batch has more than
+            :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid pixels, else the lattice.
 
     Returns:
         The kernels, ready for :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step`.
@@ -214,7 +221,8 @@ def build_kernels(
     scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
     features = raw.new_empty(b, raw.shape[2], raw.shape[1])  # [B, S + K, N]: N-contiguous, the lattice's layout
     torch.mul(raw.transpose(1, 2), scale.detach()[:, None], out=features)
-    lattice = build_lattice(features, valid_mask)
+    exact = uses_exact_filter(bilateral_filter, lattice_points(raw.shape[1], valid_mask))
+    lattice = (exact_filter if exact else build_lattice)(features, valid_mask)
 
     mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, *S, 1]
     ones = torch.ones(b, *sizes, 1, dtype=dtype, device=device) if mask is None else mask

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from crfrnn_deeplab.crf import fused_step
 from crfrnn_deeplab.crf.fast_inference import class_softmax, mean_field_inference
-from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
+from crfrnn_deeplab.crf.exact_filter import uses_exact_filter
+from crfrnn_deeplab.crf.kernels import BilateralFilter, CRFKernels, Normalization, build_kernels, check_guidance_groups
 from crfrnn_deeplab.images import (
     check_guidance,
     check_logits,
@@ -141,6 +142,10 @@ class MeanFieldCRF(nn.Module):
         spacing: the default physical voxel size along each spatial axis (axes' order, e.g. ``(3.0, 0.8, 0.8)``
             mm for ``(D, H, W)``); None: 1. ``forward(..., spacing=...)`` overrides it for one batch.
         normalization: "symmetric" (``D^-½ K D^-½``, densecrf) or "after" (``D^-1 K``, CRF-as-RNN).
+        bilateral_filter: how the bilateral kernel is filtered: "lattice", the permutohedral lattice as densecrf
+            does; "exact", the exact Gaussian (B·N² memory, for small images); "auto" (default): exact for
+            images of at most :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` pixels (voxels),
+            where it costs little, else the lattice.
         train_iterations: mean-field iterations in training mode.
         eval_iterations: mean-field iterations in eval mode.
         learn_kernel_weights: learn the C×C matrices ``W_m``.
@@ -149,7 +154,8 @@ class MeanFieldCRF(nn.Module):
             derivative of the separable filter; θα's and θβ's are the exact Gaussian's derivative over pixel pairs
             scaled to the lattice's mass (all pairs of images up to
             :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` pixels, one importance-sampled partner
-            per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`.
+            per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`. With the
+            exact filter the mass is the Gaussian's, and the gradient over all pairs is the exact CRF's.
 
     Parameters: ``spatial_weight``, ``bilateral_weight``, ``compatibility`` (Tensor[C, C] each),
     ``log_theta_alpha``, ``log_theta_gamma`` (Tensor[]) and ``log_theta_beta`` (Tensor[] for one guidance group,
@@ -169,6 +175,7 @@ class MeanFieldCRF(nn.Module):
         guidance_groups: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
         normalization: Normalization = "symmetric",
+        bilateral_filter: BilateralFilter = "auto",
         train_iterations: int = 5,
         eval_iterations: int = 10,
         learn_kernel_weights: bool = True,
@@ -199,12 +206,14 @@ class MeanFieldCRF(nn.Module):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if normalization not in ("symmetric", "after"):
             raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+        uses_exact_filter(bilateral_filter, 0)  # a clear error for a bad value now, not at the first call
         eye = torch.eye(num_classes)
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
         self.guidance_groups = groups
         self.spacing = None if spacing is None else check_spacing(spacing, spatial_dims=spatial_dims)
         self.normalization: Normalization = normalization
+        self.bilateral_filter: BilateralFilter = bilateral_filter
         self.train_iterations = train_iterations
         self.eval_iterations = eval_iterations
         self.spatial_weight = nn.Parameter(spatial_weight * eye, requires_grad=learn_kernel_weights)
@@ -237,8 +246,9 @@ class MeanFieldCRF(nn.Module):
         if self.spatial_dims != 2 or self.guidance_groups is not None or self.spacing is not None:
             volume = (f", spatial_dims={self.spatial_dims}, guidance_groups={self.guidance_groups}, "
                       f"spacing={self.spacing}")
+        bilateral = "" if self.bilateral_filter == "auto" else f", bilateral_filter={self.bilateral_filter!r}"
         return (
-            f"num_classes={self.num_classes}, {bw}{volume}, normalization={self.normalization!r}, "
+            f"num_classes={self.num_classes}, {bw}{volume}, normalization={self.normalization!r}{bilateral}, "
             f"iterations=(train {self.train_iterations}, eval {self.eval_iterations})"
         )
 
@@ -261,6 +271,7 @@ class MeanFieldCRF(nn.Module):
             normalization=self.normalization,
             guidance_groups=self.guidance_groups,
             spacing=self.spacing if spacing is None else spacing,
+            bilateral_filter=self.bilateral_filter,
         )
 
     def pairwise(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -327,6 +338,7 @@ def fixed_crf(
     spatial_dims: int = 2,
     guidance_groups: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
+    bilateral_filter: BilateralFilter = "auto",
 ) -> MeanFieldCRF:
     """A :class:`MeanFieldCRF` with nothing learnable (Potts compatibility, ``W_m = w_m·I``) running
     ``iterations`` in either mode, in eval mode: densecrf's post-processing CRF (of any guidance, 2-D or 3-D)."""
@@ -341,6 +353,7 @@ def fixed_crf(
         guidance_groups=guidance_groups,
         spacing=spacing,
         normalization=normalization,
+        bilateral_filter=bilateral_filter,
         train_iterations=iterations,
         eval_iterations=iterations,
         learn_kernel_weights=False,

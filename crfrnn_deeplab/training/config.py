@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from crfrnn_deeplab.crf import Normalization
+from crfrnn_deeplab.crf import BilateralFilter, Normalization
 from crfrnn_deeplab.data import dataset_spec, list_datasets
 from crfrnn_deeplab.models import list_models
 from crfrnn_deeplab.models.registry import builder_defaults
@@ -300,6 +300,7 @@ def _check_model(config: Config) -> None:
         raise ConfigError(f"model.options: {unknown} not options of {m.name!r}; its options: {', '.join(accepted)}")
     _check_choice("model.init_layout", m.init_layout, ("auto", *LAYOUTS))
     _check_choice("crf.normalization", config.crf.normalization, typing.get_args(Normalization))
+    _check_choice("crf.bilateral_filter", config.crf.bilateral_filter, typing.get_args(BilateralFilter))
 
 
 def _check_device(device: str) -> None:

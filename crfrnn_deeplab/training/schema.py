@@ -84,6 +84,7 @@ class CRFConfig:
     theta_beta: float = 5.0
     theta_gamma: float = 3.0
     normalization: str = "symmetric"  # symmetric (densecrf) or after (the CRF-as-RNN code)
+    bilateral_filter: str = "auto"  # lattice (densecrf's), exact, or auto: exact up to 1024 pixels per image
     train_iterations: int = 5
     eval_iterations: int = 10
     learn_kernel_weights: bool = True

@@ -229,18 +229,20 @@ PARAMETERS = ("spatial_weight", "bilateral_weight", "compatibility", "log_theta_
               "log_theta_gamma")
 
 
-def case_layer(case, normalization) -> MeanFieldCRF:
-    """The layer with a case's parameters, float64, in training mode (5 iterations)."""
+def case_layer(case, normalization, bilateral_filter="lattice") -> MeanFieldCRF:
+    """The layer with a case's parameters, float64, in training mode (5 iterations), on the lattice (the
+    estimator's test: images this small take the exact filter by default)."""
     _, _, _, _, c, ws, wb, ta, tb, tg = case
     return MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
-                        theta_gamma=tg, normalization=normalization, train_iterations=5).double().train()
+                        theta_gamma=tg, normalization=normalization, train_iterations=5,
+                        bilateral_filter=bilateral_filter).double().train()
 
 
-def crf_gradient(case, normalization) -> torch.Tensor:
+def crf_gradient(case, normalization, bilateral_filter="lattice") -> torch.Tensor:
     """The layer's gradient of the cross-entropy after 5 iterations, float64: (W_spatial, W_bilateral, μ,
     log θα, log θβ, log θγ) concatenated."""
     logits, image, label = scene(*case[:5])
-    crf = case_layer(case, normalization)
+    crf = case_layer(case, normalization, bilateral_filter)
     F.cross_entropy(crf(logits, image), label).backward()
     return torch.cat([getattr(crf, p).grad.reshape(-1) for p in PARAMETERS])
 
@@ -317,10 +319,23 @@ def test_crf_bandwidth_gradient_against_ideal_on_drawn_cases(case, normalization
     gradient_near_the_ideal(case, normalization)
 
 
-def test_padded_batch_gives_the_gradients_of_its_images():
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("case", CASES + DRAWN, ids=[f"{c[0]}{c[1]}-{c[2]}x{c[3]}" for c in CASES + DRAWN])
+def test_default_layer_gradient_is_the_exact_crfs(case, normalization):
+    # By default images of at most EXACT_FILTER_POINTS pixels take the exact filter: then the gradient of every
+    # CRF parameter is the exact dense CRF's (up to the spatial filter's truncation at 4θγ), each bandwidth's too.
+    ours = crf_gradient(case, normalization, bilateral_filter="auto")
+    exact = exact_crf_gradient(case, normalization)
+    assert F.cosine_similarity(ours, exact, dim=0) >= 0.9999, (ours[-3:], exact[-3:])
+    torch.testing.assert_close(ours[-3:], exact[-3:], rtol=0.01, atol=1e-3 * float(exact[-3:].abs().max()))
+
+
+@pytest.mark.parametrize("bilateral_filter", ["auto", "lattice"])
+def test_padded_batch_gives_the_gradients_of_its_images(bilateral_filter):
     # Two images of different sizes padded into one masked batch: the bandwidth gradients of the summed losses
     # are the sums of each image's alone (masked pixels send and receive nothing, also in the derivative).
-    crf = MeanFieldCRF(num_classes=4, theta_alpha=20.0, theta_beta=15.0, theta_gamma=2.0).double().train()
+    crf = MeanFieldCRF(num_classes=4, theta_alpha=20.0, theta_beta=15.0, theta_gamma=2.0,
+                       bilateral_filter=bilateral_filter).double().train()
     scenes = [scene("natural", 7, 16, 20, 4), scene("synthetic", 8, 20, 14, 4)]
     alone = []
     for logits, image, label in scenes:
@@ -457,17 +472,20 @@ def exact_optimum(seed: int, size: int = 24) -> Optimum:
 
 
 def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = RECOVERY["seed"],
-            optimum=RECOVERY_OPTIMUM, exact: bool = False, size: int = 24, decay: bool = False) -> np.ndarray:
+            optimum=RECOVERY_OPTIMUM, exact: bool = False, size: int = 24, decay: bool = False,
+            bilateral_filter: str = "auto") -> np.ndarray:
     """Adam (lr 0.05; with ``decay`` brought to 0 along a cosine) on the log-bandwidths alone (unaries and kernel
     weights frozen) from ``start`` × the optimum, on ``recovery_scene(seed, size, size)``: the end bandwidths
     divided by the exact CRF's optimum, per θ. The layer's gradient, or with ``exact`` the exact dense CRF's own
-    (autograd through its kernel matrices)."""
+    (autograd through its kernel matrices). ``bilateral_filter``: the layer's (at 24×24 "auto" is the exact
+    filter)."""
     scene_ = logits, image, label = recovery_scene(seed, size, size)
     begin = [o * f for o, f in zip(optimum, start)]
     crf = MeanFieldCRF(num_classes=3, spatial_weight=RECOVERY["spatial_weight"],
                        bilateral_weight=RECOVERY["bilateral_weight"], theta_alpha=begin[0], theta_beta=begin[1],
                        theta_gamma=begin[2], normalization=RECOVERY["normalization"], train_iterations=5,
-                       learn_kernel_weights=False, learn_compatibility=False).double().train()
+                       learn_kernel_weights=False, learn_compatibility=False,
+                       bilateral_filter=bilateral_filter).double().train()
     bandwidths = [crf.log_theta_alpha, crf.log_theta_beta, crf.log_theta_gamma]
     optimiser = torch.optim.Adam(bandwidths, lr=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if decay else None
@@ -481,10 +499,11 @@ def descend(start: tuple[float, float, float], steps: int = 150, *, seed: int = 
     return np.array([float(p.detach().exp()) for p in bandwidths]) / np.array(optimum)
 
 
+@pytest.mark.parametrize("bilateral_filter", ["auto", "lattice"])  # the default (exact) filter, and the lattice's
 @pytest.mark.parametrize("start", [RECOVERY_STARTS[0], pytest.param(RECOVERY_STARTS[1], marks=pytest.mark.slow)])
-def test_gradient_descent_recovers_the_exact_crfs_bandwidths(start):
+def test_gradient_descent_recovers_the_exact_crfs_bandwidths(start, bilateral_filter):
     # From 3-4× off the exact CRF's optimum, each θ ends within 10 % of it.
-    end = descend(start)
+    end = descend(start, bilateral_filter=bilateral_filter)
     assert (np.abs(end - 1) < 0.10).all(), end
 
 

@@ -11,10 +11,10 @@ def _layer_and_inputs(spatial_dims: int, masked: bool, classes: int):
     g = torch.Generator().manual_seed(spatial_dims * 10 + classes)
     sizes = (6, 9) if spatial_dims == 2 else (4, 5, 6)
     if spatial_dims == 2:
-        crf = MeanFieldCRF(num_classes=classes, theta_alpha=4.0, theta_beta=40.0, learn_bandwidths=False)
+        crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=classes, theta_alpha=4.0, theta_beta=40.0, learn_bandwidths=False)
         image = torch.rand(2, 3, *sizes, generator=g, dtype=torch.float64) * 255
     else:
-        crf = MeanFieldCRF(num_classes=classes, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0,
+        crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=classes, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0,
                            theta_beta=(0.3, 30.0), spacing=(2.0, 1.0, 1.0), learn_bandwidths=False)
         image = torch.rand(2, 2, *sizes, generator=g, dtype=torch.float64)
         image[:, 1] *= 100.0  # a second modality in other units
@@ -158,7 +158,7 @@ def test_training_under_torch_compile_matches_eager(learn_bandwidths):
     # Dynamo cannot trace the custom autograd nodes that hold the lattice: mean_field_step runs eagerly inside a
     # compiled model (before that, a compiled training step raised, and the fused node gave wrong values)
     torch.manual_seed(0)
-    crf = MeanFieldCRF(num_classes=4, train_iterations=3, learn_bandwidths=learn_bandwidths).train()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=4, train_iterations=3, learn_bandwidths=learn_bandwidths).train()
     logits = torch.randn(1, 4, 12, 14)
     image = torch.rand(1, 3, 12, 14) * 255
     results = []

@@ -64,7 +64,7 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
     _, image, logits = scene(3, 24, 30, 3)
     logits = torch.tensor(logits, dtype=torch.float64)[None]
     image = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=10.0, theta_beta=20.0, normalization=normalization).double().eval()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, theta_alpha=10.0, theta_beta=20.0, normalization=normalization).double().eval()
     with torch.no_grad():
         q = torch.softmax(crf(logits, image), 1)
         ref = torch.softmax(dense_crf(logits, image, iterations=10, normalization=normalization, **params_of(crf)), 1)
@@ -80,7 +80,7 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
 def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, compatibility, num_classes, masked):
     logits, image = small_inputs(b=2, c=num_classes, h=12, w=10)
     mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2 if masked else None
-    crf = MeanFieldCRF(num_classes=num_classes, theta_alpha=6.0, normalization=normalization,
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=num_classes, theta_alpha=6.0, normalization=normalization,
                        learn_bandwidths=learn_bandwidths)
     crf = crf.double().eval()
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, co
 def test_gradcheck_logits_weights_compatibility(learn_bandwidths):
     logits, image = small_inputs(c=3, h=4, w=5)
     crf = MeanFieldCRF(
-        num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths
+        bilateral_filter="lattice", num_classes=3, theta_alpha=4.0, theta_beta=40.0, train_iterations=2, learn_bandwidths=learn_bandwidths
     )
     crf = crf.double().train()
     weights = [p.detach().clone() for p in (crf.spatial_weight, crf.bilateral_weight, crf.compatibility)]
@@ -124,7 +124,7 @@ def test_bandwidth_gradient_matches_finite_differences_of_exact_crf():
     logits = torch.tensor(logits, dtype=torch.float64)[None]
     image = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
     target = torch.randn(1, 3, 16, 18, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=10.0, theta_beta=40.0, theta_gamma=2.0, train_iterations=3)
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, theta_alpha=10.0, theta_beta=40.0, theta_gamma=2.0, train_iterations=3)
     crf = crf.double().train()
     (crf(logits, image) * target).sum().backward()
     ours = torch.stack([crf.log_theta_alpha.grad, crf.log_theta_beta.grad, crf.log_theta_gamma.grad])
@@ -162,7 +162,7 @@ def test_learning_switches_freeze_parameters():
 
 def test_batch_equals_single_images():
     logits, image = small_inputs(b=2, c=3, h=10, w=9)
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=5.0).double().eval()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, theta_alpha=5.0).double().eval()
     with torch.no_grad():
         both = crf(logits, image)
         for i in range(2):
@@ -171,7 +171,7 @@ def test_batch_equals_single_images():
 
 def test_padding_with_mask_equals_unpadded_image():
     logits, image = small_inputs(c=3, h=10, w=9)
-    crf = MeanFieldCRF(num_classes=3, theta_alpha=5.0).double().eval()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, theta_alpha=5.0).double().eval()
     pad_logits = torch.nn.functional.pad(logits, (0, 4, 0, 3), value=7.0)
     pad_image = torch.nn.functional.pad(image, (0, 4, 0, 3), value=128.0)
     mask = torch.zeros(1, 13, 13, dtype=torch.bool)
@@ -189,7 +189,7 @@ def test_padding_is_exact_for_realistic_bandwidths_in_float32(normalization):
     # The padded pixels' colours would add lattice vertices that carry the blur between valid pixels: they are
     # kept off the lattice, so the valid region is filtered as if the padding were not there.
     _, image, logits = scene(4, 33, 29, 4)
-    crf = MeanFieldCRF(num_classes=4, eval_iterations=3, spatial_weight=0.0, normalization=normalization,
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=4, eval_iterations=3, spatial_weight=0.0, normalization=normalization,
                        theta_alpha=40.0, theta_beta=13.0).eval()
     logits, image = torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float()
     pad_image = torch.nn.functional.pad(image, (0, 21, 0, 7), value=0.0)
@@ -444,7 +444,7 @@ def test_large_masked_region_stays_finite_in_float32(normalization):
     image[..., 30:, :] = 104.0  # padding filled with a mean colour, as the transforms do
     mask = torch.zeros(1, 48, 40, dtype=torch.bool)
     mask[:, :30, :25] = True
-    crf = MeanFieldCRF(num_classes=4, theta_alpha=3.0, theta_beta=5.0, normalization=normalization).train()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=4, theta_alpha=3.0, theta_beta=5.0, normalization=normalization).train()
     out = crf(logits, image, mask)
     out.square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
@@ -527,14 +527,15 @@ def test_blocked_splat_gives_the_plain_splats_outputs_and_gradients(normalizatio
     # Above _SPLAT_BLOCK points the CPU splat is blocked (BlockedRows): the inference path (its weights scaled by
     # column), the autograd path and every gradient (the lattice's backward splats the incoming gradient) must be
     # the plain splat's up to the order of the additions. Blocks of 64 points (and wide bandwidths, so that the
-    # lattice has fewer vertices than a block has entries) make these small images blocked.
+    # lattice has fewer vertices than a block has entries) make these small images blocked (on the lattice, which
+    # small images take only when asked to).
     from crfrnn_deeplab.crf import lattice as permutohedral
     from crfrnn_deeplab.crf.sparse_rows import BlockedRows
 
     logits, image = small_inputs(b=2, c=5, h=12, w=10)
     mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2
     crf = MeanFieldCRF(num_classes=5, theta_alpha=10.0, theta_beta=200.0, normalization=normalization,
-                       learn_bandwidths=learn_bandwidths).double()
+                       learn_bandwidths=learn_bandwidths, bilateral_filter="lattice").double()
     with torch.no_grad():
         crf.compatibility.add_(torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
 

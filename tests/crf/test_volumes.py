@@ -137,7 +137,7 @@ def test_spatial_only_matches_exact_dense_crf_with_anisotropic_spacing(normaliza
 def test_full_layer_close_to_exact_dense_crf(normalization):
     label, guidance, logits = volume_scene(3, (8, 10, 12), 3, 2, spacing=(2.0, 1.0, 1.0))
     logits, guidance = torch.tensor(logits, dtype=torch.float64)[None], torch.tensor(guidance, dtype=torch.float64)[None]
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=4.0, theta_beta=(0.3, 200.0),
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=4.0, theta_beta=(0.3, 200.0),
                        spacing=(2.0, 1.0, 1.0), normalization=normalization).double().eval()
     with torch.no_grad():
         q = torch.softmax(crf(logits, guidance), 1)
@@ -167,7 +167,7 @@ def test_reference_takes_any_spatial_dimension_and_groups():
 def test_autograd_path_equals_inference_path(normalization, compatibility, masked):
     logits, guidance = small_volume(b=2, c=3, shape=(5, 6, 7))
     mask = torch.rand(2, 5, 6, 7, generator=torch.Generator().manual_seed(3)) > 0.2 if masked else None
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0, theta_beta=(0.3, 30.0),
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0, theta_beta=(0.3, 30.0),
                        spacing=(2.0, 1.0, 1.0), normalization=normalization).double().eval()
     if compatibility == "learned":
         with torch.no_grad():
@@ -182,7 +182,7 @@ def test_autograd_path_equals_inference_path(normalization, compatibility, maske
 
 def test_padding_with_mask_equals_unpadded_volume():
     logits, guidance = small_volume(c=3, shape=(5, 6, 7))
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(2,), theta_alpha=3.0, theta_beta=30.0).double().eval()
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(2,), theta_alpha=3.0, theta_beta=30.0).double().eval()
     pad_logits = torch.nn.functional.pad(logits, (0, 2, 0, 3, 0, 1), value=7.0)
     pad_guidance = torch.nn.functional.pad(guidance, (0, 2, 0, 3, 0, 1), value=50.0)
     mask = torch.zeros(1, 6, 9, 9, dtype=torch.bool)
@@ -195,9 +195,9 @@ def test_padding_with_mask_equals_unpadded_volume():
 
 def test_batch_equals_single_volumes_and_spacing_argument_overrides_default():
     logits, guidance = small_volume(b=2, c=3, shape=(4, 5, 6), k=1)
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1,), theta_alpha=3.0, theta_beta=0.3,
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(1,), theta_alpha=3.0, theta_beta=0.3,
                        spacing=(3.0, 1.0, 1.0)).double().eval()
-    other = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1,), theta_alpha=3.0, theta_beta=0.3).double().eval()
+    other = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(1,), theta_alpha=3.0, theta_beta=0.3).double().eval()
     with torch.no_grad():
         both = crf(logits, guidance)
         for i in range(2):
@@ -246,7 +246,7 @@ def test_spatial_filter_3d_is_exact_anisotropic_gaussian():
 def test_gradcheck_logits_weights_compatibility_3d(learn_bandwidths):
     # The lattice is a fixed linear operator for given bandwidths, its backward its exact transpose.
     logits, guidance = small_volume(c=2, shape=(3, 3, 4))
-    crf = MeanFieldCRF(num_classes=2, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=2.0, theta_beta=(0.5, 50.0),
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=2, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=2.0, theta_beta=(0.5, 50.0),
                        spacing=(2.0, 1.0, 1.0), train_iterations=2, learn_bandwidths=learn_bandwidths).double().train()
     weights = [p.detach().clone() for p in (crf.spatial_weight, crf.bilateral_weight, crf.compatibility)]
     inputs = [logits.requires_grad_(True)] + [w.requires_grad_(True) for w in weights]
@@ -283,7 +283,7 @@ def bandwidth_gradients(seed, shape, groups, betas, spacing):
     label, guidance, logits = volume_scene(seed, shape, 3, len(groups), spacing=spacing)
     logits, guidance = torch.tensor(logits, dtype=torch.float64)[None], torch.tensor(guidance, dtype=torch.float64)[None]
     target = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=groups, theta_beta=betas, theta_alpha=4.0,
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=groups, theta_beta=betas, theta_alpha=4.0,
                        theta_gamma=1.2, spacing=spacing, train_iterations=3).double().train()
     (crf(logits, guidance) * target).sum().backward()
     ours = torch.cat([crf.log_theta_alpha.grad[None], crf.log_theta_beta.grad.reshape(-1), crf.log_theta_gamma.grad[None]])
@@ -328,7 +328,7 @@ def test_bandwidth_gradients_match_the_ideal_3d(case, normalization):
     target = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
     def gradient() -> torch.Tensor:
-        crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=groups, theta_beta=betas, theta_alpha=4.0,
+        crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=groups, theta_beta=betas, theta_alpha=4.0,
                            theta_gamma=1.2, spatial_weight=3.0, bilateral_weight=5.0, spacing=spacing,
                            normalization=normalization, train_iterations=5).double().train()
         (crf(logits, guidance) * target).sum().backward()
@@ -368,7 +368,7 @@ def test_default_state_dict_keys_and_shapes_are_unchanged():
 
 def test_every_parameter_gets_a_gradient_3d():
     logits, guidance = small_volume(c=3, shape=(3, 4, 5))
-    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0,
+    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0,
                        theta_beta=(0.5, 50.0)).double().train()
     crf(logits, guidance).square().sum().backward()
     for name, p in crf.named_parameters():

@@ -67,6 +67,7 @@ def test_command_line_overrides_come_last_and_are_typed():
         ("model.name=deeplabv3", r"model.name: expected one of 'deeplabv2_resnet101', .*, got 'deeplabv3'"),
         ("model.options.widht=8", r"model.options: \['widht'\] not options of 'deeplabv2_resnet18'; its options: "),
         ("crf.normalization=before", r"crf.normalization: expected one of 'symmetric', 'after', got 'before'"),
+        ("crf.bilateral_filter=dense", r"crf.bilateral_filter: expected one of 'auto', 'lattice', 'exact', got 'dense'"),
         ("eval.mode=tiled", r"eval.mode: expected one of 'whole', 'sliding', got 'tiled'"),
         ("model.init_layout=caffe", r"model.init_layout: expected one of 'auto', 'caffe_deeplabv2', .*got 'caffe'"),
         ("model.num_classes=21", r"model.num_classes=21, but dataset 'synthetic' has 6 classes"),

@@ -1,0 +1,320 @@
+"""The exact bilateral filter of small images (crf/exact_filter.py): its kernel, the layer on it against the exact
+dense CRF (values and every gradient, bandwidths included), its code paths against each other, the "auto" rule
+and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crf_scenes import scene
+from crfrnn_deeplab.crf import EXACT_FILTER_POINTS, DenseCRF, MeanFieldCRF, build_kernels, exact_filter, fused_step
+from crfrnn_deeplab.crf.exact_filter import DenseBlocks, lattice_points, uses_exact_filter
+from crfrnn_deeplab.crf.mean_field import mean_field_steps
+from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian
+
+PARAMETERS = ("spatial_weight", "bilateral_weight", "compatibility", "log_theta_alpha", "log_theta_beta",
+              "log_theta_gamma")
+
+
+def random_features(b, d, n, seed, dtype=torch.float64):
+    return torch.randn(b, d, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(2).to(dtype)
+
+
+def valid_points(b, n, seed, keep=0.7):
+    valid = torch.rand(b, n, generator=torch.Generator().manual_seed(seed)) < keep
+    valid[1, n // 2 :] = False  # the images have different numbers of valid points
+    return valid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_is_the_dense_gaussian_of_the_valid_points(dtype, masked):
+    b, d, n = 2, 5, 37
+    features = random_features(b, d, n, 0, dtype)
+    valid = valid_points(b, n, 1) if masked else None
+    lattice = exact_filter(features, valid)
+    blocks = []
+    for i in range(b):
+        v = torch.ones(n, dtype=dtype) if valid is None else valid[i].to(dtype)
+        blocks.append(dense_gaussian(features[i].T.double()).to(dtype) * v[:, None] * v[None, :])
+    expected = torch.block_diag(*blocks)
+    explicit = lattice.slice.to_dense() @ lattice.blur[0].to_dense() @ lattice.splat.to_dense()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(explicit, expected, **tolerance)
+    values = torch.rand(b, n, 4, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    filtered = (expected @ values.reshape(b * n, 4)).view(b, n, 4)
+    torch.testing.assert_close(lattice.filter(values), filtered, **tolerance)
+    torch.testing.assert_close(lattice.filter(values, transpose=True), filtered, **tolerance)
+    assert lattice.alpha == 1.0 and lattice.symmetric
+    expected_on = torch.ones(b, n, dtype=torch.bool) if valid is None else valid
+    assert torch.equal(lattice.on_lattice(), expected_on)
+    most = n if valid is None else int(valid.sum(1).max())
+    assert lattice.num_vertices == b * most  # the kernels hold the valid points only
+
+
+def test_negligible_entries_are_exactly_zero():
+    # Entries below e^20 times the smallest normal number become 0 (the slow denormal range stays out of the
+    # products); larger ones keep their value, in either precision.
+    gaps = torch.tensor([0.0, 11.0, 25.0])  # exp(-60.5) = 5e-27 is kept in float32; exp(-312.5) is not
+    for dtype, kept in ((torch.float32, [True, True, False]), (torch.float64, [True, True, True])):
+        features = gaps.to(dtype).view(1, 1, 3)
+        kernel = exact_filter(features).blur[0].blocks[0, 0]
+        expected = torch.exp(-0.5 * gaps.double() ** 2)
+        assert [bool(k > 0) for k in kernel] == kept
+        torch.testing.assert_close(kernel.double()[torch.tensor(kept)], expected[torch.tensor(kept)], rtol=1e-6, atol=0)
+
+
+def layer(case, normalization, **options) -> MeanFieldCRF:
+    c, ws, wb, ta, tb, tg = case
+    return MeanFieldCRF(num_classes=c, spatial_weight=ws, bilateral_weight=wb, theta_alpha=ta, theta_beta=tb,
+                        theta_gamma=tg, normalization=normalization, train_iterations=5, **options).double().train()
+
+
+def exact_gradients(crf: MeanFieldCRF, logits, image, label, mask=None, **volume):
+    """The exact dense CRF's logits and gradients w.r.t. the logits and every parameter, with crf's parameters."""
+    params = {k: getattr(crf, k).detach().clone().requires_grad_(True) for k in PARAMETERS}
+    z = logits.clone().requires_grad_(True)
+    out = dense_crf(z, image, spatial_weight=params["spatial_weight"], bilateral_weight=params["bilateral_weight"],
+                    compatibility=params["compatibility"], theta_alpha=params["log_theta_alpha"].exp(),
+                    theta_beta=params["log_theta_beta"].exp(), theta_gamma=params["log_theta_gamma"].exp(),
+                    iterations=crf.train_iterations, normalization=crf.normalization, valid_mask=mask, **volume)
+    if mask is not None:  # the layer returns masked pixels' logits unchanged
+        out = torch.where(mask[:, None], out, z)
+    F.cross_entropy(out, label, ignore_index=-1).backward()
+    return out.detach(), [z.grad] + [params[k].grad for k in PARAMETERS]
+
+
+def layer_gradients(crf: MeanFieldCRF, logits, image, label, mask=None):
+    crf.zero_grad()
+    z = logits.clone().requires_grad_(True)
+    out = crf(z, image, mask)
+    F.cross_entropy(out, label, ignore_index=-1).backward()
+    return out.detach(), [z.grad] + [getattr(crf, k).grad for k in PARAMETERS]
+
+
+def assert_near_exact(ours, exact):
+    # The spatial filter is truncated at 4θγ (exp(-8) = 3e-4 of the peak): everything else is exact.
+    for a, b in zip(ours, exact):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3 * float(b.abs().max()))
+    flat = lambda xs: torch.cat([x.reshape(-1) for x in xs[1:]])  # noqa: E731
+    assert F.cosine_similarity(flat(ours), flat(exact), dim=0) > 0.9999
+
+
+CASES = [(4, 3.0, 10.0, 30.0, 20.0, 2.0), (3, 1.5, 7.0, 10.0, 8.0, 1.0), (5, 4.0, 3.0, 80.0, 13.0, 3.0)]
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+@pytest.mark.parametrize("case", CASES, ids=["wide", "sharp", "densecrf"])
+def test_default_layer_on_small_images_is_the_exact_dense_crf(case, normalization):
+    # Up to EXACT_FILTER_POINTS pixels the default layer is the exact dense CRF: its output and the gradients of
+    # the loss w.r.t. the logits and every parameter, θα and θβ included, in float64.
+    c = case[0]
+    label, image, logits = scene(7, 24, 30, c)
+    logits, label = torch.tensor(logits, dtype=torch.float64)[None], torch.tensor(label)[None]
+    image = torch.tensor(image, dtype=torch.float64).permute(2, 0, 1)[None]
+    crf = layer(case, normalization)
+    with torch.no_grad():
+        crf.compatibility.add_(torch.rand(c, c, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    ours = layer_gradients(crf, logits, image, label)
+    exact = exact_gradients(crf, logits, image, label)
+    assert_near_exact([ours[0], *ours[1]], [exact[0], *exact[1]])
+
+
+def test_masked_batch_and_volume_are_the_exact_dense_crf():
+    # A padded batch of two images (different valid sizes), and a volume with two guidance groups and anisotropic
+    # spacing: also exact, masked pixels sending and receiving nothing.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 20, 25, generator=g, dtype=torch.float64) * 2
+    image = torch.rand(2, 3, 20, 25, generator=g, dtype=torch.float64) * 255
+    label = torch.randint(0, 4, (2, 20, 25), generator=g)
+    mask = torch.ones(2, 20, 25, dtype=torch.bool)
+    mask[1, 14:], mask[1, :, 17:] = False, False
+    label[~mask] = -1
+    crf = layer(CASES[0], "symmetric")
+    ours = layer_gradients(crf, logits, image, label, mask)
+    exact = exact_gradients(crf, logits, image, label, mask)
+    assert_near_exact([ours[0], *ours[1]], [exact[0], *exact[1]])
+
+    volume = torch.rand(1, 2, 6, 7, 8, generator=g, dtype=torch.float64)
+    volume[:, 1] *= 100.0  # a second modality in other units
+    logits = torch.randn(1, 3, 6, 7, 8, generator=g, dtype=torch.float64)
+    label = torch.randint(0, 3, (1, 6, 7, 8), generator=g)
+    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(1, 1), theta_alpha=3.0, theta_beta=(0.3, 30.0),
+                       theta_gamma=1.2, spacing=(2.0, 1.0, 1.0)).double().train()
+    ours = layer_gradients(crf, logits, volume, label)
+    exact = exact_gradients(crf, logits, volume, label, guidance_groups=(1, 1), spacing=(2.0, 1.0, 1.0))
+    assert_near_exact([ours[0], *ours[1]], [exact[0], *exact[1]])
+
+
+def _three_paths(crf, logits, image, mask, target, monkeypatch):
+    """The layer's output through the inference path (no autograd), and output and gradients through its training
+    path (one fused node where it applies) and through autograd's per-step nodes."""
+    with torch.no_grad():
+        fast = crf.eval()(logits, image, mask)
+    crf.train()
+
+    def run():
+        crf.zero_grad()
+        z = logits.clone().requires_grad_(True)
+        out = crf(z, image, mask)
+        (out * target).sum().backward()
+        return out.detach(), [z.grad] + [p.grad.clone() for p in crf.parameters() if p.grad is not None]
+
+    trained = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_step, "applies", lambda kernels: False)
+        patch.setattr(fused_step, "learned_iterations", mean_field_steps)
+        steps = run()
+    return fast, trained, steps
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+@pytest.mark.parametrize("learn_bandwidths", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_inference_fused_and_per_step_paths_agree(normalization, learn_bandwidths, masked, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64) * 2  # 21: the channel blocks
+    image = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64) * 255
+    mask = torch.rand(2, 9, 11, generator=g) > 0.25 if masked else None
+    target = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64)
+    crf = MeanFieldCRF(num_classes=21, theta_alpha=6.0, normalization=normalization, train_iterations=4,
+                       eval_iterations=4, learn_bandwidths=learn_bandwidths).double()
+    with torch.no_grad():  # a learned-looking compatibility (not Potts), and Potts in the spatial term
+        crf.compatibility.add_(torch.rand(21, 21, generator=g, dtype=torch.float64))
+    assert isinstance(crf.kernels(image, mask).lattice.blur[0], DenseBlocks)
+    fast, (trained, trained_grads), (steps, step_grads) = _three_paths(crf, logits, image, mask, target, monkeypatch)
+    torch.testing.assert_close(fast, steps, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trained, steps, rtol=1e-10, atol=1e-10)
+    assert len(trained_grads) == len(step_grads) == 1 + (6 if learn_bandwidths else 3)
+    for a, b in zip(trained_grads, step_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_every_parameter_bandwidths_included():
+    # On the exact filter the forward pass is smooth in the bandwidths (no lattice, no change of simplex), so
+    # finite differences check θα's and θβ's gradient too.
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 3, 4, 5, generator=g, dtype=torch.float64) * 2
+    image = torch.rand(1, 3, 4, 5, generator=g, dtype=torch.float64) * 255
+    crf = MeanFieldCRF(num_classes=3, theta_alpha=4.0, theta_beta=60.0, theta_gamma=1.5, train_iterations=2)
+    crf = crf.double().train()
+    params = [getattr(crf, k).detach().clone().requires_grad_(True) for k in PARAMETERS]
+
+    def run(z, *values):
+        return torch.func.functional_call(crf, dict(zip(PARAMETERS, values)), (z, image))
+
+    assert torch.autograd.gradcheck(run, (logits.requires_grad_(True), *params), atol=1e-6)
+
+
+def test_auto_takes_the_exact_filter_up_to_its_size_and_the_lattice_beyond():
+    g = torch.Generator().manual_seed(7)
+    crf = MeanFieldCRF(num_classes=3)
+    assert EXACT_FILTER_POINTS == 32 * 32
+    for (h, w), exact in (((32, 32), True), ((32, 33), False)):
+        image = torch.rand(1, 3, h, w, generator=g) * 255
+        assert isinstance(crf.kernels(image).lattice.blur[0], DenseBlocks) == exact
+        assert isinstance(MeanFieldCRF(num_classes=3, bilateral_filter="exact").kernels(image).lattice.blur[0],
+                          DenseBlocks)
+        assert not isinstance(MeanFieldCRF(num_classes=3, bilateral_filter="lattice").kernels(image).lattice.blur[0],
+                              DenseBlocks)
+    # The valid pixels count, not the padding: a padded image is filtered as it is alone
+    image = torch.rand(2, 3, 40, 40, generator=g) * 255
+    logits = torch.randn(2, 3, 40, 40, generator=g)
+    mask = torch.zeros(2, 40, 40, dtype=torch.bool)
+    mask[0, :30, :30], mask[1, :20, :35] = True, True
+    assert isinstance(crf.kernels(image, mask).lattice.blur[0], DenseBlocks)
+    with torch.no_grad():
+        padded = crf.eval()(logits, image, mask)
+        alone = crf(logits[:1, :, :30, :30], image[:1, :, :30, :30])
+    torch.testing.assert_close(padded[:1, :, :30, :30], alone, rtol=1e-5, atol=1e-5)
+    # One filter for the whole batch: an image with more valid pixels takes the batch to the lattice
+    mask[1] = True
+    assert not isinstance(crf.kernels(image, mask).lattice.blur[0], DenseBlocks)
+
+
+def test_lattice_points_and_the_rule():
+    valid = torch.zeros(3, 4, 5, dtype=torch.bool)
+    assert lattice_points(20, None) == 20
+    assert lattice_points(20, valid) == 20  # none valid: every point on the lattice, as build_lattice does
+    valid[0, :2], valid[1, 0] = True, True
+    assert lattice_points(20, valid) == 10
+    assert lattice_points(20, torch.ones(3, 20, dtype=torch.bool)) == 20
+    assert uses_exact_filter("auto", EXACT_FILTER_POINTS) and not uses_exact_filter("auto", EXACT_FILTER_POINTS + 1)
+    assert uses_exact_filter("exact", 10**6) and not uses_exact_filter("lattice", 1)
+
+
+def test_densecrf_takes_the_filter_and_names_it():
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    p = rng.dirichlet(np.ones(3), (20, 30)).transpose(2, 0, 1).astype(np.float32)
+    exact, lattice = DenseCRF(iterations=5)(rgb, p), DenseCRF(iterations=5, bilateral_filter="lattice")(rgb, p)
+    with torch.no_grad():
+        layer_exact = torch.softmax(MeanFieldCRF(num_classes=3, eval_iterations=5, bilateral_filter="exact").eval()(
+            torch.from_numpy(p).clamp_min(1e-8).log()[None], torch.from_numpy(rgb).permute(2, 0, 1)[None].float()), 1)
+    np.testing.assert_allclose(exact, layer_exact[0].numpy(), atol=1e-6)
+    assert np.abs(exact - lattice).max() > 1e-3  # the two filters differ on an image this small
+    assert "bilateral_filter='lattice'" in repr(DenseCRF(bilateral_filter="lattice"))
+    assert "bilateral_filter" not in repr(DenseCRF())
+    assert "bilateral_filter='exact'" in repr(MeanFieldCRF(num_classes=2, bilateral_filter="exact"))
+    assert "bilateral_filter" not in repr(MeanFieldCRF(num_classes=2))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: MeanFieldCRF(num_classes=3, bilateral_filter="dense"), "bilateral_filter must be 'auto', 'lattice'"),
+        (lambda: DenseCRF(bilateral_filter=None), "bilateral_filter must be 'auto', 'lattice' or 'exact', got None"),
+        (lambda: build_kernels(torch.rand(1, 3, 4, 4), theta_alpha=torch.tensor(3.0), theta_beta=torch.tensor(3.0),
+                               theta_gamma=torch.tensor(3.0), bilateral_filter="Exact"), "got 'Exact'"),
+        (lambda: exact_filter(torch.full((1, 5, 6), math.nan)), "features contain NaN"),
+        (lambda: exact_filter(torch.rand(1, 5, 6), torch.ones(1, 5, dtype=torch.bool)), "valid must be a bool Tensor"),
+        (lambda: exact_filter(torch.rand(1, 5, 6)).blur[0] @ torch.rand(5, 2), r"values must be a Tensor\[6, C\]"),
+        (lambda: DenseBlocks(torch.rand(1, 3, 3)) @ torch.rand(3, 2).double(), "of torch.float32"),
+    ],
+)
+def test_bad_input_is_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_inference_does_not_depend_on_the_thread_count():
+    # The kernels' products run with the caller's thread count, never the load's (crf/threads.py).
+    from crfrnn_deeplab.crf import threads
+
+    g = torch.Generator().manual_seed(9)
+    logits, image = torch.randn(2, 21, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g) * 255
+    crf = MeanFieldCRF(num_classes=21, eval_iterations=3).eval()
+    before, policy = torch.get_num_threads(), threads.thread_policy()
+    outputs = []
+    try:
+        torch.set_num_threads(2)
+        for chosen in (1, 2):
+            threads.set_inference_threads(chosen)
+            with torch.no_grad():
+                outputs.append(crf(logits, image))
+    finally:
+        torch.set_num_threads(before)
+        threads.set_inference_threads(policy)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    # The exact filter on CUDA (inference and a training step with every parameter learned, masked batch)
+    g = torch.Generator().manual_seed(10)
+    logits, image = torch.randn(2, 5, 24, 30, generator=g), torch.rand(2, 3, 24, 30, generator=g) * 255
+    mask = torch.rand(2, 24, 30, generator=g) > 0.2
+    results = []
+    for device in ("cpu", "cuda"):
+        crf = MeanFieldCRF(num_classes=5).to(device)
+        with torch.no_grad():
+            fast = crf.eval()(logits.to(device), image.to(device), mask.to(device))
+        z = logits.to(device).requires_grad_(True)
+        crf.train()(z, image.to(device), mask.to(device)).square().sum().backward()
+        results.append([fast, z.grad] + [getattr(crf, k).grad for k in PARAMETERS])
+    for cpu, gpu in zip(*results):
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
