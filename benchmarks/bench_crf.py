@@ -28,6 +28,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -242,11 +243,12 @@ def section_small(args) -> None:
     print("\n## Small images (<= 1024 pixels): the default exact filter vs the lattice, 1 thread, densecrf's parameters")
     print("(time: interleaved pairs, ratio = exact / lattice, median of the per-pair ratios and their range; "
           "|ΔQ|: mean over pixels and classes after 10 iterations against the float64 exact dense CRF)")
-    print(f"{'size':<12}{'inference ms lattice/exact':>28}{'ratio':>7}{'range':>12}{'training ms lattice/exact':>27}"
+    print(f"{'image':<22}{'inference ms lattice/exact':>28}{'ratio':>7}{'range':>12}{'training ms lattice/exact':>27}"
           f"{'ratio':>7}{'range':>12}{'|ΔQ| lattice':>14}{'exact':>9}{'densecrf':>10}")
     try:
-        for h, w, c in ((16, 16, 5), (24, 32, 5), (32, 32, 5), (32, 32, 21)):
-            image, logits = scene(h, w, c)
+        for (h, w, c), kind in itertools.product(((16, 16, 5), (24, 32, 5), (32, 32, 5), (32, 32, 21)),
+                                                 ("synthetic", "noise")):
+            image, logits = scene(h, w, c, kind=kind)
             z = torch.from_numpy(logits)[None]
             im = torch.from_numpy(image).permute(2, 0, 1)[None].float()
             layers = {f: MeanFieldCRF(num_classes=c, bilateral_filter=f, train_iterations=5, eval_iterations=10,
@@ -275,7 +277,7 @@ def section_small(args) -> None:
             errors = [float((torch.softmax(infer(f)(), 1)[0].double() - exact).abs().mean()) for f in layers]
             errors.append(float((torch.from_numpy(run_densecrf(image, logits, 10)).double() - exact).abs().mean()))
             rng = lambda r: f"{min(r):.2f}-{max(r):.2f}"  # noqa: E731
-            print(f"{f'{h}×{w} C{c}':<12}{f'{t_lat * 1e3:.1f} / {t_exact * 1e3:.1f}':>28}"
+            print(f"{f'{h}×{w} C{c} {kind}':<22}{f'{t_lat * 1e3:.1f} / {t_exact * 1e3:.1f}':>28}"
                   f"{statistics.median(r_inf):>7.2f}{rng(r_inf):>12}{f'{u_lat * 1e3:.1f} / {u_exact * 1e3:.1f}':>27}"
                   f"{statistics.median(r_train):>7.2f}{rng(r_train):>12}"
                   + "".join(f"{e:>{width}.1e}" for e, width in zip(errors, (14, 9, 10))), flush=True)

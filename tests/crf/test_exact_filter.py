@@ -56,7 +56,7 @@ def test_kernel_is_the_dense_gaussian_of_the_valid_points(dtype, masked):
 
 
 def test_negligible_entries_are_exactly_zero():
-    # Entries below e^20 times the smallest normal number become 0 (the slow denormal range stays out of the
+    # Entries below 1.5·e^20 times the smallest normal number become 0 (the slow denormal range stays out of the
     # products); larger ones keep their value, in either precision.
     gaps = torch.tensor([0.0, 11.0, 25.0])  # exp(-60.5) = 5e-27 is kept in float32; exp(-312.5) is not
     for dtype, kept in ((torch.float32, [True, True, False]), (torch.float64, [True, True, True])):
