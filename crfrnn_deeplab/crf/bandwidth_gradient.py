@@ -66,7 +66,8 @@ class KernelPairs:
 
     Exact form (``columns`` is None): every pair of each image; ``weights`` is Tensor[B, N·N, d] holding
     ``k_ij (f_i - f_j)²`` for pairs of valid points, or None where that would be large (then recomputed from
-    ``features`` block by block). Sampled form: S partners per point in ``columns``, and ``weights``
+    ``features`` block by block). Padded images whose valid points are few enough keep only those (``points``):
+    N is then their most valid points, and the arrays below hold them instead of all the image's points. Sampled form: S partners per point in ``columns``, and ``weights``
     Tensor[d, B·N·S] holding ``c k_ij (f_i - f_j)² / (S p(j | i))`` (c: the image's mass ratio).
 
     Attributes:
@@ -77,6 +78,8 @@ class KernelPairs:
         columns: Tensor[B·N·S] (int32 or int64), the partner ``j`` (a flat index over the batch) of pair ``(i, s)``,
             ordered by ``i`` then ``s``; None in exact form.
         weights: see above.
+        points: Tensor[B, N] (int64) in exact form when the images' valid points are packed: the index of each
+            one among its image's points (``valid`` says which slots hold one); None: every point, in order.
     """
 
     features: Tensor
@@ -84,6 +87,7 @@ class KernelPairs:
     mass: Tensor
     columns: Tensor | None = None
     weights: Tensor | None = None
+    points: Tensor | None = None
 
     @property
     def exact(self) -> bool:
@@ -106,6 +110,11 @@ class KernelPairs:
             Tensor[d] in the features' dtype: exact in exact form, an unbiased estimate otherwise.
         """
         b, n, d = self.features.shape
+        if self.points is not None:  # the valid points of padded images: their values
+            whole = left.shape[1]
+            left, right = (x.gather(1, self.points[..., None].expand(-1, -1, x.shape[-1])) for x in (left, right))
+            left_scale, right_scale = (None if x is None else x.detach().reshape(b, whole).gather(1, self.points)
+                                       for x in (left_scale, right_scale))
         assert left.shape[:2] == (b, n) and right.shape == left.shape, "values do not match the pairs"
         left, right = left.to(self.features.dtype), right.to(self.features.dtype)
         scales = [None if x is None else x.detach().reshape(b, n).to(self.features.dtype)
@@ -189,7 +198,8 @@ def kernel_pairs(
         samples: partners per point when sampling (default :data:`SAMPLES_PER_POINT`).
 
     Returns:
-        Exact pairs when N <= ``exact_points``, otherwise sampled ones.
+        Exact pairs when N <= ``exact_points``, or when no image has more than ``exact_points`` valid points
+        (then of those alone, packed), otherwise sampled ones.
     """
     b, n, d = features.shape
     grid = (n,) if grid is None else tuple(int(x) for x in grid)
@@ -202,9 +212,17 @@ def kernel_pairs(
     f = features.detach()
     valid_f = f.new_ones(b, n) if valid is None else valid.reshape(b, n).to(f.dtype)
     lattice_mass = lattice_mass.detach().reshape(b, n).to(f.dtype) * valid_f
-    if n <= exact_points:
+    points = None
+    if n > exact_points and valid is not None:  # padded images with few valid points: all pairs of those
+        counts = valid_f.sum(1)
+        if 0 < int(counts.max()) <= exact_points:
+            points, slots = _valid_points(valid_f > 0)
+            f, lattice_mass = f.gather(1, points[..., None].expand(-1, -1, d)), lattice_mass.gather(1, points)
+            valid_f = slots.to(f.dtype)
+    if f.shape[1] <= exact_points:
+        m = f.shape[1]
         gaussian_mass = torch.empty_like(valid_f)  # (K·1)_i over valid points, 0 elsewhere
-        keep = b * n * n * d <= _EXACT_CACHE  # the pair weights, kept for the later filterings
+        keep = b * m * m * d <= _EXACT_CACHE  # the pair weights, kept for the later filterings
         weights = []
         for image in range(b):
             for rows, k, sq in _exact_blocks(f[image], valid_f[image]):
@@ -212,8 +230,8 @@ def kernel_pairs(
                 if keep:
                     weights.append((k[..., None] * sq).reshape(-1, d))
         mass = _mass_ratio(lattice_mass, gaussian_mass)
-        weights = torch.cat(weights).view(b, n * n, d) if keep else None
-        return KernelPairs(f, valid_f, mass, weights=weights)
+        weights = torch.cat(weights).view(b, m * m, d) if keep else None
+        return KernelPairs(f, valid_f, mass, weights=weights, points=points)
 
     generators = _image_generators(f)
     partner, log_prob = _propose(b, n, grid, rates, samples, generators)  # [B, N, S]: index in the image, log p(j|i)
@@ -230,6 +248,17 @@ def kernel_pairs(
     weights = (ratio * (mass[..., None] / samples))[..., None] * sq  # [B, N, S, d]
     columns = flat.view(-1).to(torch.int32 if b * n * samples < 2**31 else torch.long)
     return KernelPairs(f, valid_f, mass, columns, weights.view(-1, d).T.contiguous())
+
+
+def _valid_points(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The valid points of each image, packed: ``(points, slots)``, Tensor[B, V] of point indices (V = the most
+    valid points of an image; an image with fewer repeats index 0 in its last slots) and bool Tensor[B, V], which
+    slots hold a valid point."""
+    counts = valid.sum(1)
+    most = int(counts.max())
+    slots = torch.arange(most, device=valid.device)[None, :] < counts[:, None]
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :most]  # valid points first, in order
+    return torch.where(slots, order, 0), slots
 
 
 def _mass_ratio(lattice_mass: Tensor, gaussian_mass: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ from crfrnn_deeplab.crf.threads import caller_threads
 __all__ = ["EXACT_FILTER_POINTS", "DenseBlocks", "exact_filter", "lattice_points", "uses_exact_filter"]
 
 #: Images of at most this many valid points are filtered exactly under ``bilateral_filter="auto"``: the size up to
-#: which the bandwidth gradient sums all pairs (:data:`.bandwidth_gradient.EXACT_POINTS`, counting padding), so that
-#: an unpadded image up to it gets the exact dense CRF's values and every gradient.
+#: which the bandwidth gradient sums all pairs (:data:`.bandwidth_gradient.EXACT_POINTS`), so that an image up to it,
+#: padded or not, gets the exact dense CRF's values and every gradient.
 EXACT_FILTER_POINTS = EXACT_POINTS
 
 

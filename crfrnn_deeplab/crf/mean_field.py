@@ -152,8 +152,8 @@ class MeanFieldCRF(nn.Module):
         learn_compatibility: learn ``μ``.
         learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive). θγ's gradient is the exact
             derivative of the separable filter; θα's and θβ's are the exact Gaussian's derivative over pixel pairs
-            scaled to the lattice's mass (all pairs of images up to
-            :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` pixels, one importance-sampled partner
+            scaled to the lattice's mass (all pairs of images of up to
+            :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` valid pixels, one importance-sampled partner
             per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`. With the
             exact filter the mass is the Gaussian's, and the gradient over all pairs is the exact CRF's.
 

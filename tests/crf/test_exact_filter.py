@@ -318,3 +318,38 @@ def test_cuda_matches_cpu():
         results.append([fast, z.grad] + [getattr(crf, k).grad for k in PARAMETERS])
     for cpu, gpu in zip(*results):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_padded_small_images_get_the_exact_gradients(normalization):
+    # Small images padded into a larger canvas (1600 pixels, 900 and 700 valid): the exact filter, and the
+    # bandwidth gradient over all pairs of the valid pixels (not sampled): the summed loss's gradients of every
+    # parameter are the sums of each image's alone.
+    g = torch.Generator().manual_seed(11)
+    sizes = [(30, 30), (20, 35)]
+    alone = [(torch.randn(1, 4, h, w, generator=g, dtype=torch.float64) * 2,
+              torch.rand(1, 3, h, w, generator=g, dtype=torch.float64) * 255,
+              torch.randint(0, 4, (1, h, w), generator=g)) for h, w in sizes]
+    crf = MeanFieldCRF(num_classes=4, theta_alpha=20.0, theta_beta=15.0, theta_gamma=2.0,
+                       normalization=normalization).double().train()
+
+    def gradients(logits, image, label, mask=None):
+        crf.zero_grad()
+        F.cross_entropy(crf(logits, image, mask), label, ignore_index=-1, reduction="sum").backward()
+        return [getattr(crf, k).grad.clone() for k in PARAMETERS]
+
+    expected = [sum(parts) for parts in zip(*(gradients(*a) for a in alone))]
+    logits = torch.zeros(2, 4, 40, 40, dtype=torch.float64)
+    image = torch.zeros(2, 3, 40, 40, dtype=torch.float64)
+    label = torch.full((2, 40, 40), -1)
+    mask = torch.zeros(2, 40, 40, dtype=torch.bool)
+    for i, ((h, w), (lg, im, lb)) in enumerate(zip(sizes, alone)):
+        logits[i, :, :h, :w], image[i, :, :h, :w], label[i, :h, :w], mask[i, :h, :w] = lg[0], im[0], lb[0], True
+    assert isinstance(crf.kernels(image, mask).lattice.blur[0], DenseBlocks)
+    torch.manual_seed(0)
+    first = gradients(logits, image, label, mask)
+    torch.manual_seed(1)  # a sampled gradient would change with the seed
+    second = gradients(logits, image, label, mask)
+    for a, b, c in zip(first, second, expected):
+        torch.testing.assert_close(a, c, rtol=1e-8, atol=1e-10)
+        assert torch.equal(a, b)
