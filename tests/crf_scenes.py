@@ -51,3 +51,24 @@ def dense_pairs(mass: str):
         yield
     finally:
         kernels_module.kernel_pairs = original
+
+
+def at_inference_threads(run, counts=(1, 2)):
+    """``run()``'s result with the inference thread policy at each of ``counts`` (torch given 2 threads), the
+    caller's settings restored after."""
+    import torch
+
+    from crfrnn_deeplab.crf import threads
+
+    before, policy = torch.get_num_threads(), threads.thread_policy()
+    outputs = []
+    try:
+        torch.set_num_threads(2)
+        for chosen in counts:
+            threads.set_inference_threads(chosen)
+            with torch.no_grad():
+                outputs.append(run())
+    finally:
+        torch.set_num_threads(before)
+        threads.set_inference_threads(policy)
+    return outputs

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crf_scenes import scene
+from crf_scenes import at_inference_threads, scene
 from crfrnn_deeplab.crf import EXACT_FILTER_POINTS, DenseCRF, MeanFieldCRF, build_kernels, exact_filter, fused_step
 from crfrnn_deeplab.crf.exact_filter import DenseBlocks, lattice_points, uses_exact_filter
 from crfrnn_deeplab.crf.mean_field import mean_field_steps
@@ -282,22 +282,10 @@ def test_bad_input_is_named(call, match):
 
 def test_inference_does_not_depend_on_the_thread_count():
     # The kernels' products run with the caller's thread count, never the load's (crf/threads.py).
-    from crfrnn_deeplab.crf import threads
-
     g = torch.Generator().manual_seed(9)
     logits, image = torch.randn(2, 21, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g) * 255
     crf = MeanFieldCRF(num_classes=21, eval_iterations=3).eval()
-    before, policy = torch.get_num_threads(), threads.thread_policy()
-    outputs = []
-    try:
-        torch.set_num_threads(2)
-        for chosen in (1, 2):
-            threads.set_inference_threads(chosen)
-            with torch.no_grad():
-                outputs.append(crf(logits, image))
-    finally:
-        torch.set_num_threads(before)
-        threads.set_inference_threads(policy)
+    outputs = at_inference_threads(lambda: crf(logits, image))
     assert torch.equal(outputs[0], outputs[1])
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian, dense_mean_field
-from crf_scenes import PARAMS, densecrf_q, scene
+from crf_scenes import PARAMS, at_inference_threads, densecrf_q, scene
 from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.spatial import channel_blocks, gaussian_1d, spatial_gaussian
@@ -495,7 +495,7 @@ def test_inference_thread_policy():
 def test_inference_does_not_depend_on_the_thread_count(learned, monkeypatch):
     # the adaptive policy picks the thread count from the load: the outputs must not depend on it (large enough
     # for the spatial filter's banded products, which run with the policy's threads)
-    from crfrnn_deeplab.crf import spatial, threads
+    from crfrnn_deeplab.crf import spatial
 
     banded = []
     run_banded = spatial._banded_rows
@@ -506,17 +506,7 @@ def test_inference_does_not_depend_on_the_thread_count(learned, monkeypatch):
         with torch.no_grad():
             crf.compatibility.add_(0.05 * torch.randn(21, 21, generator=torch.Generator().manual_seed(0)))
     z, im = torch.tensor(logits)[None], torch.tensor(image).permute(2, 0, 1)[None].float()
-    before, policy = torch.get_num_threads(), threads.thread_policy()
-    outputs = []
-    try:
-        torch.set_num_threads(2)
-        for chosen in (1, 2):
-            threads.set_inference_threads(chosen)
-            with torch.no_grad():
-                outputs.append(crf(z, im))
-    finally:
-        torch.set_num_threads(before)
-        threads.set_inference_threads(policy)
+    outputs = at_inference_threads(lambda: crf(z, im))
     assert banded, "the banded passes did not run"
     assert torch.equal(outputs[0], outputs[1])
 
