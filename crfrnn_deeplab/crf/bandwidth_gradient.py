@@ -162,7 +162,7 @@ def _exact_blocks(f: Tensor, valid: Tensor) -> Iterator[tuple[slice, Tensor, Ten
     n = f.shape[0]
     for start in range(0, n, _ROW_BLOCK):
         rows = slice(start, min(start + _ROW_BLOCK, n))
-        sq = (f[rows, None, :] - f[None, :, :]).square()
+        sq = (f[rows, None, :] - f[None, :, :]).square().clamp_(max=torch.finfo(f.dtype).max)  # 0·inf would be NaN
         yield rows, torch.exp(-0.5 * sq.sum(-1)) * valid[rows, None] * valid[None, :], sq
 
 
@@ -237,6 +237,7 @@ def kernel_pairs(
     partner, log_prob = _propose(b, n, grid, rates, samples, generators)  # [B, N, S]: index in the image, log p(j|i)
     flat = partner + (torch.arange(b, device=f.device) * n)[:, None, None]  # index over the batch
     sq = (f[:, :, None, :] - f.reshape(b * n, d)[flat.view(-1)].view(b, n, samples, d)).square()  # [B, N, S, d]
+    sq.clamp_(max=torch.finfo(f.dtype).max)  # far pairs: k = 0 and a finite square (0·inf would be NaN)
     both_valid = valid_f[:, :, None] * valid_f.reshape(-1)[flat.view(-1)].view(b, n, samples)
     ratio = torch.exp(-0.5 * sq.sum(-1).double() - log_prob).to(f.dtype)  # k_ij / p(j | i)
     ratio = torch.where(torch.isfinite(log_prob), ratio, 0.0) * both_valid

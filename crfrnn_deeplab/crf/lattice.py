@@ -36,6 +36,7 @@ from crfrnn_deeplab.images import all_finite
 __all__ = ["PermutohedralLattice", "build_lattice", "check_lattice_inputs", "lattice_gaussian", "point_pairs"]
 
 _PACK_LIMIT = 2**62
+_KEY_LIMIT = 2**62  # int64 vertex keys (and their neighbours' offsets) stay below this in magnitude
 _NARROW_KEYS = 2**30  # remainder-0 points smaller than this in magnitude are kept as int32, larger ones as int64
 _PACKED_SORT_BITS = 63  # a key and its position packed into one int64 scalar (_packed_argsort)
 _SPLAT_BLOCK = 2**14  # points per block of the CPU splat (BlockedRows): 1.3 MiB of 21 float32 channels
@@ -375,6 +376,14 @@ def _build_lattice(features: Tensor, valid: Tensor | None) -> PermutohedralLatti
     # Points are columns: [d, P] (P = B*N), and so are the per-point vectors below, [d+1, P].
     f, flat_valid = check_lattice_inputs(features, valid)
     b, d = features.shape[:2]
+    # The elevated coordinates (at most (d+1)·|f| each) become int64 vertex keys with room for the neighbours'
+    # offsets: beyond that the keys would wrap around and the filter be silently wrong.
+    limit = _KEY_LIMIT / (d + 1) ** 2
+    largest = float(f.abs().amax())
+    if largest > limit:
+        raise ValueError(f"features reach {largest:.3g} in magnitude, beyond the {limit:.3g} that the lattice's "
+                         f"integer vertex keys hold for d = {d}: the guidance divided by its bandwidth is too large "
+                         "(rescale the guidance or widen the bandwidth)")
     device = f.device
     total_points = f.shape[1]
     n = total_points // b

@@ -341,3 +341,24 @@ def test_padded_small_images_get_the_exact_gradients(normalization):
     for a, b, c in zip(first, second, expected):
         torch.testing.assert_close(a, c, rtol=1e-8, atol=1e-10)
         assert torch.equal(a, b)
+
+
+def test_huge_guidance_is_refused_by_the_lattice_and_taken_by_the_exact_filter():
+    # Guidance values near float32's largest: the lattice's integer keys cannot hold them (a clear error, where
+    # its result used to be silently wrong); the exact filter takes them, gradients finite (far pairs weigh 0).
+    g = torch.Generator().manual_seed(12)
+    guidance = (torch.rand(1, 1, 4, 5, 6, generator=g) - 0.5) * 3e38
+    logits = torch.randn(1, 3, 4, 5, 6, generator=g)
+    options = dict(num_classes=3, spatial_dims=3, guidance_groups=(1,), theta_beta=1.0)
+    with pytest.raises(ValueError, match="features reach .* beyond the .* that the lattice's integer vertex keys"):
+        MeanFieldCRF(bilateral_filter="lattice", **options)(logits, guidance)
+    crf = MeanFieldCRF(**options).train()
+    z = logits.clone().requires_grad_(True)
+    out = crf(z, guidance)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    with torch.no_grad():  # every voxel is its own colour: the bilateral kernel is the identity
+        separate = MeanFieldCRF(**options).eval()(logits, guidance)
+        alone = MeanFieldCRF(**options).eval()(logits, torch.arange(120.0).view(1, 1, 4, 5, 6) * 1e6)
+    torch.testing.assert_close(separate, alone)

@@ -311,6 +311,8 @@ def test_float32_matches_float64():
         (torch.zeros(5, 3), "Tensor\\[B, d, H, W\\]"),
         (torch.zeros(1, 2, 4, dtype=torch.long), "floating-point"),
         (torch.full((1, 2, 4), float("nan")), "NaN"),
+        # finite, but beyond what the int64 vertex keys hold (the filter used to come out silently wrong)
+        (torch.tensor([[[0.0, 1.0, 2.0, 3e18]]]), r"features reach 3e\+18 in magnitude, beyond the 1.15e\+18 .*d = 1"),
     ],
 )
 def test_bad_features(bad, match):
