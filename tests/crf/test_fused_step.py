@@ -153,12 +153,14 @@ def test_fused_step_gradcheck():
                              (unary, *pairwise))
 
 
+@pytest.mark.parametrize("bilateral_filter", ["lattice", "exact"])
 @pytest.mark.parametrize("learn_bandwidths", [False, True])  # the fused node / the separate nodes
-def test_training_under_torch_compile_matches_eager(learn_bandwidths):
+def test_training_under_torch_compile_matches_eager(learn_bandwidths, bilateral_filter):
     # Dynamo cannot trace the custom autograd nodes that hold the lattice: mean_field_step runs eagerly inside a
     # compiled model (before that, a compiled training step raised, and the fused node gave wrong values)
     torch.manual_seed(0)
-    crf = MeanFieldCRF(bilateral_filter="lattice", num_classes=4, train_iterations=3, learn_bandwidths=learn_bandwidths).train()
+    crf = MeanFieldCRF(num_classes=4, train_iterations=3, learn_bandwidths=learn_bandwidths,
+                       bilateral_filter=bilateral_filter).train()
     logits = torch.randn(1, 4, 12, 14)
     image = torch.rand(1, 3, 12, 14) * 255
     results = []
