@@ -67,8 +67,9 @@ class KernelPairs:
     Exact form (``columns`` is None): every pair of each image; ``weights`` is Tensor[B, N·N, d] holding
     ``k_ij (f_i - f_j)²`` for pairs of valid points, or None where that would be large (then recomputed from
     ``features`` block by block). Padded images whose valid points are few enough keep only those (``points``):
-    N is then their most valid points, and the arrays below hold them instead of all the image's points. Sampled form: S partners per point in ``columns``, and ``weights``
-    Tensor[d, B·N·S] holding ``c k_ij (f_i - f_j)² / (S p(j | i))`` (c: the image's mass ratio).
+    N is then their most valid points, and the arrays below hold them instead of all the image's points.
+    Sampled form: S partners per point in ``columns``, and ``weights`` Tensor[d, B·N·S] holding
+    ``c k_ij (f_i - f_j)² / (S p(j | i))`` (c: the image's mass ratio).
 
     Attributes:
         features: Tensor[B, N, d], the scaled features ``f``.

@@ -143,9 +143,9 @@ class MeanFieldCRF(nn.Module):
             mm for ``(D, H, W)``); None: 1. ``forward(..., spacing=...)`` overrides it for one batch.
         normalization: "symmetric" (``D^-½ K D^-½``, densecrf) or "after" (``D^-1 K``, CRF-as-RNN).
         bilateral_filter: how the bilateral kernel is filtered: "lattice", the permutohedral lattice as densecrf
-            does; "exact", the exact Gaussian (B·N² memory, for small images); "auto" (default): exact for
-            images of at most :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` pixels (voxels),
-            where it costs little, else the lattice.
+            does; "exact", the exact Gaussian (B·N² memory, for small images); "auto" (default): exact when no
+            image of the batch has more than :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid
+            pixels (voxels), where it costs little, else the lattice.
         train_iterations: mean-field iterations in training mode.
         eval_iterations: mean-field iterations in eval mode.
         learn_kernel_weights: learn the C×C matrices ``W_m``.
@@ -153,8 +153,8 @@ class MeanFieldCRF(nn.Module):
         learn_bandwidths: learn θα, θβ, θγ (log-parameterised, so always positive). θγ's gradient is the exact
             derivative of the separable filter; θα's and θβ's are the exact Gaussian's derivative over pixel pairs
             scaled to the lattice's mass (all pairs of images of up to
-            :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` valid pixels, one importance-sampled partner
-            per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`. With the
+            :data:`~crfrnn_deeplab.crf.bandwidth_gradient.EXACT_POINTS` valid pixels, one importance-sampled
+            partner per pixel beyond, drawn from torch's default generator), see :mod:`.bandwidth_gradient`. With the
             exact filter the mass is the Gaussian's, and the gradient over all pairs is the exact CRF's.
 
     Parameters: ``spatial_weight``, ``bilateral_weight``, ``compatibility`` (Tensor[C, C] each),
