@@ -52,7 +52,7 @@ class DenseBlocks:
             raise ValueError(f"values must be a Tensor[{b * n}, C] of {self.blocks.dtype}, got "
                              f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)}")
         with caller_threads():  # a product's rounding depends on the thread count: never on the load
-            return torch.bmm(self.blocks, x.view(b, n, -1)).view(b * n, -1)
+            return torch.bmm(self.blocks, x.reshape(b, n, -1)).view(b * n, -1)
 
     def to_dense(self) -> Tensor:
         """Tensor[B·N, B·N] (for tests)."""

@@ -362,3 +362,10 @@ def test_huge_guidance_is_refused_by_the_lattice_and_taken_by_the_exact_filter()
         separate = MeanFieldCRF(**options).eval()(logits, guidance)
         alone = MeanFieldCRF(**options).eval()(logits, torch.arange(120.0).view(1, 1, 4, 5, 6) * 1e6)
     torch.testing.assert_close(separate, alone)
+
+
+def test_dense_blocks_take_non_contiguous_values():
+    blocks = torch.rand(2, 3, 3, dtype=torch.float64)
+    values = torch.rand(4, 6, dtype=torch.float64).T  # [6, 4], not contiguous
+    expected = torch.block_diag(*blocks) @ values
+    torch.testing.assert_close(DenseBlocks(blocks) @ values, expected, rtol=1e-12, atol=1e-12)
