@@ -27,12 +27,16 @@ from crfrnn_deeplab.crf.lattice import PermutohedralLattice, check_lattice_input
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads
 
-__all__ = ["EXACT_FILTER_POINTS", "DenseBlocks", "exact_filter", "lattice_points", "uses_exact_filter"]
+__all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "DenseBlocks", "exact_filter", "lattice_points",
+           "uses_exact_filter"]
 
 #: Images of at most this many valid points are filtered exactly under ``bilateral_filter="auto"``: the size up to
 #: which the bandwidth gradient sums all pairs (:data:`.bandwidth_gradient.EXACT_POINTS`), so that an image up to it,
 #: padded or not, gets the exact dense CRF's values and every gradient.
 EXACT_FILTER_POINTS = EXACT_POINTS
+#: The most kernel entries (B·V²) a batch may ask of the exact filter: 8 GiB in float32. Beyond, a clear error
+#: instead of an allocation that fails or, worse, a process the system kills for its memory.
+MAX_KERNEL_ENTRIES = 2**31
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +113,10 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
         rank = per_image.to(index).cumsum(1, dtype=index).view(-1)[kept] - 1  # each one's place in its image
         vertex = (kept // n).to(index) * v + rank
         f = f.index_select(1, kept)
+    if b * v * v > MAX_KERNEL_ENTRIES:
+        raise ValueError(f"the exact filter would hold {b} × {v}² = {b * v * v:.3g} kernel entries "
+                         f"({b * v * v * f.element_size() / 2**30:.3g} GiB), more than its limit of "
+                         f"{MAX_KERNEL_ENTRIES:.3g}: use bilateral_filter='lattice' (or 'auto') for images this large")
     points = f.new_zeros(d, b * v)  # features of the vertices (0 where a vertex has no point)
     points[:, vertex.long()] = f
     exponent = f.new_zeros(b, v, v)  # -|f_i - f_j|² / 2, a feature at a time (contiguous passes, no cancellation)

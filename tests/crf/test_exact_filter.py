@@ -273,6 +273,11 @@ def test_densecrf_takes_the_filter_and_names_it():
         (lambda: exact_filter(torch.rand(1, 5, 6), torch.ones(1, 5, dtype=torch.bool)), "valid must be a bool Tensor"),
         (lambda: exact_filter(torch.rand(1, 5, 6)).blur[0] @ torch.rand(5, 2), r"values must be a Tensor\[6, C\]"),
         (lambda: DenseBlocks(torch.rand(1, 3, 3)) @ torch.rand(3, 2).double(), "of torch.float32"),
+        # asked for at a size it cannot hold: an error before any allocation (2 × 40 000² entries)
+        (lambda: exact_filter(torch.rand(2, 1, 40_000)), r"2 × 40000² = 3.2e\+09 kernel entries \(11.9 GiB\), more"),
+        (lambda: MeanFieldCRF(num_classes=2, bilateral_filter="exact")(torch.zeros(1, 2, 200, 250),
+                                                                        torch.zeros(1, 3, 200, 250)),
+         "use bilateral_filter='lattice'"),
     ],
 )
 def test_bad_input_is_named(call, match):
