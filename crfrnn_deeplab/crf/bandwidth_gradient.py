@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "kernel_pairs"]
+__all__ = ["EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "kernel_pairs", "packed_points"]
 
 #: Images with at most this many points use all pairs: there the sampling noise of (1) is larger than its value
 #: (the pair terms cancel), while all N² pairs (a million at most) are cheap.
@@ -217,7 +217,7 @@ def kernel_pairs(
     if n > exact_points and valid is not None:  # padded images with few valid points: all pairs of those
         counts = valid_f.sum(1)
         if 0 < int(counts.max()) <= exact_points:
-            points, slots = _valid_points(valid_f > 0)
+            points, slots = packed_points(valid_f > 0)
             f, lattice_mass = f.gather(1, points[..., None].expand(-1, -1, d)), lattice_mass.gather(1, points)
             valid_f = slots.to(f.dtype)
     if f.shape[1] <= exact_points:
@@ -252,10 +252,10 @@ def kernel_pairs(
     return KernelPairs(f, valid_f, mass, columns, weights.view(-1, d).T.contiguous())
 
 
-def _valid_points(valid: Tensor) -> tuple[Tensor, Tensor]:
-    """The valid points of each image, packed: ``(points, slots)``, Tensor[B, V] of point indices (V = the most
-    valid points of an image; an image with fewer repeats index 0 in its last slots) and bool Tensor[B, V], which
-    slots hold a valid point."""
+def packed_points(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The valid points of each image (bool Tensor[B, N]), packed: ``(points, slots)``, Tensor[B, V] of point
+    indices, ascending (V = the most valid points of an image; an image with fewer repeats index 0 in its last
+    slots), and bool Tensor[B, V], which slots hold a valid point."""
     counts = valid.sum(1)
     most = int(counts.max())
     slots = torch.arange(most, device=valid.device)[None, :] < counts[:, None]

@@ -16,19 +16,24 @@ is then the exact Gaussian's: the kernel pairs' lattice-to-Gaussian mass ratio i
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS
+from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS, packed_points
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, check_lattice_inputs
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.threads import caller_threads
 
-__all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "DenseBlocks", "exact_filter", "lattice_points",
-           "uses_exact_filter"]
+__all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "BilateralFilter", "DenseBlocks", "check_bilateral_filter",
+           "exact_filter", "lattice_points", "uses_exact_filter"]
+
+#: How the bilateral kernel is filtered: the permutohedral lattice, the exact Gaussian, or by size.
+BilateralFilter = Literal["auto", "lattice", "exact"]
 
 #: Images of at most this many valid points are filtered exactly under ``bilateral_filter="auto"``: the size up to
 #: which the bandwidth gradient sums all pairs (:data:`.bandwidth_gradient.EXACT_POINTS`), so that an image up to it,
@@ -74,13 +79,21 @@ def lattice_points(num_points: int, valid: Tensor | None = None) -> int:
     return num_points if most == 0 or int(counts.min()) == num_points else most
 
 
-def uses_exact_filter(bilateral_filter: str, points: int) -> bool:
+def check_bilateral_filter(bilateral_filter: object) -> BilateralFilter:
+    """``bilateral_filter`` if it is one of :data:`BilateralFilter`'s values, else a ValueError naming them."""
+    choices = typing.get_args(BilateralFilter)
+    if bilateral_filter not in choices:
+        raise ValueError(f"bilateral_filter must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, got "
+                         f"{bilateral_filter!r}")
+    return bilateral_filter
+
+
+def uses_exact_filter(bilateral_filter: BilateralFilter, points: int) -> bool:
     """Whether a batch whose images have at most ``points`` points on the lattice (:func:`lattice_points`) is
     filtered exactly: ``bilateral_filter`` "exact", or "auto" and ``points <= EXACT_FILTER_POINTS`` ("lattice":
     never). One choice for the whole batch: an image's result does not depend on its padding, but a small image
     batched with one of more than EXACT_FILTER_POINTS valid points is filtered by the lattice."""
-    if bilateral_filter not in ("auto", "lattice", "exact"):
-        raise ValueError(f"bilateral_filter must be 'auto', 'lattice' or 'exact', got {bilateral_filter!r}")
+    check_bilateral_filter(bilateral_filter)
     return bilateral_filter == "exact" or (bilateral_filter == "auto" and points <= EXACT_FILTER_POINTS)
 
 
@@ -102,16 +115,14 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
     b, d = features.shape[:2]
     total = f.shape[1]
     n = total // b
-    device = f.device
     index = torch.int32 if total < 2**31 else torch.long
     if flat_valid is None:
-        v, kept, vertex = n, None, torch.arange(total, dtype=index, device=device)
+        v, kept, slots, vertex = n, None, None, torch.arange(total, dtype=index, device=f.device)
     else:
-        per_image = flat_valid.view(b, n)
-        v = int(per_image.sum(1).max())
-        kept = flat_valid.nonzero()[:, 0]  # the points on the lattice, image by image
-        rank = per_image.to(index).cumsum(1, dtype=index).view(-1)[kept] - 1  # each one's place in its image
-        vertex = (kept // n).to(index) * v + rank
+        packed, slots = packed_points(flat_valid.view(b, n))  # [B, V]: image b's k-th valid point is vertex b·V + k
+        v, slots = packed.shape[1], slots.view(-1)
+        kept = (packed + torch.arange(0, total, n, device=f.device)[:, None]).view(-1)[slots].to(index)
+        vertex = slots.nonzero()[:, 0].to(index)  # of each kept point
         f = f.index_select(1, kept)
     if b * v * v > MAX_KERNEL_ENTRIES:
         raise ValueError(f"the exact filter would hold {b} × {v}² = {b * v * v:.3g} kernel entries "
@@ -128,18 +139,10 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
     # after the clamp: 4× faster than a mask.)
     negligible = math.log(torch.finfo(f.dtype).tiny) + 20.0
     blocks = F.threshold_(exponent.clamp_(min=negligible).exp_(), 1.5 * math.exp(negligible), 0.0)
-    ones = f.new_ones(vertex.numel())
+    blur = (DenseBlocks(blocks),)
     if kept is None:  # every point its own vertex: splat = slice = I
-        identity = SparseRows(vertex, torch.arange(total + 1, dtype=index, device=device), ones, total, 1)
-        return PermutohedralLattice(b, n, d, total, identity, identity, (DenseBlocks(blocks),), 1.0)
-    kept = kept.to(index)
-    splat = SparseRows(kept, _offsets(vertex, b * v), ones, total)  # vertex ascends with the point
-    slice_ = SparseRows(vertex, _offsets(kept, total), ones, b * v)
-    return PermutohedralLattice(b, n, d, b * v, splat, slice_, (DenseBlocks(blocks),), 1.0)
-
-
-def _offsets(rows: Tensor, num_rows: int) -> Tensor:
-    """Row offsets Tensor[R + 1] of a 0/1 matrix of ``num_rows`` rows whose rows ``rows`` (ascending) hold one entry."""
-    counts = torch.zeros(num_rows, dtype=rows.dtype, device=rows.device)
-    counts[rows.long()] = 1
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0, dtype=rows.dtype)])
+        identity = SparseRows.selection(vertex, None, total, f.dtype)
+        return PermutohedralLattice(b, n, d, total, identity, identity, blur, 1.0)
+    splat = SparseRows.selection(kept, slots, total, f.dtype)  # vertex → its point (vertices ascend with points)
+    slice_ = SparseRows.selection(vertex, flat_valid, b * v, f.dtype)  # point → its vertex
+    return PermutohedralLattice(b, n, d, b * v, splat, slice_, blur, 1.0)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
-from crfrnn_deeplab.crf.exact_filter import exact_filter, lattice_points, uses_exact_filter
+from crfrnn_deeplab.crf.exact_filter import BilateralFilter, exact_filter, lattice_points, uses_exact_filter
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 Normalization = Literal["symmetric", "after"]
-BilateralFilter = Literal["auto", "lattice", "exact"]
 _EPS = 1e-20  # densecrf's guard in D^-½
 
 

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from crfrnn_deeplab.crf import fused_step
 from crfrnn_deeplab.crf.fast_inference import class_softmax, mean_field_inference
-from crfrnn_deeplab.crf.exact_filter import uses_exact_filter
-from crfrnn_deeplab.crf.kernels import BilateralFilter, CRFKernels, Normalization, build_kernels, check_guidance_groups
+from crfrnn_deeplab.crf.exact_filter import BilateralFilter, check_bilateral_filter
+from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
 from crfrnn_deeplab.images import (
     check_guidance,
     check_logits,
@@ -206,7 +206,7 @@ class MeanFieldCRF(nn.Module):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if normalization not in ("symmetric", "after"):
             raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
-        uses_exact_filter(bilateral_filter, 0)  # a clear error for a bad value now, not at the first call
+        check_bilateral_filter(bilateral_filter)
         eye = torch.eye(num_classes)
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims

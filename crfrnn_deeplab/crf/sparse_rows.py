@@ -50,6 +50,27 @@ class SparseRows:
             raise ValueError(f"weights must be floating point with the columns' shape {tuple(self.columns.shape)}, "
                              f"got {tuple(self.weights.shape)} {self.weights.dtype}")
 
+    @classmethod
+    def selection(cls, columns: Tensor, present: Tensor | None, num_columns: int, dtype: torch.dtype) -> "SparseRows":
+        """The 0/1 matrix Tensor[R, K] whose present rows hold one entry each, of weight 1: the k-th present row's in
+        column ``columns[k]`` (e.g. each valid point to its vertex).
+
+        Args:
+            columns: Tensor[E] (int32 or int64), the column of each present row, in row order.
+            present: bool Tensor[R], the rows that hold an entry (E of them); None: every row (R = E).
+            num_columns: K.
+            dtype: the weights' floating-point dtype.
+        """
+        ones = torch.ones(columns.numel(), dtype=dtype, device=columns.device)
+        if present is None:
+            offsets = torch.arange(columns.numel() + 1, dtype=columns.dtype, device=columns.device)
+            return cls(columns, offsets, ones, num_columns, 1)
+        offsets = torch.zeros(present.numel() + 1, dtype=columns.dtype, device=columns.device)
+        torch.cumsum(present, 0, out=offsets[1:])
+        if int(offsets[-1]) != columns.numel():
+            raise ValueError(f"present must mark one row per column ({columns.numel()}), got {int(offsets[-1])} rows")
+        return cls(columns, offsets, ones, num_columns)
+
     @property
     def num_rows(self) -> int:
         return self.offsets.numel() - 1

@@ -382,6 +382,19 @@ def test_sparse_rows_scale_rows_and_columns(blocked, monkeypatch):
             torch.testing.assert_close(rows.scale_columns(right).to_dense(), dense * right)
 
 
+def test_sparse_rows_selection_is_the_0_1_matrix_it_names():
+    present = torch.tensor([False, True, True, False, True])
+    columns = torch.tensor([3, 0, 2], dtype=torch.int32)
+    chosen = permutohedral.SparseRows.selection(columns, present, 4, torch.float64)
+    expected = torch.zeros(5, 4, dtype=torch.float64)
+    expected[1, 3] = expected[2, 0] = expected[4, 2] = 1.0
+    assert torch.equal(chosen.to_dense(), expected) and chosen.row_length is None
+    every = permutohedral.SparseRows.selection(columns, None, 4, torch.float32)
+    assert torch.equal(every.to_dense(), torch.eye(4)[[3, 0, 2]]) and every.row_length == 1
+    with pytest.raises(ValueError, match=r"present must mark one row per column \(3\), got 2 rows"):
+        permutohedral.SparseRows.selection(columns, torch.tensor([True, False, True]), 4, torch.float32)
+
+
 def test_sparse_rows_reject_bad_input():
     rows = build_lattice(torch.randn(1, 2, 30)).slice  # Tensor[30, M]
     m = rows.num_columns
