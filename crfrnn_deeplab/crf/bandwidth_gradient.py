@@ -256,6 +256,9 @@ def packed_points(valid: Tensor) -> tuple[Tensor, Tensor]:
     """The valid points of each image (bool Tensor[B, N]), packed: ``(points, slots)``, Tensor[B, V] of point
     indices, ascending (V = the most valid points of an image; an image with fewer repeats index 0 in its last
     slots), and bool Tensor[B, V], which slots hold a valid point."""
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or valid.dim() != 2:
+        raise ValueError(f"valid must be a bool Tensor[B, N], got {getattr(valid, 'dtype', type(valid).__name__)} "
+                         f"{tuple(getattr(valid, 'shape', ()))}")
     counts = valid.sum(1)
     most = int(counts.max())
     slots = torch.arange(most, device=valid.device)[None, :] < counts[:, None]

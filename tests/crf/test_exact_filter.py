@@ -374,3 +374,14 @@ def test_dense_blocks_take_non_contiguous_values():
     values = torch.rand(4, 6, dtype=torch.float64).T  # [6, 4], not contiguous
     expected = torch.block_diag(*blocks) @ values
     torch.testing.assert_close(DenseBlocks(blocks) @ values, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_points_list_each_images_valid_points_first():
+    from crfrnn_deeplab.crf.bandwidth_gradient import packed_points
+
+    valid = torch.tensor([[False, True, True, False, True], [True, False, False, False, False]])
+    points, slots = packed_points(valid)
+    assert points.tolist() == [[1, 2, 4], [0, 0, 0]] and slots.tolist() == [[True] * 3, [True, False, False]]
+    for bad in (valid.int(), valid[0]):
+        with pytest.raises(ValueError, match=r"valid must be a bool Tensor\[B, N\]"):
+            packed_points(bad)
