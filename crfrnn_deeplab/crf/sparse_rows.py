@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BlockedRows", "SparseRows"]
+__all__ = ["BlockedRows", "SparseRows", "stacked"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +111,42 @@ class SparseRows:
             raise ValueError(f"scale must hold {name} = {size} values of {self.weights.dtype}, got "
                              f"{tuple(getattr(scale, 'shape', ()))} {getattr(scale, 'dtype', type(scale).__name__)}")
 
+    def beside(self, right: "SparseRows") -> "SparseRows":
+        """``[self | right]``, Tensor[R, K + K']: each row holds its entries in ``self``, then its entries in
+        ``right`` (columns shifted by K)."""
+        if not isinstance(right, SparseRows) or right.num_rows != self.num_rows:
+            raise ValueError(f"right must be a SparseRows of {self.num_rows} rows, got "
+                             f"{getattr(right, 'num_rows', type(right).__name__)}")
+        num_columns = self.num_columns + right.num_columns
+        index = _index_dtype(num_columns, self.columns.numel() + right.columns.numel())
+        left_counts, right_counts = self.offsets.diff().long(), right.offsets.diff().long()
+        offsets = torch.zeros(self.num_rows + 1, dtype=torch.long, device=self.columns.device)
+        torch.cumsum(left_counts + right_counts, 0, out=offsets[1:])
+        columns = torch.empty(int(offsets[-1]), dtype=index, device=self.columns.device)
+        weights = self.weights.new_empty(columns.shape)
+        for part, shift, before in ((self, 0, 0), (right, self.num_columns, left_counts)):
+            rows = part.rows()
+            # an entry's place: its row's start, after the row's entries of self, at its rank within its row
+            place = offsets[rows] + torch.arange(rows.numel(), device=rows.device) - part.offsets.long()[rows]
+            if shift:
+                place += before[rows]
+            columns[place], weights[place] = part.columns.to(index) + shift, part.weights
+        return SparseRows(columns, offsets.to(index), weights, num_columns)
+
+    def spread_rows(self, rows: Tensor, num_rows: int) -> "SparseRows":
+        """The matrix Tensor[num_rows, K] whose row ``rows[r]`` is row r of ``self`` and whose other rows are
+        empty (``rows``: Tensor[R] of distinct row indices, ascending)."""
+        if rows.dim() != 1 or rows.numel() != self.num_rows:
+            raise ValueError(f"rows must give the new row of each of the {self.num_rows} rows, got shape "
+                             f"{tuple(rows.shape)}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows or bool((rows.diff() <= 0).any())):
+            raise ValueError(f"rows must ascend strictly within [0, {num_rows}), got {rows.tolist()[:8]}...")
+        counts = torch.zeros(num_rows, dtype=torch.long, device=self.offsets.device)
+        counts[rows] = self.offsets.diff().long()
+        offsets = torch.zeros(num_rows + 1, dtype=self.offsets.dtype, device=self.offsets.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        return SparseRows(self.columns, offsets, self.weights, self.num_columns)
+
     def to_dense(self) -> Tensor:
         """Tensor[R, K] (for tests and small problems)."""
         dense = self.weights.new_zeros(self.num_rows, self.num_columns)
@@ -168,3 +204,32 @@ class BlockedRows:
     def to_dense(self) -> Tensor:
         """Tensor[R, K] (for tests and small problems)."""
         return self.combine.to_dense() @ self.parts.to_dense()
+
+
+def stacked(top: SparseRows | BlockedRows, bottom: SparseRows) -> SparseRows | BlockedRows:
+    """``[top; bottom]``: the rows of ``top`` then those of ``bottom``, over the same K columns.
+
+    A :class:`BlockedRows` ``top`` stays blocked: ``bottom``'s rows join its parts, each summed alone.
+    """
+    if not isinstance(bottom, SparseRows) or not isinstance(top, (SparseRows, BlockedRows)):
+        raise TypeError(f"stacked takes SparseRows or BlockedRows on top of SparseRows, got {type(top).__name__} "
+                        f"and {type(bottom).__name__}")
+    if bottom.num_columns != top.num_columns:
+        raise ValueError(f"stacked rows need the same columns, got {top.num_columns} and {bottom.num_columns}")
+    if isinstance(top, BlockedRows):
+        parts = stacked(top.parts, bottom)
+        own = torch.arange(top.parts.num_rows, parts.num_rows, device=bottom.columns.device)
+        each = SparseRows.selection(own.to(parts.columns.dtype), None, parts.num_rows, bottom.weights.dtype)
+        combine = top.combine
+        combine = SparseRows(combine.columns, combine.offsets, combine.weights, parts.num_rows, combine.row_length)
+        return BlockedRows(parts, stacked(combine, each))
+    index = _index_dtype(top.num_columns, top.columns.numel() + bottom.columns.numel())
+    columns = torch.cat([top.columns.to(index), bottom.columns.to(index)])
+    offsets = torch.cat([top.offsets.to(index), bottom.offsets[1:].to(index) + top.offsets[-1].to(index)])
+    length = top.row_length if top.row_length == bottom.row_length else None
+    return SparseRows(columns, offsets, torch.cat([top.weights, bottom.weights]), top.num_columns, length)
+
+
+def _index_dtype(num_columns: int, num_entries: int) -> torch.dtype:
+    """int32 where the columns and entries allow (embedding_bag's fast path), else int64."""
+    return torch.int32 if max(num_columns, num_entries) < 2**31 else torch.long

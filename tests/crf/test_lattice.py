@@ -7,7 +7,7 @@ import torch
 from crfrnn_deeplab.crf import lattice as permutohedral
 from crfrnn_deeplab.crf.reference import dense_gaussian
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
-from crfrnn_deeplab.crf.sparse_rows import BlockedRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, stacked
 from crfrnn_deeplab.images import all_finite
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
@@ -393,6 +393,61 @@ def test_sparse_rows_selection_is_the_0_1_matrix_it_names():
     assert torch.equal(every.to_dense(), torch.eye(4)[[3, 0, 2]]) and every.row_length == 1
     with pytest.raises(ValueError, match=r"present must mark one row per column \(3\), got 2 rows"):
         permutohedral.SparseRows.selection(columns, torch.tensor([True, False, True]), 4, torch.float32)
+
+
+def _random_rows(num_rows, num_columns, seed, dtype=torch.int32):
+    """A SparseRows with rows of 0–3 entries (some empty) and its dense matrix."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 4, (num_rows,), generator=g)
+    offsets = torch.zeros(num_rows + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    columns = torch.randint(0, num_columns, (int(offsets[-1]),), generator=g)
+    rows = permutohedral.SparseRows(columns.to(dtype), offsets.to(dtype),
+                                    torch.rand(columns.numel(), generator=g, dtype=torch.float64), num_columns)
+    return rows, rows.to_dense()
+
+
+def test_sparse_rows_beside_spread_and_stacked_are_the_matrices_they_name(monkeypatch):
+    left, left_dense = _random_rows(9, 5, 0)
+    right, right_dense = _random_rows(9, 4, 1)
+    whole = left.beside(right)
+    assert torch.equal(whole.to_dense(), torch.cat([left_dense, right_dense], 1))
+    x = torch.rand(9, 3, dtype=torch.float64)
+    torch.testing.assert_close(whole @ x, torch.cat([left_dense, right_dense], 1) @ x, rtol=1e-15, atol=0)
+    rows = torch.tensor([0, 2, 3, 7, 8, 10, 11, 12, 14])
+    spread = left.spread_rows(rows, 16)
+    expected = torch.zeros(16, 5, dtype=torch.float64)
+    expected[rows] = left_dense
+    assert torch.equal(spread.to_dense(), expected)
+    bottom, bottom_dense = _random_rows(6, 5, 2)
+    assert torch.equal(stacked(left, bottom).to_dense(), torch.cat([left_dense, bottom_dense]))
+    # a blocked splat stays blocked, its parts' sums and the new rows one product
+    monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 8)
+    torch.manual_seed(0)
+    blocked = build_lattice(torch.randn(1, 3, 30, dtype=torch.float64) * 0.2).splat
+    assert isinstance(blocked, BlockedRows)
+    extra, extra_dense = _random_rows(4, 30, 3)
+    both = stacked(blocked, extra)
+    assert isinstance(both, BlockedRows)
+    torch.testing.assert_close(both.to_dense(), torch.cat([blocked.to_dense(), extra_dense]), rtol=0, atol=1e-15)
+    x = torch.rand(30, 2, dtype=torch.float64)
+    torch.testing.assert_close(both @ x, torch.cat([blocked @ x, extra_dense @ x]), rtol=1e-14, atol=0)
+
+
+def test_sparse_rows_beside_spread_and_stacked_name_bad_input():
+    rows, _ = _random_rows(5, 4, 0)
+    with pytest.raises(ValueError, match="right must be a SparseRows of 5 rows, got 6"):
+        rows.beside(_random_rows(6, 4, 1)[0])
+    with pytest.raises(ValueError, match="rows must give the new row of each of the 5 rows"):
+        rows.spread_rows(torch.arange(4), 9)
+    with pytest.raises(ValueError, match=r"rows must ascend strictly within \[0, 9\)"):
+        rows.spread_rows(torch.tensor([0, 1, 1, 2, 3]), 9)
+    with pytest.raises(ValueError, match=r"within \[0, 4\)"):
+        rows.spread_rows(torch.arange(5), 4)
+    with pytest.raises(ValueError, match="stacked rows need the same columns, got 4 and 3"):
+        stacked(rows, _random_rows(2, 3, 1)[0])
+    with pytest.raises(TypeError, match="stacked takes SparseRows"):
+        stacked(rows, rows.to_dense())
 
 
 def test_sparse_rows_reject_bad_input():
