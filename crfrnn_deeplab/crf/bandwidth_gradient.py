@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "kernel_pairs", "packed_points"]
+__all__ = ["EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "PairGroups", "kernel_pairs", "packed_points"]
 
 #: Images with at most this many points use all pairs: there the sampling noise of (1) is larger than its value
 #: (the pair terms cancel), while all N² pairs (a million at most) are cheap.
@@ -155,6 +155,38 @@ class KernelPairs:
                 weights = k[..., None] * sq
                 out += ((scaled_left[rows] @ right_t).view(1, -1) @ weights.view(-1, d)).view(d)
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class PairGroups:
+    """The kernel pairs of a batch whose images fall into groups, each group's chosen apart (a batch whose
+    bilateral filter is exact for some images and the lattice for others: each image gets its own filter's
+    pairs). Contracts as :class:`KernelPairs` does.
+
+    Attributes:
+        groups: ``(images, pairs)`` pairs: Tensor[G] (int64), the group's images in the batch, and their
+            :class:`KernelPairs`.
+    """
+
+    groups: tuple[tuple[Tensor, KernelPairs], ...]
+
+    @property
+    def exact(self) -> bool:
+        """All pairs in every group."""
+        return all(pairs.exact for _, pairs in self.groups)
+
+    def contract(
+        self, left: Tensor, right: Tensor, left_scale: Tensor | None = None, right_scale: Tensor | None = None
+    ) -> Tensor:
+        """:meth:`KernelPairs.contract` over the whole batch: the sum of the groups'."""
+        b = left.shape[0]
+        total = None
+        for images, pairs in self.groups:
+            scales = (None if x is None else x.reshape(b, -1).index_select(0, images)
+                      for x in (left_scale, right_scale))
+            term = pairs.contract(left.index_select(0, images), right.index_select(0, images), *scales)
+            total = term if total is None else total + term
+        return total
 
 
 def _exact_blocks(f: Tensor, valid: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:

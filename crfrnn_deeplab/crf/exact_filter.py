@@ -11,6 +11,10 @@ points, whose splat and slice are 0/1 matrices (each point to its vertex) and wh
 of each image (:class:`DenseBlocks`), so every consumer of a lattice (the autograd node, the fused training
 iterations, the inference loop, the normalisers, the weighted copies) takes it unchanged. Its bandwidth gradient
 is then the exact Gaussian's: the kernel pairs' lattice-to-Gaussian mass ratio is 1 (:mod:`.bandwidth_gradient`).
+
+The choice is made per image (:func:`exact_images`): a batch that holds small images beside larger ones is
+filtered by one lattice made of both (:func:`bilateral_lattice`), so an image's result does not depend on its
+batch (nor, therefore, on how a batch is split over DistributedDataParallel ranks).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS, packed_points
-from crfrnn_deeplab.crf.lattice import PermutohedralLattice, check_lattice_inputs
-from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, check_lattice_inputs
+from crfrnn_deeplab.crf.sparse_rows import SparseRows, stacked
 from crfrnn_deeplab.crf.threads import caller_threads
 
-__all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "BilateralFilter", "DenseBlocks", "check_bilateral_filter",
-           "exact_filter", "lattice_points", "uses_exact_filter"]
+__all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "BilateralFilter", "DenseBlocks", "SplitBlur",
+           "bilateral_lattice", "check_bilateral_filter", "exact_filter", "exact_images"]
 
 #: How the bilateral kernel is filtered: the permutohedral lattice, the exact Gaussian, or by size.
 BilateralFilter = Literal["auto", "lattice", "exact"]
@@ -68,15 +72,34 @@ class DenseBlocks:
         return torch.block_diag(*self.blocks)
 
 
-def lattice_points(num_points: int, valid: Tensor | None = None) -> int:
-    """The most points any image of a batch has on its lattice: ``num_points`` (N per image), or the largest count
-    of valid points of an image when ``valid`` (bool Tensor[B, ...] of B·N values) holds some but not all
-    (:func:`~crfrnn_deeplab.crf.lattice.build_lattice` puts every point on the lattice when none is valid)."""
-    if valid is None:
-        return num_points
-    counts = valid.reshape(valid.shape[0], -1).sum(1)
-    most = int(counts.max())
-    return num_points if most == 0 or int(counts.min()) == num_points else most
+@dataclass(frozen=True, eq=False)
+class SplitBlur:
+    """One blur of a lattice whose vertices are a permutohedral lattice's, then ``rest`` more of an exact filter
+    (:func:`bilateral_lattice`): ``first`` blurs the lattice's, ``second`` the others (None: they stay).
+
+    Attributes:
+        first: SparseRows Tensor[M, M], the lattice's blur along one direction.
+        rest: the number of vertices after the lattice's.
+        second: the exact filter's kernels (Tensor[rest, rest] in all), or None.
+    """
+
+    first: SparseRows
+    rest: int
+    second: DenseBlocks | None = None
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        """The product with dense values: Tensor[M + rest, C] -> Tensor[M + rest, C]."""
+        m = self.first.num_columns
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] != m + self.rest:
+            raise ValueError(f"values must be a Tensor[{m + self.rest}, C], got {tuple(getattr(x, 'shape', ()))}")
+        head, tail = x[:m], x[m:]
+        return torch.cat([self.first @ head, tail if self.second is None else self.second @ tail])
+
+    def to_dense(self) -> Tensor:
+        """Tensor[M + rest, M + rest] (for tests)."""
+        first = self.first.to_dense()
+        second = torch.eye(self.rest, dtype=first.dtype) if self.second is None else self.second.to_dense()
+        return torch.block_diag(first, second)
 
 
 def check_bilateral_filter(bilateral_filter: object) -> BilateralFilter:
@@ -88,13 +111,77 @@ def check_bilateral_filter(bilateral_filter: object) -> BilateralFilter:
     return bilateral_filter
 
 
-def uses_exact_filter(bilateral_filter: BilateralFilter, points: int) -> bool:
-    """Whether a batch whose images have at most ``points`` points on the lattice (:func:`lattice_points`) is
-    filtered exactly: ``bilateral_filter`` "exact", or "auto" and ``points <= EXACT_FILTER_POINTS`` ("lattice":
-    never). One choice for the whole batch: an image's result does not depend on its padding, but a small image
-    batched with one of more than EXACT_FILTER_POINTS valid points is filtered by the lattice."""
+def exact_images(bilateral_filter: BilateralFilter, batch_size: int, num_points: int,
+                 valid: Tensor | None = None) -> Tensor:
+    """Which images of a batch the bilateral kernel filters exactly: bool Tensor[B].
+
+    "exact": all; "lattice": none; "auto": each image with at most :data:`EXACT_FILTER_POINTS` valid points (of
+    its N = ``num_points``; all N where ``valid`` is None, or where no point of the batch is valid, as
+    :func:`~crfrnn_deeplab.crf.lattice.build_lattice` then puts every point on the lattice). An image's filter
+    depends on its own valid points alone: not on its padding, nor on the other images of its batch. (An image
+    without a valid point sends and receives nothing: it goes with the others, exact only where no image with
+    valid points takes the lattice.)
+
+    Args:
+        valid: bool Tensor[B, ...] of B·N values, or None.
+    """
     check_bilateral_filter(bilateral_filter)
-    return bilateral_filter == "exact" or (bilateral_filter == "auto" and points <= EXACT_FILTER_POINTS)
+    device = None if valid is None else valid.device
+    if bilateral_filter != "auto":
+        return torch.full((batch_size,), bilateral_filter == "exact", dtype=torch.bool, device=device)
+    counts = torch.full((batch_size,), num_points, device=device)
+    if valid is not None and bool(valid.any()):
+        counts = valid.reshape(batch_size, -1).sum(1)
+    exact, holds = counts <= EXACT_FILTER_POINTS, counts > 0
+    return exact & holds if bool((~exact & holds).any()) else torch.ones_like(exact)
+
+
+def bilateral_lattice(features: Tensor, valid: Tensor | None, exact: Tensor) -> PermutohedralLattice:
+    """The bilateral filter of a batch: the exact Gaussian (:func:`exact_filter`) for the images ``exact`` marks,
+    the permutohedral lattice (:func:`~crfrnn_deeplab.crf.lattice.build_lattice`) for the others.
+
+    Where the batch holds both, the two are one lattice: the permutohedral lattice's M vertices, then the exact
+    filter's, its splat's rows stacked under the lattice's, its slice's columns beside them, and each blur acting
+    on the two sets apart (:class:`SplitBlur`; the exact filter's kernels in the first). The exact filter's slice
+    takes the lattice's ``alpha`` and its kernels ``1 / alpha``, so that ``slice = alpha · splatᵀ`` holds for the
+    whole, as every consumer of a lattice assumes.
+
+    Args:
+        features, valid: as :func:`exact_filter`'s.
+        exact: bool Tensor[B] (:func:`exact_images`); where it marks some images but not all, each of those must
+            hold valid points, and so must one of the others.
+    """
+    b = features.shape[0]
+    if exact.shape != (b,) or exact.dtype != torch.bool:
+        raise ValueError(f"exact must be a bool Tensor[{b}], got {tuple(exact.shape)} {exact.dtype}")
+    if bool(exact.all()):
+        return exact_filter(features, valid)
+    if not bool(exact.any()):
+        return build_lattice(features, valid)
+    check_lattice_inputs(features, valid)  # (a clear error before the first use)
+    n = features[0, 0].numel()
+    if valid is None or not bool(valid.any()):  # every point on the lattice (as build_lattice takes it)
+        valid = torch.ones(b, n, dtype=torch.bool, device=features.device)
+    on = valid.reshape(b, n).to(features.device)
+    exact = exact.to(features.device)
+    holds = on.any(1)
+    if not bool(holds[exact].all()) or not bool(holds[~exact].any()):
+        raise ValueError("a batch filtered both ways needs valid points in every image filtered exactly and in one "
+                         "filtered by the lattice (exact_images chooses so)")
+    lattice = build_lattice(features, on & ~exact[:, None])
+    images = exact.nonzero()[:, 0]
+    small = exact_filter(features[images], on[images])
+    points = (images[:, None] * n + torch.arange(n, device=images.device)).view(-1)  # sub-batch point -> batch
+    index = torch.int32 if b * n < 2**31 else torch.long
+    splat = SparseRows(points[small.splat.columns.long()].to(index), small.splat.offsets.to(index),
+                       small.splat.weights, b * n, small.splat.row_length)
+    slice_ = small.slice.spread_rows(points, b * n)
+    slice_ = lattice.slice.beside(slice_.reweighted(slice_.weights * lattice.alpha))
+    kernels = DenseBlocks(small.blur[0].blocks / lattice.alpha)
+    rest = small.num_vertices
+    blur = tuple(SplitBlur(part, rest, kernels if j == 0 else None) for j, part in enumerate(lattice.blur))
+    return PermutohedralLattice(b, n, lattice.dim, lattice.num_vertices + rest,
+                                stacked(lattice.splat, splat), slice_, blur, lattice.alpha)
 
 
 def exact_filter(features: Tensor, valid: Tensor | None = None) -> PermutohedralLattice:
@@ -106,8 +193,9 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
         valid: as :func:`~crfrnn_deeplab.crf.lattice.build_lattice`'s: only these points send and receive.
 
     Returns:
-        A lattice of B·V vertices, V = :func:`lattice_points`: the k-th point of image b on the lattice is vertex
-        ``b·V + k`` (splat and slice are 0/1 matrices, each other's transpose, ``alpha`` = 1), and its one blur
+        A lattice of B·V vertices, V = the most valid points of an image (N where ``valid`` is None or holds all
+        or none): the k-th point of image b on the lattice is vertex ``b·V + k`` (splat and slice are 0/1
+        matrices, each other's transpose, ``alpha`` = 1), and its one blur
         holds the images' V×V kernels (vertices without a point get no value, so they send nothing). Memory:
         B·V² values.
     """

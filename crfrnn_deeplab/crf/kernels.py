@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
-from crfrnn_deeplab.crf.exact_filter import BilateralFilter, exact_filter, lattice_points, uses_exact_filter
+from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, PairGroups, kernel_pairs
+from crfrnn_deeplab.crf.exact_filter import BilateralFilter, bilateral_lattice, exact_images
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
@@ -80,7 +80,7 @@ class CRFKernels:
     norm_spatial: Tensor
     norm_bilateral: Tensor
     spacing: tuple[float, ...] | None = None
-    pairs: KernelPairs | None = None
+    pairs: KernelPairs | PairGroups | None = None
     _folded: PermutohedralLattice | None = None
 
     def bilateral(self, q: Tensor, mix: Tensor | None = None) -> Tensor:
@@ -207,8 +207,10 @@ def build_kernels(
         guidance_groups: the channel counts of the guidance groups (adding up to K), or None: one group.
         spacing: the voxel size along each spatial axis (axes' order), or None (1).
         bilateral_filter: "lattice": the permutohedral lattice (densecrf's filter); "exact": the exact Gaussian
-            (:mod:`.exact_filter`, memory B·N²); "auto": exact when no image of the batch has more than
-            :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid pixels, else the lattice.
+            (:mod:`.exact_filter`, memory B·N²); "auto": exact for each image of at most
+            :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid pixels, the lattice for larger
+            ones (:func:`~crfrnn_deeplab.crf.exact_filter.exact_images`; a batch of both takes one lattice of
+            both filters, :func:`~crfrnn_deeplab.crf.exact_filter.bilateral_lattice`).
 
     Returns:
         The kernels, ready for :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step`.
@@ -220,8 +222,8 @@ def build_kernels(
     scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
     features = raw.new_empty(b, raw.shape[2], raw.shape[1])  # [B, S + K, N]: N-contiguous, the lattice's layout
     torch.mul(raw.transpose(1, 2), scale.detach()[:, None], out=features)
-    exact = uses_exact_filter(bilateral_filter, lattice_points(raw.shape[1], valid_mask))
-    lattice = (exact_filter if exact else build_lattice)(features, valid_mask)
+    exact = exact_images(bilateral_filter, b, raw.shape[1], valid_mask)
+    lattice = bilateral_lattice(features, valid_mask, exact)
 
     mask = None if valid_mask is None else valid_mask.to(dtype)[..., None]  # [B, *S, 1]
     ones = torch.ones(b, *sizes, 1, dtype=dtype, device=device) if mask is None else mask
@@ -229,7 +231,7 @@ def build_kernels(
     spacing = None if spacing is None else tuple(float(s) for s in spacing)
     kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, *sizes), mask, normalization, ones, ones, spacing)
     if torch.is_grad_enabled() and scale.requires_grad:
-        kernels.pairs = bilateral_pairs(lattice, raw, scale, sizes, valid_mask, spacing)
+        kernels.pairs = bilateral_pairs(lattice, raw, scale, sizes, valid_mask, spacing, exact=exact)
     # D = K·1 over valid voxels; for an unmasked batch the spatial one is an outer product of 1-D sums.
     if mask is None:
         d_spatial = unmasked_spatial(theta_gamma, (b, *sizes), "ones", spacing=spacing)
@@ -248,7 +250,9 @@ def bilateral_pairs(
     sizes: Sequence[int],
     valid_mask: Tensor | None,
     spacing: Sequence[float] | None,
-) -> KernelPairs:
+    *,
+    exact: Tensor | None = None,
+) -> KernelPairs | PairGroups:
     """The pixel (voxel) pairs of the bilateral kernel's bandwidth gradient (:mod:`.bandwidth_gradient`).
 
     Sampled partners follow the position Gaussian along each grid axis, whose rate is ``spacing_a / θα`` per
@@ -261,6 +265,9 @@ def bilateral_pairs(
         sizes: the grid S, axes' order.
         valid_mask: Tensor[B, *S] bool, or None.
         spacing: the voxel size per axis (axes' order), or None (1).
+        exact: bool Tensor[B], the images the lattice filters exactly (:func:`.exact_filter.exact_images`), or
+            None. Where it marks some but not all images, their pairs are chosen apart from the others' (all
+            pairs of their valid points: the exact CRF's gradient), as each image would have alone.
     """
     s = len(sizes)
     steps = [1.0] * s if spacing is None else [float(v) for v in spacing]
@@ -268,7 +275,14 @@ def bilateral_pairs(
     rates = [step * r for step, r in zip(steps, position_scale)]
     with torch.no_grad():
         mass = lattice.filter(raw.new_ones(raw.shape[0], raw.shape[1], 1))[..., 0]  # K_lattice·1
-        return kernel_pairs(raw * scale.detach(), mass, valid_mask, grid=tuple(sizes), rates=rates)
+        features = raw * scale.detach()
+        if exact is None or bool(exact.all()) or not bool(exact.any()):
+            return kernel_pairs(features, mass, valid_mask, grid=tuple(sizes), rates=rates)
+        groups = []
+        for images in (exact.nonzero()[:, 0], (~exact).nonzero()[:, 0]):
+            valid = None if valid_mask is None else valid_mask[images]
+            groups.append((images, kernel_pairs(features[images], mass[images], valid, grid=tuple(sizes), rates=rates)))
+        return PairGroups(tuple(groups))
 
 
 def unmasked_spatial(

@@ -143,9 +143,9 @@ class MeanFieldCRF(nn.Module):
             mm for ``(D, H, W)``); None: 1. ``forward(..., spacing=...)`` overrides it for one batch.
         normalization: "symmetric" (``D^-½ K D^-½``, densecrf) or "after" (``D^-1 K``, CRF-as-RNN).
         bilateral_filter: how the bilateral kernel is filtered: "lattice", the permutohedral lattice as densecrf
-            does; "exact", the exact Gaussian (B·N² memory, for small images); "auto" (default): exact when no
-            image of the batch has more than :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid
-            pixels (voxels), where it costs little, else the lattice.
+            does; "exact", the exact Gaussian (B·N² memory, for small images); "auto" (default): exact for each
+            image of at most :data:`~crfrnn_deeplab.crf.exact_filter.EXACT_FILTER_POINTS` valid pixels (voxels),
+            where it costs little, the lattice for larger ones, whatever else the batch holds.
         train_iterations: mean-field iterations in training mode.
         eval_iterations: mean-field iterations in eval mode.
         learn_kernel_weights: learn the C×C matrices ``W_m``.

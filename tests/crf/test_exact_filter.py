@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from crf_scenes import at_inference_threads, scene
 from crfrnn_deeplab.crf import EXACT_FILTER_POINTS, DenseCRF, MeanFieldCRF, build_kernels, exact_filter, fused_step
-from crfrnn_deeplab.crf.exact_filter import DenseBlocks, lattice_points, uses_exact_filter
+from crfrnn_deeplab.crf.exact_filter import DenseBlocks, SplitBlur, bilateral_lattice, exact_images
 from crfrnn_deeplab.crf.mean_field import mean_field_steps
 from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian
 
@@ -158,6 +158,7 @@ def _three_paths(crf, logits, image, mask, target, monkeypatch):
 
     def run():
         crf.zero_grad()
+        torch.manual_seed(0)  # the same sampled pairs (of images that take the lattice) on both paths
         z = logits.clone().requires_grad_(True)
         out = crf(z, image, mask)
         (out * target).sum().backward()
@@ -230,20 +231,120 @@ def test_auto_takes_the_exact_filter_up_to_its_size_and_the_lattice_beyond():
         padded = crf.eval()(logits, image, mask)
         alone = crf(logits[:1, :, :30, :30], image[:1, :, :30, :30])
     torch.testing.assert_close(padded[:1, :, :30, :30], alone, rtol=1e-5, atol=1e-5)
-    # One filter for the whole batch: an image with more valid pixels takes the batch to the lattice
+    # Each image by its own size: one with more valid pixels beside it takes the lattice, the small one stays exact
     mask[1] = True
-    assert not isinstance(crf.kernels(image, mask).lattice.blur[0], DenseBlocks)
+    lattice = crf.kernels(image, mask).lattice
+    assert isinstance(lattice.blur[0], SplitBlur) and isinstance(lattice.blur[0].second, DenseBlocks)
+    assert all(blur.second is None for blur in lattice.blur[1:])
 
 
-def test_lattice_points_and_the_rule():
-    valid = torch.zeros(3, 4, 5, dtype=torch.bool)
-    assert lattice_points(20, None) == 20
-    assert lattice_points(20, valid) == 20  # none valid: every point on the lattice, as build_lattice does
-    valid[0, :2], valid[1, 0] = True, True
-    assert lattice_points(20, valid) == 10
-    assert lattice_points(20, torch.ones(3, 20, dtype=torch.bool)) == 20
-    assert uses_exact_filter("auto", EXACT_FILTER_POINTS) and not uses_exact_filter("auto", EXACT_FILTER_POINTS + 1)
-    assert uses_exact_filter("exact", 10**6) and not uses_exact_filter("lattice", 1)
+def test_exact_images_rule():
+    n = EXACT_FILTER_POINTS + 1
+    valid = torch.zeros(4, n, dtype=torch.bool)
+    assert exact_images("auto", 4, n, None).tolist() == [False] * 4
+    assert exact_images("auto", 4, EXACT_FILTER_POINTS, None).tolist() == [True] * 4
+    assert exact_images("auto", 4, n, valid).tolist() == [False] * 4  # none valid: every point on the lattice
+    valid[0, :EXACT_FILTER_POINTS], valid[1] = True, True
+    valid[2, :3] = True  # image 3 has no valid point: it goes with the lattice's images
+    assert exact_images("auto", 4, n, valid).tolist() == [True, False, True, False]
+    valid[1, -1] = False  # every image with points small: all exact, the empty one too
+    assert exact_images("auto", 4, n, valid).tolist() == [True] * 4
+    assert exact_images("exact", 4, 10**6).tolist() == [True] * 4
+    assert exact_images("lattice", 4, 1, valid).tolist() == [False] * 4
+
+
+@pytest.mark.parametrize("learn_bandwidths", [False, True])
+def test_a_batch_of_small_and_large_images_filters_each_as_alone(learn_bandwidths):
+    # 30×30 and 20×35 images (exact) padded beside a whole 40×40 one (lattice) and an empty canvas: every image's
+    # output and the gradients of every parameter are those of each image alone (the sampled pairs of the large
+    # image drawn from the same seed), in float64; before, the small images took the lattice in such a batch.
+    g = torch.Generator().manual_seed(12)
+    b, c = 4, 4
+    logits = torch.randn(b, c, 40, 40, generator=g, dtype=torch.float64) * 2
+    image = torch.rand(b, 3, 40, 40, generator=g, dtype=torch.float64) * 255
+    mask = torch.zeros(b, 40, 40, dtype=torch.bool)
+    mask[0, :30, :30], mask[1], mask[3, 5:25, :35] = True, True, True
+    label = torch.randint(0, c, (b, 40, 40), generator=g).masked_fill(~mask, -1)
+    crf = MeanFieldCRF(num_classes=c, theta_alpha=20.0, theta_beta=15.0, theta_gamma=2.0, train_iterations=3,
+                       eval_iterations=3, learn_bandwidths=learn_bandwidths).double()
+    with torch.no_grad():
+        crf.compatibility.add_(torch.rand(c, c, generator=g, dtype=torch.float64))
+    assert isinstance(crf.kernels(image, mask).lattice.blur[0], SplitBlur)
+
+    def run(rows):
+        crf.zero_grad()
+        torch.manual_seed(0)
+        z = logits[rows].clone().requires_grad_(True)
+        out = crf.train()(z, image[rows], mask[rows])
+        F.cross_entropy(out, label[rows], ignore_index=-1, reduction="sum").backward()
+        with torch.no_grad():
+            fast = crf.eval()(logits[rows], image[rows], mask[rows])
+        grads = [z.grad] + [p.grad.clone() for p in crf.parameters() if p.grad is not None]
+        return out.detach(), fast, grads
+
+    out, fast, grads = run(slice(None))
+    alone = [run(slice(i, i + 1)) for i in range(b)]
+    for i, (one_out, one_fast, one_grads) in enumerate(alone):
+        torch.testing.assert_close(out[i : i + 1], one_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fast[i : i + 1], one_fast, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grads[0][i : i + 1], one_grads[0], rtol=1e-9, atol=1e-11)
+    assert len(grads) == 1 + (6 if learn_bandwidths else 3)
+    for k in range(1, len(grads)):
+        torch.testing.assert_close(grads[k], sum(one[2][k] for one in alone), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_a_mixed_batch_takes_the_same_values_on_every_path(normalization, monkeypatch):
+    # The lattice of both filters through the inference loop, the fused training node and autograd's per-step
+    # nodes (learned bandwidths, a learned compatibility): the same output and gradients.
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 21, 36, 36, generator=g, dtype=torch.float64) * 2  # 21: the channel blocks
+    image = torch.rand(2, 3, 36, 36, generator=g, dtype=torch.float64) * 255
+    mask = torch.rand(2, 36, 36, generator=g) > 0.1
+    mask[1, 20:] = False  # about 1170 and 590 valid pixels
+    target = torch.randn(2, 21, 36, 36, generator=g, dtype=torch.float64)
+    crf = MeanFieldCRF(num_classes=21, theta_alpha=6.0, normalization=normalization, train_iterations=3,
+                       eval_iterations=3).double()
+    with torch.no_grad():
+        crf.compatibility.add_(torch.rand(21, 21, generator=g, dtype=torch.float64))
+    assert exact_images("auto", 2, 36 * 36, mask).tolist() == [False, True]
+    fast, (trained, trained_grads), (steps, step_grads) = _three_paths(crf, logits, image, mask, target, monkeypatch)
+    torch.testing.assert_close(fast, steps, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trained, steps, rtol=1e-10, atol=1e-10)
+    assert len(trained_grads) == len(step_grads) == 7
+    for a, b in zip(trained_grads, step_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_lattice_of_both_filters_is_the_block_diagonal_of_each():
+    # Its explicit matrix: the lattice's kernel on the large image's points, the Gaussian on the small one's.
+    b, d, n = 2, 5, 1100
+    features = random_features(b, d, n, 14)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, 300:] = False
+    exact = exact_images("auto", b, n, valid)
+    assert exact.tolist() == [False, True]
+    both = bilateral_lattice(features, valid, exact)
+    lattice_part = bilateral_lattice(features[:1], None, exact[:1])
+    values = torch.rand(b, n, 3, dtype=torch.float64)
+    v = valid[1].to(torch.float64)
+    gaussian = (dense_gaussian(features[1].T) * v[:, None] * v[None, :]) @ values[1]
+    for transpose in (False, True):  # (Kᵀ: the lattice's blurs in reverse order)
+        expected = torch.cat([lattice_part.filter(values[:1], transpose=transpose), gaussian[None]])
+        torch.testing.assert_close(both.filter(values, transpose=transpose), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both.slice.to_dense(), both.alpha * both.splat.to_dense().T)
+    explicit = both.splat.to_dense()
+    for blur in both.blur:
+        explicit = blur.to_dense() @ explicit
+    explicit = both.slice.to_dense() @ explicit
+    torch.testing.assert_close(explicit @ values.reshape(b * n, 3), both.filter(values).reshape(b * n, 3))
+    assert torch.equal(both.on_lattice(), valid)
+    with pytest.raises(ValueError, match=f"values must be a Tensor\\[{both.num_vertices}, C\\]"):
+        both.blur[1] @ torch.rand(both.num_vertices - 1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="exact must be a bool Tensor\\[2\\]"):
+        bilateral_lattice(features, valid, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="valid points in every image filtered exactly"):
+        bilateral_lattice(features, valid & torch.tensor([[True], [False]]), exact)  # the exact image has none
 
 
 def test_densecrf_takes_the_filter_and_names_it():
@@ -296,11 +397,20 @@ def test_inference_does_not_depend_on_the_thread_count():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu():
-    # The exact filter on CUDA (inference and a training step with every parameter learned, masked batch)
+@pytest.mark.parametrize("size", [(24, 30), (36, 36)], ids=["small", "mixed"])
+def test_cuda_matches_cpu(size):
+    # The exact filter on CUDA (inference and a training step with every parameter learned, masked batch); in
+    # "mixed", the second image alone is small enough for it, the first takes the lattice.
     g = torch.Generator().manual_seed(10)
-    logits, image = torch.randn(2, 5, 24, 30, generator=g), torch.rand(2, 3, 24, 30, generator=g) * 255
-    mask = torch.rand(2, 24, 30, generator=g) > 0.2
+    logits, image = torch.randn(2, 5, *size, generator=g), torch.rand(2, 3, *size, generator=g) * 255
+    mask = torch.rand(2, *size, generator=g) > 0.2
+    mask[1, size[0] // 2 :] = False
+    mixed = size[0] * size[1] > EXACT_FILTER_POINTS
+    if mixed:
+        mask[0] = True
+    assert exact_images("auto", 2, size[0] * size[1], mask).tolist() == [not mixed, True]
+    # (pairs sampled on the GPU are another sample: the lattice image's θα and θβ gradients are compared on the CPU)
+    compared = [k for k in PARAMETERS if not (mixed and k in ("log_theta_alpha", "log_theta_beta"))]
     results = []
     for device in ("cpu", "cuda"):
         crf = MeanFieldCRF(num_classes=5).to(device)
@@ -308,7 +418,7 @@ def test_cuda_matches_cpu():
             fast = crf.eval()(logits.to(device), image.to(device), mask.to(device))
         z = logits.to(device).requires_grad_(True)
         crf.train()(z, image.to(device), mask.to(device)).square().sum().backward()
-        results.append([fast, z.grad] + [getattr(crf, k).grad for k in PARAMETERS])
+        results.append([fast, z.grad] + [getattr(crf, k).grad for k in compared])
     for cpu, gpu in zip(*results):
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
 
