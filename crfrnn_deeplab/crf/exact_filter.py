@@ -19,16 +19,14 @@ batch (nor, therefore, on how a batch is split over DistributedDataParallel rank
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS, packed_points
+from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS, gaussian_, packed_points
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, check_lattice_inputs
 from crfrnn_deeplab.crf.sparse_rows import SparseRows, stacked
 from crfrnn_deeplab.crf.threads import caller_threads
@@ -222,12 +220,7 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
     for feature in points.view(d, b, v):
         diff = feature[:, :, None] - feature[:, None, :]
         exponent.addcmul_(diff, diff, value=-0.5)
-    # Entries below 1.5·e^20 times the dtype's smallest normal number (9e-30 in float32; a row's own entry is 1)
-    # become 0: exp near and products below that number take a slow path, many times slower. (One threshold pass
-    # after the clamp: 4× faster than a mask.)
-    negligible = math.log(torch.finfo(f.dtype).tiny) + 20.0
-    blocks = F.threshold_(exponent.clamp_(min=negligible).exp_(), 1.5 * math.exp(negligible), 0.0)
-    blur = (DenseBlocks(blocks),)
+    blur = (DenseBlocks(gaussian_(exponent)),)
     if kept is None:  # every point its own vertex: splat = slice = I
         identity = SparseRows.selection(vertex, None, total, f.dtype)
         return PermutohedralLattice(b, n, d, total, identity, identity, blur, 1.0)
