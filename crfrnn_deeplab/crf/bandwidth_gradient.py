@@ -48,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "PairGroups", "gaussian_", "kernel_pairs", "packed_points"]
+__all__ = [
+    "EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "PairGroups", "gaussian_", "kernel_pairs", "packed_points",
+]
 
 #: Images with at most this many points use all pairs: there the sampling noise of (1) is larger than its value
 #: (the pair terms cancel), while all N² pairs (a million at most) are cheap.

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, PairGroups, kernel_pairs
 from crfrnn_deeplab.crf.exact_filter import BilateralFilter, bilateral_lattice, exact_images
-from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, lattice_gaussian
+from crfrnn_deeplab.crf.lattice import PermutohedralLattice, lattice_gaussian
 from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
 
