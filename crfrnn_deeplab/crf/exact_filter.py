@@ -124,6 +124,10 @@ def exact_images(bilateral_filter: BilateralFilter, batch_size: int, num_points:
         valid: bool Tensor[B, ...] of B·N values, or None.
     """
     check_bilateral_filter(bilateral_filter)
+    if valid is not None and (not isinstance(valid, Tensor) or valid.dtype != torch.bool
+                              or valid.numel() != batch_size * num_points):
+        raise ValueError(f"valid must be a bool Tensor of B·N = {batch_size}·{num_points} values, got "
+                         f"{getattr(valid, 'dtype', type(valid).__name__)} {tuple(getattr(valid, 'shape', ()))}")
     device = None if valid is None else valid.device
     if bilateral_filter != "auto":
         return torch.full((batch_size,), bilateral_filter == "exact", dtype=torch.bool, device=device)

@@ -250,7 +250,12 @@ def test_exact_images_rule():
     valid[1, -1] = False  # every image with points small: all exact, the empty one too
     assert exact_images("auto", 4, n, valid).tolist() == [True] * 4
     assert exact_images("exact", 4, 10**6).tolist() == [True] * 4
-    assert exact_images("lattice", 4, 1, valid).tolist() == [False] * 4
+    assert exact_images("lattice", 4, n, valid).tolist() == [False] * 4
+    for bad in (valid[:, :-1], valid.float(), valid.numpy()):
+        with pytest.raises(ValueError, match=f"valid must be a bool Tensor of B·N = 4·{n} values"):
+            exact_images("auto", 4, n, bad)
+    with pytest.raises(ValueError, match="bilateral_filter must be"):
+        exact_images("dense", 4, n)
 
 
 @pytest.mark.parametrize("learn_bandwidths", [False, True])
