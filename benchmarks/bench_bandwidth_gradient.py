@@ -87,7 +87,7 @@ class LatticeMoments:
     """The previous estimator: the moment identity ``Σ_j k_ij |f_i - f_j|² v_j = |f_i|²(Kv)_i - 2 f_i·(K(f v))_i
     + (K(|f|² v))_i`` evaluated with the lattice as K (no mass factor: it is the lattice's own kernel)."""
 
-    def __init__(self, lattice: PermutohedralLattice, raw: torch.Tensor, scale: torch.Tensor, *_, **__):
+    def __init__(self, lattice: PermutohedralLattice, raw: torch.Tensor, scale: torch.Tensor, *_):
         self.lattice, self.features = lattice, raw.detach() * scale.detach()
 
     def contract(self, left: torch.Tensor, right: torch.Tensor, left_scale=None, right_scale=None) -> torch.Tensor:
@@ -106,7 +106,7 @@ class LatticeMoments:
 
 @contextlib.contextmanager
 def pairs_from(make):
-    """Every CRF built inside uses ``make(lattice, raw, scale, sizes, valid, spacing, exact=...)`` (an object with
+    """Every CRF built inside uses ``make(lattice, raw, scale, sizes, valid, spacing)`` (an object with
     ``contract``) as its bilateral kernel's pairs."""
     original = kernels_module.bilateral_pairs
     kernels_module.bilateral_pairs = make

@@ -161,9 +161,9 @@ class KernelPairs:
 
 @dataclass(frozen=True, eq=False)
 class PairGroups:
-    """The kernel pairs of a batch whose images fall into groups, each group's chosen apart (a batch whose
-    bilateral filter is exact for some images and the lattice for others: each image gets its own filter's
-    pairs). Contracts as :class:`KernelPairs` does.
+    """The kernel pairs of a batch whose images fall into groups, each group's chosen apart: a padded batch with
+    images of at most :data:`EXACT_POINTS` valid points (all pairs) beside larger ones (sampled pairs), so that
+    each image gets the pairs it has alone (:func:`kernel_pairs`). Contracts as :class:`KernelPairs` does.
 
     Attributes:
         groups: ``(images, pairs)`` pairs: Tensor[G] (int64), the group's images in the batch, and their
@@ -227,7 +227,7 @@ def kernel_pairs(
     rates: Sequence[float] | None = None,
     exact_points: int | None = None,
     samples: int | None = None,
-) -> KernelPairs:
+) -> KernelPairs | PairGroups:
     """Chooses and weighs the pairs of :class:`KernelPairs` for a batch of (scaled) feature maps.
 
     Sampling is deterministic given ``torch.manual_seed``: each image draws from its own generator, seeded by
@@ -250,7 +250,8 @@ def kernel_pairs(
 
     Returns:
         Exact pairs when N <= ``exact_points``, or when no image has more than ``exact_points`` valid points
-        (then of those alone, packed), otherwise sampled ones.
+        (then of those alone, packed), otherwise sampled ones. Where a padded batch holds images of both kinds,
+        a :class:`PairGroups` of the two (each image's pairs are then those it has alone).
     """
     b, n, d = features.shape
     grid = (n,) if grid is None else tuple(int(x) for x in grid)
@@ -260,6 +261,16 @@ def kernel_pairs(
         raise ValueError(f"rates must give one value per grid axis {grid}, got {tuple(rates)}")
     exact_points = EXACT_POINTS if exact_points is None else exact_points
     samples = SAMPLES_PER_POINT if samples is None else samples
+    if valid is not None and n > exact_points:  # small images beside larger ones: all pairs for the small
+        counts = valid.reshape(b, n).sum(1)
+        small = (counts > 0) & (counts <= exact_points)
+        if bool(small.any()) and bool((counts > exact_points).any()):
+            options = dict(grid=grid, rates=rates, exact_points=exact_points, samples=samples)
+            mass = lattice_mass.reshape(b, n)
+            return PairGroups(tuple(
+                (images, kernel_pairs(features[images], mass[images], valid[images], **options))
+                for images in (small.nonzero()[:, 0], (~small).nonzero()[:, 0])
+            ))
     f = features.detach()
     valid_f = f.new_ones(b, n) if valid is None else valid.reshape(b, n).to(f.dtype)
     lattice_mass = lattice_mass.detach().reshape(b, n).to(f.dtype) * valid_f

@@ -231,7 +231,7 @@ def build_kernels(
     spacing = None if spacing is None else tuple(float(s) for s in spacing)
     kernels = CRFKernels(lattice, raw, scale, theta_gamma, (b, *sizes), mask, normalization, ones, ones, spacing)
     if torch.is_grad_enabled() and scale.requires_grad:
-        kernels.pairs = bilateral_pairs(lattice, raw, scale, sizes, valid_mask, spacing, exact=exact)
+        kernels.pairs = bilateral_pairs(lattice, raw, scale, sizes, valid_mask, spacing)
     # D = K·1 over valid voxels; for an unmasked batch the spatial one is an outer product of 1-D sums.
     if mask is None:
         d_spatial = unmasked_spatial(theta_gamma, (b, *sizes), "ones", spacing=spacing)
@@ -250,8 +250,6 @@ def bilateral_pairs(
     sizes: Sequence[int],
     valid_mask: Tensor | None,
     spacing: Sequence[float] | None,
-    *,
-    exact: Tensor | None = None,
 ) -> KernelPairs | PairGroups:
     """The pixel (voxel) pairs of the bilateral kernel's bandwidth gradient (:mod:`.bandwidth_gradient`).
 
@@ -265,9 +263,6 @@ def bilateral_pairs(
         sizes: the grid S, axes' order.
         valid_mask: Tensor[B, *S] bool, or None.
         spacing: the voxel size per axis (axes' order), or None (1).
-        exact: bool Tensor[B], the images the lattice filters exactly (:func:`.exact_filter.exact_images`), or
-            None. Where it marks some but not all images, their pairs are chosen apart from the others' (all
-            pairs of their valid points: the exact CRF's gradient), as each image would have alone.
     """
     s = len(sizes)
     steps = [1.0] * s if spacing is None else [float(v) for v in spacing]
@@ -275,14 +270,7 @@ def bilateral_pairs(
     rates = [step * r for step, r in zip(steps, position_scale)]
     with torch.no_grad():
         mass = lattice.filter(raw.new_ones(raw.shape[0], raw.shape[1], 1))[..., 0]  # K_lattice·1
-        features = raw * scale.detach()
-        if exact is None or bool(exact.all()) or not bool(exact.any()):
-            return kernel_pairs(features, mass, valid_mask, grid=tuple(sizes), rates=rates)
-        groups = []
-        for images in (exact.nonzero()[:, 0], (~exact).nonzero()[:, 0]):
-            valid = None if valid_mask is None else valid_mask[images]
-            groups.append((images, kernel_pairs(features[images], mass[images], valid, grid=tuple(sizes), rates=rates)))
-        return PairGroups(tuple(groups))
+        return kernel_pairs(raw * scale.detach(), mass, valid_mask, grid=tuple(sizes), rates=rates)
 
 
 def unmasked_spatial(

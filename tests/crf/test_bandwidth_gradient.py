@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from crfrnn_deeplab.crf import MeanFieldCRF, kernels as kernels_module
-from crfrnn_deeplab.crf.bandwidth_gradient import kernel_pairs
+from crfrnn_deeplab.crf.bandwidth_gradient import PairGroups, kernel_pairs
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.reference import DenseKernelPairs, dense_crf
 from crfrnn_deeplab.data.synthetic import render_synthetic
@@ -390,6 +390,33 @@ def test_an_images_sampled_pairs_do_not_depend_on_its_batch():
     assert torch.equal(alone[0], together[0]) and torch.equal(alone[1], together[1])
     torch.manual_seed(6)  # another step: other pairs
     assert not torch.equal(kernel_pairs(first, mass, grid=(40, 48), rates=[0.05, 0.05]).columns, alone[0])
+
+
+def test_a_small_images_pairs_do_not_depend_on_its_batch():
+    # A padded image of at most EXACT_POINTS valid points beside a larger one keeps all its pairs (not sampled ones
+    # because of its batchmate): the batch's pairs are a PairGroups whose contraction is the two images' own.
+    g = torch.Generator().manual_seed(8)
+    batch = torch.randn(2, 40 * 48, 5, generator=g, dtype=torch.float64)
+    valid = torch.ones(2, 40, 48, dtype=torch.bool)
+    valid[0, 20:], valid[0, :, 30:] = False, False  # 600 valid points
+    mass = torch.rand(2, 40 * 48, generator=g, dtype=torch.float64) * valid.view(2, -1)
+    left, right = (torch.randn(2, 40 * 48, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    options = dict(grid=(40, 48), rates=[0.05, 0.05])
+    torch.manual_seed(5)
+    pairs = kernel_pairs(batch, mass, valid, **options)
+    assert isinstance(pairs, PairGroups) and [images.tolist() for images, _ in pairs.groups] == [[0], [1]]
+    assert pairs.groups[0][1].exact and not pairs.groups[1][1].exact and not pairs.exact
+    alone = []
+    for i in range(2):
+        torch.manual_seed(5)  # (the small image's all pairs draw nothing)
+        alone.append(kernel_pairs(batch[i : i + 1], mass[i : i + 1], valid[i : i + 1], **options))
+    assert alone[0].exact
+    expected = sum(one.contract(left[i : i + 1], right[i : i + 1]) for i, one in enumerate(alone))
+    torch.testing.assert_close(pairs.contract(left, right), expected, rtol=1e-12, atol=0)
+    scale = torch.rand(2, 40 * 48, generator=g, dtype=torch.float64)
+    expected = sum(one.contract(left[i : i + 1], right[i : i + 1], scale[i : i + 1], scale[i : i + 1])
+                   for i, one in enumerate(alone))
+    torch.testing.assert_close(pairs.contract(left, right, scale, scale), expected, rtol=1e-12, atol=0)
 
 
 # --- recovery of the exact CRF's best bandwidths -------------------------------------------------------------

@@ -258,11 +258,13 @@ def test_exact_images_rule():
         exact_images("dense", 4, n)
 
 
+@pytest.mark.parametrize("bilateral_filter", ["auto", "lattice"])
 @pytest.mark.parametrize("learn_bandwidths", [False, True])
-def test_a_batch_of_small_and_large_images_filters_each_as_alone(learn_bandwidths):
-    # 30×30 and 20×35 images (exact) padded beside a whole 40×40 one (lattice) and an empty canvas: every image's
-    # output and the gradients of every parameter are those of each image alone (the sampled pairs of the large
-    # image drawn from the same seed), in float64; before, the small images took the lattice in such a batch.
+def test_a_batch_of_small_and_large_images_filters_each_as_alone(learn_bandwidths, bilateral_filter):
+    # 30×30 and 20×35 images (exact under "auto") padded beside a whole 40×40 one (lattice) and an empty canvas:
+    # every image's output and the gradients of every parameter are those of each image alone (all pairs for the
+    # small images, the sampled pairs of the large one drawn from the same seed), in float64; before, the small
+    # images took the lattice and sampled pairs in such a batch.
     g = torch.Generator().manual_seed(12)
     b, c = 4, 4
     logits = torch.randn(b, c, 40, 40, generator=g, dtype=torch.float64) * 2
@@ -271,10 +273,10 @@ def test_a_batch_of_small_and_large_images_filters_each_as_alone(learn_bandwidth
     mask[0, :30, :30], mask[1], mask[3, 5:25, :35] = True, True, True
     label = torch.randint(0, c, (b, 40, 40), generator=g).masked_fill(~mask, -1)
     crf = MeanFieldCRF(num_classes=c, theta_alpha=20.0, theta_beta=15.0, theta_gamma=2.0, train_iterations=3,
-                       eval_iterations=3, learn_bandwidths=learn_bandwidths).double()
+                       eval_iterations=3, learn_bandwidths=learn_bandwidths, bilateral_filter=bilateral_filter).double()
     with torch.no_grad():
         crf.compatibility.add_(torch.rand(c, c, generator=g, dtype=torch.float64))
-    assert isinstance(crf.kernels(image, mask).lattice.blur[0], SplitBlur)
+    assert isinstance(crf.kernels(image, mask).lattice.blur[0], SplitBlur) == (bilateral_filter == "auto")
 
     def run(rows):
         crf.zero_grad()
