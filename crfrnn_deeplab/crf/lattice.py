@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, kernel_pairs
+from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, PairGroups, kernel_pairs
 from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.routes import cpu_route
 from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
@@ -602,7 +602,7 @@ class _LatticeGaussian(torch.autograd.Function):
         return grad_values, grad_scale, grad_mix, None, None, None
 
 
-def point_pairs(lattice: PermutohedralLattice, raw_features: Tensor, scale: Tensor) -> KernelPairs:
+def point_pairs(lattice: PermutohedralLattice, raw_features: Tensor, scale: Tensor) -> KernelPairs | PairGroups:
     """The kernel pairs of a lattice's Gaussian for points without a grid (:func:`.bandwidth_gradient.kernel_pairs`
     with a uniform proposal above its exact size): what :func:`lattice_gaussian` uses when it is given none.
 
@@ -624,7 +624,7 @@ def lattice_gaussian(
     lattice: PermutohedralLattice,
     mix: Tensor | None = None,
     *,
-    pairs: KernelPairs | None = None,
+    pairs: KernelPairs | PairGroups | None = None,
 ) -> Tensor:
     """Differentiable Gaussian filtering ``Σ_j exp(-|s⊙(r_i - r_j)|² / 2) v_j`` through a built lattice.
 
