@@ -261,10 +261,11 @@ def kernel_pairs(
         raise ValueError(f"rates must give one value per grid axis {grid}, got {tuple(rates)}")
     exact_points = EXACT_POINTS if exact_points is None else exact_points
     samples = SAMPLES_PER_POINT if samples is None else samples
-    if valid is not None and n > exact_points:  # small images beside larger ones: all pairs for the small
-        counts = valid.reshape(b, n).sum(1)
+    # Padded images: those with few valid points get all pairs of those, also beside larger ones
+    counts = None if valid is None or n <= exact_points else valid.reshape(b, n).sum(1)
+    if counts is not None and bool((counts > exact_points).any()):
         small = (counts > 0) & (counts <= exact_points)
-        if bool(small.any()) and bool((counts > exact_points).any()):
+        if bool(small.any()):  # each group's pairs apart
             options = dict(grid=grid, rates=rates, exact_points=exact_points, samples=samples)
             mass = lattice_mass.reshape(b, n)
             return PairGroups(tuple(
@@ -275,12 +276,10 @@ def kernel_pairs(
     valid_f = f.new_ones(b, n) if valid is None else valid.reshape(b, n).to(f.dtype)
     lattice_mass = lattice_mass.detach().reshape(b, n).to(f.dtype) * valid_f
     points = None
-    if n > exact_points and valid is not None:  # padded images with few valid points: all pairs of those
-        counts = valid_f.sum(1)
-        if 0 < int(counts.max()) <= exact_points:
-            points, slots = packed_points(valid_f > 0)
-            f, lattice_mass = f.gather(1, points[..., None].expand(-1, -1, d)), lattice_mass.gather(1, points)
-            valid_f = slots.to(f.dtype)
+    if counts is not None and 0 < int(counts.max()) <= exact_points:  # every image small: its valid points, packed
+        points, slots = packed_points(valid_f > 0)
+        f, lattice_mass = f.gather(1, points[..., None].expand(-1, -1, d)), lattice_mass.gather(1, points)
+        valid_f = slots.to(f.dtype)
     if f.shape[1] <= exact_points:
         m = f.shape[1]
         gaussian_mass = torch.empty_like(valid_f)  # (K·1)_i over valid points, 0 elsewhere
