@@ -172,6 +172,15 @@ class PairGroups:
 
     groups: tuple[tuple[Tensor, KernelPairs], ...]
 
+    def __post_init__(self) -> None:
+        for images, pairs in self.groups:
+            if not isinstance(images, Tensor) or images.dim() != 1 or images.dtype != torch.long:
+                found = f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}"
+                raise ValueError(f"each group's images must be an int64 Tensor[G], got {found}")
+            if not isinstance(pairs, KernelPairs) or pairs.features.shape[0] != images.numel():
+                raise ValueError(f"each group needs the KernelPairs of its {images.numel()} images, got "
+                                 f"{type(pairs).__name__}")
+
     @property
     def exact(self) -> bool:
         """All pairs in every group."""
@@ -181,7 +190,10 @@ class PairGroups:
         self, left: Tensor, right: Tensor, left_scale: Tensor | None = None, right_scale: Tensor | None = None
     ) -> Tensor:
         """:meth:`KernelPairs.contract` over the whole batch: the sum of the groups'."""
-        b = left.shape[0]
+        b = sum(images.numel() for images, _ in self.groups)
+        if left.dim() != 3 or left.shape[0] != b or right.shape != left.shape:
+            raise ValueError(f"left and right must be the same Tensor[{b}, N, C], got {tuple(left.shape)} and "
+                             f"{tuple(right.shape)}")
         total = None
         for images, pairs in self.groups:
             scales = (None if x is None else x.reshape(b, -1).index_select(0, images)
@@ -199,6 +211,8 @@ def gaussian_(exponent: Tensor) -> Tensor:
     exact filter's inference took 144 ms instead of 26 ms); what is dropped is below the rounding of any sum it
     would join (a kernel's own entry is 1). One threshold pass after the clamp: 4× faster than a mask.
     """
+    if not isinstance(exponent, Tensor) or not exponent.is_floating_point():
+        raise ValueError(f"exponent must be a floating-point Tensor, got {getattr(exponent, 'dtype', type(exponent))}")
     negligible = math.log(torch.finfo(exponent.dtype).tiny) + 20.0
     return F.threshold_(exponent.clamp_(min=negligible).exp_(), 1.5 * math.exp(negligible), 0.0)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from crfrnn_deeplab.crf import MeanFieldCRF, kernels as kernels_module
-from crfrnn_deeplab.crf.bandwidth_gradient import PairGroups, kernel_pairs
+from crfrnn_deeplab.crf.bandwidth_gradient import PairGroups, gaussian_, kernel_pairs
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.reference import DenseKernelPairs, dense_crf
 from crfrnn_deeplab.data.synthetic import render_synthetic
@@ -417,6 +417,22 @@ def test_a_small_images_pairs_do_not_depend_on_its_batch():
     expected = sum(one.contract(left[i : i + 1], right[i : i + 1], scale[i : i + 1], scale[i : i + 1])
                    for i, one in enumerate(alone))
     torch.testing.assert_close(pairs.contract(left, right, scale, scale), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"left and right must be the same Tensor\[2, N, C\]"):
+        pairs.contract(left[:1], right[:1])
+    with pytest.raises(ValueError, match="images must be an int64 Tensor"):
+        PairGroups(((torch.tensor([0.0]), alone[0]),))
+    with pytest.raises(ValueError, match="the KernelPairs of its 2 images"):
+        PairGroups(((torch.tensor([0, 1]), alone[0]),))
+
+
+def test_gaussian_zeroes_negligible_entries_and_names_bad_input():
+    exponent = torch.tensor([0.0, -1.0, -60.0, -70.0, -1e4, -math.inf])
+    tiny = torch.finfo(torch.float32).tiny
+    out = gaussian_(exponent.clone())
+    torch.testing.assert_close(out[:3], torch.exp(exponent[:3]))  # exp(-60) = 8.8e-27: kept
+    assert (out[3:] == 0).all() and float(torch.exp(exponent[3])) < 1.5 * math.exp(20) * tiny
+    with pytest.raises(ValueError, match="exponent must be a floating-point Tensor"):
+        gaussian_(torch.zeros(3, dtype=torch.long))
 
 
 # --- recovery of the exact CRF's best bandwidths -------------------------------------------------------------
