@@ -8,6 +8,8 @@ paths equal for Potts and learned compatibilities, both normalisations and maske
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -40,7 +42,13 @@ def mean_field_inference(
     - a Potts-form mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
       ``Σ_c q_c = 1`` makes its ``α`` part the same for every class and iteration, added to ``z_0`` once, as
       densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part of the spatial mix
-      is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather.
+      is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather;
+    - the softmax is ``exp(z - top)`` over its row sums: ``top``, computed once from ``z_0``, bounds every
+      iterate's logits from above and comes within ``width`` of each pixel's largest one (the messages move a
+      logit by ``-Σ_c' X_c' M_c'c``, ``X >= 0`` summing to the same ``reach`` for every ``q``, so within the
+      mix's smallest and largest entries times ``reach``). So no iteration takes a maximum (PyTorch's softmax
+      over 21 classes costs 2–3 times ``exp``); where ``width`` could flush a whole row (> 43 in float32: large
+      kernel weights) the loop takes :func:`class_softmax`.
 
     Runs with the thread count of :mod:`.threads`' policy (by default at most the cores free now); the
     matrix products of a learned (non-Potts) mix keep the caller's count, as their rounding may depend on it.
@@ -91,25 +99,42 @@ def _mean_field_inference(
             filtered = filtered.view(p, -1)
             yield first, stop, filtered[:, first - start :]
 
-    # A Potts-form mix α·J + β·I sends every class of a pixel the same α·K̃1 in every iteration (Σ_c q_c = 1):
-    # those terms are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
+    # Σ_c of each message per unit of q, before its mix: the pixel's reach, the same for every q (Σ_c q_c = 1).
+    if kernels.mask is None:  # K_s(before): outer products of 1-D filterings
+        of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
+        spatial_reach = unmasked_spatial(kernels.theta_gamma, (b, *sizes), of, spacing=kernels.spacing)
+    else:  # K_s(ns) (symmetric) or K_s(mask) (after)
+        spatial_reach = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
+    spatial_reach = ns.view(b, *sizes, 1) * spatial_reach
+    ones = torch.ones_like(nb)[:, None]
+    bilateral_reach = nb[:, None] * (kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones))
+    bilateral_reach = bilateral_reach.view(b, *sizes, 1)
+    # A Potts-form mix α·J + β·I sends every class of a pixel the same α·reach in every iteration: those terms
+    # are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
     spatial_potts, bilateral_potts = potts_form(mix_spatial), potts_form(mix_bilateral)
     shift = unary.new_zeros(b, *sizes, 1)
-    if spatial_potts is not None:  # K_s(before): K_s(ns) (symmetric) or K_s(1) (after) or K_s(mask)
-        if kernels.mask is None:  # outer products of 1-D filterings
-            of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
-            constant = unmasked_spatial(kernels.theta_gamma, (b, *sizes), of, spacing=kernels.spacing)
+    # z_t - (z_0 + shift) = -Σ_c' X_c' M_c'c with X >= 0, Σ_c' X_c' = reach (M: the per-iteration mix, β·I for a
+    # Potts form): it lies in [-reach·max M, -reach·min M], for every class and iteration.
+    rise, width = unary.new_zeros(b, *sizes, 1), unary.new_zeros(b, *sizes, 1)
+    for potts, mix, reach in ((spatial_potts, mix_spatial, spatial_reach),
+                              (bilateral_potts, mix_bilateral, bilateral_reach)):
+        if potts is not None:
+            shift -= potts[0] * reach
+            low, high = min(potts[1], 0.0), max(potts[1], 0.0)
         else:
-            constant = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
-        shift -= spatial_potts[0] * ns.view(b, *sizes, 1) * constant
-    if bilateral_potts is not None:
-        ones = torch.ones_like(nb)[:, None]
-        lattice_ones = kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones)
-        shift -= bilateral_potts[0] * (nb[:, None] * lattice_ones).view(b, *sizes, 1)
+            low, high = float(mix.min()), float(mix.max())
+        rise -= low * reach
+        width += (high - low) * reach
+    # Softmax by exp of a shifted z: z_t - top <= 0 everywhere, and each pixel's largest class is >= -width, so
+    # exp neither overflows nor flushes the classes that matter, and no maximum is taken per iteration. The
+    # table holds z_0 + shift - top until the last update, which gathers z_0 + shift again.
+    top = unary.amax(-1, keepdim=True) + shift + rise
+    limit = -0.5 * math.log(torch.finfo(unary.dtype).tiny)  # 43.7 in float32: q_c < e^-43 may be flushed
+    shifted = bool(torch.isfinite(top).all()) and float(width.max()) <= limit
     m = kernels.lattice.num_vertices
-    # Table rows: z_0 + shift | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
+    # Table rows: z_0 + shift (- top) | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
     table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
-    torch.add(unary, shift, out=table[:p].view(b, *sizes, c))
+    torch.add(unary, shift - top if shifted else shift, out=table[:p].view(b, *sizes, c))
     update = _update_gather(
         kernels.lattice.slice,
         nb if bilateral_potts is None else bilateral_potts[1] * nb,
@@ -117,9 +142,15 @@ def _mean_field_inference(
     )
     # The first softmax reads z_0 from the table: the shift there is the same for every class of a pixel,
     # and softmax ignores such a shift.
-    z = table[:p]
-    for _ in range(iterations):  # (each [P, C] array is let go at its last use, not when its name is bound again)
-        q = class_softmax(z)
+    z, class_sums = table[:p], unary.new_ones(c, 1)
+    for t in range(iterations):  # (each [P, C] array is let go at its last use, not when its name is bound again)
+        if shifted:
+            q = torch.exp(z) if t == 0 else z.exp_()  # (the first z is the table's)
+            with caller_threads():
+                total = q @ class_sums
+            q.div_(total)
+        else:
+            q = class_softmax(z)
         del z
         to_blocks(q)  # while q is in cache
         on_lattice = kernels.lattice.blur_lattice(splat @ q)
@@ -130,6 +161,8 @@ def _mean_field_inference(
         else:
             table[-m:] = on_lattice
         del on_lattice
+        if shifted and t == iterations - 1:  # z_T itself, rounded as z_0 + shift - messages
+            torch.add(unary, shift, out=table[:p].view(b, *sizes, c))
         if spatial_potts is None:
             spatial = table[p : 2 * p]
             for i, (first, stop, filtered) in enumerate(spatial_blocks()):

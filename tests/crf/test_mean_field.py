@@ -9,6 +9,7 @@ import torch
 from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian, dense_mean_field
 from crf_scenes import PARAMS, at_inference_threads, densecrf_q, scene
 from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.crf import fast_inference
 from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.spatial import channel_blocks, gaussian_1d, spatial_gaussian
 
@@ -95,7 +96,35 @@ def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, co
     slow = crf(logits.clone().requires_grad_(True), image, mask)
     torch.testing.assert_close(fast, slow.detach())
     if masked:
-        torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask])
+        torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("compatibility", ["potts", "learned"])
+@pytest.mark.parametrize("scale, weight", [(1.0, 3.0), (1e4, 3.0), (1.0, 40.0), (1e4, 40.0)])
+def test_inference_softmax_on_extreme_logits_and_weights(monkeypatch, scale, weight, compatibility, masked):
+    # The inference loop's softmax is exp(z - top) with a bound `top` computed once; with kernel weights that let
+    # the messages move a logit by more than float32's exp can take (40 + 40 here) it takes class_softmax. Either
+    # way it equals the autograd path, logits of 1e4 included.
+    calls = []
+    monkeypatch.setattr(fast_inference, "class_softmax", lambda z: calls.append(1) or class_softmax(z))
+    logits, image = small_inputs(b=2, c=5, h=12, w=10)
+    logits, image = (logits * scale).float(), image.float()
+    mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(1)) > 0.2 if masked else None
+    crf = MeanFieldCRF(num_classes=5, spatial_weight=weight, bilateral_weight=weight, theta_alpha=6.0).eval()
+    if compatibility == "learned":
+        with torch.no_grad():
+            crf.compatibility.add_(torch.rand(5, 5, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        fast = crf(logits, image, mask)
+    assert bool(calls) == (weight > 20)
+    slow = crf(logits.clone().requires_grad_(True), image, mask)
+    assert torch.isfinite(fast).all()
+    # float32: exp(z - top) rounds its argument at the magnitude of z - top (up to the messages' width), where
+    # softmax's is z - max: ~1e-5 on logits of ~10 after 5 iterations (1e-6 when class_softmax runs)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=5e-5)
+    if masked:
+        torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path
