@@ -19,7 +19,7 @@ from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
-__all__ = ["class_softmax", "mean_field_inference", "potts_form"]
+__all__ = ["class_softmax", "mean_field_inference", "potts_form", "update_gather"]
 
 _TILE = 64  # voxels per tile of the classes-first softmax
 _FEW_CLASSES = 16  # below: the classes-first softmax
@@ -135,7 +135,7 @@ def _mean_field_inference(
     # Table rows: z_0 + shift (- top) | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
     table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
     torch.add(unary, shift - top if shifted else shift, out=table[:p].view(b, *sizes, c))
-    update = _update_gather(
+    update = update_gather(
         kernels.lattice.slice,
         nb if bilateral_potts is None else bilateral_potts[1] * nb,
         -ns.view(-1) if spatial_potts is None else None,
@@ -217,10 +217,10 @@ def potts_form(mix: Tensor) -> tuple[float, float] | None:
     return None
 
 
-def _update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = None) -> SparseRows:
+def update_gather(slice_: SparseRows, after: Tensor | None, spatial: Tensor | None = None) -> SparseRows:
     """Row i of the mean-field update as a gather from the table ``[z_0; spatial message; lattice values]``:
     ``z_0[i] + spatial_i · message[i] - after_i Σ_k slice_ik · lattice[k]`` (without the message when ``spatial``
-    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows)."""
+    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows; ``after`` None: 1)."""
     p = slice_.num_rows
     device, dtype = slice_.weights.device, slice_.weights.dtype
     head = 1 if spatial is None else 2  # the entries before the lattice's
@@ -235,7 +235,10 @@ def _update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = N
         if spatial is not None:
             columns[:, 1], weights[:, 1] = pixels + p, spatial
         torch.add(slice_.columns.view(p, k), head * p, out=columns[:, head:])
-        torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
+        if after is None:
+            torch.neg(slice_.weights.view(p, k), out=weights[:, head:])
+        else:
+            torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
         offsets = torch.arange(0, p * (k + head) + 1, k + head, dtype=index, device=device)
         return SparseRows(columns.view(-1), offsets, weights.view(-1), num_columns, k + head)
     rows = slice_.rows()
@@ -247,5 +250,6 @@ def _update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = N
     if spatial is not None:
         columns[first + 1], weights[first + 1] = pixels + p, spatial
     rest = torch.arange(rows.numel(), device=device) + head * (rows + 1)
-    columns[rest], weights[rest] = slice_.columns.to(index) + head * p, -slice_.weights * after[rows]
+    columns[rest] = slice_.columns.to(index) + head * p
+    weights[rest] = -slice_.weights if after is None else -slice_.weights * after[rows]
     return SparseRows(columns, offsets.to(index), weights, num_columns)
