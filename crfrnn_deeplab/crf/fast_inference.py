@@ -221,7 +221,13 @@ def update_gather(slice_: SparseRows, after: Tensor | None, spatial: Tensor | No
     """Row i of the mean-field update as a gather from the table ``[z_0; spatial message; lattice values]``:
     ``z_0[i] + spatial_i · message[i] - after_i Σ_k slice_ik · lattice[k]`` (without the message when ``spatial``
     is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows; ``after`` None: 1)."""
+    if not isinstance(slice_, SparseRows):
+        raise TypeError(f"update_gather takes the lattice's slice as SparseRows, got {type(slice_).__name__}")
     p = slice_.num_rows
+    for name, rows in (("after", after), ("spatial", spatial)):
+        if rows is not None and (not isinstance(rows, Tensor) or rows.shape != (p,)):
+            shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"update_gather: {name} must be a Tensor[{p}] (one per slice row), got {shape}")
     device, dtype = slice_.weights.device, slice_.weights.dtype
     head = 1 if spatial is None else 2  # the entries before the lattice's
     num_columns = head * p + slice_.num_columns
