@@ -22,9 +22,9 @@ from crfrnn_deeplab.crf import spatial
 
 # (images, rows, pixels per row, channels, θ in pixels, what it is)
 CASES = [
-    (1, 375, 500, 21, 3.0, "500×375 photo, 21 classes (training's single block)"),
-    (1, 375, 500, 16, 3.0, "500×375, inference's 16-channel block"),
-    (1, 375, 500, 8, 3.0, "500×375, inference's 8-channel block"),
+    (1, 375, 500, 21, 3.0, "500×375 photo, 21 classes"),
+    (1, 375, 500, 16, 3.0, "500×375, 16 channels"),
+    (1, 375, 500, 8, 3.0, "500×375, 8 channels"),
     (1, 321, 321, 21, 3.0, "321² crop, 21 classes"),
     (4, 321, 321, 21, 3.0, "321² crops, batch 4"),
     (1, 375, 500, 21, 1.0, "θγ = 1"),

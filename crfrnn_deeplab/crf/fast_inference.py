@@ -16,7 +16,7 @@ from torch import Tensor
 from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
 from crfrnn_deeplab.crf.routes import cpu_route
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
-from crfrnn_deeplab.crf.spatial import channel_blocks, spatial_gaussian
+from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
 __all__ = ["class_softmax", "mean_field_inference", "potts_form", "update_gather"]
@@ -36,13 +36,15 @@ def mean_field_inference(
 
     - the normalisers become splat/slice weights, and the bilateral compatibility mixes channels on the
       lattice (far fewer rows than pixels);
-    - the spatial filter runs on the channel blocks it is fastest for (:func:`.spatial.channel_blocks`);
     - the update ``z_0 - ns·(spatial @ mix) - slice(lattice values)`` is one weighted gather
-      (:class:`SparseRows`) from a table holding ``z_0``, the mixed spatial message and the lattice values;
+      (:class:`SparseRows`) from a table holding ``z_0``, the (mixed) spatial message and the lattice values;
+      the spatial filter's last pass writes into the table;
     - a Potts-form mix ``α·J + β·I`` (J all ones: every fixed-weight CRF) needs no mixing at all:
       ``Σ_c q_c = 1`` makes its ``α`` part the same for every class and iteration, added to ``z_0`` once, as
-      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); the ``β`` part of the spatial mix
-      is added to the gathered update by channel block, that of the bilateral mix is a weight of the gather;
+      densecrf's Potts compatibility does (Krähenbühl & Koltun 2011, §4); its ``β`` part is a weight of the
+      gather;
+    - the spatial filter and the lattice read the same ``before ⊙ q`` (the splat weighs it by ``nb / ns``), so
+      ``q`` itself is never formed;
     - the softmax is ``exp(z - top)`` over its row sums: ``top``, computed once from ``z_0``, bounds every
       iterate's logits from above and comes within ``width`` of each pixel's largest one (the messages move a
       logit by ``-Σ_c' X_c' M_c'c``, ``X >= 0`` summing to the same ``reach`` for every ``q``, so within the
@@ -74,30 +76,15 @@ def _mean_field_inference(
     if iterations == 0:
         return unary.clone(memory_format=torch.contiguous_format)
     ns, nb = kernels.norm_spatial.view(p, 1), kernels.norm_bilateral.view(-1)
-    sent = None if kernels.mask is None else kernels.mask.view(-1)  # 'after': what each pixel sends
+    # Each iteration filters a = before ⊙ q, what the pixels send: ns ⊙ q (symmetric), q ⊙ mask or q (after).
+    # The lattice reads it too: its splat weights take nb / ns (symmetric), so q itself is never formed.
     if kernels.normalization == "symmetric":
-        splat, before = kernels.lattice.splat.scale_columns(nb), ns
+        before = ns
+        splat = kernels.lattice.splat.scale_columns(torch.where(ns.view(-1) > 0, nb / ns.view(-1), 0.0))
     else:
-        splat = kernels.lattice.splat if sent is None else kernels.lattice.splat.scale_columns(sent)
-        before = None if sent is None else sent.view(p, 1)
+        before = None if kernels.mask is None else kernels.mask.view(p, 1)
+        splat = kernels.lattice.splat
     mix_spatial, mix_bilateral = pairwise[0].T, pairwise[1].T.contiguous()
-    blocks = channel_blocks(c, unary.device)
-    buffers = [unary.new_empty(p, stop - start) for start, stop, _ in blocks]
-
-    def to_blocks(q: Tensor) -> None:
-        """Writes ``before ⊙ q`` into the channel blocks' buffers."""
-        for (start, stop, _), buffer in zip(blocks, buffers):
-            if before is None:
-                buffer.copy_(q[:, start:stop])
-            else:
-                torch.mul(q[:, start:stop], before, out=buffer)
-
-    def spatial_blocks():
-        """``K_s`` of the blocks' buffers: (first, stop, Tensor[P, stop - first]) for channels first:stop."""
-        for (start, stop, first), buffer in zip(blocks, buffers):
-            filtered = spatial_gaussian(buffer.view(b, *sizes, -1), kernels.theta_gamma, spacing=kernels.spacing)
-            filtered = filtered.view(p, -1)
-            yield first, stop, filtered[:, first - start :]
 
     # Σ_c of each message per unit of q, before its mix: the pixel's reach, the same for every q (Σ_c q_c = 1).
     if kernels.mask is None:  # K_s(before): outer products of 1-D filterings
@@ -106,8 +93,8 @@ def _mean_field_inference(
     else:  # K_s(ns) (symmetric) or K_s(mask) (after)
         spatial_reach = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
     spatial_reach = ns.view(b, *sizes, 1) * spatial_reach
-    ones = torch.ones_like(nb)[:, None]
-    bilateral_reach = nb[:, None] * (kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ ones))
+    sent = torch.ones_like(ns) if before is None else before
+    bilateral_reach = nb[:, None] * (kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ sent))
     bilateral_reach = bilateral_reach.view(b, *sizes, 1)
     # A Potts-form mix α·J + β·I sends every class of a pixel the same α·reach in every iteration: those terms
     # are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
@@ -132,52 +119,45 @@ def _mean_field_inference(
     limit = -0.5 * math.log(torch.finfo(unary.dtype).tiny)  # 43.7 in float32: q_c < e^-43 may be flushed
     shifted = bool(torch.isfinite(top).all()) and float(width.max()) <= limit
     m = kernels.lattice.num_vertices
-    # Table rows: z_0 + shift (- top) | spatial message (mixed; unless Potts) | lattice values (mixed, unless Potts).
-    table = unary.new_empty((p if spatial_potts is not None else 2 * p) + m, c)
+    # Table rows: z_0 + shift (- top) | spatial message (mixed unless Potts) | lattice values (mixed unless Potts).
+    table = unary.new_empty(2 * p + m, c)
     torch.add(unary, shift - top if shifted else shift, out=table[:p].view(b, *sizes, c))
     update = update_gather(
         kernels.lattice.slice,
         nb if bilateral_potts is None else bilateral_potts[1] * nb,
-        -ns.view(-1) if spatial_potts is None else None,
+        -ns.view(-1) if spatial_potts is None else -spatial_potts[1] * ns.view(-1),
     )
-    # The first softmax reads z_0 from the table: the shift there is the same for every class of a pixel,
-    # and softmax ignores such a shift.
     z, class_sums = table[:p], unary.new_ones(c, 1)
     for t in range(iterations):  # (each [P, C] array is let go at its last use, not when its name is bound again)
         if shifted:
-            q = torch.exp(z) if t == 0 else z.exp_()  # (the first z is the table's)
-            with caller_threads():
-                total = q @ class_sums
-            q.div_(total)
-        else:
-            q = class_softmax(z)
-        del z
-        to_blocks(q)  # while q is in cache
-        on_lattice = kernels.lattice.blur_lattice(splat @ q)
-        del q
-        if bilateral_potts is None:
+            a = torch.exp(z) if t == 0 else z.exp_()  # (the first z is the table's)
             with caller_threads():  # products round by thread count: never by the load
+                total = a @ class_sums
+            a.mul_(total.reciprocal_() if before is None else before / total)
+        else:  # (the first softmax reads z_0 + shift: softmax ignores a shift shared by a pixel's classes)
+            a = class_softmax(z)
+            if before is not None:
+                a.mul_(before)
+        del z
+        on_lattice = kernels.lattice.blur_lattice(splat @ a)
+        if bilateral_potts is None:
+            with caller_threads():
                 torch.mm(on_lattice, mix_bilateral, out=table[-m:])
         else:
             table[-m:] = on_lattice
         del on_lattice
+        if spatial_potts is None:
+            filtered = spatial_gaussian(a.view(b, *sizes, c), kernels.theta_gamma, spacing=kernels.spacing)
+            with caller_threads():
+                torch.mm(filtered.view(p, c), mix_spatial, out=table[p : 2 * p])
+            del filtered
+        else:
+            spatial_gaussian(a.view(b, *sizes, c), kernels.theta_gamma, spacing=kernels.spacing,
+                             out=table[p : 2 * p].view(b, *sizes, c))
+        del a
         if shifted and t == iterations - 1:  # z_T itself, rounded as z_0 + shift - messages
             torch.add(unary, shift, out=table[:p].view(b, *sizes, c))
-        if spatial_potts is None:
-            spatial = table[p : 2 * p]
-            for i, (first, stop, filtered) in enumerate(spatial_blocks()):
-                with caller_threads():
-                    if i == 0:
-                        torch.mm(filtered, mix_spatial[first:stop], out=spatial)
-                    else:
-                        spatial.addmm_(filtered, mix_spatial[first:stop])
-            z = update @ table
-        else:
-            spatial = list(spatial_blocks())
-            z = update @ table
-            for first, stop, filtered in spatial:
-                z[:, first:stop].addcmul_(ns, filtered, value=-spatial_potts[1])
-            del spatial, filtered
+        z = update @ table
     return z.view(b, *sizes, c)
 
 

@@ -1,8 +1,7 @@
 """Which implementation a step of the CRF takes: the CPU's own route or the generic one.
 
 Several steps have a route written for the CPU's speed: numpy's sorts and binary searches in the lattice build,
-the blocked splat, the blocked Gram products, the banded spatial passes, the channel blocks of the spatial filter
-and the classes-first softmax. Everywhere else — on CUDA, the only route there — the generic route runs: plain
+the blocked splat, the blocked Gram products, the banded spatial passes and the classes-first softmax. Everywhere else — on CUDA, the only route there — the generic route runs: plain
 PyTorch operations (``torch.sort``, ``torch.unique``, ``torch.searchsorted``, one matrix product, one
 convolution per axis). Every branch asks :func:`cpu_route`, so that :func:`generic_routes` can make the CPU take
 the generic route too: the tests run the whole CRF both ways on the CPU and check that they agree, so the code a

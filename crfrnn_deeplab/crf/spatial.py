@@ -22,13 +22,13 @@ from torch import Tensor
 from crfrnn_deeplab.crf.routes import cpu_route
 
 __all__ = [
-    "axis_bandwidths", "channel_blocks", "gaussian_1d", "gaussian_backward", "gaussian_passes", "gaussian_taps",
+    "axis_bandwidths", "gaussian_1d", "gaussian_backward", "gaussian_passes", "gaussian_taps",
     "spatial_gaussian",
 ]
 
 TRUNCATE = 4.0
-# On the CPU the depthwise convolutions cost least per channel in blocks of 16 channels (a multiple of the
-# vector width), so wider maps are filtered 16 channels at a time.
+# The CPU's vector width in float32 values (AVX-512): a leading-axis convolution of fewer channels reads its rows as
+# pixels × 16 channels (:func:`_leading_axis`).
 _CPU_BLOCK = 16
 # Output rows per block of the banded passes along a leading axis (:func:`_banded_rows`), and the fewest values
 # per image they run for: below, the products are too small for their per-call cost (the H pass of a 96³ volume,
@@ -58,6 +58,7 @@ def spatial_gaussian(
     *,
     spacing: Sequence[float] | None = None,
     truncate: float = TRUNCATE,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``out_i = Σ_j exp(-|(p_i - p_j)·s|² / 2θ²) v_j`` over the voxel grid (zero outside the image).
 
@@ -66,23 +67,45 @@ def spatial_gaussian(
         theta: Tensor[] bandwidth in physical units (voxels when ``spacing`` is None), > 0.
         spacing: the physical size of a voxel along each spatial axis, in the axes' order (``(s_D, s_H, s_W)``
             or ``(s_H, s_W)``); None: 1 along every axis.
+        out: a contiguous tensor of the values' shape and dtype, not overlapping them, to write the result into
+            (the last pass writes there directly); not while autograd records.
 
     Returns:
-        Tensor of the shape of ``values``, contiguous.
+        Tensor of the shape of ``values``, contiguous (``out`` when given).
     """
     _check_values(values)
-    if torch.is_grad_enabled() and (theta.requires_grad or values.requires_grad):  # (the passes write into views)
+    grad = torch.is_grad_enabled() and (theta.requires_grad or values.requires_grad)
+    if out is not None:
+        _check_out(out, values, grad)
+    if grad:  # (the passes write into views)
         spacing = None if spacing is None else tuple(float(s) for s in spacing)
         return _SpatialGaussian.apply(values, theta, spacing, truncate)
     x = values
-    for axis, taps in _passes(theta, values.shape[1:-1], spacing, truncate):
-        x = _axis_pass(x, taps, axis)
+    passes = _passes(theta, values.shape[1:-1], spacing, truncate)
+    for i, (axis, taps) in enumerate(passes):
+        x = _axis_pass(x, taps, axis, out if i == len(passes) - 1 else None)
     return x
 
 
 def _check_values(values: Tensor) -> None:
     if values.dim() not in (4, 5):
         raise ValueError(f"values must be a Tensor[B, H, W, C] or [B, D, H, W, C], got {tuple(values.shape)}")
+
+
+def _check_out(out: Tensor, values: Tensor, grad: bool) -> None:
+    if grad:
+        raise ValueError("spatial_gaussian: out= cannot be used while autograd records the filter")
+    if not isinstance(out, Tensor) or out.shape != values.shape or out.dtype != values.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"spatial_gaussian: out must be a tensor of the values' shape {tuple(values.shape)} and "
+                         f"dtype {values.dtype}, got {got}")
+    if not out.is_contiguous() or out.device != values.device:
+        raise ValueError("spatial_gaussian: out must be contiguous and on the values' device")
+    if out.untyped_storage().data_ptr() == values.untyped_storage().data_ptr():
+        low, high = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        v_low, v_high = values.data_ptr(), values.data_ptr() + values.numel() * values.element_size()
+        if low < v_high and v_low < high:
+            raise ValueError("spatial_gaussian: out overlaps the values")
 
 
 def axis_bandwidths(theta: Tensor, spatial_dims: int, spacing: Sequence[float] | None) -> list[Tensor]:
@@ -103,27 +126,28 @@ def _passes(
     return [(a, gaussian_taps(thetas[a], sizes[a], truncate=truncate)) for a in reversed(range(len(sizes)))]
 
 
-def _leading_axis(x: Tensor, taps: Tensor, c: int) -> Tensor:
+def _leading_axis(x: Tensor, taps: Tensor, c: int, out: Tensor | None = None) -> Tensor:
     """Filters channels-last values viewed as Tensor[B, L, M] (M = the rest × C channels) along axis 1 with
     ``taps`` (Tensor[2r + 1], zero outside).
 
     The pass mixes whole rows of M values only. On the CPU, for images of at least _BAND_MIN_VALUES values, it is
     a banded matrix product (:func:`_banded_rows`); otherwise a depthwise convolution, where a row may be read as
     M/lanes pixels × lanes channels: fewer than _CPU_BLOCK channels fill the vector lanes that way. Returns
-    Tensor[B, L, M] (not necessarily contiguous).
+    Tensor[B, L, M] (not necessarily contiguous; ``out``, a contiguous Tensor[B, L, M], when given).
     """
     taps = taps.to(x.dtype)
     b, length, m = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     if cpu_route(x.device) and length * m >= _BAND_MIN_VALUES:
-        return _banded_rows(x.reshape(b, length, m).contiguous(), taps)
+        return _banded_rows(x.reshape(b, length, m).contiguous(), taps, out)
     lanes = _CPU_BLOCK if c < _CPU_BLOCK and m % _CPU_BLOCK == 0 else c
     x = x.reshape(b, length, m // lanes, lanes).permute(0, 3, 1, 2)
     taps = taps.view(1, 1, -1, 1).expand(lanes, 1, -1, 1).contiguous()
     x = F.conv2d(x, taps, padding=[taps.shape[-2] // 2, 0], groups=lanes)
-    return x.permute(0, 2, 3, 1).reshape(b, length, m)
+    x = x.permute(0, 2, 3, 1).reshape(b, length, m)
+    return x if out is None else out.copy_(x)
 
 
-def _banded_rows(x: Tensor, taps: Tensor) -> Tensor:
+def _banded_rows(x: Tensor, taps: Tensor, out: Tensor | None = None) -> Tensor:
     """``out[:, i] = Σ_t taps[t] · x[:, i + t - r]`` (zero outside) for contiguous Tensor[B, L, M], as products of
     a band of the filter's Toeplitz matrix with blocks of rows.
 
@@ -140,7 +164,7 @@ def _banded_rows(x: Tensor, taps: Tensor) -> Tensor:
     b, length, m = x.shape
     r = taps.numel() // 2
     rows = _BAND_ROWS
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     first = -(-r // rows)  # the first block whose window starts inside the image
     stop = (length - r) // rows  # one past the last block whose window ends inside it
     edges = [(0, length)]
@@ -181,28 +205,9 @@ def gaussian_1d(values: Tensor, theta: Tensor, *, truncate: float = TRUNCATE) ->
     return F.conv1d(values.view(1, 1, -1), taps.view(1, 1, -1), padding=taps.numel() // 2).view(-1)
 
 
-def channel_blocks(num_channels: int, device: torch.device) -> list[tuple[int, int, int]]:
-    """How to split C channels for :func:`spatial_gaussian`'s fastest layout: ``(start, stop, first)`` blocks.
-
-    Each block filters channels ``start:stop`` together and owns the results for ``first:stop``. On the CPU:
-    blocks of 16, the remainder in a last block of 8 or 16 that ends at C (overlapping the one before, so no
-    zero padding is filtered); elsewhere, or for C <= 16, one block.
-    """
-    if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-        raise ValueError(f"num_channels must be an int >= 1, got {num_channels!r}")
-    if not cpu_route(device) or num_channels <= _CPU_BLOCK:
-        return [(0, num_channels, 0)]
-    blocks = [(start, start + _CPU_BLOCK, start) for start in range(0, num_channels - _CPU_BLOCK + 1, _CPU_BLOCK)]
-    done = blocks[-1][1]
-    if done < num_channels:
-        width = _CPU_BLOCK // 2 if num_channels - done <= _CPU_BLOCK // 2 else _CPU_BLOCK
-        blocks.append((num_channels - width, num_channels, done))
-    return blocks
-
-
-def _axis_pass(values: Tensor, taps: Tensor, axis: int) -> Tensor:
+def _axis_pass(values: Tensor, taps: Tensor, axis: int, out: Tensor | None = None) -> Tensor:
     """Filters channels-last Tensor[B, *S, C] along spatial axis ``axis`` (0-based among S) with ``taps``
-    (Tensor[2r + 1], zero outside the grid): returns a contiguous tensor of the same shape.
+    (Tensor[2r + 1], zero outside the grid): returns a contiguous tensor of the same shape (``out`` when given).
 
     The last axis (W) is a depthwise convolution along the width of the ``[B', C, H, W]`` view of the
     channels-last memory (B' = B times any leading axes); any other axis mixes whole rows of the values after
@@ -214,9 +219,11 @@ def _axis_pass(values: Tensor, taps: Tensor, axis: int) -> Tensor:
         c, r = shape[-1], taps.numel() // 2
         x = values.reshape(-1, *shape[-3:]).permute(0, 3, 1, 2)  # [B', C, H, W] view
         x = F.conv2d(x, taps.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), padding=[0, r], groups=c)
-        return x.permute(0, 2, 3, 1).reshape(shape).contiguous()
+        x = x.permute(0, 2, 3, 1)
+        return x.reshape(shape).contiguous() if out is None else out.copy_(x.reshape(shape))
     before, after = math.prod(shape[: 1 + axis]), math.prod(shape[2 + axis :])  # after includes C
-    return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1]).reshape(shape).contiguous()
+    rows = None if out is None else out.view(before, shape[1 + axis], after)
+    return _leading_axis(values.reshape(before, shape[1 + axis], after), taps, shape[-1], rows).reshape(shape).contiguous()
 
 
 def gaussian_passes(

@@ -12,7 +12,7 @@ from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crf import fast_inference
 from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
-from crfrnn_deeplab.crf.spatial import channel_blocks, gaussian_1d, spatial_gaussian
+from crfrnn_deeplab.crf.spatial import gaussian_1d, spatial_gaussian
 
 dcrf = pytest.importorskip("pydensecrf.densecrf")
 
@@ -412,22 +412,6 @@ def test_gaussian_1d_filters_outer_products_like_the_2d_filter():
         gaussian_1d(torch.ones(5, dtype=torch.long), theta)
 
 
-@pytest.mark.parametrize("c", [1, 5, 16, 17, 21, 24, 33, 59])
-def test_channel_blocks_cover_every_channel_once(c):
-    owned = []
-    for start, stop, first in channel_blocks(c, "cpu"):
-        assert 0 <= start <= first < stop <= c and stop - start in (c, 8, 16)
-        owned += range(first, stop)
-    assert owned == list(range(c))
-    assert channel_blocks(c, "cuda") == [(0, c, 0)]
-
-
-@pytest.mark.parametrize("bad", [0, -3, 2.0, True])
-def test_channel_blocks_reject_bad_counts(bad):
-    with pytest.raises(ValueError, match="num_channels"):
-        channel_blocks(bad, "cpu")
-
-
 def iou(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
     scores = []
     for k in range(num_classes):
@@ -561,7 +545,7 @@ def test_inference_does_not_depend_on_the_thread_count(learned, monkeypatch):
 
     banded = []
     run_banded = spatial._banded_rows
-    monkeypatch.setattr(spatial, "_banded_rows", lambda x, taps: banded.append(1) or run_banded(x, taps))
+    monkeypatch.setattr(spatial, "_banded_rows", lambda *args: banded.append(1) or run_banded(*args))
     _, image, logits = scene(0, 120, 160, 21)
     crf = MeanFieldCRF(num_classes=21, eval_iterations=3, **PARAMS).eval()
     if learned:

@@ -53,7 +53,7 @@ def test_spatial_filter_with_banded_passes_is_exact(shape, spacing, monkeypatch)
     # axis (40 images of 30 × 150 values) takes the convolution: both routes in one filter.
     calls = []
     banded = spatial._banded_rows
-    monkeypatch.setattr(spatial, "_banded_rows", lambda x, taps: calls.append(x.shape) or banded(x, taps))
+    monkeypatch.setattr(spatial, "_banded_rows", lambda x, *rest: calls.append(x.shape) or banded(x, *rest))
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     out = spatial_gaussian(x, torch.tensor(2.5, dtype=torch.float64), spacing=spacing)
     assert calls, "the banded pass did not run"
@@ -117,3 +117,26 @@ def test_gaussian_passes_and_backward_reject_mismatched_inputs():
     filtered, grad_theta = spatial.gaussian_backward(torch.ones_like(out), theta, states, (5, 6))
     torch.testing.assert_close(filtered, spatial_gaussian(torch.ones_like(out), theta))  # K is symmetric
     assert grad_theta is not None and grad_theta > 0  # a wider filter sums more of positive values
+
+
+@pytest.mark.parametrize("shape, spacing", [((2, 90, 75, 21), None), ((1, 12, 10, 5), None),
+                                            ((1, 40, 30, 50, 3), (2.0, 1.0, 0.7))])
+def test_spatial_filter_into_out_equals_the_returned_filter(shape, spacing):
+    # out= on every route: banded last pass (written in place), convolution last pass (copied), a 3-D volume
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    theta = torch.tensor(2.5)
+    buffer = torch.full(shape, float("nan"))
+    out = spatial_gaussian(x, theta, spacing=spacing, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, spatial_gaussian(x, theta, spacing=spacing))
+
+
+def test_spatial_filter_names_a_bad_out():
+    x = torch.randn(1, 6, 5, 3)
+    theta = torch.tensor(1.5)
+    for bad, match in ((torch.empty(1, 6, 5, 4), "shape"), (torch.empty(1, 6, 5, 3, dtype=torch.float64), "dtype"),
+                       (torch.empty(1, 5, 6, 3).transpose(1, 2), "contiguous"), (x, "overlaps"), ([0.0], "list")):
+        with pytest.raises(ValueError, match=match):
+            spatial_gaussian(x, theta, out=bad)
+    with pytest.raises(ValueError, match="autograd"):
+        spatial_gaussian(x.requires_grad_(True), theta, out=torch.empty(1, 6, 5, 3))
