@@ -197,15 +197,15 @@ def potts_form(mix: Tensor) -> tuple[float, float] | None:
     return None
 
 
-def update_gather(slice_: SparseRows, after: Tensor | None, spatial: Tensor | None = None) -> SparseRows:
+def update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = None) -> SparseRows:
     """Row i of the mean-field update as a gather from the table ``[z_0; spatial message; lattice values]``:
     ``z_0[i] + spatial_i · message[i] - after_i Σ_k slice_ik · lattice[k]`` (without the message when ``spatial``
-    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows; ``after`` None: 1)."""
+    is None; ``after``, ``spatial``: Tensor[P], P = the slice's rows)."""
     if not isinstance(slice_, SparseRows):
         raise TypeError(f"update_gather takes the lattice's slice as SparseRows, got {type(slice_).__name__}")
     p = slice_.num_rows
     for name, rows in (("after", after), ("spatial", spatial)):
-        if rows is not None and (not isinstance(rows, Tensor) or rows.shape != (p,)):
+        if (rows is not None or name == "after") and (not isinstance(rows, Tensor) or rows.shape != (p,)):
             shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             raise ValueError(f"update_gather: {name} must be a Tensor[{p}] (one per slice row), got {shape}")
     device, dtype = slice_.weights.device, slice_.weights.dtype
@@ -221,10 +221,7 @@ def update_gather(slice_: SparseRows, after: Tensor | None, spatial: Tensor | No
         if spatial is not None:
             columns[:, 1], weights[:, 1] = pixels + p, spatial
         torch.add(slice_.columns.view(p, k), head * p, out=columns[:, head:])
-        if after is None:
-            torch.neg(slice_.weights.view(p, k), out=weights[:, head:])
-        else:
-            torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
+        torch.mul(slice_.weights.view(p, k), after.view(p, 1), out=weights[:, head:]).neg_()
         offsets = torch.arange(0, p * (k + head) + 1, k + head, dtype=index, device=device)
         return SparseRows(columns.view(-1), offsets, weights.view(-1), num_columns, k + head)
     rows = slice_.rows()
@@ -237,5 +234,5 @@ def update_gather(slice_: SparseRows, after: Tensor | None, spatial: Tensor | No
         columns[first + 1], weights[first + 1] = pixels + p, spatial
     rest = torch.arange(rows.numel(), device=device) + head * (rows + 1)
     columns[rest] = slice_.columns.to(index) + head * p
-    weights[rest] = -slice_.weights if after is None else -slice_.weights * after[rows]
+    weights[rest] = -slice_.weights * after[rows]
     return SparseRows(columns, offsets.to(index), weights, num_columns)

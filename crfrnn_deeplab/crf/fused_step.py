@@ -8,9 +8,8 @@ fewer passes:
 
 - forward: the bilateral normaliser is folded into the lattice's splat and slice weights
   (:meth:`~crfrnn_deeplab.crf.kernels.CRFKernels.folded`); the spatial row scaling commutes with the mix,
-  ``(ns ⊙ s) W_sᵀ = ns ⊙ (s W_sᵀ)``, so the spatial message is one matrix product; where the bilateral message
-  is not kept for a normaliser's gradient, the update is one weighted gather from ``[z_0; s W_sᵀ; lattice
-  values W_bᵀ]`` (:func:`.fast_inference.update_gather`), else ``z_0 - bilateral`` and one ``addcmul``;
+  ``(ns ⊙ s) W_sᵀ = ns ⊙ (s W_sᵀ)``, so the spatial message is one matrix product and one ``addcmul`` into
+  ``z_0 - bilateral``;
 - backward, for ``g = ∂L/∂z'``: ``∂L/∂W_s = -(ns ⊙ g)ᵀ s``, ``∂L/∂W_b = -α (splat g)ᵀ (lattice values)``, and
   ``∂L/∂q = -ns ⊙ K_s((ns ⊙ g) W_s) - slice(blurᵀ(splat g) W_b)`` (``K_s`` is symmetric, the folded lattice
   transposable); the gradients of ``z_0`` (one term per iteration) are summed in place;
@@ -31,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.fast_inference import class_softmax, update_gather
+from crfrnn_deeplab.crf.fast_inference import class_softmax
 from crfrnn_deeplab.crf.kernels import CRFKernels
 from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.spatial import gaussian_backward, gaussian_passes, spatial_gaussian
@@ -174,11 +173,6 @@ class _Iterations(torch.autograd.Function):
         p = unary.numel() // c
         ns = norm_spatial.reshape(p, 1)
         folded = ctx.kernels.folded()  # nb on both sides of the lattice
-        table = update = None
-        if not ctx.keep_bilateral:  # the update is one gather from [z_0; k W_sᵀ; lattice values W_bᵀ]
-            table = unary.new_empty(2 * p + folded.num_vertices, c)
-            table[:p] = unary.reshape(p, c)
-            update = update_gather(folded.slice, None, -ns.view(-1))
         z, iterates = (unary if logits is None else logits), []
         for _ in range(ctx.iterations):
             q = class_softmax(z.contiguous())
@@ -190,15 +184,10 @@ class _Iterations(torch.autograd.Function):
             del a
             k = k.view(p, c)
             on_lattice = folded.to_lattice(q.view(b, -1, c))  # [M, C]
+            bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
             # the row scaling commutes with the mix: (ns ⊙ k) W_sᵀ = ns ⊙ (k W_sᵀ)
-            if table is None:
-                bilateral = folded.from_lattice(on_lattice @ w_bilateral.T).view(p, c)  # nb ⊙ K_b(nb ⊙ q) W_bᵀ
-                out = torch.sub(unary.reshape(p, c), bilateral).addcmul_(ns, k @ w_spatial.T, value=-1.0)
-            else:
-                torch.mm(k, w_spatial.T, out=table[p : 2 * p])
-                torch.mm(on_lattice, w_bilateral.T, out=table[2 * p :])
-                out, bilateral = update @ table, None
-            iterates.append([q, k, on_lattice, bilateral, states])
+            out = torch.sub(unary.reshape(p, c), bilateral).addcmul_(ns, k @ w_spatial.T, value=-1.0)
+            iterates.append([q, k, on_lattice, bilateral if ctx.keep_bilateral else None, states])
             z = out.view(unary.shape)
             del q, k, on_lattice, bilateral, states, out
         return z, iterates
