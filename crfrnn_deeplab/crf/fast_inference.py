@@ -15,7 +15,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
 from crfrnn_deeplab.crf.routes import cpu_route
-from crfrnn_deeplab.crf.sparse_rows import SparseRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
@@ -85,41 +85,14 @@ def _mean_field_inference(
         before = None if kernels.mask is None else kernels.mask.view(p, 1)
         splat = kernels.lattice.splat
     mix_spatial, mix_bilateral = pairwise[0].T, pairwise[1].T.contiguous()
-
-    # Σ_c of each message per unit of q, before its mix: the pixel's reach, the same for every q (Σ_c q_c = 1).
-    if kernels.mask is None:  # K_s(before): outer products of 1-D filterings
-        of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
-        spatial_reach = unmasked_spatial(kernels.theta_gamma, (b, *sizes), of, spacing=kernels.spacing)
-    else:  # K_s(ns) (symmetric) or K_s(mask) (after)
-        spatial_reach = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
-    spatial_reach = ns.view(b, *sizes, 1) * spatial_reach
-    sent = torch.ones_like(ns) if before is None else before
-    bilateral_reach = nb[:, None] * (kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ sent))
-    bilateral_reach = bilateral_reach.view(b, *sizes, 1)
-    # A Potts-form mix α·J + β·I sends every class of a pixel the same α·reach in every iteration: those terms
-    # are added to z_0 once (the table's first rows), and only β·K̃q is computed per iteration.
     spatial_potts, bilateral_potts = potts_form(mix_spatial), potts_form(mix_bilateral)
-    shift = unary.new_zeros(b, *sizes, 1)
-    # z_t - (z_0 + shift) = -Σ_c' X_c' M_c'c with X >= 0, Σ_c' X_c' = reach (M: the per-iteration mix, β·I for a
-    # Potts form): it lies in [-reach·max M, -reach·min M], for every class and iteration.
-    rise, width = unary.new_zeros(b, *sizes, 1), unary.new_zeros(b, *sizes, 1)
-    for potts, mix, reach in ((spatial_potts, mix_spatial, spatial_reach),
-                              (bilateral_potts, mix_bilateral, bilateral_reach)):
-        if potts is not None:
-            shift -= potts[0] * reach
-            low, high = min(potts[1], 0.0), max(potts[1], 0.0)
-        else:
-            low, high = float(mix.min()), float(mix.max())
-        rise -= low * reach
-        width += (high - low) * reach
-    # Softmax by exp of a shifted z: z_t - top <= 0 everywhere, and each pixel's largest class is >= -width, so
-    # exp neither overflows nor flushes the classes that matter, and no maximum is taken per iteration. The
-    # table holds z_0 + shift - top until the last update, which gathers z_0 + shift again.
-    top = unary.amax(-1, keepdim=True) + shift + rise
-    limit = -0.5 * math.log(torch.finfo(unary.dtype).tiny)  # 43.7 in float32: q_c < e^-43 may be flushed
-    shifted = bool(torch.isfinite(top).all()) and float(width.max()) <= limit
+    shift, top = _constant_shift_and_top(unary, kernels, before, splat, (mix_spatial, mix_bilateral),
+                                         (spatial_potts, bilateral_potts))
+    shifted = top is not None
     m = kernels.lattice.num_vertices
     # Table rows: z_0 + shift (- top) | spatial message (mixed unless Potts) | lattice values (mixed unless Potts).
+    # With top, each softmax is exp(z_t - top) over its row sums: no maximum per iteration, nothing overflows; the
+    # last update gathers z_0 + shift again, so z_T is rounded as without the bound.
     table = unary.new_empty(2 * p + m, c)
     torch.add(unary, shift - top if shifted else shift, out=table[:p].view(b, *sizes, c))
     update = update_gather(
@@ -159,6 +132,45 @@ def _mean_field_inference(
             torch.add(unary, shift, out=table[:p].view(b, *sizes, c))
         z = update @ table
     return z.view(b, *sizes, c)
+
+
+def _constant_shift_and_top(
+    unary: Tensor, kernels: CRFKernels, before: Tensor | None, splat: SparseRows | BlockedRows,
+    mixes: tuple[Tensor, Tensor],
+    potts: tuple[tuple[float, float] | None, tuple[float, float] | None],
+) -> tuple[Tensor, Tensor | None]:
+    """``(shift, top)`` for :func:`_mean_field_inference`, each Tensor[B, *S, 1].
+
+    ``shift``: what a Potts-form mix ``α·J + β·I`` sends every class of a pixel in every iteration, ``-α·reach``
+    (``reach``: Σ_c of the unmixed message per unit of q, the same for every q as Σ_c q_c = 1), added to z_0
+    once. ``top``: an upper bound of every iterate's logits that comes within the messages' ``width`` of each
+    pixel's largest one — the iterate moves from ``z_0 + shift`` by ``-Σ_c' X_c' M_c'c`` with ``X >= 0`` summing
+    to ``reach`` (M: the per-iteration mix, ``β·I`` for a Potts form), so within ``[-reach·max M, -reach·min M]``
+    — or None where that width could flush a whole row of ``exp(z - top)`` (> 43 in float32) or ``top`` is not
+    finite.
+    """
+    b, *sizes, _ = unary.shape
+    ns, nb = kernels.norm_spatial.view(-1, 1), kernels.norm_bilateral.view(-1, 1)
+    if kernels.mask is None:  # K_s(before): outer products of 1-D filterings
+        of = "rsqrt" if kernels.normalization == "symmetric" else "ones"
+        spatial = unmasked_spatial(kernels.theta_gamma, (b, *sizes), of, spacing=kernels.spacing)
+    else:  # K_s(ns) (symmetric) or K_s(mask) (after)
+        spatial = spatial_gaussian(before.view(b, *sizes, 1), kernels.theta_gamma, spacing=kernels.spacing)
+    sent = torch.ones_like(ns) if before is None else before
+    bilateral = kernels.lattice.slice @ kernels.lattice.blur_lattice(splat @ sent)
+    reaches = (ns.view(b, *sizes, 1) * spatial, (nb * bilateral).view(b, *sizes, 1))
+    shift, rise, width = (unary.new_zeros(b, *sizes, 1) for _ in range(3))
+    for form, mix, reach in zip(potts, mixes, reaches):
+        if form is not None:
+            shift -= form[0] * reach
+            low, high = min(form[1], 0.0), max(form[1], 0.0)
+        else:
+            low, high = float(mix.min()), float(mix.max())
+        rise -= low * reach
+        width += (high - low) * reach
+    top = unary.amax(-1, keepdim=True) + shift + rise
+    limit = -0.5 * math.log(torch.finfo(unary.dtype).tiny)  # 43.7 in float32: q_c < e^-43 may be flushed
+    return shift, (top if bool(torch.isfinite(top).all()) and float(width.max()) <= limit else None)
 
 
 def class_softmax(z: Tensor) -> Tensor:
