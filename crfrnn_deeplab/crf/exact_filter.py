@@ -28,7 +28,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.bandwidth_gradient import EXACT_POINTS, gaussian_, packed_points
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, build_lattice, check_lattice_inputs
-from crfrnn_deeplab.crf.sparse_rows import SparseRows, stacked
+from crfrnn_deeplab.crf.sparse_rows import SparseRows, index_dtype, stacked
 from crfrnn_deeplab.crf.threads import caller_threads
 
 __all__ = ["EXACT_FILTER_POINTS", "MAX_KERNEL_ENTRIES", "BilateralFilter", "DenseBlocks", "SplitBlur",
@@ -174,7 +174,7 @@ def bilateral_lattice(features: Tensor, valid: Tensor | None, exact: Tensor) -> 
     images = exact.nonzero()[:, 0]
     small = exact_filter(features[images], on[images])
     points = (images[:, None] * n + torch.arange(n, device=images.device)).view(-1)  # sub-batch point -> batch
-    index = torch.int32 if b * n < 2**31 else torch.long
+    index = index_dtype(b * n, small.splat.columns.numel())
     splat = SparseRows(points[small.splat.columns.long()].to(index), small.splat.offsets.to(index),
                        small.splat.weights, b * n, small.splat.row_length)
     slice_ = small.slice.spread_rows(points, b * n)
@@ -205,7 +205,7 @@ def exact_filter(features: Tensor, valid: Tensor | None = None) -> Permutohedral
     b, d = features.shape[:2]
     total = f.shape[1]
     n = total // b
-    index = torch.int32 if total < 2**31 else torch.long
+    index = index_dtype(total, total)
     if flat_valid is None:
         v, kept, slots, vertex = n, None, None, torch.arange(total, dtype=index, device=f.device)
     else:

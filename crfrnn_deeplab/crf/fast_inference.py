@@ -15,7 +15,7 @@ from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import CRFKernels, unmasked_spatial
 from crfrnn_deeplab.crf.routes import cpu_route
-from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows, index_dtype
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
@@ -223,7 +223,7 @@ def update_gather(slice_: SparseRows, after: Tensor, spatial: Tensor | None = No
     device, dtype = slice_.weights.device, slice_.weights.dtype
     head = 1 if spatial is None else 2  # the entries before the lattice's
     num_columns = head * p + slice_.num_columns
-    index = slice_.columns.dtype if num_columns < 2**31 else torch.long
+    index = index_dtype(num_columns, head * p + slice_.columns.numel())
     pixels = torch.arange(p, device=device, dtype=index)
     if slice_.row_length is not None:  # every row the same length: [P, head + length] entries
         k = slice_.row_length

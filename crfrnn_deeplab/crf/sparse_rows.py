@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BlockedRows", "SparseRows", "stacked"]
+__all__ = ["BlockedRows", "SparseRows", "index_dtype", "stacked"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,7 +118,7 @@ class SparseRows:
             raise ValueError(f"right must be a SparseRows of {self.num_rows} rows, got "
                              f"{getattr(right, 'num_rows', type(right).__name__)}")
         num_columns = self.num_columns + right.num_columns
-        index = _index_dtype(num_columns, self.columns.numel() + right.columns.numel())
+        index = index_dtype(num_columns, self.columns.numel() + right.columns.numel())
         left_counts, right_counts = self.offsets.diff().long(), right.offsets.diff().long()
         offsets = torch.zeros(self.num_rows + 1, dtype=torch.long, device=self.columns.device)
         torch.cumsum(left_counts + right_counts, 0, out=offsets[1:])
@@ -223,13 +223,17 @@ def stacked(top: SparseRows | BlockedRows, bottom: SparseRows) -> SparseRows | B
         combine = top.combine
         combine = SparseRows(combine.columns, combine.offsets, combine.weights, parts.num_rows, combine.row_length)
         return BlockedRows(parts, stacked(combine, each))
-    index = _index_dtype(top.num_columns, top.columns.numel() + bottom.columns.numel())
+    index = index_dtype(top.num_columns, top.columns.numel() + bottom.columns.numel())
     columns = torch.cat([top.columns.to(index), bottom.columns.to(index)])
     offsets = torch.cat([top.offsets.to(index), bottom.offsets[1:].to(index) + top.offsets[-1].to(index)])
     length = top.row_length if top.row_length == bottom.row_length else None
     return SparseRows(columns, offsets, torch.cat([top.weights, bottom.weights]), top.num_columns, length)
 
 
-def _index_dtype(num_columns: int, num_entries: int) -> torch.dtype:
-    """int32 where the columns and entries allow (embedding_bag's fast path), else int64."""
+def index_dtype(num_columns: int, num_entries: int) -> torch.dtype:
+    """The dtype of a sparse matrix's columns and offsets: int32 where ``num_columns`` and ``num_entries`` allow
+    (embedding_bag's fast path), else int64."""
+    for name, value in (("num_columns", num_columns), ("num_entries", num_entries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"index_dtype: {name} must be an int >= 0, got {value!r}")
     return torch.int32 if max(num_columns, num_entries) < 2**31 else torch.long

@@ -177,7 +177,7 @@ def _three_paths(crf, logits, image, mask, target, monkeypatch):
 @pytest.mark.parametrize("masked", [False, True])
 def test_inference_fused_and_per_step_paths_agree(normalization, learn_bandwidths, masked, monkeypatch):
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64) * 2  # 21: the channel blocks
+    logits = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64) * 2  # 21: more classes than the classes-first softmax takes
     image = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64) * 255
     mask = torch.rand(2, 9, 11, generator=g) > 0.25 if masked else None
     target = torch.randn(2, 21, 9, 11, generator=g, dtype=torch.float64)
@@ -305,7 +305,7 @@ def test_a_mixed_batch_takes_the_same_values_on_every_path(normalization, monkey
     # The lattice of both filters through the inference loop, the fused training node and autograd's per-step
     # nodes (learned bandwidths, a learned compatibility): the same output and gradients.
     g = torch.Generator().manual_seed(13)
-    logits = torch.randn(2, 21, 36, 36, generator=g, dtype=torch.float64) * 2  # 21: the channel blocks
+    logits = torch.randn(2, 21, 36, 36, generator=g, dtype=torch.float64) * 2  # 21: more classes than the classes-first softmax takes
     image = torch.rand(2, 3, 36, 36, generator=g, dtype=torch.float64) * 255
     mask = torch.rand(2, 36, 36, generator=g) > 0.1
     mask[1, 20:] = False  # about 1170 and 590 valid pixels

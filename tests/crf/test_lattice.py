@@ -510,3 +510,13 @@ def test_blocked_rows_reject_mismatched_parts(monkeypatch):
         BlockedRows(splat.parts, splat.parts)
     with pytest.raises(TypeError, match="must be SparseRows"):
         BlockedRows(splat, splat.combine)
+
+
+def test_index_dtype_takes_int32_while_columns_and_entries_fit():
+    from crfrnn_deeplab.crf.sparse_rows import index_dtype
+
+    assert index_dtype(2**31 - 1, 2**31 - 1) == torch.int32
+    assert index_dtype(2**31, 5) == torch.long and index_dtype(5, 2**31) == torch.long
+    for bad in (-1, 2.0, True, None):
+        with pytest.raises(ValueError, match="index_dtype: num_entries must be an int >= 0"):
+            index_dtype(5, bad)

@@ -78,7 +78,7 @@ def test_full_layer_close_to_exact_dense_crf(normalization):
 @pytest.mark.parametrize("normalization", ["symmetric", "after"])
 # the inference path's Potts-form and general mixes, for either kernel
 @pytest.mark.parametrize("compatibility", ["potts", "learned", "spatial learned", "bilateral learned"])
-@pytest.mark.parametrize("num_classes, masked", [(4, True), (21, True), (21, False)])  # 21: channel blocks
+@pytest.mark.parametrize("num_classes, masked", [(4, True), (21, True), (21, False)])  # 21: PyTorch's softmax, 4: the classes-first tiles
 def test_autograd_path_equals_inference_path(normalization, learn_bandwidths, compatibility, num_classes, masked):
     logits, image = small_inputs(b=2, c=num_classes, h=12, w=10)
     mask = torch.rand(2, 12, 10, generator=torch.Generator().manual_seed(3)) > 0.2 if masked else None
