@@ -502,6 +502,21 @@ def test_unique_matches_numpy(span, dtype, low):
     assert inverse.shape == x.shape and torch.equal(inverse.long(), torch.from_numpy(expected_inverse).view(x.shape))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("num_keys, num_queries", [(1, 1), (1, 50), (2000, 3), (2000, 2000), (300, 0), (0, 4)])
+def test_counts_at_most_is_a_right_searchsorted(dtype, num_keys, num_queries):
+    # The neighbour search's merge: keys and queries sorted, queries below, among (ties, with equal queries
+    # too) and above the keys.
+    rng = np.random.default_rng(num_keys + num_queries)
+    keys = np.sort(rng.integers(-1000, 1000, num_keys)).astype(dtype)
+    queries = np.sort(rng.integers(-1100, 1100, num_queries)).astype(dtype)
+    if num_keys and num_queries > 2:
+        queries[1:3] = keys[num_keys // 2]
+        queries.sort()
+    got = permutohedral._counts_at_most(keys, queries)
+    assert np.array_equal(got, np.searchsorted(keys, queries, side="right"))
+
+
 def test_blocked_rows_reject_mismatched_parts(monkeypatch):
     monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 8)
     splat = build_lattice(torch.randn(1, 3, 30, dtype=torch.float64) * 0.2).splat
