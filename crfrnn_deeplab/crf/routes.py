@@ -1,6 +1,6 @@
 """Which implementation a step of the CRF takes: the CPU's own route or the generic one.
 
-Several steps have a route written for the CPU's speed: numpy's sorts and binary searches in the lattice build,
+Several steps have a route written for the CPU's speed: numpy's sorts and sorted merges in the lattice build,
 the blocked splat, the blocked Gram products, the banded spatial passes and the classes-first softmax. Everywhere else — on CUDA, the only route there — the generic route runs: plain
 PyTorch operations (``torch.sort``, ``torch.unique``, ``torch.searchsorted``, one matrix product, one
 convolution per axis). Every branch asks :func:`cpu_route`, so that :func:`generic_routes` can make the CPU take
