@@ -110,6 +110,29 @@ def timed_pairs(
     return statistics.median(times[reference]), statistics.median(times[ours]), ratios
 
 
+def timed_rounds(steps: dict, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Wall times in seconds of every step (name -> function, already warmed up) in each of ``rounds`` rounds, the
+    order rotating from round to round, so that a slow stretch of a shared machine hits every step alike: the
+    per-round ratios of two steps (:func:`ratio_range`) then compare. ``sync`` runs after each call (e.g.
+    ``torch.cuda.synchronize``)."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_range(numerators: list[float], denominators: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``median (min-max)`` of the per-round ratios ``scale · numerator / denominator``."""
+    ratios = [scale * n / d for n, d in zip(numerators, denominators)]
+    return f"{statistics.median(ratios):.{digits}f} ({min(ratios):.{digits}f}-{max(ratios):.{digits}f})"
+
+
 def run_densecrf(image: np.ndarray, logits: np.ndarray, iterations: int) -> np.ndarray:
     import pydensecrf.densecrf as dcrf
 
@@ -326,23 +349,15 @@ def section_training(args) -> None:
     for fn in steps.values():  # warm-up
         fn()
     rounds = max(3, args.repeats // 2)
-    times = {k: [] for k in steps}
-    order = list(steps)
-    for r in range(rounds):
-        for key in order[r % 3:] + order[: r % 3]:
-            start = time.perf_counter()
-            steps[key]()
-            times[key].append(time.perf_counter() - start)
+    times = timed_rounds(steps, rounds)
     print(f"{'what':<52}{'ms (median)':>12}{'% of network: median (range)':>32}")
     print(f"{name + ' forward+backward':<52}{statistics.median(times['network']) * 1e3:>12.1f}{'100':>32}")
     for key, label in (("learned", "CRF 5 it. fwd+bwd, all parameters learned"),
                        ("fixed", "CRF 5 it. fwd+bwd, bandwidths fixed")):
-        shares = [100 * c / n for c, n in zip(times[key], times["network"])]
-        share = f"{statistics.median(shares):.1f} ({min(shares):.1f}-{max(shares):.1f})"
+        share = ratio_range(times[key], times["network"], scale=100, digits=1)
         print(f"{label:<52}{statistics.median(times[key]) * 1e3:>12.1f}{share:>32}")
-    ratios = [a / b for a, b in zip(times["learned"], times["fixed"])]
-    print(f"learned / fixed bandwidths, per round: median {statistics.median(ratios):.2f} "
-          f"({min(ratios):.2f}-{max(ratios):.2f}), {rounds} rounds")
+    print(f"learned / fixed bandwidths, per round: median {ratio_range(times['learned'], times['fixed'])}, "
+          f"{rounds} rounds")
 
 
 def _measure_one(height: int, width: int, classes: int, repeats: int) -> None:

@@ -2,8 +2,10 @@
 (10 mean-field iterations), eager and under ``torch.compile``.
 
 What is timed is ``model.predict`` (numpy image in, labels and probabilities out, as a user calls it) and, for
-the compiled variants, the same computation with ``torch.compile``'d network and CRF modules. Compilation is
-done (and not timed) before the measurement; the median of the repeats is reported.
+the compiled variants, the same computation with ``torch.compile``'d network and CRF modules. Each variant's
+first call (with its compilation) is timed apart; then every variant runs once per round, in an order that
+rotates from round to round, and the median of the rounds is reported with each variant's time relative to the
+eager network's in the same round (median and range).
 
     python benchmarks/bench_predict.py                       # CPU, 2 threads, deeplabv2_resnet101
     python benchmarks/bench_predict.py --device cuda --repeats 20
@@ -13,25 +15,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_crf import ratio_range, timed_rounds  # noqa: E402
+
 from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
 from crfrnn_deeplab.data.synthetic import render_synthetic
 from crfrnn_deeplab.allocator import retain_freed_memory
-
-
-def timed(fn, repeats: int, sync) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -40,7 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=513)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (one call of each variant per round)")
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,16 +73,22 @@ def main() -> None:
             return torch.softmax(logits, 1).argmax(1).cpu()
 
         rows["network + CRF, compiled network, eager CRF"] = compiled_net_eager_crf
+    first = {}
+    for name, fn in rows.items():  # warm-up, and compilation
+        start = time.perf_counter()
+        fn()
+        sync()
+        first[name] = time.perf_counter() - start
+    times = timed_rounds(rows, args.repeats, sync)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}; {args.model}, {args.size}×{args.size}, 21 classes, CRF 10 iterations, "
-          f"{where}; median of {args.repeats}")
-    print(f"{'what':<46}{'s/image':>9}{'images/s':>10}")
-    for name, fn in rows.items():
-        start = time.perf_counter()
-        t = timed(fn, args.repeats, sync)
-        warm = time.perf_counter() - start - t * args.repeats
-        extra = f"  (first call incl. compilation: {warm:.0f} s)" if "compile" in name else ""
-        print(f"{name:<46}{t:>9.3f}{1 / t:>10.2f}{extra}", flush=True)
+          f"{where}; {args.repeats} rounds, medians")
+    print(f"{'what':<46}{'s/image':>9}{'images/s':>10}{'× network, eager: median (range)':>36}")
+    reference = times["network, eager (model.predict)"]
+    for name, t in times.items():
+        median = statistics.median(t)
+        extra = f"  (first call incl. compilation: {first[name]:.0f} s)" if "compile" in name else ""
+        print(f"{name:<46}{median:>9.3f}{1 / median:>10.2f}{ratio_range(t, reference):>36}{extra}")
 
 
 if __name__ == "__main__":

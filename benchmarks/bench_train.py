@@ -3,7 +3,8 @@
 
 The step is train.py's own (``optimizer_step``: forward, loss, backward, SGD update with DeepLab's parameter
 groups), on synthetic images, so the figures are what a training run pays. Both models are measured in the
-same process, alternately, and the median of the repeats is reported.
+same process in rounds, one step of each, in alternating order; the medians of the steps are reported, and the
+stage-2 / stage-1 ratio and the CRF's share as the median (range) of the rounds' own.
 
     python benchmarks/bench_train.py                      # CPU, 2 threads, batch 1
     python benchmarks/bench_train.py --device cuda --batch 10 --repeats 20   # CUDA (mixed precision)
@@ -15,11 +16,13 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_crf import ratio_range, timed_rounds  # noqa: E402
 
 from crfrnn_deeplab import CRFRNN
 from crfrnn_deeplab.training.config import load_config
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=321)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (one step of each model per round)")
     parser.add_argument("--model", default="deeplabv2_resnet101", help="single-scale by default (as the issue)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,27 +84,22 @@ def main() -> None:
         def step(model=model, optimizer=optimizer, scaler=scaler, stage=stage):
             train.optimizer_step(model, optimizer, scaler, [batch], stage=stage, device=device, dtype=dtype,
                                  stop=train.StopRequest())
-            if device.type == "cuda":
-                torch.cuda.synchronize()
 
         step()  # warm-up
         steps[name] = step
-    times = {name: [] for name in models}
-    for _ in range(args.repeats):  # alternate, so that drifting machine load hits both alike
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = timed_rounds(steps, args.repeats, sync)
     where = f"{torch.cuda.get_device_name(device)}, {dtype}" if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}; {args.model}, {args.size}×{args.size}, batch {args.batch}, {where}; "
-          f"median of {args.repeats} train.py optimiser steps")
+          f"{args.repeats} rounds of one train.py optimiser step per model, medians")
     print(f"{'model':<42}{'s/step':>9}{'images/s':>10}")
-    median = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in median.items():
-        print(f"{name:<42}{t:>9.3f}{args.batch / t:>10.2f}")
-    net_t, crf_t = median.values()
-    print(f"CRF layer's share of a stage-2 step: {100 * (crf_t - net_t) / crf_t:.1f}% "
-          f"(stage 2 step = {crf_t / net_t:.2f}× stage 1 step)")
+    for name, t in times.items():
+        median = statistics.median(t)
+        print(f"{name:<42}{median:>9.3f}{args.batch / median:>10.2f}")
+    net_t, crf_t = times.values()
+    crf_part = [c - n for c, n in zip(crf_t, net_t)]
+    print(f"stage 2 step / stage 1 step, per round: {ratio_range(crf_t, net_t)}; the CRF layer's share of a stage-2 "
+          f"step: {ratio_range(crf_part, crf_t, scale=100, digits=1)} %")
 
 
 if __name__ == "__main__":
