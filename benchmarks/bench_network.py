@@ -3,8 +3,9 @@
 Measures a forward pass (eval mode, no_grad) and a forward+backward pass (train mode, cross-entropy against a
 random target) of ``deeplabv2_resnet101`` and of ``torchvision.models.segmentation.deeplabv3_resnet101``
 (both randomly initialised, output stride 8, nothing downloaded): warm-up runs, then the median (and the
-minimum) of ``--repeats`` timed runs. The timed runs alternate between the two models, so that both see the same
-machine load; the ratio is of the medians.
+minimum) of ``--repeats`` timed runs. The timed runs alternate between the two models, each pair in the other
+order than the last, so that both see the same machine load; the ratio is the median (and range) of the pairs'
+own ratios.
 
 Both models train with frozen BatchNorm (eval-mode statistics, affine parameters not trained): ours does so by
 default (DeepLab v2), and torchvision's model is frozen the same way here, which also makes its image-pooling
@@ -101,15 +102,16 @@ def main() -> None:
         "crfrnn_deeplab deeplabv2_resnet101": _runners(ours, lambda out: out, x, target),
         "torchvision deeplabv3_resnet101": _runners(theirs, lambda out: out["out"], x, target),
     }
-    # Repeats alternate between the models so that both see the same machine load.
+    # Repeats alternate between the models (each pair in the other order than the last), so that both see the
+    # same machine load.
     times: dict[str, dict[str, list[float]]] = {m: {"forward": [], "fwd+bwd": []} for m in runners}
     for op in ("forward", "fwd+bwd"):
         for _ in range(args.warmup):
             for model_runners in runners.values():
                 model_runners[op]()
-        for _ in range(args.repeats):
-            for model_name, model_runners in runners.items():
-                times[model_name][op].append(_time_ms(model_runners[op], device))
+        for i in range(args.repeats):
+            for model_name in list(runners)[:: 1 if i % 2 == 0 else -1]:
+                times[model_name][op].append(_time_ms(runners[model_name][op], device))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(
@@ -122,8 +124,11 @@ def main() -> None:
         cells = [f"{statistics.median(t[op]):.1f} ({min(t[op]):.1f})" for op in ("forward", "fwd+bwd")]
         print(f"{model_name:<37}{n_params:>12,}{cells[0]:>20}{cells[1]:>20}")
     ours_t, theirs_t = times.values()
-    ratios = [statistics.median(ours_t[op]) / statistics.median(theirs_t[op]) for op in ("forward", "fwd+bwd")]
-    print(f"{'ratio ours / torchvision (median)':<37}{'':>12}{ratios[0]:>20.2f}{ratios[1]:>20.2f}")
+    cells = []
+    for op in ("forward", "fwd+bwd"):
+        ratios = [o / t for o, t in zip(ours_t[op], theirs_t[op])]
+        cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"{'ratio ours / torchvision, per pair':<37}{'':>12}{cells[0]:>20}{cells[1]:>20}")
 
 
 if __name__ == "__main__":
