@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crfrnn_deeplab.crf.sparse_rows import index_dtype
+
 __all__ = [
     "EXACT_POINTS", "SAMPLES_PER_POINT", "KernelPairs", "PairGroups", "gaussian_", "kernel_pairs", "packed_points",
 ]
@@ -322,7 +324,7 @@ def kernel_pairs(
     image_ratio = _mass_ratio(lattice_mass.sum(1, keepdim=True), gaussian_mass.sum(1, keepdim=True))
     mass = image_ratio * valid_f
     weights = (ratio * (mass[..., None] / samples))[..., None] * sq  # [B, N, S, d]
-    columns = flat.view(-1).to(torch.int32 if b * n * samples < 2**31 else torch.long)
+    columns = flat.view(-1).to(index_dtype(b * n, b * n * int(samples)))
     return KernelPairs(f, valid_f, mass, columns, weights.view(-1, d).T.contiguous())
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from crfrnn_deeplab.crf.bandwidth_gradient import KernelPairs, PairGroups, kernel_pairs
 from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.routes import cpu_route
-from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows
+from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows, index_dtype
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 from crfrnn_deeplab.images import all_finite
 
@@ -471,7 +471,7 @@ def _splat_and_slice(
     """
     p, d1 = bary.shape
     d, m, device = d1 - 1, vertices.num, bary.device
-    index = torch.int32 if max(m, total_points) * d1 < 2**31 else torch.long  # embedding_bag's fast path
+    index = index_dtype(max(m, total_points), max(m, total_points) * d1)  # for the splat and the slice
     keys = vertices.ids.to(index).reshape(-1)  # the entries, point by point: vertex e % (d+1) of point e // (d+1)
     e = keys.numel()
     blocked = cpu_route(device) and p > _SPLAT_BLOCK and m <= _SPLAT_BLOCK * d1
