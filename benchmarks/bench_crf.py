@@ -100,30 +100,25 @@ def timed_pairs(
     for _ in range(warmup):
         reference()
         ours()
-    times = {reference: [], ours: []}
-    for i in range(repeats):
-        for fn in (reference, ours) if i % 2 == 0 else (ours, reference):
-            start = clock()
-            fn()
-            times[fn].append(clock() - start)
-    ratios = [o / max(r, 1e-9) for o, r in zip(times[ours], times[reference])]
-    return statistics.median(times[reference]), statistics.median(times[ours]), ratios
+    times = timed_rounds({"reference": reference, "ours": ours}, repeats, clock=clock)
+    ratios = [o / max(r, 1e-9) for o, r in zip(times["ours"], times["reference"])]
+    return statistics.median(times["reference"]), statistics.median(times["ours"]), ratios
 
 
-def timed_rounds(steps: dict, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
-    """Wall times in seconds of every step (name -> function, already warmed up) in each of ``rounds`` rounds, the
-    order rotating from round to round, so that a slow stretch of a shared machine hits every step alike: the
-    per-round ratios of two steps (:func:`ratio_range`) then compare. ``sync`` runs after each call (e.g.
-    ``torch.cuda.synchronize``)."""
+def timed_rounds(steps: dict, rounds: int, sync=lambda: None, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Times in seconds of every step (name -> function, already warmed up) in each of ``rounds`` rounds, the
+    order rotating from round to round (two steps: alternating), so that a slow stretch of a shared machine hits
+    every step alike: the per-round ratios of two steps (:func:`ratio_range`) then compare. ``sync`` runs after
+    each call (e.g. ``torch.cuda.synchronize``); ``clock`` as in :func:`timed_pairs`."""
     names = list(steps)
     times = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             steps[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

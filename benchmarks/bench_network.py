@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from crfrnn_deeplab.models.registry import get_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_crf import timed_rounds  # noqa: E402
+
+from crfrnn_deeplab.models.registry import get_model  # noqa: E402
 
 
 def _parse_args() -> argparse.Namespace:
@@ -51,16 +55,6 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
-
-
-def _time_ms(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def _runners(
@@ -104,14 +98,16 @@ def main() -> None:
     }
     # Repeats alternate between the models (each pair in the other order than the last), so that both see the
     # same machine load.
-    times: dict[str, dict[str, list[float]]] = {m: {"forward": [], "fwd+bwd": []} for m in runners}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in runners}
     for op in ("forward", "fwd+bwd"):
         for _ in range(args.warmup):
             for model_runners in runners.values():
                 model_runners[op]()
-        for i in range(args.repeats):
-            for model_name in list(runners)[:: 1 if i % 2 == 0 else -1]:
-                times[model_name][op].append(_time_ms(runners[model_name][op], device))
+        sync()
+        seconds = timed_rounds({m: r[op] for m, r in runners.items()}, args.repeats, sync)
+        for model_name, t in seconds.items():
+            times[model_name][op] = [1e3 * x for x in t]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(
