@@ -20,6 +20,7 @@ Gaussian's derivative summed over explicit point pairs (:mod:`.bandwidth_gradien
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,8 @@ _KEY_LIMIT = 2**62  # int64 vertex keys (and their neighbours' offsets) stay bel
 _NARROW_KEYS = 2**30  # remainder-0 points smaller than this in magnitude are kept as int32, larger ones as int64
 _PACKED_SORT_BITS = 63  # a key and its position packed into one int64 scalar (_packed_argsort)
 _SPLAT_BLOCK = 2**14  # points per block of the CPU splat (BlockedRows): 1.3 MiB of 21 float32 channels
+_SORT_PROBE = 2**16  # keys of the one-off timing that picks the CPU's sort (_sort_route)
+_SORT_ROUTE: str | None = None  # "torch" or "numpy" once measured
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,15 +251,15 @@ def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
     """The sorted distinct values of an integer tensor and the index of each entry's value among them
     (``torch.unique(x, return_inverse=True)``; the index int32 below 2^31 entries on the CPU).
 
-    On the CPU by one sort of packed scalars (:func:`_packed_argsort`; 885 k int64 simplex codes of a 96³ volume
-    about 40 ms instead of 86 for ``np.unique``, 88 for ``torch.unique``, one thread), or numpy's argsort where
-    the codes' span is too wide to pack; then the distinct values are numbered by an int32 cumulative sum (numpy's
-    cumsum of a bool mask takes 2-4× as long)."""
+    On the CPU by one stable sort that also gives the order (:func:`_sort_with_order`; 885 k int64 simplex codes
+    of a 96³ volume about 40 ms instead of 86 for ``np.unique``, 88 for ``torch.unique``, one thread, on the Xeon
+    of 2026-12-01), or numpy's argsort where the codes' span is too wide to pack; then the distinct values are
+    numbered by an int32 cumulative sum (numpy's cumsum of a bool mask takes 2-4× as long)."""
     if not cpu_route(x.device) or x.numel() == 0:
         return torch.unique(x, return_inverse=True)
     flat = x.numpy().reshape(-1)
     lo, hi = int(flat.min()), int(flat.max())
-    packed = _packed_argsort(flat - lo, hi - lo + 1)
+    packed = _sort_with_order(flat - lo, hi - lo + 1)
     if packed is None:
         order, lo = np.argsort(flat), 0
         ordered = flat[order]
@@ -270,6 +273,45 @@ def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
     inverse[order] = number.numpy() - 1
     values = (ordered[first].astype(np.int64) + lo).astype(flat.dtype)
     return torch.from_numpy(values), torch.from_numpy(inverse).view(x.shape)
+
+
+def _sort_with_order(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stable ascending argsort of integer keys in ``[0, span)`` (np.ndarray[E], int32 or int64) and the sorted
+    keys, by the faster of two routes on this CPU (:func:`_sort_route`): ``torch.sort(stable=True)`` (int64
+    order, the keys' dtype) or numpy's sort of packed scalars (:func:`_packed_argsort`; None where too wide).
+    Both give the same order (a stable sort's is unique) and the same keys."""
+    if _sort_route() == "torch":
+        keys_sorted, order = torch.from_numpy(keys).sort(stable=True)
+        return order.numpy(), keys_sorted.numpy()
+    return _packed_argsort(keys, span)
+
+
+def _sort_route() -> str:
+    """``"torch"`` or ``"numpy"``: which stable sort :func:`_sort_with_order` takes, measured once per process.
+
+    numpy sorts plain integers with vectorised sorting networks (x86-simd-sort) on some CPUs and not on others:
+    on the AMD EPYC (Zen 4) of 2026-12-01 ``np.sort`` took 58 ms for 1.125 M int64 keys (35 ms for int32), where
+    ``torch.sort(stable=True)`` took 22 ms at one thread, 12 at two, giving the order as well; on the Intel Xeon
+    the project was developed on, numpy's sort took 14 ms. So both are timed once, on 2^16 keys at one thread
+    (a few milliseconds), and the faster is kept; the route changes no result.
+    """
+    global _SORT_ROUTE
+    if _SORT_ROUTE is None:
+        keys = np.random.default_rng(0).integers(0, 2**40, _SORT_PROBE)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            best = {}
+            for _ in range(3):
+                for route, sort in (("numpy", lambda: _packed_argsort(keys, 2**40)),
+                                    ("torch", lambda: torch.from_numpy(keys).sort(stable=True))):
+                    start = time.perf_counter()
+                    sort()
+                    best[route] = min(best.get(route, math.inf), time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(before)
+        _SORT_ROUTE = min(best, key=best.get)
+    return _SORT_ROUTE
 
 
 def _packed_argsort(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -527,8 +569,8 @@ def _stable_argsort(keys: Tensor, num_keys: int, block: int | None = None) -> Te
     """The stable ascending argsort of integer keys in ``[0, num_keys)`` within each block of ``block`` consecutive
     keys (None: one block), as positions in ``keys``: Tensor[E] -> Tensor[E] int64.
 
-    On the CPU one sort of packed scalars per block (:func:`_packed_argsort`; the blocks stay in the cache),
-    numpy's stable argsort where keys too wide to pack. Elsewhere ``torch.sort``.
+    On the CPU one sort per block (:func:`_sort_with_order`; the blocks stay in the cache), numpy's stable argsort
+    where keys too wide to pack. Elsewhere ``torch.sort``.
     """
     e = keys.numel()
     block = e if block is None else block
@@ -538,7 +580,7 @@ def _stable_argsort(keys: Tensor, num_keys: int, block: int | None = None) -> Te
     ranks, out = keys.numpy(), np.empty(e, dtype=np.int64)
     for start in range(0, e, block):
         part = ranks[start : start + block]
-        packed = _packed_argsort(part, num_keys)
+        packed = _sort_with_order(part, num_keys)
         order = np.argsort(part, kind="stable") if packed is None else packed[0]
         np.add(order, start, out=out[start : start + part.size])
     return torch.from_numpy(out)

@@ -472,10 +472,13 @@ def test_sparse_rows_reject_bad_input():
         rows.scale_rows(torch.rand(31))
 
 
+@pytest.mark.parametrize("route", ["numpy", "torch"])
 @pytest.mark.parametrize("num_keys", [5, 2**15, 2**16, 2**16 + 1, 2**20, 2**33, 2**55])
 @pytest.mark.parametrize("block", [None, 7, 1000])
-def test_stable_argsort_is_stable_within_each_block(num_keys, block):
-    # The splat's sort: packed int32 scalars (few keys), int64 (more), numpy's stable argsort (2^55 keys: too wide).
+def test_stable_argsort_is_stable_within_each_block(num_keys, block, route, monkeypatch):
+    # The splat's sort, by either route of the CPU's: torch's stable sort, or numpy's sort of packed int32 scalars
+    # (few keys), int64 (more), numpy's stable argsort (2^55 keys: too wide).
+    monkeypatch.setattr(permutohedral, "_SORT_ROUTE", route)
     g = torch.Generator().manual_seed(num_keys % 1000)
     keys = torch.randint(0, num_keys, (3001,), generator=g, dtype=torch.long)
     keys[::3] = keys[1]  # ties, whose order must be kept
@@ -490,9 +493,11 @@ def test_stable_argsort_is_stable_within_each_block(num_keys, block):
 @pytest.mark.parametrize("span, dtype, low", [(1, torch.int32, 0), (7, torch.int32, 0), (2**20, torch.int32, -5),
                                               (2**30, torch.int32, 0), (7, torch.int64, 0), (2**40, torch.int64, 0),
                                               (2**62, torch.int64, 0), (7, torch.int64, 2**40)])
-def test_unique_matches_numpy(span, dtype, low):
-    # packed into int32 / int64 scalars (also a narrow span of large codes), or (span 2^62 × 2^12 entries: too
-    # wide) numpy's unique itself
+@pytest.mark.parametrize("route", ["numpy", "torch"])
+def test_unique_matches_numpy(span, dtype, low, route, monkeypatch):
+    # torch's stable sort, or numpy's sort of packed int32 / int64 scalars (also a narrow span of large codes), or
+    # (span 2^62 × 2^12 entries: too wide) numpy's argsort
+    monkeypatch.setattr(permutohedral, "_SORT_ROUTE", route)
     g = torch.Generator().manual_seed(span % 997)
     x = torch.randint(0, span, (40, 101), generator=g, dtype=torch.long).add_(low - span // 3).to(dtype)
     x[3, :7] = x[0, 0]  # repeated values
@@ -500,6 +505,23 @@ def test_unique_matches_numpy(span, dtype, low):
     expected_values, expected_inverse = np.unique(x.numpy(), return_inverse=True)
     assert values.dtype == x.dtype and torch.equal(values, torch.from_numpy(expected_values))
     assert inverse.shape == x.shape and torch.equal(inverse.long(), torch.from_numpy(expected_inverse).view(x.shape))
+
+
+def test_sort_route_is_measured_once_and_changes_no_lattice(monkeypatch):
+    # The route is timed on the first sort of the process and kept; a lattice built by either route is the same.
+    monkeypatch.setattr(permutohedral, "_SORT_ROUTE", None)
+    route = permutohedral._sort_route()
+    assert route in ("numpy", "torch") and permutohedral._SORT_ROUTE == route
+    assert permutohedral._sort_route() == route
+    features = torch.rand(2, 5, 23, 31, generator=torch.Generator().manual_seed(3)) * 9
+    built = {}
+    for other in ("numpy", "torch"):
+        monkeypatch.setattr(permutohedral, "_SORT_ROUTE", other)
+        lattice = build_lattice(features)
+        built[other] = (lattice.num_vertices, lattice.slice.columns, lattice.slice.weights,
+                        lattice.filter(torch.rand(2, 23 * 31, 3, generator=torch.Generator().manual_seed(4))))
+    assert built["numpy"][0] == built["torch"][0]
+    assert all(torch.equal(a, b) for a, b in zip(built["numpy"][1:], built["torch"][1:]))
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
