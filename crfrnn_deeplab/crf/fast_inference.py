@@ -51,9 +51,7 @@ def mean_field_inference(
       logit by ``-Σ_c' X_c' M_c'c``, ``X >= 0`` summing to the same ``reach`` for every ``q``, so within the
       mix's smallest and largest entries times ``reach``). So no iteration takes a maximum (PyTorch's softmax
       over 21 classes costs 2–3 times ``exp``); where ``width`` could flush a whole row (> 43 in float32: large
-      kernel weights) the loop takes :func:`class_softmax`. It is computed as ``exp2`` of base-2 logits
-      (``(z - top)·log2 e``, the update's weights scaled for every iterate but the last), which some CPUs run
-      several times faster than ``exp``.
+      kernel weights) the loop takes :func:`class_softmax`.
 
     Runs with the thread count of :mod:`.threads`' policy (by default at most the cores free now); the
     matrix products of a learned (non-Potts) mix keep the caller's count, as their rounding may depend on it.
@@ -103,14 +101,14 @@ def _mean_field_inference(
         nb if bilateral_potts is None else bilateral_potts[1] * nb,
         -ns.view(-1) if spatial_potts is None else -spatial_potts[1] * ns.view(-1),
     )
-    # With top, every softmax is exp2 of base-2 logits, several times cheaper than exp on some CPUs (AMD Zen 4:
-    # 1.2 against 3.9 ms for 500×375×21 values, one thread): the iterates before the last are gathered in base 2
-    # (the update's weights times log2 e), the first is the table's z_0 + shift - top times log2 e.
+    # With top, the iterates before the last are gathered in base 2 (the update's weights times log2 e), so that
+    # their softmax is exp2, several times cheaper than exp on some CPUs (AMD Zen 4: 1.2 against 3.9 ms for
+    # 500×375×21 values, one thread).
     base2 = update.reweighted(update.weights * _LOG2_E) if shifted and iterations > 1 else None
     z, class_sums = table[:p], unary.new_ones(c, 1)
     for t in range(iterations):  # (each [P, C] array is let go at its last use, not when its name is bound again)
         if shifted:
-            a = torch.mul(z, _LOG2_E).exp2_() if t == 0 else z.exp2_()  # (the first z is the table's)
+            a = torch.exp(z) if t == 0 else z.exp2_()  # (the first z is the table's, in natural units)
             with caller_threads():  # products round by thread count: never by the load
                 total = a @ class_sums
             a.mul_(total.reciprocal_() if before is None else before / total)
