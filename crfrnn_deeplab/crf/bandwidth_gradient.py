@@ -243,13 +243,16 @@ def kernel_pairs(
     rates: Sequence[float] | None = None,
     exact_points: int | None = None,
     samples: int | None = None,
+    seed: Tensor | None = None,
 ) -> KernelPairs | PairGroups:
     """Chooses and weighs the pairs of :class:`KernelPairs` for a batch of (scaled) feature maps.
 
     Sampling is deterministic given ``torch.manual_seed``: each image draws from its own generator, seeded by
-    one draw from torch's default (CPU) generator per call and by the image's features (:func:`_image_generators`),
-    so an image's pairs do not depend on the other images of its batch — a batch split over
-    DistributedDataParallel ranks draws what one process with the whole batch draws.
+    one draw from torch's default (CPU) generator per call and by the image's ``seed`` values
+    (:func:`_image_generators`), so an image's pairs do not depend on the other images of its batch — a batch
+    split over DistributedDataParallel ranks draws what one process with the whole batch draws. Seeded by the
+    unscaled features, they do not depend on the bandwidths' last bits either (a DDP run's rounding of an
+    averaged gradient moves those), as they would seeded by the scaled ones.
 
     Args:
         features: Tensor[B, N, d], scaled features ``f = s ⊙ r`` (float32 or float64).
@@ -263,6 +266,8 @@ def kernel_pairs(
             along every axis.
         exact_points: all pairs up to this many points per image (default :data:`EXACT_POINTS`).
         samples: partners per point when sampling (default :data:`SAMPLES_PER_POINT`).
+        seed: Tensor[B, ...] (B·anything values, any float dtype), what each image's generator is seeded from,
+            e.g. the unscaled features; None: ``features``.
 
     Returns:
         Exact pairs when N <= ``exact_points``, or when no image has more than ``exact_points`` valid points
@@ -275,6 +280,11 @@ def kernel_pairs(
         raise ValueError(f"grid {grid} does not hold the {n} points of each image")
     if rates is not None and len(rates) != len(grid):
         raise ValueError(f"rates must give one value per grid axis {grid}, got {tuple(rates)}")
+    if seed is not None and (not isinstance(seed, Tensor) or seed.dim() < 1 or seed.shape[0] != b
+                             or seed.device != features.device):
+        got = f"{tuple(seed.shape)} on {seed.device}" if isinstance(seed, Tensor) else type(seed).__name__
+        raise ValueError(f"seed must be a Tensor[{b}, ...] (one row of values per image) on {features.device}, "
+                         f"got {got}")
     exact_points = EXACT_POINTS if exact_points is None else exact_points
     samples = SAMPLES_PER_POINT if samples is None else samples
     # Padded images: those with few valid points get all pairs of those, also beside larger ones
@@ -285,7 +295,8 @@ def kernel_pairs(
             options = dict(grid=grid, rates=rates, exact_points=exact_points, samples=samples)
             mass = lattice_mass.reshape(b, n)
             return PairGroups(tuple(
-                (images, kernel_pairs(features[images], mass[images], valid[images], **options))
+                (images, kernel_pairs(features[images], mass[images], valid[images],
+                                      seed=None if seed is None else seed[images], **options))
                 for images in (small.nonzero()[:, 0], (~small).nonzero()[:, 0])
             ))
     f = features.detach()
@@ -310,7 +321,7 @@ def kernel_pairs(
         weights = None if weights is None else weights.view(b, d, m * m)
         return KernelPairs(f, valid_f, mass, weights=weights, points=points)
 
-    generators = _image_generators(f)
+    generators = _image_generators(f if seed is None else seed)
     partner, log_prob = _propose(b, n, grid, rates, samples, generators)  # [B, N, S]: index in the image, log p(j|i)
     flat = partner + (torch.arange(b, device=f.device) * n)[:, None, None]  # index over the batch
     sq = (f[:, :, None, :] - f.reshape(b * n, d)[flat.view(-1)].view(b, n, samples, d)).square()  # [B, N, S, d]

@@ -270,7 +270,7 @@ def bilateral_pairs(
     rates = [step * r for step, r in zip(steps, position_scale)]
     with torch.no_grad():
         mass = lattice.filter(raw.new_ones(raw.shape[0], raw.shape[1], 1))[..., 0]  # K_lattice·1
-        return kernel_pairs(raw * scale.detach(), mass, valid_mask, grid=tuple(sizes), rates=rates)
+        return kernel_pairs(raw * scale.detach(), mass, valid_mask, grid=tuple(sizes), rates=rates, seed=raw)
 
 
 def unmasked_spatial(

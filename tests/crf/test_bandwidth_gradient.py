@@ -374,6 +374,27 @@ def test_kernel_pairs_rejects_a_grid_or_rates_that_do_not_fit():
         kernel_pairs(features, mass, grid=(6, 9))
     with pytest.raises(ValueError, match="rates must give one value per grid axis"):
         kernel_pairs(features, mass, grid=(6, 8), rates=[0.1])
+    with pytest.raises(ValueError, match=r"seed must be a Tensor\[1, \.\.\.\] \(one row of values per image\)"):
+        kernel_pairs(features, mass, seed=torch.ones(2, 48))
+    with pytest.raises(ValueError, match="seed must be a Tensor"):
+        kernel_pairs(features, mass, seed=[1.0])
+
+
+def test_pairs_seeded_by_unscaled_features_do_not_depend_on_a_bandwidths_last_bit():
+    # A DDP run averages the ranks' gradients in another order than one process: its bandwidths differ in their
+    # last bits, and pairs seeded by the scaled features would be other draws; seeded by the raw features, the same.
+    raw = grid_features((40, 48), 3, 2).float()  # (the CRF's float32)
+    mass = torch.ones(1, 40 * 48)
+    scale = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.1])
+    nudged = scale.clone()
+    nudged[2] = torch.nextafter(scale[2], torch.tensor(1.0))
+
+    def partners(s, seed):
+        torch.manual_seed(5)
+        return kernel_pairs(raw * s, mass, grid=(40, 48), rates=[0.05, 0.05], seed=seed).columns
+
+    assert torch.equal(partners(scale, raw), partners(nudged, raw))
+    assert not torch.equal(partners(scale, None), partners(nudged, None))  # seeded by the scaled features
 
 
 def test_an_images_sampled_pairs_do_not_depend_on_its_batch():
