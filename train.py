@@ -211,7 +211,9 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
     the same gradient. ``dtype``: the autocast dtype (None: float32). The update is skipped when the loss or
     the gradient norm is not finite, or the loss exceeds ``max_loss`` (divergence); these and stop requests
     are agreed on by all ranks in one all-reduce. (With a float16 gradient scaler, non-finite gradients are
-    the scaler's business: it skips those steps and lowers its scale.)
+    the scaler's business: it skips those steps and lowers its scale.) With ``stage.max_grad_norm`` > 0 a
+    gradient whose global norm exceeds it is scaled down to it before the update (unscaled first, with a
+    scaler), the same on every rank (the ranks' gradients are already averaged).
 
     Returns:
         ``(loss, problem, stop)``: the global batch's mean loss, why the update was not applied ("" when it
@@ -230,6 +232,9 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
                                 network_loss_weight=stage.network_loss_weight)
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
+    clip = stage.max_grad_norm
+    if clip and scaler.is_enabled():
+        scaler.unscale_(optimizer)  # the norm of the true gradient (the scaler still skips non-finite steps)
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
                  if grads and not scaler.is_enabled() else torch.zeros((), device=device))
@@ -244,6 +249,10 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
         problem = f"the loss {loss_value:.4g} exceeds divergence_factor × its running average ({max_loss:.4g})"
     else:
         problem = ""
+        if clip and grads:
+            norm = grad_norm if not scaler.is_enabled() else torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            torch._foreach_mul_(grads, torch.clamp(clip / norm, max=1.0))
         scaler.step(optimizer)
         scaler.update()
     return loss_value, problem, bool(stop_now)

@@ -228,7 +228,7 @@ _STAGE_RANGES = {
     "iterations": _NON_NEGATIVE, "batch_size": _AT_LEAST_1, "accumulate": _AT_LEAST_1, "lr": _NON_NEGATIVE,
     "crf_lr": _NON_NEGATIVE, "momentum": _Range(0, 1, open_high=True), "weight_decay": _NON_NEGATIVE,
     "poly_power": _NON_NEGATIVE, "network_loss_weight": _NON_NEGATIVE, "eval_every": _NON_NEGATIVE,
-    "checkpoint_every": _AT_LEAST_1,
+    "checkpoint_every": _AT_LEAST_1, "max_grad_norm": _NON_NEGATIVE,
 }
 #: The allowed range of each bounded number (the other numbers need only be finite).
 RANGES: dict[str, _Range] = {

@@ -109,6 +109,7 @@ class StageConfig:
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     network_loss_weight: float = 0.0  # stage 2: weight of the network's own loss next to the CRF's (0: CRF only)
+    max_grad_norm: float = 0.0  # scale the gradient down to this global norm before an update where it is larger (0: off)
     eval_every: int = 0  # evaluate on the validation split every N steps (0: only at the end)
     checkpoint_every: int = 1000  # write last.pt every N steps (and at the end, on SIGINT/SIGTERM)
 

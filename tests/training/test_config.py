@@ -59,6 +59,8 @@ def test_command_line_overrides_come_last_and_are_typed():
         ("grid_search.theta_betas=[1, .nan]", r"grid_search.theta_betas\[1\] must be a finite number"),
         ("stage1.lr=-0.1", r"stage1.lr must be >= 0, got -0.1"),
         ("stage2.momentum=1", r"stage2.momentum must be in \[0, 1\), got 1"),
+        ("stage2.max_grad_norm=-1", r"stage2.max_grad_norm must be >= 0, got -1"),
+        ("stage2.max_grad_norm=nan", r"stage2.max_grad_norm must be a finite number, got nan"),
         ("data.hflip_prob=1.5", r"data.hflip_prob must be in \[0, 1\], got 1.5"),
         ("crf.theta_beta=0", r"crf.theta_beta must be > 0, got 0"),
         ("grid_search.theta_alphas=[10, -1]", r"grid_search.theta_alphas\[1\] must be > 0, got -1"),

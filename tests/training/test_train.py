@@ -1,5 +1,6 @@
 """train.py end to end on tiny synthetic runs: learning, checkpoints, exact resume, faults, DDP, evaluation."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from crfrnn_deeplab import CRFRNN, TORCHVISION_CONVENTION, TrainTransform
 from crfrnn_deeplab.data import SyntheticSegmentation
 from crfrnn_deeplab.training.config import load_config
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
+from crfrnn_deeplab.training.signals import StopRequest
 from crfrnn_deeplab.training.evaluation import sliding_window_logits
 from crfrnn_deeplab.weights import load_checkpoint, model_for_checkpoint
 from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
@@ -136,6 +138,31 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a, b = weights(tmp_path / "big" / "stage1" / "last.pt"), weights(tmp_path / "acc" / "stage1" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_max_grad_norm_scales_a_larger_gradient_down_to_it():
+    # The update's gradient keeps its direction; its global norm is cut to max_grad_norm where larger, and a
+    # gradient within the limit is left alone.
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", TINY)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 3, 49, 49, generator=g), "label": torch.randint(0, 6, (2, 49, 49), generator=g)}
+    grads = {}
+    for limit in (0.0, 1e-3, 1e6):
+        torch.manual_seed(0)
+        model = train.build_network(cfg)
+        stage = dataclasses.replace(cfg.stage1, max_grad_norm=limit)
+        optimizer = train.build_optimizer(model, stage)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        with StopRequest() as stop:
+            _, problem, _ = train.optimizer_step(model, optimizer, scaler, [batch], stage=stage,
+                                                 device=torch.device("cpu"), dtype=None, stop=stop)
+        assert problem == ""
+        grads[limit] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    full = grads[0.0]
+    assert full.norm() > 1e-2
+    torch.testing.assert_close(grads[1e-3], full * (1e-3 / full.norm()))
+    torch.testing.assert_close(grads[1e-3].norm(), torch.tensor(1e-3))
+    assert torch.equal(grads[1e6], full)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, capsys):
