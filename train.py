@@ -236,8 +236,9 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
     if clip and scaler.is_enabled():
         scaler.unscale_(optimizer)  # the norm of the true gradient (the scaler still skips non-finite steps)
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-                 if grads and not scaler.is_enabled() else torch.zeros((), device=device))
+    norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if grads and (clip or not scaler.is_enabled()) else torch.zeros((), device=device))
+    grad_norm = torch.zeros((), device=device) if scaler.is_enabled() else norm  # (else the scaler's business)
     flags = torch.stack([loss_sum / world, (~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
                          torch.tensor(float(stop.requested), device=device)])
     loss_value, bad_loss, bad_grad, stop_now = dist.all_reduce_sum(flags).tolist()
@@ -250,9 +251,9 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
     else:
         problem = ""
         if clip and grads:
-            norm = grad_norm if not scaler.is_enabled() else torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            torch._foreach_mul_(grads, torch.clamp(clip / norm, max=1.0))
+            factor = torch.clamp(clip / norm, max=1.0)
+            for g in grads:
+                g.mul_(factor)
         scaler.step(optimizer)
         scaler.update()
     return loss_value, problem, bool(stop_now)
