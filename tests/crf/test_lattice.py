@@ -1,10 +1,13 @@
 """The permutohedral lattice against a brute-force Gaussian, against densecrf's lattice, and its adjoint."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from crfrnn_deeplab.crf import lattice as permutohedral
+from crfrnn_deeplab.crf import routes
 from crfrnn_deeplab.crf.reference import dense_gaussian
 from crfrnn_deeplab.crf.lattice import build_lattice, lattice_gaussian
 from crfrnn_deeplab.crf.sparse_rows import BlockedRows, stacked
@@ -250,6 +253,37 @@ def test_blocked_splat_sums_each_vertex_block_by_block(masked, monkeypatch):
     torch.testing.assert_close(lattice.filter(v.view(2, 300, 3)), plain.filter(v.view(2, 300, 3)), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("case", ["steps", "random", "masked"])
+def test_blocked_splat_has_one_part_per_block_and_vertex(case, monkeypatch):
+    # The parts are exactly the (block of points, vertex) pairs with entries, block by block, and each vertex's
+    # parts are combined in block order. On steps (1-D features constant within each block of points, rising from
+    # block to block by about a vertex spacing) a block's largest vertex is often the next block's smallest, so
+    # the entries sorted by vertex within each block run on across the block's end with one vertex: the run must
+    # split there.
+    monkeypatch.setattr(permutohedral, "_SPLAT_BLOCK", 64)
+    g = torch.Generator().manual_seed(5)
+    valid = None
+    if case == "steps":
+        feats = (torch.arange(1000, dtype=torch.float64) // 64 * 0.85).view(1, 1, -1)
+    else:
+        feats = torch.randn(2, 4, 700, generator=g, dtype=torch.float64) * 0.3
+        valid = torch.rand(2, 700, generator=g) > 0.4 if case == "masked" else None
+    lattice = build_lattice(feats, valid)
+    splat, m = lattice.splat, lattice.num_vertices
+    assert isinstance(splat, BlockedRows)
+    rank = torch.cumsum(lattice.slice.offsets.diff().gt(0), 0) - 1  # each point's rank among those on the lattice
+    block, vertex = rank[lattice.slice.rows()] // 64, lattice.slice.columns.long()
+    pairs, counts = torch.unique(block * m + vertex, return_counts=True)  # block-major, then vertex
+    part_vertex = pairs % m
+    assert torch.equal(splat.parts.offsets.diff().long(), counts)
+    assert torch.equal(splat.combine.columns.long(), torch.sort(part_vertex, stable=True).indices)
+    assert torch.equal(splat.combine.offsets.diff().long(), torch.bincount(part_vertex, minlength=m))
+    if case == "steps":  # the case the test is for is there
+        largest = torch.zeros(int(block.max()) + 1, dtype=torch.long).scatter_reduce(0, block, vertex, "amax")
+        smallest = torch.full_like(largest, m).scatter_reduce(0, block, vertex, "amin")
+        assert (largest[:-1] == smallest[1:]).any()
+
+
 def test_lattice_does_not_depend_on_the_thread_count():
     from crfrnn_deeplab.crf.threads import set_inference_threads, thread_policy
 
@@ -475,19 +509,24 @@ def test_sparse_rows_reject_bad_input():
 @pytest.mark.parametrize("route", ["numpy", "torch"])
 @pytest.mark.parametrize("num_keys", [5, 2**15, 2**16, 2**16 + 1, 2**20, 2**33, 2**55])
 @pytest.mark.parametrize("block", [None, 7, 1000])
-def test_stable_argsort_is_stable_within_each_block(num_keys, block, route, monkeypatch):
+@pytest.mark.parametrize("generic", [False, True])
+def test_stable_sort_is_stable_within_each_block(num_keys, block, route, generic, monkeypatch):
     # The splat's sort, by either route of the CPU's: torch's stable sort, or numpy's sort of packed int32 scalars
-    # (few keys), int64 (more), numpy's stable argsort (2^55 keys: too wide).
+    # (few keys), int64 (more), numpy's stable argsort (2^55 keys: too wide); or by the generic route (other
+    # devices). It gives the order and the keys in that order, in the keys' dtype.
     monkeypatch.setattr(permutohedral, "_SORT_ROUTE", route)
     g = torch.Generator().manual_seed(num_keys % 1000)
     keys = torch.randint(0, num_keys, (3001,), generator=g, dtype=torch.long)
     keys[::3] = keys[1]  # ties, whose order must be kept
     keys[5] = num_keys - 1  # the largest key
-    got = permutohedral._stable_argsort(keys, num_keys, block)
-    size = keys.numel() if block is None else block
-    expected = torch.cat([torch.from_numpy(np.argsort(keys[s : s + size].numpy(), kind="stable")) + s
-                          for s in range(0, keys.numel(), size)])
-    assert torch.equal(got, expected)
+    for dtype in (torch.int32, torch.long) if num_keys < 2**31 else (torch.long,):
+        with routes.generic_routes() if generic else contextlib.nullcontext():
+            order, ordered = permutohedral._stable_sort(keys.to(dtype), num_keys, block)
+        size = keys.numel() if block is None else block
+        expected = torch.cat([torch.from_numpy(np.argsort(keys[s : s + size].numpy(), kind="stable")) + s
+                              for s in range(0, keys.numel(), size)])
+        assert torch.equal(order, expected)
+        assert ordered.dtype == dtype and torch.equal(ordered, keys.to(dtype)[expected])
 
 
 @pytest.mark.parametrize("span, dtype, low", [(1, torch.int32, 0), (7, torch.int32, 0), (2**20, torch.int32, -5),
