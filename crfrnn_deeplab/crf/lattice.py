@@ -266,14 +266,23 @@ def _unique(x: Tensor) -> tuple[Tensor, Tensor]:
         ordered = flat[order]
     else:
         order, ordered = packed  # ordered: the values minus lo
-    first = np.empty(flat.size, dtype=bool)  # the first entry of each distinct value, in sorted order
-    first[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    first = _run_starts(ordered)  # the first entry of each distinct value, in sorted order
     number = torch.cumsum(torch.from_numpy(first), 0, dtype=torch.int32 if flat.size < 2**31 else torch.long)
     inverse = np.empty(flat.size, dtype=number.numpy().dtype)
     inverse[order] = number.numpy() - 1
     values = (ordered[first].astype(np.int64) + lo).astype(flat.dtype)
     return torch.from_numpy(values), torch.from_numpy(inverse).view(x.shape)
+
+
+def _run_starts(values: np.ndarray, every: int | None = None) -> np.ndarray:
+    """Where a run of equal values starts in ``values`` (np.ndarray[E]), as a bool mask: the first entry, each
+    entry that differs from the one before, and (``every``) each ``every``-th entry, which starts a run too."""
+    first = np.empty(values.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(values[1:], values[:-1], out=first[1:])
+    if every is not None:
+        first[::every] = True
+    return first
 
 
 def _sort_with_order(keys: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -564,10 +573,8 @@ def _blocked_splat(vertex: Tensor, span: int, m: int, point: Tensor, weights: Te
     of PyTorch's on 17.7 M entries.
     """
     entries = vertex.numpy()
-    first = np.empty(entries.size, dtype=bool)  # where a part starts
-    np.not_equal(entries[1:], entries[:-1], out=first[1:])
-    first[::span] = True  # every block starts a part (a run may go on across a block's end)
-    start = torch.from_numpy(np.flatnonzero(first))
+    # where a part starts: every block starts one (a run may go on across a block's end)
+    start = torch.from_numpy(np.flatnonzero(_run_starts(entries, every=span)))
     parts = SparseRows(point, torch.cat([start, start.new_full((1,), entries.size)]).to(point.dtype), weights,
                        total_points)
     part_vertex = vertex.index_select(0, start)
