@@ -96,7 +96,8 @@ def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...]
     parens = " or ".join(f"({layouts[d]})" for d in dims)
     if not isinstance(image, Tensor):
         raise TypeError(f"{name} must be a raw RGB {brackets} in 0-255, got {type(image).__name__}")
-    if image.dim() not in dims or image.shape[-3] != 3:
+    channels = 0 if image.dim() == 3 else 1  # (3, H, W); (B, 3, H, W) and (B, 3, D, H, W)
+    if image.dim() not in dims or image.shape[channels] != 3:
         hint = "; permute an (H, W, 3) tensor with .permute(2, 0, 1)" if image.dim() >= 3 and image.shape[-1] == 3 else ""
         raise ValueError(
             f"{name} must be a raw RGB {brackets} (shape {parens}, 3 (RGB) channels first), got {_shape(image)}{hint}"

@@ -392,6 +392,19 @@ def test_guidance_other_than_rgb_has_no_0_255_range_but_rgb_keeps_it():
         assert torch.isfinite(grey_2d(logits[:, :, 0], hounsfield[:, :, 0].expand(1, 3, 4, 5))).all()
 
 
+def test_an_rgb_volume_is_checked_on_its_channel_axis_whatever_its_depth():
+    # The channel axis of Tensor[B, 3, D, H, W] is 1: a depth of 3 made any channel count pass, others fail.
+    logits, guidance = small_volume(c=3, shape=(4, 5, 6), k=1)
+    rgb = (guidance * 255).expand(1, 3, 4, 5, 6)
+    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, theta_beta=20.0).double().eval()
+    same = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(3,), theta_beta=20.0).double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(crf(logits, rgb), same(logits, rgb))
+        seven = torch.cat([rgb, rgb[:, :1]] * 2, 1)[:, :7, :3]  # 7 channels, depth 3
+        with pytest.raises(ValueError, match=r"raw RGB Tensor\[B, 3, D, H, W\].*got shape \(1, 7, 3, 5, 6\)"):
+            crf(logits[:, :, :3], seven)
+
+
 def test_densecrf_volumes_numpy_and_tensor_forms_agree():
     _, guidance, logits = volume_scene(4, (10, 12, 14), 3, 1)
     crf = DenseCRF(spatial_dims=3, guidance_groups=(1,), theta_alpha=4.0, theta_beta=0.25, theta_gamma=1.5,
