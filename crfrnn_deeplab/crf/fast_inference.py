@@ -107,8 +107,8 @@ def _mean_field_inference(
             with caller_threads():  # products round by thread count: never by the load
                 total = a @ class_sums
             a.mul_(total.reciprocal_() if before is None else before / total)
-        else:  # (the first softmax reads z_0 + shift: softmax ignores a shift shared by a pixel's classes)
-            a = class_softmax(z)
+        else:  # the first softmax reads z_0 itself: z_0 + shift (|shift| ~ the kernel weights) would round z_0 away
+            a = class_softmax(unary.reshape(p, c) if t == 0 else z)
             if before is not None:
                 a.mul_(before)
         del z

@@ -160,6 +160,25 @@ def test_inference_softmax_on_extreme_logits_and_weights(monkeypatch, scale, wei
         torch.testing.assert_close(fast.permute(0, 2, 3, 1)[~mask], logits.permute(0, 2, 3, 1)[~mask], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("compatibility", ["potts", "learned"])
+@pytest.mark.parametrize("weight", [1e3, 1e6])
+def test_inference_keeps_the_unaries_digits_under_large_kernel_weights(weight, compatibility):
+    # A Potts mix's constant part (-α·reach, ~ the weights) is added to z_0 once; the first softmax must still read
+    # z_0 itself: softmax(z_0 + shift) in float32 rounds z_0 to |shift|·2^-24 (0.06 at weights of 1e6), an error
+    # the weights then multiply (it was 2 % of the output at 1e6). One iteration: nothing chaotic, only rounding.
+    logits, image = small_inputs(b=2, c=4, h=12, w=13)
+    crf = MeanFieldCRF(num_classes=4, spatial_weight=weight, bilateral_weight=weight, eval_iterations=1).eval()
+    if compatibility == "learned":
+        with torch.no_grad():
+            crf.compatibility.add_(torch.rand(4, 4, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        fast = crf(logits.float(), image.float())
+        exact = crf.double()(logits.double(), image.double())
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=1e-6 * scale)
+    assert torch.equal(fast.argmax(1), exact.argmax(1))
+
+
 @pytest.mark.parametrize("learn_bandwidths", [True, False])  # False: the folded, lattice-mixed path
 def test_gradcheck_logits_weights_compatibility(learn_bandwidths):
     logits, image = small_inputs(c=3, h=4, w=5)
