@@ -2,6 +2,7 @@
 dense CRF (values and every gradient, bandwidths included), its code paths against each other, the "auto" rule
 and bad input."""
 
+import importlib
 import math
 
 import numpy as np
@@ -14,6 +15,8 @@ from crfrnn_deeplab.crf import EXACT_FILTER_POINTS, DenseCRF, MeanFieldCRF, buil
 from crfrnn_deeplab.crf.exact_filter import DenseBlocks, SplitBlur, bilateral_lattice, exact_images
 from crfrnn_deeplab.crf.mean_field import mean_field_steps
 from crfrnn_deeplab.crf.reference import dense_crf, dense_gaussian
+
+exact_filter_module = importlib.import_module("crfrnn_deeplab.crf.exact_filter")  # the package's exact_filter is the function
 
 PARAMETERS = ("spatial_weight", "bilateral_weight", "compatibility", "log_theta_alpha", "log_theta_beta",
               "log_theta_gamma")
@@ -53,6 +56,15 @@ def test_kernel_is_the_dense_gaussian_of_the_valid_points(dtype, masked):
     assert torch.equal(lattice.on_lattice(), expected_on)
     most = n if valid is None else int(valid.sum(1).max())
     assert lattice.num_vertices == b * most  # the kernels hold the valid points only
+
+
+@pytest.mark.parametrize("entries", [1, 7 * 2 * 37, 10**9])  # a row a step; 7 rows (a ragged last step); all rows
+def test_the_kernel_built_in_blocks_of_rows_is_the_same_to_the_bit(entries, monkeypatch):
+    # (the blocks bound the temporary differences: the construction's peak is then about the kernel's own size)
+    features, valid = random_features(2, 5, 37, 3, torch.float32), valid_points(2, 37, 4)
+    whole = exact_filter(features, valid).blur[0].blocks
+    monkeypatch.setattr(exact_filter_module, "_DIFF_ENTRIES", entries)
+    assert torch.equal(exact_filter(features, valid).blur[0].blocks, whole)
 
 
 def test_negligible_entries_are_exactly_zero():
