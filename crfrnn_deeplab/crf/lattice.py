@@ -81,8 +81,10 @@ class PermutohedralLattice:
 
     def to_lattice(self, values: Tensor, *, transpose: bool = False, blur: bool = True) -> Tensor:
         """Splat then blur: Tensor[B, N, C] -> lattice values Tensor[M, C] (``Kᵀ``'s blur order if transpose)."""
+        if not isinstance(values, Tensor) or values.dim() != 3 or values.shape[:2] != (self.batch_size, self.num_points):
+            raise ValueError(f"values must be a Tensor[B, N, C] = [{self.batch_size}, {self.num_points}, C] for this "
+                             f"lattice, got {tuple(getattr(values, 'shape', ()))}")
         b, n, c = values.shape
-        assert (b, n) == (self.batch_size, self.num_points), "values do not match the lattice"
         x = self.splat @ values.reshape(b * n, c)  # [M, C]
         return self.blur_lattice(x, transpose=transpose) if blur else x
 
@@ -109,7 +111,8 @@ class PermutohedralLattice:
         Returns:
             Tensor[B, N, C] (or C' with ``mix``): ``out_i = Σ_j k(f_i, f_j) v_j`` for the lattice's ``k``.
         """
-        assert self.symmetric or not transpose, "Kᵀ of a lattice with different before/after weights"
+        if transpose and not self.symmetric:
+            raise ValueError("Kᵀ of a lattice with different before and after weights: transpose needs a symmetric one")
         x = self.to_lattice(values, transpose=transpose)
         if mix is not None:
             x = x @ mix
@@ -412,10 +415,10 @@ def check_lattice_inputs(features: Tensor, valid: Tensor | None) -> tuple[Tensor
         float64, and the valid points as a bool Tensor[B·N], or None when every point is on the lattice (no mask,
         or a mask with all or none of the points valid).
     """
-    if features.dim() not in (3, 4) or not features.is_floating_point():
+    if not isinstance(features, Tensor) or features.dim() not in (3, 4) or not features.is_floating_point():
         raise ValueError(
             f"features must be a floating-point Tensor[B, d, H, W] or [B, d, N], got shape "
-            f"{tuple(features.shape)} and dtype {features.dtype}"
+            f"{tuple(getattr(features, 'shape', ()))} and dtype {getattr(features, 'dtype', type(features).__name__)}"
         )
     b, d = features.shape[:2]
     if b < 1 or d < 1 or features[0, 0].numel() < 1:
@@ -429,9 +432,14 @@ def check_lattice_inputs(features: Tensor, valid: Tensor | None) -> tuple[Tensor
     if valid is None:
         return f, None
     total_points = f.shape[1]
-    if valid.dtype != torch.bool or valid.numel() != total_points or valid.shape[0] != b:
-        raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] with B*N = {total_points} points, got "
-                         f"{tuple(valid.shape)} {valid.dtype}")
+    n = total_points // b  # a map's mask is [B, H, W] or [B, N]; a list's [B, N] or [B, *grid] of N points
+    shape = tuple(getattr(valid, "shape", ()))
+    fits = (shape in ((b, *features.shape[2:]), (b, n))) if features.dim() == 4 else (
+        len(shape) >= 2 and shape[0] == b and math.prod(shape[1:]) == n)
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or not fits:
+        raise ValueError(f"valid must be a bool Tensor[B, H, W] or [B, N] (or [B, *grid] for a list of N points) "
+                         f"matching features {tuple(features.shape)}, got {shape} "
+                         f"{getattr(valid, 'dtype', type(valid).__name__)}")
     flat_valid = valid.reshape(-1).to(features.device)
     all_or_none = bool(flat_valid.all()) or not bool(flat_valid.any())  # then every point is on the lattice
     return f, None if all_or_none else flat_valid
@@ -728,4 +736,11 @@ def lattice_gaussian(
     Returns:
         Tensor[B, N, C] (C' with ``mix``).
     """
+    b, n, d = lattice.batch_size, lattice.num_points, lattice.dim
+    if not isinstance(raw_features, Tensor) or tuple(raw_features.shape) != (b, n, d):
+        raise ValueError(f"raw_features must be the lattice's Tensor[B, N, d] = [{b}, {n}, {d}], got "
+                         f"{tuple(getattr(raw_features, 'shape', ()))}")
+    if not isinstance(scale, Tensor) or tuple(scale.shape) != (d,):
+        raise ValueError(f"scale must be a Tensor[d] = [{d}] (one inverse bandwidth per feature), got "
+                         f"{tuple(getattr(scale, 'shape', ()))}")
     return _LatticeGaussian.apply(values, scale, mix, lattice, raw_features, pairs)

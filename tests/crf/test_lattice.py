@@ -174,11 +174,37 @@ def test_points_off_the_lattice_neither_send_nor_receive():
     assert (everything[valid] - out[valid]).abs().max() > 1e-3  # the invalid points did change the lattice
 
 
-@pytest.mark.parametrize("valid, match", [(torch.ones(2, 42, dtype=torch.bool), "B\\*N = 42"),
-                                          (torch.ones(1, 42), "bool Tensor")])
+@pytest.mark.parametrize("valid, match", [(torch.ones(2, 42, dtype=torch.bool), r"matching features \(1, 5, 6, 7\)"),
+                                          (torch.ones(1, 42), "bool Tensor"),
+                                          # the same count of points, another grid: was taken, rows for columns
+                                          (torch.ones(1, 7, 6, dtype=torch.bool), r"got \(1, 7, 6\)")])
 def test_bad_valid_mask(valid, match):
     with pytest.raises(ValueError, match=match):
         build_lattice(torch.randn(1, 5, 6, 7), valid)
+
+
+def test_a_lists_mask_may_have_any_grid_of_its_points():
+    feats, valid = torch.randn(2, 4, 60, dtype=torch.float64), torch.rand(2, 60) < 0.7
+    values = torch.rand(2, 60, 3, dtype=torch.float64)
+    torch.testing.assert_close(build_lattice(feats, valid.view(2, 3, 4, 5)).filter(values),
+                               build_lattice(feats, valid).filter(values), rtol=0, atol=0)
+
+
+def test_filtering_names_values_and_scales_that_do_not_fit_the_lattice():
+    raw = torch.randn(2, 6, 3, dtype=torch.float64) * 3
+    scale = torch.tensor([0.5, 0.7, 1.1], dtype=torch.float64)
+    lattice = build_lattice((raw * scale).transpose(1, 2))
+    v = torch.randn(2, 6, 2, dtype=torch.float64)
+    for bad in (v[:1], v[:, :5], v[0]):
+        with pytest.raises(ValueError, match=r"values must be a Tensor\[B, N, C\] = \[2, 6, C\]"):
+            lattice.filter(bad)
+    with pytest.raises(ValueError, match=r"scale must be a Tensor\[d\] = \[3\]"):
+        lattice_gaussian(v, raw, scale[:2], lattice)
+    with pytest.raises(ValueError, match=r"raw_features must be the lattice's Tensor\[B, N, d\] = \[2, 6, 3\]"):
+        lattice_gaussian(v, raw[:, :, :2], scale, lattice)
+    with pytest.raises(ValueError, match="transpose needs a symmetric one"):
+        lattice.weighted(torch.ones(2, 6, dtype=torch.float64), torch.full((2, 6), 2.0, dtype=torch.float64)).filter(
+            v, transpose=True)
 
 
 def test_unpackable_keys_fall_back_to_row_unique(monkeypatch):
