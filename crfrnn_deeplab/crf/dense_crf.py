@@ -23,6 +23,7 @@ kernel is least accurate there (``bilateral_filter="lattice"`` computes what den
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,7 @@ class DenseCRF:
             groups (see :class:`~crfrnn_deeplab.MeanFieldCRF`).
         spacing: the default voxel size along each spatial axis; ``__call__(..., spacing=...)`` overrides it.
         device: where to compute; ``None``: the device of tensor inputs, CPU for numpy inputs.
-        eps: probabilities are clamped to at least ``eps`` before the logarithm.
+        eps: probabilities are clamped to at least ``eps`` before the logarithm, in (0, 1 / C).
     """
 
     def __init__(
@@ -91,7 +92,10 @@ class DenseCRF:
         self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
         self.iterations = iterations
         self.device = None if device is None else torch.device(device)
-        self.eps = eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"eps (the smallest probability kept before the logarithm) must be a number in (0, 1), "
+                             f"got {eps!r}")
+        self.eps = float(eps)
         self._layers: dict[tuple[int, torch.device], MeanFieldCRF] = {}
         self._layer(2, torch.device("cpu"))  # validates the parameters now, not at the first call
 
@@ -146,6 +150,9 @@ class DenseCRF:
         scores_t = _tensor(scores, name, device, batched=not unbatched, ndim=dims + 2, spatial_dims=dims).float()
         if logits is None:
             _check_probabilities(scores_t)
+            if self.eps * scores_t.shape[1] >= 1:  # every probability would be clamped to eps: uniform
+                raise ValueError(f"eps={self.eps!r} is not below 1 / C = 1/{scores_t.shape[1]}: clamping the "
+                                 "probabilities to it would erase them")
             scores_t = scores_t.clamp_min(self.eps).log()
         mask_t = None if valid_mask is None else _tensor(valid_mask, "valid_mask", device, batched=not unbatched,
                                                          ndim=dims + 1, spatial_dims=dims)

@@ -19,7 +19,7 @@ from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows, index_dtype
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
-__all__ = ["class_softmax", "mean_field_inference", "potts_form", "update_gather"]
+__all__ = ["check_iterations", "check_mean_field_inputs", "class_softmax", "mean_field_inference", "potts_form", "update_gather"]
 
 _TILE = 64  # voxels per tile of the classes-first softmax
 _FEW_CLASSES = 16  # below: the classes-first softmax
@@ -64,8 +64,31 @@ def mean_field_inference(
     Returns:
         Tensor[B, *S, C], ``z_T``.
     """
+    check_mean_field_inputs(unary, kernels, pairwise, iterations)
     with limited_threads():
         return _mean_field_inference(unary, kernels, pairwise, iterations)
+
+
+def check_mean_field_inputs(unary: object, kernels: CRFKernels, pairwise: object, iterations: object = 0) -> None:
+    """Raises a clear error unless ``unary`` is a floating Tensor[B, *S, C] of the kernels' grid (channels last),
+    ``pairwise`` two Tensor[C, C] and ``iterations`` an int >= 0: what the mean-field loops take."""
+    if not isinstance(unary, Tensor) or not unary.is_floating_point():
+        raise TypeError(f"unary must be a floating-point Tensor[B, *S, C], got {getattr(unary, 'dtype', type(unary))}")
+    if tuple(unary.shape[:-1]) != tuple(kernels.shape):
+        raise ValueError(f"unary must be Tensor[B, *S, C] with (B, *S) = {tuple(kernels.shape)}, the kernels' grid "
+                         f"(channels last), got {tuple(unary.shape)}")
+    c = unary.shape[-1]
+    if (not isinstance(pairwise, (tuple, list)) or len(pairwise) != 2
+            or any(not isinstance(m, Tensor) or tuple(m.shape) != (c, c) for m in pairwise)):
+        shapes = [tuple(getattr(m, "shape", ())) for m in pairwise] if isinstance(pairwise, (tuple, list)) else pairwise
+        raise ValueError(f"pairwise must be (μ W_spatial, μ W_bilateral), two Tensor[{c}, {c}], got {shapes}")
+    check_iterations(iterations, minimum=0)
+
+
+def check_iterations(iterations: object, minimum: int = 1) -> None:
+    """Raises ValueError unless ``iterations`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < minimum:
+        raise ValueError(f"iterations must be an int >= {minimum}, got {iterations!r}")
 
 
 def _mean_field_inference(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.fast_inference import class_softmax
+from crfrnn_deeplab.crf.fast_inference import check_iterations, class_softmax
 from crfrnn_deeplab.crf.kernels import CRFKernels
 from crfrnn_deeplab.crf.products import gram
 from crfrnn_deeplab.crf.spatial import gaussian_backward, gaussian_passes, spatial_gaussian
@@ -124,12 +124,6 @@ def _require_fixed(kernels: CRFKernels, caller: str) -> None:
         found.append("bandwidths that require grad")
     raise ValueError(f"{caller} needs the symmetric normalisation and bandwidths without gradient, got "
                      f"{' and '.join(found)}: use mean_field_step")
-
-
-def check_iterations(iterations: object, minimum: int = 1) -> None:
-    """Raises ValueError unless ``iterations`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < minimum:
-        raise ValueError(f"iterations must be an int >= {minimum}, got {iterations!r}")
 
 
 def _apply(unary: Tensor, logits: Tensor | None, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor],

@@ -31,6 +31,7 @@ from crfrnn_deeplab.crf.exact_filter import BilateralFilter, bilateral_lattice, 
 from crfrnn_deeplab.crf.lattice import PermutohedralLattice, lattice_gaussian
 from crfrnn_deeplab.crf.products import channel_mix
 from crfrnn_deeplab.crf.spatial import axis_bandwidths, gaussian_1d, spatial_gaussian
+from crfrnn_deeplab.images import all_finite
 
 __all__ = [
     "BilateralFilter",
@@ -217,11 +218,21 @@ def build_kernels(
     """
     b, k, *sizes = image.shape
     dtype, device = image.dtype, image.device
+    if normalization not in ("symmetric", "after"):
+        raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+    if image.requires_grad:
+        raise ValueError("the guidance image requires grad, but the CRF does not differentiate its guidance (the "
+                         "kernels' features): pass image.detach()")
+    theta_alpha, theta_beta, theta_gamma = _check_bandwidths(theta_alpha, theta_beta, theta_gamma, dtype)
     raw = bilateral_features(image, spacing)  # [B, N, S + K]
     groups = (k,) if guidance_groups is None else tuple(guidance_groups)
     scale = bilateral_scale(theta_alpha, theta_beta, spatial_dims=len(sizes), guidance_groups=groups).to(dtype)
     features = raw.new_empty(b, raw.shape[2], raw.shape[1])  # [B, S + K, N]: N-contiguous, the lattice's layout
     torch.mul(raw.transpose(1, 2), scale.detach()[:, None], out=features)
+    if not all_finite(features):
+        raise ValueError(f"the bilateral features (positions / theta_alpha, guidance / theta_beta) overflow {dtype}: "
+                         f"theta_alpha={float(theta_alpha.detach()):.6g} and theta_beta={theta_beta.detach().tolist()} are too "
+                         f"small for these positions (spacing {spacing}) and guidance values")
     exact = exact_images(bilateral_filter, b, raw.shape[1], valid_mask)
     lattice = bilateral_lattice(features, valid_mask, exact)
 
@@ -241,6 +252,25 @@ def build_kernels(
     kernels.norm_spatial = normaliser(d_spatial, mask, normalization)
     kernels.norm_bilateral = normaliser(d_bilateral, mask, normalization)
     return kernels
+
+
+def _check_bandwidths(theta_alpha: object, theta_beta: object, theta_gamma: object,
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The three bandwidths as tensors (numbers are taken too), or a ValueError naming each one that is not a
+    finite value > 0 in ``dtype`` (where a bandwidth of 1e-50 is 0 and one of 1e39 infinite in float32)."""
+    thetas = [t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=dtype)
+              for t in (theta_alpha, theta_beta, theta_gamma)]
+    for name, t in zip(("theta_alpha", "theta_beta", "theta_gamma"), thetas):
+        if not t.is_floating_point() or t.dim() > (1 if name == "theta_beta" else 0):
+            raise ValueError(f"{name} must be a floating-point Tensor[]{'(or [G])' if name == 'theta_beta' else ''}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    values = [t.detach().to(dtype) for t in thetas]
+    good = torch.stack([(torch.isfinite(v) & (v > 0)).all() for v in values]).tolist()
+    bad = [f"{name}={v.tolist()}" for name, v, ok in zip(("theta_alpha", "theta_beta", "theta_gamma"), values, good)
+           if not ok]
+    if bad:
+        raise ValueError(f"bandwidths must be finite and > 0 in {dtype}, got {', '.join(bad)}")
+    return thetas[0], thetas[1], thetas[2]
 
 
 def bilateral_pairs(

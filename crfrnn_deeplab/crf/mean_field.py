@@ -17,13 +17,14 @@ steps, :mod:`.fused_step`); without it, :func:`.fast_inference.mean_field_infere
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from crfrnn_deeplab.crf import fused_step
-from crfrnn_deeplab.crf.fast_inference import class_softmax, mean_field_inference
+from crfrnn_deeplab.crf.fast_inference import check_mean_field_inputs, class_softmax, mean_field_inference
 from crfrnn_deeplab.crf.exact_filter import BilateralFilter, check_bilateral_filter
 from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
 from crfrnn_deeplab.images import (
@@ -51,6 +52,9 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     Returns:
         Tensor[B, *S, C], ``z_{t+1}``. Masked voxels get no message: their output is ``z_0``.
     """
+    check_mean_field_inputs(unary, kernels, pairwise)
+    if not isinstance(logits, Tensor) or tuple(unary.shape) != tuple(logits.shape):
+        raise ValueError(f"unary {tuple(unary.shape)} and logits {tuple(getattr(logits, 'shape', ()))} differ in shape")
     if fused_step.applies(kernels):  # fixed bandwidths: one autograd node, fewer passes (same values)
         return fused_step.fixed_bandwidth_step(unary, logits, kernels, pairwise)
     return unary - kernels.message(class_softmax(logits), pairwise)
@@ -72,7 +76,7 @@ def mean_field_steps(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor,
     """``iterations`` chained :func:`mean_field_step` calls from ``z_0 = unary`` (Tensor[B, *S, C]): the reference
     path of the layer's training iterations, one autograd record per step, against which the one-node forms of
     :mod:`.fused_step` are tested. ``iterations`` >= 0 (0: ``unary`` itself)."""
-    fused_step.check_iterations(iterations, minimum=0)
+    check_mean_field_inputs(unary, kernels, pairwise, iterations)
     z = unary
     for _ in range(iterations):
         z = mean_field_step(unary, z, kernels, pairwise)
@@ -183,10 +187,10 @@ class MeanFieldCRF(nn.Module):
         learn_bandwidths: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
         for name, value in (("spatial_weight", spatial_weight), ("bilateral_weight", bilateral_weight)):
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         spatial_dims = check_spatial_dims(spatial_dims)
         groups = None if guidance_groups is None else check_guidance_groups(guidance_groups)
@@ -199,14 +203,19 @@ class MeanFieldCRF(nn.Module):
             )
         bandwidths = (("theta_alpha", theta_alpha), *(("theta_beta", b) for b in betas), ("theta_gamma", theta_gamma))
         for name, value in bandwidths:
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a real number (a bandwidth), got {type(value).__name__} {value!r}")
+            if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite bandwidth > 0, got {value!r}")
+            if not 0 < float(torch.tensor(float(value), dtype=torch.float32)) < math.inf:
+                raise ValueError(f"{name}={value!r} is 0 or infinite in float32, the parameters' dtype")
         for name, value in (("train_iterations", train_iterations), ("eval_iterations", eval_iterations)):
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if normalization not in ("symmetric", "after"):
             raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
         check_bilateral_filter(bilateral_filter)
+        num_classes, train_iterations, eval_iterations = int(num_classes), int(train_iterations), int(eval_iterations)
         eye = torch.eye(num_classes)
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
@@ -216,15 +225,15 @@ class MeanFieldCRF(nn.Module):
         self.bilateral_filter: BilateralFilter = bilateral_filter
         self.train_iterations = train_iterations
         self.eval_iterations = eval_iterations
-        self.spatial_weight = nn.Parameter(spatial_weight * eye, requires_grad=learn_kernel_weights)
-        self.bilateral_weight = nn.Parameter(bilateral_weight * eye, requires_grad=learn_kernel_weights)
+        self.spatial_weight = nn.Parameter(float(spatial_weight) * eye, requires_grad=learn_kernel_weights)
+        self.bilateral_weight = nn.Parameter(float(bilateral_weight) * eye, requires_grad=learn_kernel_weights)
         self.compatibility = nn.Parameter(1.0 - eye, requires_grad=learn_compatibility)
-        self.log_theta_alpha = nn.Parameter(torch.tensor(math.log(theta_alpha)), requires_grad=learn_bandwidths)
+        self.log_theta_alpha = nn.Parameter(torch.tensor(math.log(float(theta_alpha))), requires_grad=learn_bandwidths)
         # One guidance group (the RGB image): a scalar, the key and shape every checkpoint has.
-        log_beta = [math.log(b) for b in betas]
+        log_beta = [math.log(float(b)) for b in betas]
         log_beta = torch.tensor(log_beta[0] if num_groups == 1 else log_beta)
         self.log_theta_beta = nn.Parameter(log_beta, requires_grad=learn_bandwidths)
-        self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(theta_gamma)), requires_grad=learn_bandwidths)
+        self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(float(theta_gamma))), requires_grad=learn_bandwidths)
 
     @property
     def bandwidths(self) -> dict[str, float | tuple[float, ...]]:
@@ -274,6 +283,17 @@ class MeanFieldCRF(nn.Module):
             bilateral_filter=self.bilateral_filter,
         )
 
+    @torch.compiler.disable  # a data-dependent check, as check_crf_inputs
+    def check_parameters(self) -> None:
+        """Raises a ValueError naming every parameter with a NaN or infinite value (edited, loaded from a
+        checkpoint, or diverged): the layer's output would be NaN everywhere. The bandwidths' own range is
+        checked when the kernels are built."""
+        named = list(self.named_parameters())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise ValueError(f"the CRF's parameters {', '.join(bad)} hold NaN or infinite values")
+
     def pairwise(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(μ W_spatial, μ W_bilateral)`` in ``dtype``: what :func:`mean_field_step` takes."""
         return (
@@ -312,6 +332,7 @@ class MeanFieldCRF(nn.Module):
             raise ValueError(f"logits have {logits.shape[1]} classes, the CRF was built for {self.num_classes}")
         if spacing is not None:
             spacing = check_spacing(spacing, spatial_dims=self.spatial_dims)
+        self.check_parameters()
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=logits.device.type, enabled=False):
             unary = logits.to(dtype).movedim(1, -1).contiguous()  # [B, *S, C]

@@ -47,7 +47,11 @@ def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> 
     Returns:
         Tensor[2r + 1].
     """
-    radius = min(math.ceil(truncate * float(theta.detach())), length - 1)
+    value = float(theta.detach())
+    if not (math.isfinite(value) and value > 0 and math.isfinite(truncate) and truncate > 0):
+        raise ValueError(f"the spatial Gaussian needs a bandwidth (theta / spacing along an axis, in voxels) and a "
+                         f"truncation that are finite and > 0, got {value!r} and {truncate!r}")
+    radius = min(math.ceil(truncate * value), length - 1)
     t = torch.arange(-radius, radius + 1, dtype=theta.dtype, device=theta.device)
     return torch.exp(-0.5 * (t / theta) ** 2)
 
@@ -64,7 +68,7 @@ def spatial_gaussian(
 
     Args:
         values: Tensor[B, H, W, C] or Tensor[B, D, H, W, C] (channels last; any number of channels).
-        theta: Tensor[] bandwidth in physical units (voxels when ``spacing`` is None), > 0.
+        theta: Tensor[] (or a number) bandwidth in physical units (voxels when ``spacing`` is None), finite and > 0.
         spacing: the physical size of a voxel along each spatial axis, in the axes' order (``(s_D, s_H, s_W)``
             or ``(s_H, s_W)``); None: 1 along every axis.
         out: a contiguous tensor of the values' shape and dtype, not overlapping them, to write the result into
@@ -74,6 +78,8 @@ def spatial_gaussian(
         Tensor of the shape of ``values``, contiguous (``out`` when given).
     """
     _check_values(values)
+    if not isinstance(theta, Tensor):  # a number
+        theta = torch.tensor(float(theta), dtype=values.dtype, device=values.device)
     grad = torch.is_grad_enabled() and (theta.requires_grad or values.requires_grad)
     if out is not None:
         _check_out(out, values, grad)
@@ -88,6 +94,8 @@ def spatial_gaussian(
 
 
 def _check_values(values: Tensor) -> None:
+    if not isinstance(values, Tensor) or not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point Tensor, got {getattr(values, 'dtype', type(values).__name__)}")
     if values.dim() not in (4, 5):
         raise ValueError(f"values must be a Tensor[B, H, W, C] or [B, D, H, W, C], got {tuple(values.shape)}")
 

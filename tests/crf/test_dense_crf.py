@@ -51,6 +51,13 @@ def test_pixels_outside_the_mask_keep_their_probabilities():
     np.testing.assert_allclose(out[:, :, :25], alone, atol=1e-5)
 
 
+def test_an_eps_that_would_erase_the_probabilities_is_refused():
+    _, image, logits = scene(0, 20, 24, 3)
+    with pytest.raises(ValueError, match=r"eps=0.4 is not below 1 / C = 1/3"):
+        DenseCRF(iterations=1, eps=0.4)(image, softmax(logits))
+    DenseCRF(iterations=1, eps=0.4)(image, softmax(logits[:2]))  # two classes: 0.4 keeps their order
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [
@@ -74,5 +81,8 @@ def test_bad_input_is_named(call, error, match):
 def test_bad_parameters_fail_at_construction():
     with pytest.raises(ValueError, match="iterations"):
         DenseCRF(iterations=0)
+    for eps in (0.0, -1.0, 1.0, 2.0, float("nan"), True, "1e-8"):  # 2 made every output exactly 1 / C
+        with pytest.raises(ValueError, match=r"eps \(the smallest probability kept before the logarithm\) must be"):
+            DenseCRF(eps=eps)
     with pytest.raises(ValueError, match="theta_alpha"):
         DenseCRF(theta_alpha=-1.0)

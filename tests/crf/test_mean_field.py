@@ -11,6 +11,8 @@ from crf_scenes import PARAMS, at_inference_threads, densecrf_q, scene
 from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.crf import fast_inference
 from crfrnn_deeplab.crf.fast_inference import class_softmax
+from crfrnn_deeplab.crf.kernels import build_kernels
+from crfrnn_deeplab.crf.mean_field import mean_field_step, mean_field_steps
 from crfrnn_deeplab.crf.sparse_rows import SparseRows
 from crfrnn_deeplab.crf.spatial import gaussian_1d, spatial_gaussian
 
@@ -352,6 +354,8 @@ def test_uint8_image_accepted():
         (lambda z, im, m: (z.index_fill(1, torch.tensor([0]), float("nan")), im, m), ValueError, "NaN"),
         (lambda z, im, m: (z, im - 128.0, m), ValueError, "negative values.*normalised network input"),
         (lambda z, im, m: (z[:, :2], im, m), ValueError, "2 classes, the CRF was built for 3"),
+        (lambda z, im, m: (z, im.clone().requires_grad_(True), m), ValueError,
+         "image requires grad.*does not differentiate its guidance.*image.detach"),
     ],
 )
 def test_bad_input(mutate, error, match):
@@ -373,11 +377,85 @@ def test_bad_input(mutate, error, match):
         (dict(num_classes=3, train_iterations=-1), "train_iterations"),
         (dict(num_classes=3, bilateral_weight=float("nan")), "bilateral_weight must be a finite number, got nan"),
         (dict(num_classes=3, spatial_weight=float("inf")), "spatial_weight must be a finite number, got inf"),
+        (dict(num_classes=True), "num_classes must be an int >= 1, got True"),
+        (dict(num_classes=3, train_iterations=True), "train_iterations must be an int >= 0, got True"),
+        (dict(num_classes=3, theta_alpha=True), "theta_alpha must be a real number"),
+        (dict(num_classes=3, theta_beta=torch.tensor(5.0)), "theta_beta must be a real number.*Tensor"),
+        (dict(num_classes=3, theta_gamma=1e-50), "theta_gamma=1e-50 is 0 or infinite in float32"),
+        (dict(num_classes=3, theta_alpha=1e39), "theta_alpha=1e\\+39 is 0 or infinite in float32"),
     ],
 )
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MeanFieldCRF(**kwargs)
+
+
+def test_numpy_numbers_construct_the_same_layer():
+    logits, image = small_inputs(c=3)
+    plain = MeanFieldCRF(num_classes=3, theta_beta=5.0, eval_iterations=2).double().eval()
+    numpy = MeanFieldCRF(num_classes=np.int64(3), theta_beta=np.float32(5.0), eval_iterations=np.int64(2),
+                         spatial_weight=np.float64(3.0)).double().eval()
+    assert type(numpy.num_classes) is int and type(numpy.eval_iterations) is int
+    with torch.no_grad():
+        torch.testing.assert_close(numpy(logits, image), plain(logits, image))
+
+
+@pytest.mark.parametrize("name", ["spatial_weight", "bilateral_weight", "compatibility", "log_theta_alpha",
+                                  "log_theta_beta", "log_theta_gamma"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_parameters_are_named_not_turned_into_nan_output(name, value):
+    # edited, loaded from a checkpoint: the output would be NaN everywhere (or the filters would fail obscurely)
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).double()
+    with torch.no_grad():
+        getattr(crf, name).view(-1)[0] = value
+    for mode in (crf.eval(), crf.train()):
+        with pytest.raises(ValueError, match=f"parameters {name} hold NaN or infinite values"):
+            mode(logits, image)
+
+
+@pytest.mark.parametrize("name, log_value, match", [
+    ("log_theta_gamma", 100.0, "bandwidths must be finite and > 0 in torch.float32, got theta_gamma=inf"),
+    ("log_theta_gamma", -110.0, "bandwidths must be finite and > 0 in torch.float32, got theta_gamma=0.0"),
+    ("log_theta_beta", 100.0, "got theta_beta=inf"),
+    ("log_theta_alpha", -100.0, "bilateral features.*overflow torch.float32: theta_alpha=3.78.*too small"),
+])
+def test_bandwidths_out_of_the_dtypes_range_are_named(name, log_value, match):
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3)
+    with torch.no_grad():
+        getattr(crf, name).fill_(log_value)
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        crf.eval()(logits.float(), image.float())
+
+
+def test_build_kernels_checks_its_arguments_and_takes_numbers():
+    _, image = small_inputs(c=3)
+    numbers = build_kernels(image, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0)
+    tensors = build_kernels(image, theta_alpha=torch.tensor(80.0, dtype=torch.float64),
+                            theta_beta=torch.tensor(13.0, dtype=torch.float64),
+                            theta_gamma=torch.tensor(3.0, dtype=torch.float64))
+    torch.testing.assert_close(numbers.norm_bilateral, tensors.norm_bilateral, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="normalization must be 'symmetric' or 'after', got 'bogus'"):
+        build_kernels(image, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, normalization="bogus")
+    with pytest.raises(ValueError, match="got theta_alpha=0.0, theta_gamma=nan"):
+        build_kernels(image, theta_alpha=0.0, theta_beta=13.0, theta_gamma=float("nan"))
+
+
+def test_mean_field_loops_name_bad_arguments():
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).double()
+    kernels, pairwise = crf.kernels(image), crf.pairwise(torch.float64)
+    unary = logits.movedim(1, -1).contiguous()
+    for loop in (fast_inference.mean_field_inference, mean_field_steps):
+        with pytest.raises(ValueError, match="iterations must be an int >= 0, got -1"):
+            loop(unary, kernels, pairwise, -1)
+        with pytest.raises(ValueError, match=r"pairwise must be .*two Tensor\[3, 3\], got \[\(5, 5\), \(3, 3\)\]"):
+            loop(unary, kernels, (torch.eye(5, dtype=torch.float64), pairwise[1]), 1)
+        with pytest.raises(ValueError, match=r"unary must be Tensor\[B, \*S, C\] with \(B, \*S\) = \(1, 7, 8\)"):
+            loop(logits, kernels, pairwise, 1)  # channels first
+    with pytest.raises(ValueError, match="unary .* and logits .* differ in shape"):
+        mean_field_step(unary, unary[:, :, :1], kernels, pairwise)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 70, 5, 21), (1, 40, 32, 4)])  # lanes: 3, 21 channels; 16

@@ -140,3 +140,17 @@ def test_spatial_filter_names_a_bad_out():
             spatial_gaussian(x, theta, out=bad)
     with pytest.raises(ValueError, match="autograd"):
         spatial_gaussian(x.requires_grad_(True), theta, out=torch.empty(1, 6, 5, 3))
+
+
+def test_spatial_filter_names_bad_values_and_bandwidths():
+    x = torch.randn(1, 6, 7, 2)
+    with pytest.raises(TypeError, match="values must be a floating-point Tensor, got torch.int64"):
+        spatial_gaussian(torch.randint(0, 100, (1, 6, 7, 2)), torch.tensor(3.0))  # was returned unfiltered
+    for theta in (0.0, -1.0, float("nan"), float("inf")):  # 0 was NaN everywhere, inf an OverflowError
+        with pytest.raises(ValueError, match="bandwidth .* and a truncation that are finite and > 0"):
+            spatial_gaussian(x, torch.tensor(theta))
+    with pytest.raises(ValueError, match="finite and > 0, got inf"):
+        spatial_gaussian(x, torch.tensor(3.0), spacing=(1e-320, 1.0))  # θ / spacing overflows
+    with pytest.raises(ValueError, match="truncation that are finite and > 0, got 3.0 and -1"):
+        spatial_gaussian(x, torch.tensor(3.0), truncate=-1)
+    assert torch.equal(spatial_gaussian(x, 3.0), spatial_gaussian(x, torch.tensor(3.0)))  # a number is taken
