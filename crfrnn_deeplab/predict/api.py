@@ -21,6 +21,7 @@ max fusion inside each pass.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +33,28 @@ from torch import Tensor, nn
 
 from crfrnn_deeplab.images import check_rgb_array, check_rgb_image, check_scales, pil_to_rgb, resize, scaled_size
 
-__all__ = ["ImageLike", "Prediction", "is_single_image", "predict", "to_raw_batch"]
+__all__ = [
+    "MAX_CRF_ITERATIONS",
+    "MAX_SCALE",
+    "ImageLike",
+    "Prediction",
+    "check_crf_iterations",
+    "check_prediction_scales",
+    "is_single_image",
+    "predict",
+    "resolve_device",
+    "to_raw_batch",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Largest test-time input scale. DeepLab's test scales are 0.5-1.5; 8 still lets a thumbnail be upscaled, while
+#: the cost grows with the square of the scale (and an absurd scale would overflow the resized size).
+MAX_SCALE = 8.0
+
+#: Most mean-field iterations one prediction may ask for. CRF-RNN trains with 5 and tests with 10, and the
+#: mean-field updates have converged long before 1000; a larger count is a typo that would look like a hang.
+MAX_CRF_ITERATIONS = 1000
 
 #: One image: ``uint8 [H, W, 3]`` RGB ndarray, a PIL image, or an RGB 0-255 tensor ``[3, H, W]`` (uint8 or float).
 ImageLike = np.ndarray | Image.Image | Tensor
@@ -99,7 +119,8 @@ def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
         if isinstance(image, Tensor):
             raw = check_rgb_image(image, name=where, dims=(3,)).float()
         elif isinstance(image, np.ndarray):
-            raw = torch.tensor(check_rgb_array(image, name=where)).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
+            array = np.ascontiguousarray(check_rgb_array(image, name=where))  # e.g. a flipped view, image[:, ::-1]
+            raw = torch.tensor(array).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
         elif isinstance(image, Image.Image):
             raw = torch.tensor(pil_to_rgb(image, name=where)).permute(2, 0, 1).float()
         else:
@@ -174,10 +195,13 @@ def predict(
             :class:`~crfrnn_deeplab.models.crfrnn.CRFRNN` (any network module with a ``preprocess`` method works).
         images: one image or a list (see :func:`to_raw_batch`); sizes may differ.
         crf: run the model's CRF layer, when it has one (a model without a CRF ignores this).
-        crf_iterations: mean-field iterations for this call (default: the CRF's ``eval_iterations``).
-        scales: test-time input scales; the logits of every scale are resized to the image and averaged.
+        crf_iterations: mean-field iterations for this call, ``0..MAX_CRF_ITERATIONS`` (default: the CRF's
+            ``eval_iterations``).
+        scales: test-time input scales, each in ``(0, MAX_SCALE]``; the logits of every scale are resized to the
+            image and averaged.
         flip: also run every scale on the horizontally flipped image (logits flipped back, averaged in).
-        device: move the model there first (it stays there); default: where the model is.
+        device: move the model there first (it stays there); default: where the model is. Checked by
+            :func:`resolve_device` before anything runs.
         batch_size: most images of equal size per forward pass (network and CRF); images of different sizes are
             run separately, never padded into one batch, so each prediction is the one its image gets alone.
 
@@ -185,30 +209,34 @@ def predict(
         One :class:`Prediction` per image, in input order, on the CPU.
 
     Raises:
-        TypeError: an unsupported model or image type (see :func:`to_raw_batch`).
-        ValueError: bad images or options, ``crf_iterations`` without a CRF to run, or an image smaller than
-            the model accepts at one of the ``scales``.
+        TypeError: an unsupported model or image type (see :func:`to_raw_batch`); ``crf`` or ``flip`` not a bool,
+            ``crf_iterations`` or ``batch_size`` not an integer.
+        ValueError: bad images or option values, ``crf_iterations`` without a CRF to run, an image smaller than the
+            model accepts at one of the ``scales``, a device that cannot run here, or a model on the meta device.
     """
     if not (isinstance(model, nn.Module) and callable(getattr(model, "preprocess", None))):
         raise TypeError(
             "model must be a DeepLabV2, MSC or CRFRNN (an nn.Module with a preprocess() method), "
             f"got {type(model).__name__}"
         )
+    crf, flip = _check_flag(crf, "crf"), _check_flag(flip, "flip")
     has_crf = isinstance(getattr(model, "crf", None), nn.Module) and isinstance(getattr(model, "network", None), nn.Module)
     network, crf_layer = (model.network, model.crf if crf else None) if has_crf else (model, None)
     if crf_iterations is not None:
-        if isinstance(crf_iterations, bool) or not isinstance(crf_iterations, int) or crf_iterations < 0:
-            raise ValueError(f"crf_iterations must be an int >= 0, got {crf_iterations!r}")
+        crf_iterations = check_crf_iterations(crf_iterations)
         if crf_layer is None:
             reason = "crf=False" if has_crf else f"a {type(model).__name__} has no CRF layer"
             raise ValueError(f"crf_iterations={crf_iterations} given but no CRF runs ({reason})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    batch_size = _check_int(batch_size, "batch_size")
+    if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    scales = check_scales(scales)
+    scales = check_prediction_scales(scales)
+    target = resolve_device(device) if device is not None else None
+    _check_not_meta(model)
     raws = to_raw_batch(images)
     _check_sizes(raws, scales, getattr(network, "min_input_size", 1))
-    if device is not None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -231,6 +259,85 @@ def predict(
         if crf_iterations is not None:
             crf_layer.eval_iterations = saved_iterations
     return predictions  # type: ignore[return-value]  # every slot is filled
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to predict on: ``device``, checked, or (``None``) the machine's accelerator if it has one, else
+    the CPU.
+
+    Raises:
+        ValueError: not a device name; a device this machine does not have (``cuda`` without a GPU, an index past
+            the last GPU); or the ``meta`` device, whose tensors hold no data to compute with.
+    """
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if device is None:
+        return accelerator if accelerator is not None else torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:  # an unknown device type, a malformed index
+        raise ValueError(f"device {str(device)!r} is not a torch device: {e}") from None
+    if resolved.type == "cpu":
+        return resolved
+    usable = "'cpu'" + (f" or {accelerator.type!r}" if accelerator is not None else "")
+    if resolved.type == "meta":
+        raise ValueError(f"device 'meta' cannot run a prediction (meta tensors hold no data); use {usable}")
+    if accelerator is None or resolved.type != accelerator.type:
+        raise ValueError(f"device {str(device)!r} is not available on this machine; use {usable}")
+    count = torch.accelerator.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} {accelerator.type} "
+                         f"device(s), indices 0..{count - 1}")
+    return resolved
+
+
+def check_prediction_scales(scales: object) -> tuple[float, ...]:
+    """Test-time input scales as a tuple of floats, each in ``(0, MAX_SCALE]``.
+
+    Raises:
+        ValueError: not a non-empty sequence of positive finite numbers, or a scale above :data:`MAX_SCALE`.
+    """
+    scales = check_scales(scales)
+    for s in scales:
+        if s > MAX_SCALE:
+            raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s:g}")
+    return scales
+
+
+def check_crf_iterations(value: object, name: str = "crf_iterations") -> int:
+    """A mean-field iteration count for one prediction, ``0..MAX_CRF_ITERATIONS``, as an ``int``.
+
+    Raises:
+        TypeError: not an integer (``bool`` included).
+        ValueError: negative, or above :data:`MAX_CRF_ITERATIONS`.
+    """
+    value = _check_int(value, name)
+    if not 0 <= value <= MAX_CRF_ITERATIONS:
+        raise ValueError(f"{name} must be an int in 0..{MAX_CRF_ITERATIONS}, got {value}")
+    return value
+
+
+def _check_int(value: object, name: str) -> int:
+    """``value`` as an ``int``: any integer type (numpy's too) but ``bool``, else TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _check_flag(value: object, name: str) -> bool:
+    """``value`` as a ``bool`` (numpy's too), else TypeError: a truthy string such as ``'no'`` is not a flag."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    """Raises ValueError when ``model`` has tensors on the meta device (built without data, never loaded)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise ValueError(f"the model's {name} is on the meta device (it holds no data): materialise the model "
+                             "(to_empty(device=...) and load its weights) before predicting")
 
 
 def _check_sizes(raws: Sequence[Tensor], scales: tuple[float, ...], min_size: int) -> None:

@@ -12,29 +12,40 @@ of the checkpoint. Options add ``overlays/<name>.png`` (the colours blended over
 Inputs are image files and directories; a directory contributes its ``.png``, ``.jpg``, ``.jpeg``, ``.bmp``,
 ``.tif`` and ``.tiff`` files (not those of its subdirectories), in name order. ``<name>`` is the file's stem; a stem
 seen before gets a suffix (``_2``, ``_3``, ...). No input file is ever overwritten: the run refuses to start if an
-output path is an input. An image that cannot be read (or is too small for the model) is reported on stderr and
-skipped; the run goes on and exits with status 1. Exit status 2: bad arguments, a missing or unreadable
-checkpoint, no images found.
+output path is an input, and every output is written to a temporary file in its folder and renamed onto its name
+(:func:`~crfrnn_deeplab.data.io.atomic_write`), so ``--overwrite`` replaces an existing output's directory entry
+and never writes into the file a hard link or a symlink there points to, and an interrupted run leaves no
+truncated output. An image that cannot be read (or is too small for the model) is reported on stderr and skipped;
+the run goes on and exits with status 1. Exit status 2: bad arguments (a device this machine lacks included), a
+missing, unreadable or non-finite checkpoint, no images found.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
-from crfrnn_deeplab.data.io import DatasetError, read_image
-from crfrnn_deeplab.predict.api import Prediction, predict
+from crfrnn_deeplab.data.io import DatasetError, atomic_write, read_image
+from crfrnn_deeplab.predict.api import (
+    MAX_CRF_ITERATIONS,
+    MAX_SCALE,
+    Prediction,
+    check_crf_iterations,
+    check_prediction_scales,
+    predict,
+    resolve_device,
+)
 from crfrnn_deeplab.visualize import colorize, make_panel, palette
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "output_names", "main"]
@@ -92,9 +103,10 @@ def _parse_scales(text: str) -> tuple[float, ...]:
         scales = tuple(float(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.75,1, got {text!r}") from None
-    if not all(0 < s < float("inf") for s in scales):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
-    return scales
+    try:
+        return check_prediction_scales(scales)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (from {text!r})") from None
 
 
 def _positive_int(text: str) -> int:
@@ -104,11 +116,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+def _crf_iterations(text: str) -> int:
+    try:
+        return check_crf_iterations(int(text), "--crf-iterations")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that already exist (default: refuse to start)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda:0 (default: the accelerator if there is one, else cpu)")
     parser.add_argument("--no-crf", action="store_true", help="network only, even if the model has a CRF layer")
-    parser.add_argument("--crf-iterations", type=_non_negative_int, default=None,
-                        help="mean-field iterations (default: the checkpoint's eval_iterations)")
+    parser.add_argument("--crf-iterations", type=_crf_iterations, default=None,
+                        help=f"mean-field iterations, 0..{MAX_CRF_ITERATIONS} (default: the checkpoint's eval_iterations)")
     parser.add_argument("--scales", type=_parse_scales, default=(1.0,),
-                        help="test-time input scales, comma-separated, e.g. 0.5,0.75,1 (logits averaged; default 1)")
+                        help=f"test-time input scales in (0, {MAX_SCALE:g}], comma-separated, e.g. 0.5,0.75,1 "
+                        "(logits averaged; default 1)")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally flipped image's logits")
     parser.add_argument("--overlay", action="store_true", help="write overlays/<name>.png: colours over the image")
     parser.add_argument("--panel", action="store_true", help="write panels/<name>.png: image | network | network + CRF")
@@ -166,25 +180,32 @@ def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path], *, over
                 raise UsageError(f"output directory {str(parent)!r} is a file")
         if path.is_dir():
             raise UsageError(f"output {str(path)!r} is a directory")
-        if path.exists() and not overwrite:
+        if os.path.lexists(path) and not overwrite:  # a dangling symlink too: the name is taken
             raise UsageError(f"output {str(path)!r} already exists; pass --overwrite to replace existing outputs")
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
 
 
 def _write(prediction: Prediction, image: np.ndarray, paths: dict[str, Path], colours: np.ndarray,
            titles: tuple[str, ...]) -> None:
+    """Writes one image's outputs, each whole or not at all (:func:`atomic_write`)."""
     labels = prediction.labels.numpy().astype(np.uint8)
     png = Image.fromarray(labels)  # "L"; putpalette makes it "P" with the same index values
     png.putpalette(colours.reshape(-1).tolist())
-    png.save(paths["labels"])
+    _save_png(png, paths["labels"])
     if "overlay" in paths:
         blend = (1 - _OVERLAY_ALPHA) * image + _OVERLAY_ALPHA * colorize(labels, colours)
-        Image.fromarray(blend.round().astype(np.uint8)).save(paths["overlay"])
+        _save_png(Image.fromarray(blend.round().astype(np.uint8)), paths["overlay"])
     if "panel" in paths:
         row = [image, prediction.labels] if prediction.network_labels is None else [
             image, prediction.network_labels, prediction.labels]
-        make_panel([row], titles=titles[: len(row)], colours=colours).save(paths["panel"])
+        _save_png(make_panel([row], titles=titles[: len(row)], colours=colours), paths["panel"])
     if "probabilities" in paths:
-        np.save(paths["probabilities"], prediction.probabilities.numpy().astype(np.float16))
+        with atomic_write(paths["probabilities"]) as f:
+            np.save(f, prediction.probabilities.numpy().astype(np.float16))
 
 
 def _error(message: str) -> None:
@@ -199,6 +220,10 @@ def _plan(args: argparse.Namespace) -> tuple[list[Path], list[dict[str, Path]], 
     """
     if args.no_crf and args.crf_iterations is not None:
         raise UsageError("--crf-iterations has no effect with --no-crf")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
     images = find_images(args.inputs)
     names = output_names(images)
     outputs = [_outputs(args.out, name, args) for name in names]
@@ -207,10 +232,7 @@ def _plan(args: argparse.Namespace) -> tuple[list[Path], list[dict[str, Path]], 
     model, report = model_for_checkpoint(args.checkpoint)
     if args.crf_iterations is not None and not isinstance(model, CRFRNN):
         raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
-    try:
-        model.to(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    except (RuntimeError, AssertionError) as e:  # an unknown device name; a device this torch lacks
-        raise UsageError(f"--device {args.device!r}: {e}") from None
+    model.to(device)
     return images, outputs, model, report
 
 
@@ -229,11 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for sub in {p.parent for o in outputs for p in o.values()}:
         sub.mkdir(parents=True, exist_ok=True)
-    (args.out / "classes.json").write_text(json.dumps({
-        "num_classes": num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
-        "palette": colours[:num_classes].tolist(),
-    }, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(args.out / "classes.json") as f:
+        f.write((json.dumps({
+            "num_classes": num_classes,
+            "class_names": list(class_names) if class_names is not None else None,
+            "palette": colours[:num_classes].tolist(),
+        }, indent=2) + "\n").encode("utf-8"))
 
     options = dict(crf=not args.no_crf, crf_iterations=args.crf_iterations, scales=args.scales, flip=args.flip,
                    batch_size=args.batch_size)

@@ -8,7 +8,9 @@ initialisation for a stated reason (no head in the checkpoint, another number of
 checkpoint, no BatchNorm counters); anything else — unknown keys, missing keys, shape mismatches outside the
 class dimension — is a :class:`~.layouts.ConversionError` naming the keys (and both shapes). ``strict=False``
 reports them instead. Loading also refuses a model of another architecture than the weights'
-(:func:`~.architecture.check_architecture`) and sets the model's input convention to the weights'.
+(:func:`~.architecture.check_architecture`) and, strict or not, a checkpoint tensor that holds NaN or infinite
+values (a model built from it would predict NaN everywhere, and argmax turns that into class 0 without a word), and
+sets the model's input convention to the weights'.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from crfrnn_deeplab.models.conventions import InputConvention
 from crfrnn_deeplab.weights.architecture import ModelParts, check_architecture, model_parts
+from crfrnn_deeplab.weights.checkpoint import CheckpointError
 from crfrnn_deeplab.weights.layouts import ConversionError, ConvertedStateDict, convert_state_dict
 
 __all__ = ["LoadReport", "Mismatch", "load_converted", "load_into"]
@@ -231,6 +235,22 @@ def _refuse_or_report(converted: ConvertedStateDict, matching: _Matching, report
     report.mismatched.update(matching.wrong_shape)
 
 
+def _refuse_non_finite(converted: ConvertedStateDict, matching: _Matching, source_of: Mapping[str, str]) -> None:
+    """Raises CheckpointError naming (as in the checkpoint) every tensor to be loaded that holds NaN or inf."""
+    bad = []
+    for name, value in matching.loaded.items():
+        if value.is_floating_point() or value.is_complex():
+            count = value.numel() - int(torch.isfinite(value).sum())
+            if count:
+                bad.append(f"{source_of[name]} ({count} of {value.numel()} values)")
+    if bad:
+        raise CheckpointError(
+            f"the checkpoint {converted.source} holds NaN or infinite values in {len(bad)} tensor(s): "
+            f"{_abbreviate(bad)}; a model with these weights predicts NaN (the run that wrote it may have "
+            "diverged: use an earlier checkpoint)"
+        )
+
+
 def _set_convention(net: nn.Module, converted: ConvertedStateDict, report: LoadReport) -> None:
     convention = converted.input_convention
     if convention is None:
@@ -260,11 +280,12 @@ def load_converted(model: nn.Module, converted: ConvertedStateDict, *, strict: b
     report.reinitialised_classifier = bool(report.mismatched)
     _explain_missing(converted, parts.prefix, target, matching, report)
     _refuse_or_report(converted, matching, report, strict=strict)
+    source_of = {(k if k.startswith("crf.") else parts.prefix + k): src for k, src in converted.source_keys.items()}
+    _refuse_non_finite(converted, matching, source_of)
 
     result = parts.root.load_state_dict(matching.loaded, strict=False)
     left = {k for k in [*report.missing, *report.mismatched] if not k.endswith(".num_batches_tracked")}
     assert not result.unexpected_keys and set(result.missing_keys) == left, result  # BatchNorm fills its counter
-    source_of = {(k if k.startswith("crf.") else parts.prefix + k): src for k, src in converted.source_keys.items()}
     report.used = {name: source_of[name] for name in target if name in matching.loaded}
     _set_convention(net, converted, report)
     names = converted.metadata.get("class_names")
@@ -301,7 +322,8 @@ def load_into(
         ConversionError: unknown or undetectable layout; a model of another depth, block layout or head than the
             weights (the message names the builder option); with ``strict``, unknown / missing keys and shape
             mismatches, each named as in the checkpoint (with both shapes).
-        CheckpointError: the file is truncated, not a checkpoint, or needs pickle execution.
+        CheckpointError: the file is truncated, not a checkpoint, or needs pickle execution; a tensor to be loaded
+            holds NaN or infinite values (named, with how many).
         FileNotFoundError: no such file.
     """
     return load_converted(model, convert_state_dict(source, layout=layout), strict=strict)

@@ -1,6 +1,7 @@
 """Prediction: crfrnn_deeplab.predict.api (model.predict) and the command line, python -m crfrnn_deeplab.predict."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from crfrnn_deeplab import CRFRNN, MSC, MeanFieldCRF, get_model
-from crfrnn_deeplab.weights.checkpoint import load_checkpoint
+from crfrnn_deeplab.weights.checkpoint import CheckpointError, load_checkpoint, model_entries, save_checkpoint
 from crfrnn_deeplab.weights import model_for_checkpoint
 from crfrnn_deeplab.data import voc_colormap
-from crfrnn_deeplab.data.io import read_image
-from crfrnn_deeplab.predict.api import Prediction, predict, to_raw_batch
+from crfrnn_deeplab.data.io import atomic_write, read_image
+from crfrnn_deeplab.predict.api import MAX_CRF_ITERATIONS, MAX_SCALE, Prediction, predict, to_raw_batch
 from crfrnn_deeplab.predict.cli import main, output_names
 from train_script import import_train
 
@@ -313,3 +314,195 @@ def test_bad_options_raise_clear_errors(raws):
         model.predict(raws[0], batch_size=0)
     with pytest.raises(TypeError, match="DeepLabV2, MSC or CRFRNN"):
         predict(torch.nn.Conv2d(3, 4, 1), raws[0])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# hostile inputs: no lost file, no silent wrong result, one clear error
+
+
+def _tiny_checkpoint(path, *, model=None):
+    """A CRF-RNN checkpoint of :func:`_crfrnn` (no training: milliseconds), optionally of another ``model``."""
+    model = _crfrnn() if model is None else model
+    return save_checkpoint(path, model_entries(
+        model, name="deeplabv2_resnet18", num_classes=NUM_CLASSES, options={"base_width": 8},
+        crf={"eval_iterations": 2}, class_names=None))
+
+
+@pytest.fixture
+def one_image(tmp_path):
+    """in/q.png, a 20 x 24 RGB image, and its bytes."""
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "q.png"
+    Image.fromarray(_random_image(np.random.default_rng(1), 20, 24)).save(path)
+    return path, path.read_bytes()
+
+
+def test_overwrite_replaces_a_hard_link_to_an_input_without_writing_into_the_input(tmp_path, one_image):
+    source, before = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(source, out / "q.png")  # the output's name is another name of the input file
+    assert main([str(source), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 0
+    assert source.read_bytes() == before
+    labels, _ = _read_labels(out / "q.png")
+    assert labels.shape == (20, 24) and not os.path.samefile(source, out / "q.png")
+
+
+def test_overwrite_replaces_a_symlink_not_its_target(tmp_path, one_image):
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"a file outside --out")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "q.png").symlink_to(elsewhere)
+    (out / "classes.json").symlink_to(elsewhere)
+    assert main([str(source), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"]) == 0
+    assert elsewhere.read_bytes() == b"a file outside --out"
+    assert not (out / "q.png").is_symlink() and not (out / "classes.json").is_symlink()
+    assert _read_labels(out / "q.png")[0].shape == (20, 24)
+    assert json.loads((out / "classes.json").read_text())["num_classes"] == NUM_CLASSES
+
+
+def test_a_dangling_symlink_is_an_existing_output(tmp_path, one_image, capsys):
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "q.png").symlink_to(tmp_path / "nowhere.png")  # writing through it would create a file outside --out
+    assert main([str(source), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere.png").exists()
+
+
+def test_an_interrupted_write_leaves_no_truncated_output(tmp_path, one_image, monkeypatch):
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "q.png").write_bytes(b"the previous output")
+
+    def interrupted(self, fp, *args, **kwargs):  # Ctrl-C halfway through PIL's writing of the label map
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half a file")
+        else:
+            fp.write(b"\x89PNG half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(source), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"])
+    assert (out / "q.png").read_bytes() == b"the previous output"
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "q.png"]  # no temporary file left behind
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(path) as f:
+            f.write(b"new, but")
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    with atomic_write(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path, one_image, capsys):
+    model = _crfrnn()
+    with torch.no_grad():
+        model.crf.spatial_weight.fill_(float("nan"))
+        model.network.backbone.bn1.running_var[0] = float("inf")
+    checkpoint = _tiny_checkpoint(tmp_path / "nan.pt", model=model)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 2 tensor\(s\).*crf\.spatial_weight "
+                                              rf"\({NUM_CLASSES ** 2} of {NUM_CLASSES ** 2} values\)"):
+        model_for_checkpoint(checkpoint)
+    source, _ = one_image
+    out = tmp_path / "out"
+    assert main([str(source), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "crf.spatial_weight" in err and "running_var (1 of 8 values)" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_reported_and_skipped(tmp_path, one_image, monkeypatch,
+                                                                             capsys):
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(source.parent / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # q.png (480 pixels) passes; 1600 > 2 x 500 is a bomb
+    assert main([str(source.parent), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "big.png" in captured.err and "decompression bomb" in captured.err
+    assert "1 written, 1 failed" in captured.out and (tmp_path / "out" / "q.png").is_file()
+
+
+def test_a_flipped_numpy_view_is_accepted(raws):
+    model = _network()
+    hwc = raws[0].permute(1, 2, 0).numpy()
+    flipped = model.predict(hwc[:, ::-1])  # negative strides
+    assert torch.equal(flipped.labels, model.predict(hwc[:, ::-1].copy()).labels)
+
+
+@pytest.mark.parametrize("scales", [(1e300,), (1.0, MAX_SCALE * 2)])
+def test_a_huge_scale_is_a_clear_error(raws, scales):
+    with pytest.raises(ValueError, match=rf"scales must be at most {MAX_SCALE:g}"):
+        _network().predict(raws[0], scales=scales)
+
+
+def test_cli_huge_scale_and_crf_iterations_are_usage_errors(tmp_path, one_image, capsys):
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    for option, value, message in [("--scales", "1,1e300", "scales must be at most"),
+                                   ("--crf-iterations", "1000000000", f"0..{MAX_CRF_ITERATIONS}")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(source), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), option, value])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, match", [
+    ("meta", "meta tensors hold no data"),
+    ("cuda:99", "not available|does not exist"),
+    ("nonsense", "not a torch device"),
+])
+def test_an_unusable_device_is_refused_before_anything_moves_or_is_written(raws, tmp_path, one_image, capsys,
+                                                                            device, match):
+    model = _crfrnn()
+    with pytest.raises(ValueError, match=match):
+        model.predict(raws[0], device=device)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    source, _ = one_image
+    checkpoint = _tiny_checkpoint(tmp_path / "ck.pt")
+    assert main([str(source), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--device", device]) == 2
+    assert "--device" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_model_on_the_meta_device_is_refused(raws):
+    with torch.device("meta"):
+        model = _network()
+    with pytest.raises(ValueError, match="meta device"):
+        model.predict(raws[0])
+
+
+def test_numpy_integers_are_accepted_and_non_bools_refused(raws):
+    model = _crfrnn()
+    expected = model.predict(raws[0], crf_iterations=1)
+    p = model.predict(raws[0], crf_iterations=np.int64(1), batch_size=np.int32(2))
+    assert torch.equal(p.probabilities, expected.probabilities)
+    assert model.crf.eval_iterations == 2 and type(model.crf.eval_iterations) is int
+    assert torch.equal(model.predict(raws[0], crf=np.bool_(False)).labels, model.predict(raws[0], crf=False).labels)
+    for option, value, error, match in [
+        ("crf", "no", TypeError, "crf must be True or False, got str 'no'"),
+        ("flip", 1, TypeError, "flip must be True or False, got int 1"),
+        ("batch_size", True, TypeError, "batch_size must be an int, got bool"),
+        ("batch_size", 2.0, TypeError, "batch_size must be an int, got float"),
+        ("crf_iterations", "3", TypeError, "crf_iterations must be an int, got str"),
+        ("crf_iterations", -1, ValueError, rf"crf_iterations must be an int in 0..{MAX_CRF_ITERATIONS}, got -1"),
+        ("crf_iterations", 10**9, ValueError, rf"0..{MAX_CRF_ITERATIONS}, got 1000000000"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.predict(raws[0], **{option: value})
