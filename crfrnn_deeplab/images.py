@@ -37,6 +37,7 @@ __all__ = [
     "check_network_input",
     "check_rgb_array",
     "check_rgb_image",
+    "MAX_SCALE",
     "check_scales",
     "check_spacing",
     "check_spatial_dims",
@@ -305,17 +306,24 @@ def check_spacing(spacing: object, *, spatial_dims: int, name: str = "spacing") 
     return tuple(float(s) for s in spacing)
 
 
+#: Largest input scale (MSC, test-time augmentation). DeepLab's scales are 0.5-1.5; 8 still lets a thumbnail be
+#: upscaled, while the cost grows with the square of the scale (and an absurd one would overflow the resized size).
+MAX_SCALE = 8.0
+
+
 def check_scales(scales: object) -> tuple[float, ...]:
-    """Input scales (MSC, test-time augmentation) as a tuple of floats.
+    """Input scales (MSC, test-time augmentation) as a tuple of floats, each in ``(0, MAX_SCALE]``.
 
     Raises:
-        ValueError: not a non-empty sequence of positive finite numbers.
+        ValueError: not a non-empty sequence of positive finite numbers, or a scale above :data:`MAX_SCALE`.
     """
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or len(scales) == 0:
         raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
     for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
             raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
+        if s > MAX_SCALE:
+            raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s:g}")
     return tuple(float(s) for s in scales)
 
 

@@ -31,7 +31,15 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from crfrnn_deeplab.images import check_rgb_array, check_rgb_image, check_scales, pil_to_rgb, resize, scaled_size
+from crfrnn_deeplab.images import (
+    MAX_SCALE,
+    check_rgb_array,
+    check_rgb_image,
+    check_scales,
+    pil_to_rgb,
+    resize,
+    scaled_size,
+)
 
 __all__ = [
     "MAX_CRF_ITERATIONS",
@@ -39,7 +47,6 @@ __all__ = [
     "ImageLike",
     "Prediction",
     "check_crf_iterations",
-    "check_prediction_scales",
     "is_single_image",
     "predict",
     "resolve_device",
@@ -47,10 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Largest test-time input scale. DeepLab's test scales are 0.5-1.5; 8 still lets a thumbnail be upscaled, while
-#: the cost grows with the square of the scale (and an absurd scale would overflow the resized size).
-MAX_SCALE = 8.0
 
 #: Most mean-field iterations one prediction may ask for. CRF-RNN trains with 5 and tests with 10, and the
 #: mean-field updates have converged long before 1000; a larger count is a typo that would look like a hang.
@@ -230,7 +233,7 @@ def predict(
     batch_size = _check_int(batch_size, "batch_size")
     if batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    scales = check_prediction_scales(scales)
+    scales = check_scales(scales)
     target = resolve_device(device) if device is not None else None
     _check_not_meta(model)
     raws = to_raw_batch(images)
@@ -290,19 +293,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} {accelerator.type} "
                          f"device(s), indices 0..{count - 1}")
     return resolved
-
-
-def check_prediction_scales(scales: object) -> tuple[float, ...]:
-    """Test-time input scales as a tuple of floats, each in ``(0, MAX_SCALE]``.
-
-    Raises:
-        ValueError: not a non-empty sequence of positive finite numbers, or a scale above :data:`MAX_SCALE`.
-    """
-    scales = check_scales(scales)
-    for s in scales:
-        if s > MAX_SCALE:
-            raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s:g}")
-    return scales
 
 
 def check_crf_iterations(value: object, name: str = "crf_iterations") -> int:

@@ -37,12 +37,12 @@ from tqdm import tqdm
 from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
 from crfrnn_deeplab.data.io import DatasetError, atomic_write, read_image
+from crfrnn_deeplab.images import check_scales
 from crfrnn_deeplab.predict.api import (
     MAX_CRF_ITERATIONS,
     MAX_SCALE,
     Prediction,
     check_crf_iterations,
-    check_prediction_scales,
     predict,
     resolve_device,
 )
@@ -104,7 +104,7 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.75,1, got {text!r}") from None
     try:
-        return check_prediction_scales(scales)
+        return check_scales(scales)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{e} (from {text!r})") from None
 

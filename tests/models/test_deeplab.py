@@ -193,6 +193,8 @@ def test_bad_msc_construction(light):
         MSC(model=light, scales=())
     with pytest.raises(ValueError, match=r"scales must be positive finite numbers, got \(1.0, -0.5\)"):
         MSC(model=light, scales=(1.0, -0.5))
+    with pytest.raises(ValueError, match=r"scales must be at most 8 .* got 1e\+300"):  # overflowed the resize
+        MSC(model=light, scales=(1.0, 1e300))
     with pytest.raises(TypeError, match=r"model must be a DeepLabV2, got Identity"):
         MSC(model=nn.Identity())
 
