@@ -92,6 +92,8 @@ class DenseCRF:
         self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
         self.iterations = iterations
         self.device = None if device is None else torch.device(device)
+        if self.device is not None and self.device.type == "meta":
+            raise ValueError("device 'meta' cannot run the CRF (meta tensors hold no data)")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
             raise ValueError(f"eps (the smallest probability kept before the logarithm) must be a number in (0, 1), "
                              f"got {eps!r}")

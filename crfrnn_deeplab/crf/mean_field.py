@@ -101,6 +101,8 @@ def check_crf_inputs(
             logits.
         valid_mask: Tensor[B, *S] bool, or None.
     """
+    if any(isinstance(t, Tensor) and t.is_meta for t in (logits, image, valid_mask)):
+        raise ValueError("the CRF cannot run on meta tensors (they hold no data): give it real logits and image")
     check_logits(logits, spatial_dims=spatial_dims)
     if guidance_groups is None:
         check_rgb_image(image, dims=(spatial_dims + 2,))

@@ -81,6 +81,8 @@ def test_bad_input_is_named(call, error, match):
 def test_bad_parameters_fail_at_construction():
     with pytest.raises(ValueError, match="iterations"):
         DenseCRF(iterations=0)
+    with pytest.raises(ValueError, match="device 'meta' cannot run the CRF"):
+        DenseCRF(device="meta")
     for eps in (0.0, -1.0, 1.0, 2.0, float("nan"), True, "1e-8"):  # 2 made every output exactly 1 / C
         with pytest.raises(ValueError, match=r"eps \(the smallest probability kept before the logarithm\) must be"):
             DenseCRF(eps=eps)

@@ -354,6 +354,7 @@ def test_uint8_image_accepted():
         (lambda z, im, m: (z.index_fill(1, torch.tensor([0]), float("nan")), im, m), ValueError, "NaN"),
         (lambda z, im, m: (z, im - 128.0, m), ValueError, "negative values.*normalised network input"),
         (lambda z, im, m: (z[:, :2], im, m), ValueError, "2 classes, the CRF was built for 3"),
+        (lambda z, im, m: (z.to("meta"), im.to("meta"), m), ValueError, "cannot run on meta tensors"),
         (lambda z, im, m: (z, im.clone().requires_grad_(True), m), ValueError,
          "image requires grad.*does not differentiate its guidance.*image.detach"),
     ],
