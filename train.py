@@ -48,15 +48,16 @@ from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.data import IGNORE_INDEX, DatasetError, EvalTransform, TrainTransform, build_datasets, dataset_spec
 from crfrnn_deeplab.data.registry import scan_files
 from crfrnn_deeplab.models import CRFRNN, InputConvention, get_model, model_spec
-from crfrnn_deeplab.training.checkpoints import find_resume_checkpoint, restore_training_state, stage_dir
+from crfrnn_deeplab.training.checkpoints import check_training_state, find_resume_checkpoint
+from crfrnn_deeplab.training.checkpoints import restore_training_state, stage_dir
 from crfrnn_deeplab.training.checkpoints import training_checkpoint
 from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, apply_overrides, config_from_dict
-from crfrnn_deeplab.training.config import load_config, save_config, to_dict, validate
+from crfrnn_deeplab.training.config import is_resolved_config, load_config, save_config, to_dict, validate
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches, derive_seed
 from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, non_finite_parameters
-from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, print_error
+from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, original_message, print_error
 from crfrnn_deeplab.training.ddp import check_replicas_identical, use_sync_batchnorm, wrap_for_training
-from crfrnn_deeplab.training.evaluation import Evaluator, evaluate_baselines
+from crfrnn_deeplab.training.evaluation import Evaluator, SizeBatches, collate_by_size, evaluate_baselines
 from crfrnn_deeplab.training.grid_search import CRFGrid
 from crfrnn_deeplab.training.loss import forward_loss
 from crfrnn_deeplab.training.metrics_log import MetricsWriter
@@ -99,6 +100,12 @@ class Data:
 # Building blocks: the config turned into arguments
 
 
+#: The config key each dataset builder option comes from (the folder layout's: ``data.folder.<option>``).
+DATASET_OPTION_KEYS = {"root": "data.root", "seed": "seed", "size": "data.image_size",
+                       "train_images": "data.train_images", "val_images": "data.val_images",
+                       "held_out_images": "grid_search.held_out_images"}
+
+
 def dataset_options(cfg: Config) -> dict[str, Any]:
     """The keyword options of the registered dataset's builder (``crfrnn_deeplab.data.dataset_spec``), from the
     config: each builder takes the ones it names (``root``; the synthetic sizes; the folder layout)."""
@@ -125,7 +132,14 @@ def build_data(cfg: Config, convention: InputConvention) -> Data:
     options = dataset_options(cfg)
     if "root" in options and not (d.root and Path(d.root).is_dir()):
         raise DatasetError(f"data.root={d.root!r} is not a directory (dataset {d.dataset!r})")
-    splits = build_datasets(d.dataset, eval_transform=eval_tf, **options)
+    try:
+        splits = build_datasets(d.dataset, eval_transform=eval_tf, **options)
+    except DatasetError:
+        raise
+    except (TypeError, ValueError) as e:  # the builder refuses an option the config gave it, e.g. a size
+        given = ", ".join(f"{DATASET_OPTION_KEYS.get(name, 'data.folder.' + name)}={value}"
+                          for name, value in options.items() if name != "root")
+        raise ConfigError(f"dataset {d.dataset!r}: {e} (from {given})") from None
     for stage in (1, 2):
         s: StageConfig = getattr(cfg, f"stage{stage}")
         if s.iterations and s.batch_size * dist.get_world_size() > len(splits.train):
@@ -143,12 +157,13 @@ def build_data(cfg: Config, convention: InputConvention) -> Data:
     return Data(splits.train, train_tf, splits.val, held_out, tuple(splits.train.class_names))
 
 
-def build_eval_loader(dataset: Dataset, cfg: Config, *, max_images: int = 0) -> DataLoader:
-    """This rank's shard of ``dataset`` (the first ``max_images`` images when > 0), in order."""
+def build_eval_loader(dataset: Dataset, cfg: Config, *, max_images: int = 0) -> SizeBatches:
+    """This rank's shard of ``dataset`` (the first ``max_images`` images when > 0), in order, in batches of up to
+    ``eval.batch_size`` images of one size (images of other sizes go into batches of their own)."""
     if max_images:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    return DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=dist.ShardSampler(len(dataset)),
-                      num_workers=cfg.data.workers)
+    return SizeBatches(DataLoader(dataset, batch_size=cfg.eval.batch_size, sampler=dist.ShardSampler(len(dataset)),
+                                  num_workers=cfg.data.workers, collate_fn=collate_by_size))
 
 
 def build_network(cfg: Config) -> nn.Module:
@@ -216,12 +231,13 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
     scaler), the same on every rank (the ranks' gradients are already averaged).
 
     Returns:
-        ``(loss, problem, stop)``: the global batch's mean loss, why the update was not applied ("" when it
-        was), and the agreed stop flag.
+        ``(loss, problem, stop, labelled)``: the global batch's mean loss, why the update was not applied (""
+        when it was), the agreed stop flag, and the global batch's labelled pixels (0: every label is ignored).
     """
     world = dist.get_world_size()
     labelled = torch.tensor(float(sum(int((b["label"] != IGNORE_INDEX).sum()) for b in micro)), device=device)
-    normaliser = dist.all_reduce_sum(labelled).clamp_min(1.0) / world  # DDP averages the ranks' gradients
+    labelled = dist.all_reduce_sum(labelled)
+    normaliser = labelled.clamp_min(1.0) / world  # DDP averages the ranks' gradients
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro):
@@ -256,7 +272,7 @@ def optimizer_step(model: nn.Module, optimizer, scaler, micro: list[dict], *, st
                 g.mul_(factor)
         scaler.step(optimizer)
         scaler.update()
-    return loss_value, problem, bool(stop_now)
+    return loss_value, problem, bool(stop_now), int(labelled)
 
 
 def _divergence_message(cfg: Config, stage: int, step: int, problem: str, last_saved: int | None, *,
@@ -282,7 +298,8 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
                 stop_after: int | None = None) -> None:
     """The stage's optimiser steps from ``start_step``, with logging, evaluation (``evaluate_now(step)``),
     checkpoints (``save(step)`` writes ``last.pt``) and stopping (SIGINT/SIGTERM, or ``stop_after`` steps of
-    this call) at step boundaries. ``model``: the model to train (DDP-wrapped under torchrun).
+    this call) at step boundaries. ``model``: the model to train (DDP-wrapped under torchrun). ``last.pt`` is
+    written before every evaluation as well as after it, so that a failed evaluation loses no training steps.
 
     Raises:
         NonFiniteLossError: the loss or gradient became NaN/inf (the step is not applied, ``last.pt`` is left as
@@ -301,11 +318,19 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
     bar = tqdm(total=s.iterations, initial=start_step, desc=STAGE_NAMES[stage], dynamic_ncols=True,
                disable=not dist.is_main_process())
     timer, timed_steps = time.perf_counter(), 0
+    warned_unlabelled = False
     try:
         for done in range(start_step + 1, s.iterations + 1):
             micro = [next(batches) for _ in range(s.accumulate)]
-            loss, problem, stop_now = optimizer_step(model, optimizer, scaler, micro, stage=s, device=device,
-                                                     dtype=dtype, stop=stop, max_loss=monitor.limit)
+            loss, problem, stop_now, labelled = optimizer_step(model, optimizer, scaler, micro, stage=s,
+                                                               device=device, dtype=dtype, stop=stop,
+                                                               max_loss=monitor.limit)
+            if not labelled and not warned_unlabelled:
+                warned_unlabelled = True
+                logger.warning("%s, step %d: the batch has no labelled pixels (every label is %d = ignore), so its "
+                               "loss is 0 and there is nothing to learn from; if every batch is like this, the "
+                               "dataset's labels are wrong (data.dataset=%s)", STAGE_NAMES[stage], done,
+                               IGNORE_INDEX, cfg.data.dataset)
             if problem:
                 error = NonFiniteLossError if "not finite" in problem else DivergenceError
                 raise error(_divergence_message(cfg, stage, done, problem, last_saved, applied=False, crf=False))
@@ -324,13 +349,22 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
                 metrics.write({"kind": "train", "stage": stage, "step": done, "loss": loss, "lr": lr,
                                "images_per_s": rate, "epoch": batches.epoch}, global_step=done)
                 timer, timed_steps = time.perf_counter(), 0
-            if done == s.iterations or (s.eval_every and done % s.eval_every == 0):
-                evaluate_now(done)
+            evaluating = done == s.iterations or bool(s.eval_every and done % s.eval_every == 0)
+            stopping = stop_now or (stop_after is not None and done - start_step >= stop_after)
+            if evaluating:
+                save(done)  # first: an evaluation that fails (e.g. on a bad validation label) loses no steps
+                last_saved = done
+                try:
+                    evaluate_now(done)
+                except DatasetError as e:
+                    raise DatasetError(f"{original_message(str(e))} (evaluating {STAGE_NAMES[stage]} at step "
+                                       f"{done}: the training up to this step is saved in "
+                                       f"{stage_dir(cfg.out_dir, stage) / 'last.pt'}; fix the data, then python "
+                                       f"train.py --resume {cfg.out_dir})") from e
                 model.train()
                 timer, timed_steps = time.perf_counter(), 0
-            stopping = stop_now or (stop_after is not None and done - start_step >= stop_after)
-            if done % s.checkpoint_every == 0 or done == s.iterations or stopping:
-                save(done)
+            if evaluating or done % s.checkpoint_every == 0 or done == s.iterations or stopping:
+                save(done)  # after an evaluation again: its best and RNG draws, so a resume continues exactly
                 last_saved = done
             if stopping:
                 raise TrainingInterrupted(stop.signum, stage_dir(cfg.out_dir, stage) / "last.pt")
@@ -340,12 +374,19 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
 
 def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: torch.device, *,
               resume: dict[str, Any] | None, metrics: MetricsWriter, stop: StopRequest, stop_after: int | None,
-              baseline: dict[str, Any] | None = None, elapsed: Callable[[], float] = lambda: 0.0
-              ) -> tuple[nn.Module, int]:
+              baseline: dict[str, Any] | None = None, elapsed: Callable[[], float] = lambda: 0.0,
+              init_crf: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, int]:
     """Trains one stage (from its start or from ``resume``); returns the trained model (network or CRFRNN) and
-    the number of steps this call ran. ``elapsed()``: seconds the run has taken so far (saved in checkpoints)."""
+    the number of steps this call ran. ``elapsed()``: seconds the run has taken so far (saved in checkpoints).
+    ``init_crf``: the state of the CRF that stage 2 starts from (a learned CRF in ``model.init_from``; None:
+    ``crf.*``); stage 1 keeps it in its checkpoints for a resumed run's stage 2."""
     s: StageConfig = getattr(cfg, f"stage{stage}")
-    model = network if stage == 1 else CRFRNN(network=network, crf=build_crf(cfg)).to(device)
+    model = network
+    if stage == 2:
+        model = CRFRNN(network=network, crf=build_crf(cfg))
+        if init_crf is not None:
+            model.crf.load_state_dict(init_crf)
+        model.to(device)
     optimizer, start_step = build_optimizer(model, s), 0
     scheduler = build_scheduler(optimizer, s)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
@@ -365,6 +406,8 @@ def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: t
         directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(directory)
     extra = {"baseline": baseline} if baseline is not None else {}
+    if stage == 1 and init_crf is not None:
+        extra["init_crf"] = init_crf
     evaluate = build_evaluator(cfg, device)
 
     def save(step: int, is_best: bool = False) -> None:
@@ -402,6 +445,23 @@ def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: t
     return model, s.iterations - start_step
 
 
+def load_init_from(network: nn.Module, cfg: Config) -> dict[str, torch.Tensor] | None:
+    """Loads ``model.init_from`` into ``network``. When stage 2 runs, the checkpoint is loaded into the stage-2
+    model (the network and a CRF from ``crf.*``), so that a learned CRF it holds (a stage-2 checkpoint) is
+    used: its state is returned to initialise stage 2's CRF (None when the checkpoint has no CRF)."""
+    path, layout = cfg.model.init_from, cfg.model.init_layout
+    if not cfg.stage2.iterations:
+        loaded = load_into(network, path, layout=layout)
+        logger.info("model.init_from %s (stage 2 does not run: a CRF in it is not used):\n%s", path, loaded)
+        return None
+    model = CRFRNN(network=network, crf=build_crf(cfg))
+    loaded = load_into(model, path, layout=layout)
+    learned = any(name.startswith("crf.") for name in loaded.used)
+    logger.info("model.init_from %s (%s):\n%s", path, "its CRF initialises stage 2's CRF" if learned else
+                "no CRF in it: stage 2's CRF starts from crf.*", loaded)
+    return {k: v.detach().clone() for k, v in model.crf.state_dict().items()} if learned else None
+
+
 def score_baselines(network: nn.Module, data: Data, cfg: Config, device: torch.device) -> dict[str, Any]:
     """The rows the learned CRF is compared with (the network alone, + the initial CRF, + a grid-searched CRF)."""
     initial_crf = build_crf(cfg).to(device)
@@ -427,14 +487,19 @@ def report(results: dict[str, dict[str, Any]], cfg: Config, out: Path, data: Dat
 
 
 def check_resumable(resume: dict[str, Any], network: nn.Module, cfg: Config) -> None:
-    """Loads the checkpoint's model and optimiser state into this config's model, so that a resume that cannot
-    work fails before anything is written. Raises CheckpointError naming the file."""
+    """Loads the checkpoint's model, optimiser and scheduler states into this config's model, so that a resume
+    that cannot work fails before anything is written (:func:`check_training_state` has checked the other
+    entries). Raises CheckpointError naming the file."""
     stage = int(resume["stage"])
     model = network if stage == 1 else CRFRNN(network=network, crf=build_crf(cfg))
     try:
         model.load_state_dict(resume["model"])
-        build_optimizer(model, getattr(cfg, f"stage{stage}")).load_state_dict(resume["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+        optimizer = build_optimizer(model, getattr(cfg, f"stage{stage}"))
+        optimizer.load_state_dict(resume["optimizer"])
+        build_scheduler(optimizer, getattr(cfg, f"stage{stage}")).load_state_dict(resume["scheduler"])
+        if resume.get("init_crf") is not None:  # stage 2's initial CRF, kept by stage 1
+            build_crf(cfg).load_state_dict(resume["init_crf"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{resume['resumed_from']}: cannot resume it with this config (were model, crf or "
                               f"stage options changed?): {' '.join(first[:2])[:300]}") from e
@@ -472,12 +537,12 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
     seed_everything(cfg.seed)
     network = use_sync_batchnorm(build_network(cfg), device).to(device)
     resume_stage = resume["stage"] if resume is not None else 0
+    init_crf = resume.get("init_crf") if resume is not None else None
     stage_done = resume_stage == 1 and resume["step"] >= cfg.stage1.iterations
     if resume is not None:  # the weights (loaded by the stage) expect the preprocessing they were trained with
         network.input_convention = InputConvention.from_dict(resume["input_convention"])
     elif cfg.model.init_from:
-        loaded = load_into(network, cfg.model.init_from, layout=cfg.model.init_layout)
-        logger.info("model.init_from %s:\n%s", cfg.model.init_from, loaded)
+        init_crf = load_init_from(network, cfg)
     elif cfg.stage1.iterations == 0:
         logger.warning("stage 2 starts from a randomly initialised network: set model.init_from to a stage-1 "
                        "checkpoint")
@@ -492,28 +557,36 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
     if resume is not None and (dropped := metrics.truncate(stage=resume_stage, step=int(resume["step"]))):
         logger.info("metrics.jsonl: dropped %d records after the resumed step", dropped)
     baseline = resume.get("baseline") if resume_stage == 2 else None
-    with StopRequest() as stop:
-        if cfg.stage1.iterations and resume_stage <= 1 and not stage_done:
-            _, steps = run_stage(1, network, cfg, data, device, resume=resume if resume_stage == 1 else None,
-                                 metrics=metrics, stop=stop, stop_after=stop_after, elapsed=elapsed)
-            stop_after = None if stop_after is None else stop_after - steps
-            if stop_after == 0:
-                raise TrainingInterrupted(None, stage_dir(cfg.out_dir, 1) / "last.pt")
-        elif resume_stage == 1:  # stage 1 finished before the interruption
-            network.load_state_dict(resume["model"])
-        if baseline is None:
-            baseline = score_baselines(network, data, cfg, device)
-        results = dict(baseline["rows"])
-        learned = None
-        if cfg.stage2.iterations:
-            joint, _ = run_stage(2, network, cfg, data, device, resume=resume if resume_stage == 2 else None,
-                                 metrics=metrics, stop=stop, stop_after=stop_after, baseline=baseline,
-                                 elapsed=elapsed)
-            results.update(evaluate(joint.network, {"joint: network alone": None, "joint: CRF-as-RNN": joint.crf},
-                                    build_eval_loader(data.val, cfg), panel=out / "panels" / "joint.png"))
-            learned = {**joint.crf.bandwidths, "spatial_weight_diag": joint.crf.spatial_weight.diagonal().tolist(),
-                       "bilateral_weight_diag": joint.crf.bilateral_weight.diagonal().tolist(),
-                       "compatibility": joint.crf.compatibility.tolist()}
+
+    def train_stage(stage: int, **options: Any) -> tuple[nn.Module, int]:
+        # SIGINT/SIGTERM stop training at a step boundary, with a checkpoint; elsewhere (the grid search, the
+        # final evaluation) they stop the run at once, as by default: nothing is lost there but the scores
+        with StopRequest() as stop:
+            trained = run_stage(stage, network, cfg, data, device, metrics=metrics, stop=stop, elapsed=elapsed,
+                                init_crf=init_crf, **options)
+        if stop.requested:  # the signal came during the stage's last step or evaluation: last.pt is written
+            raise TrainingInterrupted(stop.signum, stage_dir(cfg.out_dir, stage) / "last.pt")
+        return trained
+
+    if cfg.stage1.iterations and resume_stage <= 1 and not stage_done:
+        _, steps = train_stage(1, resume=resume if resume_stage == 1 else None, stop_after=stop_after)
+        stop_after = None if stop_after is None else stop_after - steps
+        if stop_after == 0:
+            raise TrainingInterrupted(None, stage_dir(cfg.out_dir, 1) / "last.pt")
+    elif resume_stage == 1:  # stage 1 finished before the interruption
+        network.load_state_dict(resume["model"])
+    if baseline is None:
+        baseline = score_baselines(network, data, cfg, device)
+    results = dict(baseline["rows"])
+    learned = None
+    if cfg.stage2.iterations:
+        joint, _ = train_stage(2, resume=resume if resume_stage == 2 else None, stop_after=stop_after,
+                               baseline=baseline)
+        results.update(evaluate(joint.network, {"joint: network alone": None, "joint: CRF-as-RNN": joint.crf},
+                                build_eval_loader(data.val, cfg), panel=out / "panels" / "joint.png"))
+        learned = {**joint.crf.bandwidths, "spatial_weight_diag": joint.crf.spatial_weight.diagonal().tolist(),
+                   "bilateral_weight_diag": joint.crf.bilateral_weight.diagonal().tolist(),
+                   "compatibility": joint.crf.compatibility.tolist()}
     report(results, cfg, out, data, grid=baseline["grid_search"], learned=learned, minutes=elapsed() / 60)
     metrics.write({"kind": "final", "results": {n: {k: v for k, v in r.items() if k != "iou"}
                                                 for n, r in results.items()}})
@@ -556,9 +629,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None,
                         help=f"experiment YAML overriding the defaults (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--resume", nargs="?", type=Path, const=Path(), default=None, metavar="RUN_OR_CHECKPOINT",
-                        help="continue a run from a run directory (its latest stage*/last.pt) or a checkpoint; "
-                             "without a value, the out_dir of the config. The run's own config is used, with the "
-                             "command-line overrides on top")
+                        help="continue a run from a run directory (its latest stage*/last.pt) or a checkpoint in "
+                             "its stage1/ or stage2/ folder; without a value, the out_dir of the config. The run's "
+                             "own config is used, with the command-line overrides on top (not out_dir: the run "
+                             "continues in its own directory)")
     parser.add_argument("--eval-only", type=Path, default=None, metavar="CHECKPOINT",
                         help="only evaluate this checkpoint (ours or any layout crfrnn_deeplab.weights.convert reads)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
@@ -576,18 +650,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_dir_of(location: Path) -> Path:
     """The run directory that ``--resume LOCATION`` continues: LOCATION itself, or for a checkpoint file the
-    directory above its ``stage<N>/`` (else the file's own directory)."""
+    directory above its ``stage<N>/`` (a checkpoint elsewhere belongs to no run: UsageError)."""
     if not location.is_file():
         return location
-    parent = location.parent
-    return parent.parent if parent.name in ("stage1", "stage2") else parent
+    if location.parent.name not in ("stage1", "stage2"):
+        raise UsageError(f"--resume {location}: the checkpoint is not in a run's stage1/ or stage2/ folder, so "
+                         f"there is no run to continue (resuming would write the run's files next to it); start a "
+                         f"new run from its weights with model.init_from={location}")
+    return location.parent.parent
+
+
+def check_run_dir(run_dir: Path, checkpoint: Path) -> None:
+    """Refuses to resume ``checkpoint`` into a directory whose ``config.yaml`` train.py did not write (every run
+    writes it first), since resuming rewrites ``config.yaml``, ``metrics.jsonl`` and ``results.*`` there.
+    Raises UsageError."""
+    config = run_dir / "config.yaml"
+    if not (config.is_file() and is_resolved_config(config)):
+        found = "it has no config.yaml" if not config.exists() else "its config.yaml was not written by train.py"
+        raise UsageError(f"--resume: {run_dir} is not a run directory ({found}), and resuming would write a "
+                         f"run's files (config.yaml, metrics.jsonl, results.*) there; to start a new run from the "
+                         f"checkpoint's weights use model.init_from={checkpoint}")
+
+
+def removed_by_overwrite(out: Path, path: Path) -> Path | None:
+    """The entry of :data:`RUN_FILES` in ``out`` that holds (or is) ``path``, which ``--overwrite`` would delete;
+    None when ``path`` survives it."""
+    try:
+        inside = path.resolve().relative_to(out.resolve())
+    except ValueError:
+        return None
+    return out / inside.parts[0] if inside.parts and inside.parts[0] in RUN_FILES else None
 
 
 def check_out_dir(out: Path, *, new_run: bool, overwrite: bool) -> None:
-    """Refuses an ``out_dir`` that is a file, and (for a new run) one that already holds files, unless
-    ``overwrite``. Raises UsageError."""
+    """Refuses an ``out_dir`` that is a file or lies below one, and (for a new run) one that already holds
+    files, unless ``overwrite``. Raises UsageError."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir is a file, not a directory (out_dir={out})")
+    if blocking := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise UsageError(f"out_dir lies below a file, {blocking}, so it cannot be created (out_dir={out})")
     if new_run and not overwrite and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UsageError(f"out_dir already holds files ({shown}): pass --overwrite to replace that run, "
@@ -596,6 +697,11 @@ def check_out_dir(out: Path, *, new_run: bool, overwrite: bool) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
     """The config of this invocation (validated), and the checkpoint to resume (if any)."""
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --resume continues a run and keeps its "
+                         "history, --overwrite deletes that history to start a new run; pass one of them")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after must be >= 1 (optimiser steps), got {args.stop_after}")
     if args.resume is None:
         config = args.config or (None if args.eval_only else DEFAULT_CONFIG)
         if args.eval_only is not None and config is None:
@@ -620,11 +726,18 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
     if missing or not isinstance(checkpoint["config"], dict):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py (it lacks {missing or ['config']}); "
                               f"to start from its weights use model.init_from={path}")
+    check_training_state(checkpoint, path)
     cfg = config_from_dict(checkpoint["config"], source=f"{path} (its config)")
     # the run continues where it is now (e.g. a run directory copied elsewhere), not where it was written
-    cfg = dataclasses.replace(cfg, out_dir=str(run_dir_of(location)))
+    run_dir = run_dir_of(location)
+    check_run_dir(run_dir, path)
+    cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
     before = to_dict(cfg)
     cfg = validate(apply_overrides(cfg, args.overrides))
+    if Path(cfg.out_dir).resolve() != run_dir.resolve():  # the run's files live in run_dir, and only there
+        raise UsageError(f"--resume continues the run in {run_dir}, but out_dir={cfg.out_dir} would write it "
+                         f"elsewhere (and over whatever that directory holds): drop the out_dir override, or copy "
+                         f"{run_dir} to {cfg.out_dir} and resume the copy")
     if to_dict(cfg) != before:
         logger.warning("resuming with changed settings: %s", args.overrides)
     logger.info("resuming from %s (stage %d, step %d)", path, checkpoint["stage"], checkpoint["step"])
@@ -641,8 +754,15 @@ def check_paths(cfg: Config, args: argparse.Namespace) -> None:
     if args.eval_only is not None:
         check_out_dir(out, new_run=False, overwrite=args.overwrite)
         check_out_dir(out / f"eval_{args.eval_only.stem}", new_run=True, overwrite=args.overwrite)
+        cleared, inputs = out / f"eval_{args.eval_only.stem}", {"--eval-only": args.eval_only}
     else:
         check_out_dir(out, new_run=args.resume is None, overwrite=args.overwrite)
+        cleared, inputs = out, {"model.init_from": cfg.model.init_from}
+    for name, path in inputs.items():  # --overwrite must not delete what this run reads
+        if args.overwrite and path and (removed := removed_by_overwrite(cleared, Path(path))):
+            raise UsageError(f"--overwrite would delete {name}={path}: it lies in {removed}, which --overwrite "
+                             f"removes from {cleared}; move the checkpoint out of it first, or choose another "
+                             f"out_dir")
 
 
 #: Exit status of the errors a user can fix (the first match counts); anything else is a bug: a traceback.
@@ -689,6 +809,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nstopped by {name}; checkpoint: {e.checkpoint}\nresume with: python train.py --resume "
                   f"{cfg.out_dir}", file=sys.stderr)
         return 128 + e.signum if e.signum else 0
+    except KeyboardInterrupt:  # SIGINT outside the training steps (baselines, grid search, final evaluation)
+        if dist.is_main_process():
+            saved = sorted(Path(cfg.out_dir).glob("stage*/last.pt")) if args.eval_only is None else []
+            then = (f"the last checkpoint: {saved[-1]}; resume with: python train.py --resume {cfg.out_dir}"
+                    if saved else "nothing to resume")
+            print(f"\nstopped by SIGINT; {then}", file=sys.stderr)
+        return 128 + signal.SIGINT
     except tuple(kind for kind, _ in USER_ERRORS) as e:
         if args.debug:
             raise

@@ -12,9 +12,10 @@ from torch import nn
 
 from crfrnn_deeplab.training.data_stream import TrainBatches
 from crfrnn_deeplab.training.reproducibility import rng_state, set_rng_state
-from crfrnn_deeplab.weights.checkpoint import Checkpoint, model_entries
+from crfrnn_deeplab.weights.checkpoint import Checkpoint, CheckpointError, model_entries
 
-__all__ = ["training_checkpoint", "restore_training_state", "stage_dir", "find_resume_checkpoint"]
+__all__ = ["training_checkpoint", "check_training_state", "restore_training_state", "stage_dir",
+           "find_resume_checkpoint"]
 
 
 def training_checkpoint(
@@ -53,6 +54,49 @@ def training_checkpoint(
         payload["data"] = batches.state_dict()
     payload.update(extra or {})
     return payload
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Checks the entries of a training checkpoint that are not weights (stage, step, data position, RNG
+    states, best score, elapsed time, the stage-2 baseline), so that a hand-edited or foreign one fails before a
+    resumed run writes anything. The model, optimiser and scheduler states are checked by loading them.
+
+    Raises:
+        CheckpointError: naming ``path`` and the entry.
+    """
+
+    def refuse(entry: str, expected: str) -> CheckpointError:
+        value = repr(checkpoint.get(entry))
+        return CheckpointError(f"{path}: cannot resume it: its {entry!r} entry is {value[:80]}, expected {expected}")
+
+    if checkpoint.get("stage") not in (1, 2) or isinstance(checkpoint.get("stage"), bool):
+        raise refuse("stage", "1 or 2")
+    if not _is_count(checkpoint.get("step")):
+        raise refuse("step", "an int >= 0")
+    data = checkpoint.get("data")
+    if not (isinstance(data, dict) and _is_count(data.get("epoch")) and _is_count(data.get("batch"))):
+        raise refuse("data", "{'epoch': int >= 0, 'batch': int >= 0}")
+    best = checkpoint.get("best", {"value": 0.0, "step": 0})
+    if not (isinstance(best, dict) and isinstance(best.get("value"), (int, float)) and _is_count(best.get("step"))):
+        raise refuse("best", "{'metric': ..., 'value': number, 'step': int >= 0}")
+    if not isinstance(checkpoint.get("elapsed_s", 0.0), (int, float)):
+        raise refuse("elapsed_s", "a number of seconds")
+    baseline = checkpoint.get("baseline")
+    if checkpoint["stage"] == 2 and not (isinstance(baseline, dict) and isinstance(baseline.get("rows"), dict)
+                                         and "grid_search" in baseline):
+        raise refuse("baseline", "the baseline rows that stage 2 is compared with ({'rows': ..., 'grid_search': ...})")
+    current = rng_state()
+    try:
+        set_rng_state(checkpoint["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot resume it: its 'rng' entry is not the RNG states train.py saves "
+                              f"({type(e).__name__}: {str(e)[:120]})") from e
+    finally:
+        set_rng_state(current)
 
 
 def restore_training_state(

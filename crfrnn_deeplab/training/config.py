@@ -26,9 +26,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from crfrnn_deeplab.crf import BilateralFilter, Normalization
+from crfrnn_deeplab.crf import BilateralFilter, MeanFieldCRF, Normalization, fixed_crf
 from crfrnn_deeplab.data import dataset_spec, list_datasets
-from crfrnn_deeplab.models import list_models
+from crfrnn_deeplab.models import get_model, list_models
 from crfrnn_deeplab.models.registry import builder_defaults
 from crfrnn_deeplab.weights import LAYOUTS
 from crfrnn_deeplab.training import schema
@@ -53,6 +53,7 @@ __all__ = [
     "validate",
     "to_dict",
     "save_config",
+    "is_resolved_config",
 ]
 
 #: The evaluation modes (``eval.mode``).
@@ -234,17 +235,24 @@ _STAGE_RANGES = {
 RANGES: dict[str, _Range] = {
     "data.crop_size": _AT_LEAST_1, "data.hflip_prob": _PROBABILITY, "data.workers": _NON_NEGATIVE,
     "data.image_size": _AT_LEAST_1, "data.train_images": _AT_LEAST_1, "data.val_images": _AT_LEAST_1,
-    "model.num_classes": _AT_LEAST_1,
+    "model.num_classes": _Range(1, 255),  # labels are uint8, and 255 is the ignore label
+    "crf.spatial_weight": _NON_NEGATIVE, "crf.bilateral_weight": _NON_NEGATIVE,
     "crf.theta_alpha": _POSITIVE, "crf.theta_beta": _POSITIVE, "crf.theta_gamma": _POSITIVE,
     "crf.train_iterations": _NON_NEGATIVE, "crf.eval_iterations": _NON_NEGATIVE,
     **{f"{stage}.{key}": r for stage in ("stage1", "stage2") for key, r in _STAGE_RANGES.items()},
     "eval.window": _AT_LEAST_1, "eval.stride": _AT_LEAST_1, "eval.batch_size": _AT_LEAST_1,
     "eval.max_images": _NON_NEGATIVE, "eval.panels": _NON_NEGATIVE,
-    "grid_search.held_out_images": _NON_NEGATIVE, "grid_search.theta_alphas": _POSITIVE,
+    "grid_search.held_out_images": _NON_NEGATIVE, "grid_search.bilateral_weights": _NON_NEGATIVE,
+    "grid_search.theta_alphas": _POSITIVE,
     "grid_search.theta_betas": _POSITIVE,
     "seed": _Range(0, 2**32 - 1), "threads": _NON_NEGATIVE, "log_every": _AT_LEAST_1,
     "divergence_factor": _NON_NEGATIVE,
 }
+
+
+#: The allowed training scales (``data.scale_range``): smaller ones shrink small images to 0 pixels, which
+#: OpenCV refuses; larger ones make images that exhaust memory.
+SCALE_LIMITS = (0.1, 8.0)
 
 
 def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, str, float]]:
@@ -287,11 +295,15 @@ def _check_data(config: Config) -> None:
     if (spec.class_names is not None or "class_names" in spec.options) and len(classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes}, but dataset {d.dataset!r} has "
                           f"{len(classes)} classes")
-    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
-        raise ConfigError(f"data.scale_range: expected [min, max] with 0 < min <= max, got {d.scale_range}")
+    low, high = SCALE_LIMITS
+    if len(d.scale_range) != 2 or not low <= d.scale_range[0] <= d.scale_range[1] <= high:
+        raise ConfigError(f"data.scale_range: expected [min, max] with {low:g} <= min <= max <= {high:g}, "
+                          f"got {d.scale_range}")
 
 
 def _check_model(config: Config) -> None:
+    """The model's name and options, checked by its builder, and the smallest input it takes against the
+    training crop and the sliding window."""
     m = config.model
     _check_choice("model.name", m.name, list_models())
     accepted = builder_defaults(m.name)
@@ -299,8 +311,39 @@ def _check_model(config: Config) -> None:
     if unknown:
         raise ConfigError(f"model.options: {unknown} not options of {m.name!r}; its options: {', '.join(accepted)}")
     _check_choice("model.init_layout", m.init_layout, ("auto", *LAYOUTS))
-    _check_choice("crf.normalization", config.crf.normalization, typing.get_args(Normalization))
-    _check_choice("crf.bilateral_filter", config.crf.bilateral_filter, typing.get_args(BilateralFilter))
+    try:
+        with torch.device("meta"):  # the builder checks its options; the weights are not allocated
+            network = get_model(m.name, num_classes=m.num_classes, **m.options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.options of {m.name!r}: {e} (model.options={dict(m.options)})") from None
+    smallest = network.min_input_size
+    if config.data.crop_size < smallest:
+        raise ConfigError(f"data.crop_size={config.data.crop_size} is smaller than the {smallest} pixels {m.name!r} "
+                          f"takes with these options")
+    if config.eval.mode == "sliding" and config.eval.window < smallest:
+        raise ConfigError(f"eval.window={config.eval.window} is smaller than the {smallest} pixels {m.name!r} "
+                          f"takes with these options")
+
+
+def _check_crf(config: Config) -> None:
+    """The CRF layer's settings and the grid's corners, checked by building the CRFs they describe."""
+    c, g = config.crf, config.grid_search
+    _check_choice("crf.normalization", c.normalization, typing.get_args(Normalization))
+    _check_choice("crf.bilateral_filter", c.bilateral_filter, typing.get_args(BilateralFilter))
+    try:
+        MeanFieldCRF(num_classes=config.model.num_classes, **dataclasses.asdict(c))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"crf: {e}") from None
+    if not g.enabled:
+        return
+    for pick, corner in ((min, "smallest"), (max, "largest")):
+        try:
+            fixed_crf(num_classes=config.model.num_classes, bilateral_weight=pick(g.bilateral_weights),
+                      theta_alpha=pick(g.theta_alphas), theta_beta=pick(g.theta_betas),
+                      spatial_weight=c.spatial_weight, theta_gamma=c.theta_gamma, iterations=c.eval_iterations,
+                      normalization=c.normalization)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"grid_search: the {corner} values of the grid do not make a CRF: {e}") from None
 
 
 def _check_device(device: str) -> None:
@@ -318,14 +361,20 @@ def validate(config: Config) -> Config:
     """Checks what the types cannot: finite numbers in their :data:`RANGES`, names that must exist, settings
     that depend on each other, the device. Raises ConfigError naming the key; returns ``config``."""
     _check_numbers(config)
+    if not config.out_dir.strip():
+        raise ConfigError("out_dir must name a directory (use out_dir=. for the current one), got ''")
     _check_data(config)
-    _check_model(config)
     _check_choice("eval.mode", config.eval.mode, EVAL_MODES)
+    if config.eval.mode == "sliding" and config.eval.stride > config.eval.window:
+        raise ConfigError(f"eval.stride={config.eval.stride} must be <= eval.window={config.eval.window}: a larger "
+                          f"step leaves pixels between the windows without a prediction")
+    _check_model(config)
     g = config.grid_search
     if g.enabled:
         for key in ("bilateral_weights", "theta_alphas", "theta_betas"):
             if not getattr(g, key):
                 raise ConfigError(f"grid_search.{key} must be a non-empty list of numbers (or grid_search.enabled=false)")
+    _check_crf(config)
     if 0 < config.divergence_factor <= 1:
         raise ConfigError(f"divergence_factor must be 0 (off) or > 1, got {_number(config.divergence_factor)}")
     if config.stage1.iterations == 0 and config.stage2.iterations == 0:
@@ -339,10 +388,23 @@ def to_dict(config: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config))
 
 
+#: The first line of every config :func:`save_config` writes.
+_RESOLVED_HEADER = "# resolved config of this run (python train.py --config <this file> reproduces it)\n"
+
+
 def save_config(config: Config, path: str | Path) -> Path:
     """Writes the resolved config as YAML (loadable with ``--config``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# resolved config of this run (python train.py --config <this file> reproduces it)\n"
-    path.write_text(text + yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    path.write_text(_RESOLVED_HEADER + yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     return path
+
+
+def is_resolved_config(path: str | Path) -> bool:
+    """Whether ``path`` is a config that :func:`save_config` wrote (it starts with that function's header): how
+    a run directory is told from any other directory that holds a ``config.yaml``."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            return f.readline() == _RESOLVED_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from crfrnn_deeplab import distributed as dist
 from crfrnn_deeplab.crf import MeanFieldCRF, fixed_crf
-from crfrnn_deeplab.data import IGNORE_INDEX
+from crfrnn_deeplab.data import IGNORE_INDEX, DatasetError
 from crfrnn_deeplab.training.grid_search import CRFGrid, cache_logits, grid_search_crf
 from crfrnn_deeplab.training.metrics import BOUNDARY_WIDTHS, SegmentationMeter, boundary_bands
 from crfrnn_deeplab.visualize import save_panel
 
-__all__ = ["Evaluator", "sliding_window_logits", "evaluate_baselines"]
+__all__ = ["Evaluator", "sliding_window_logits", "evaluate_baselines", "collate_by_size", "SizeBatches"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,16 @@ def sliding_window_logits(network: nn.Module, image: Tensor, *, window: int, str
 
     Returns:
         Tensor[B, C, H, W] float32.
+
+    Raises:
+        ValueError: ``window`` or ``stride`` below 1, or a ``stride`` larger than the ``window`` (the windows
+            would leave pixels between them without logits).
     """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
+        raise ValueError(f"stride must be an int in [1, window={window}] so that the windows cover the image, "
+                         f"got {stride!r}")
     b, _, h, w = image.shape
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(image, (0, pw - w, 0, ph - h))
@@ -66,6 +75,41 @@ def sliding_window_logits(network: nn.Module, image: Tensor, *, window: int, str
             total[:, :, y : y + window, x : x + window] += logits
             count[:, :, y : y + window, x : x + window] += 1
     return (total / count)[:, :, :h, :w]
+
+
+def collate_by_size(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A DataLoader's ``collate_fn`` for evaluation samples of any sizes: the samples batched in order, as runs
+    of equal image size (``default_collate`` stacks equal sizes only; validation images often differ)."""
+    runs: list[list[dict[str, Any]]] = []
+    for sample in samples:
+        if runs and runs[-1][0]["image"].shape == sample["image"].shape:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return [default_collate(run) for run in runs]
+
+
+class SizeBatches:
+    """The batches of a DataLoader built with :func:`collate_by_size`, one equal-size batch at a time.
+
+    Attributes:
+        dataset: the loader's dataset.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader, self.dataset = loader, loader.dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batches in self.loader:
+            yield from batches
+
+
+def check_labelled(labelled: Tensor, images: str) -> None:
+    """Raises DatasetError when ``labelled`` (the pixels with a label, summed over the ranks) is 0: scores of no
+    pixels are NaN, not a result."""
+    if int(labelled) == 0:
+        raise DatasetError(f"the {images} images have no labelled pixels (every label is {IGNORE_INDEX} = "
+                           f"ignore), so there is nothing to score; check the dataset's labels")
 
 
 @dataclass(frozen=True)
@@ -127,6 +171,7 @@ class Evaluator:
                 rows.append([raw[i].cpu(), *(p[i].cpu() for p in predictions.values()), label[i].cpu()])
         for meter in meters.values():
             meter.reduce()
+        check_labelled(next(iter(meters.values())).whole.counts.sum(), "evaluation")
         if panel is not None and rows and dist.is_main_process():
             save_panel(panel, rows, titles=["image", *crfs, "ground truth"], num_classes=self.num_classes)
         return {name: meter.summary() for name, meter in meters.items()}
@@ -137,9 +182,9 @@ def evaluate_baselines(
     evaluate: Evaluator,
     *,
     initial_crf: MeanFieldCRF,
-    val_loader: DataLoader,
+    val_loader: Iterable[dict],
     grid: CRFGrid | None = None,
-    held_out_loader: DataLoader | None = None,
+    held_out_loader: SizeBatches | DataLoader | None = None,
     panel: Path | None = None,
 ) -> dict[str, Any]:
     """The rows the learned CRF is compared with: the network alone, with ``initial_crf``, and (given a
@@ -155,6 +200,8 @@ def evaluate_baselines(
         assert held_out_loader is not None, "a grid search needs held-out images"
         start = time.perf_counter()
         cached = cache_logits(network, held_out_loader, device=evaluate.device, predict=evaluate.logits)
+        labelled = sum(((c.label != IGNORE_INDEX).sum() for c in cached), torch.zeros((), device=evaluate.device))
+        check_labelled(dist.all_reduce_sum(labelled), "grid search's held-out")
         result = grid_search_crf(cached, num_classes=evaluate.num_classes, bilateral_weights=grid.bilateral_weights,
                                  theta_alphas=grid.theta_alphas, theta_betas=grid.theta_betas,
                                  spatial_weight=grid.spatial_weight, theta_gamma=grid.theta_gamma,

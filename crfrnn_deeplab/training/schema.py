@@ -121,7 +121,7 @@ class EvalConfig:
     mode: str = "whole"  # whole or sliding
     window: int = 513  # sliding-window size (pixels)
     stride: int = 342  # sliding-window step
-    batch_size: int = 1  # whole-image mode: images of equal size only when > 1 (e.g. synthetic)
+    batch_size: int = 1  # images per forward pass (images of different sizes are batched separately)
     max_images: int = 0  # evaluations during training use at most this many images (0: the whole split)
     panels: int = 4  # validation images drawn in the PNG panel at each evaluation (0: none)
 

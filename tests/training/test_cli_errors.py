@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +133,56 @@ def _dst_exists(tmp, shared):
                                                                   str(tmp / "out.pt")], [tmp / "out.pt"]
 
 
+def _copy(shared, name, to):
+    shutil.copytree(shared / name, to)
+    return to
+
+
+def _resume_elsewhere(tmp, shared):
+    run, other = _copy(shared, "paused", tmp / "run"), _copy(shared, "done", tmp / "other")
+    return (["--resume", str(run), f"out_dir={other}"],
+            [f"--resume continues the run in {run}", f"out_dir={other}"], [run, other])
+
+
+def _resume_and_overwrite(tmp, shared):
+    run = _copy(shared, "paused", tmp / "run")
+    return ["--resume", str(run), "--overwrite"], ["--resume and --overwrite contradict each other"], [run]
+
+
+def _overwrite_deletes_init_from(tmp, shared):
+    run = _copy(shared, "done", tmp / "run")
+    weights = run / "stage1" / "last.pt"
+    return (TINY + [f"out_dir={run}", f"model.init_from={weights}", "--overwrite"],
+            [f"--overwrite would delete model.init_from={weights}", str(run / "stage1")], [run])
+
+
+def _resume_loose_checkpoint(tmp, shared):
+    folder = made(tmp / "weights")
+    shutil.copy(shared / "paused" / "stage1" / "last.pt", folder / "mine.pt")
+    (folder / "results.md").write_text("my notes")
+    return (["--resume", str(folder / "mine.pt")],
+            ["not in a run's stage1/ or stage2/ folder", f"model.init_from={folder / 'mine.pt'}"], [folder])
+
+
+def _resume_into_a_foreign_folder(tmp, shared):
+    folder = made(tmp / "project")
+    (folder / "config.yaml").write_text("mine: 1\n")
+    made(folder / "stage1")
+    shutil.copy(shared / "paused" / "stage1" / "last.pt", folder / "stage1" / "last.pt")
+    return (["--resume", str(folder)], [f"{folder} is not a run directory", "not written by train.py"], [folder])
+
+
+def _edited_checkpoint(entry, value, fragment):
+    def build(tmp, shared):
+        run = _copy(shared, "paused", tmp / "run")
+        last = run / "stage1" / "last.pt"
+        checkpoint = torch.load(last, weights_only=True)
+        checkpoint[entry] = value
+        torch.save(checkpoint, last)
+        return ["--resume", str(run)], [str(last), fragment], [run]
+    return build
+
+
 CASES = [
     # ---- usage and config: exit 2, nothing written
     c("unknown-key", 2, lambda t, s: (TINY + ["stage1.lrr=1", f"out_dir={t / 'r'}"], ["unknown config key 'stage1.lrr'"], [])),
@@ -176,6 +229,24 @@ CASES = [
     c("resume-nonexistent", 2, lambda t, s: (["--resume", str(t / "nope")], [f"nothing to resume in {t / 'nope'}"], [])),
     c("resume-empty-dir", 2, lambda t, s: (["--resume", str(made(t / "e"))], [f"nothing to resume in {t / 'e'}"],
                                            [t / "e"])),
+    c("resume-with-another-out-dir", 2, _resume_elsewhere),
+    c("resume-with-overwrite", 2, _resume_and_overwrite),
+    c("overwrite-would-delete-init-from", 2, _overwrite_deletes_init_from),
+    c("resume-a-checkpoint-outside-a-run", 2, _resume_loose_checkpoint),
+    c("resume-into-a-folder-no-run-wrote", 2, _resume_into_a_foreign_folder),
+    c("stop-after-zero", 2, lambda t, s: (TINY + [f"out_dir={t / 'r'}", "--stop-after", "0"],
+                                          ["--stop-after must be >= 1", "got 0"], [])),
+    c("out-dir-below-a-file", 2, lambda t, s: (TINY + [f"out_dir={made(t / 'f', 'x') / 'run'}"],
+                                               [f"out_dir lies below a file, {t / 'f'}"], [t / "f"])),
+    c("model-option-bad-value", 2, lambda t, s: (TINY + ["model.options.norm=foo", f"out_dir={t / 'r'}"],
+                                                 ["model.options of 'deeplabv2_resnet18': norm must be one of"], [])),
+    c("sliding-stride-beyond-window", 2, lambda t, s: (TINY + ["eval.mode=sliding", "eval.window=16",
+                                                               "eval.stride=17", f"out_dir={t / 'r'}"],
+                                                       ["eval.stride=17 must be <= eval.window=16"], [])),
+    c("synthetic-image-too-small", 2, lambda t, s: (TINY + ["data.image_size=20", "data.crop_size=20",
+                                                            f"out_dir={t / 'r'}"],
+                                                    ["synthetic images must be at least 32x32", "data.image_size=20"],
+                                                    [])),
     c("eval-only-missing", 2, lambda t, s: (["--eval-only", str(t / "x.pt")], [f"checkpoint not found: {t / 'x.pt'}"], [])),
     # ---- data and checkpoints: exit 1, nothing destroyed
     c("resume-truncated-last", 1, _truncated),
@@ -185,6 +256,10 @@ CASES = [
     c("resume-text-file", 1, lambda t, s: (["--resume", str(s / "notes.txt")],
                                            [f"{s / 'notes.txt'} is not a readable PyTorch checkpoint"], [s])),
     c("resume-changed-model-fails-cleanly", 1, _failed_resume),
+    c("resume-edited-data-position", 1, _edited_checkpoint("data", {"epoch": "x"}, "'data' entry")),
+    c("resume-edited-rng", 1, _edited_checkpoint("rng", {"torch": torch.zeros(3, dtype=torch.uint8)}, "'rng' entry")),
+    c("resume-edited-step", 1, _edited_checkpoint("step", "3", "'step' entry")),
+    c("resume-edited-scheduler", 1, _edited_checkpoint("scheduler", {"nope": 1}, "cannot resume it")),
     c("eval-only-text-file", 1, lambda t, s: (["--eval-only", str(s / "notes.txt")],
                                               [f"{s / 'notes.txt'} is not a readable PyTorch checkpoint"], [s])),
     c("eval-only-empty-dict", 1, lambda t, s: (["--eval-only", str(s / "empty.pt"), f"out_dir={t / 'r'}"] + TINY,
@@ -346,3 +421,82 @@ def test_converter_overwrites_only_when_asked(work, tmp_path, capsys):
     first = dst.read_bytes()
     assert convert_main([str(src), str(dst)]) == 2 and dst.read_bytes() == first
     assert convert_main([str(src), str(dst), "--overwrite"]) == 0
+
+
+# ---- a failed evaluation, labels that are all ignored, odd validation sizes, worker errors, a learned CRF
+
+
+def _voc_run(root: Path, out: Path, *extra: str) -> list[str]:
+    return TINY + VOC + [f"data.root={root}", f"out_dir={out}", *extra]
+
+
+def test_a_failed_evaluation_keeps_the_steps_it_follows(tmp_path, capsys):
+    root = voc_tree(tmp_path / "voc")  # a label value the validation scan (headers only) cannot see
+    Image.fromarray(np.full((33, 33), 77, np.uint8)).save(root / "SegmentationClass" / "v.png")
+    out = tmp_path / "run"
+    assert train.main(_voc_run(root, out, "stage1.checkpoint_every=100")) == 1
+    error = capsys.readouterr().err
+    assert "v.png" in error and "77" in error and f"python train.py --resume {out}" in error
+    assert load_checkpoint(out / "stage1" / "last.pt")["step"] == 2  # the training before it is saved
+
+
+def test_labels_that_are_all_ignored_warn_and_score_nothing(tmp_path, capsys, caplog):
+    root = voc_tree(tmp_path / "voc")
+    for label in (root / "SegmentationClass").glob("*.png"):
+        Image.fromarray(np.full((33, 33), 255, np.uint8)).save(label)
+    assert train.main(_voc_run(root, tmp_path / "run", "data.check_files=false")) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "have no labelled pixels" in errors[0], errors
+    warned = [r.getMessage() for r in caplog.records if "no labelled pixels" in r.getMessage()]
+    assert len(warned) == 1 and "step 1" in warned[0]  # at the first step, once
+
+
+def test_validation_images_of_different_sizes_are_evaluated_in_batches(tmp_path):
+    root = voc_tree(tmp_path / "voc", val_ids=("v", "w", "x"))
+    Image.fromarray(np.zeros((40, 52, 3), np.uint8)).save(root / "JPEGImages" / "w.jpg")
+    Image.fromarray(np.ones((40, 52), np.uint8)).save(root / "SegmentationClass" / "w.png")
+    out = tmp_path / "run"
+    assert train.main(_voc_run(root, out, "eval.batch_size=3", "eval.max_images=3")) == 0
+    assert json.loads((out / "results.json").read_text())["results"]["network alone"]["pixel_acc"] > 0
+
+
+def test_a_worker_reports_a_bad_file_like_the_main_process(tmp_path, capsys):
+    root = voc_tree(tmp_path / "voc")
+    (root / "JPEGImages" / "b.jpg").write_text("broken")
+    lines = []
+    for workers in (0, 1):
+        assert train.main(_voc_run(root, tmp_path / f"run{workers}", "stage1.batch_size=3",
+                                   f"data.workers={workers}")) == 1
+        lines.append([line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")])
+    assert lines[0] == lines[1] and len(lines[1]) == 1 and "b.jpg" in lines[1][0]
+    assert "Traceback" not in lines[1][0] and "DataLoader worker" not in lines[1][0]
+
+
+def test_a_learned_crf_in_init_from_starts_stage_2(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    joint = tmp_path / "joint"
+    assert train.main(TINY + ["stage1.iterations=0", "stage2.iterations=1", "stage2.crf_lr=0.5",
+                              f"out_dir={joint}"]) == 0
+    learned = load_checkpoint(joint / "stage2" / "last.pt")["model"]
+    out = tmp_path / "from_joint"
+    assert train.main(TINY + ["stage1.iterations=0", "stage2.iterations=1", "stage2.lr=0", "stage2.crf_lr=0",
+                              "crf.theta_alpha=50", f"model.init_from={joint / 'stage2' / 'last.pt'}",
+                              f"out_dir={out}"]) == 0
+    assert any("its CRF initialises stage 2's CRF" in r.getMessage() for r in caplog.records)
+    trained = load_checkpoint(out / "stage2" / "last.pt")["model"]
+    crf = [k for k in learned if k.startswith("crf.")]
+    assert crf and all(torch.equal(trained[k], learned[k]) for k in crf)  # not crf.theta_alpha=50's CRF
+
+
+def test_ctrl_c_during_the_baselines_stops_the_run(tmp_path, capsys, monkeypatch):
+    score_baselines = train.score_baselines
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the baselines (and the grid search) are scored
+        os.kill(os.getpid(), signal.SIGINT)
+        return score_baselines(*args, **kwargs)
+
+    monkeypatch.setattr(train, "score_baselines", interrupted)
+    out = tmp_path / "run"
+    assert train.main(TINY + [f"out_dir={out}"]) == 128 + signal.SIGINT
+    assert f"resume with: python train.py --resume {out}" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and load_checkpoint(out / "stage1" / "last.pt")["step"] == 2

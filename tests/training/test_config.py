@@ -51,7 +51,7 @@ def test_command_line_overrides_come_last_and_are_typed():
         ("stage1=3", r"stage1: expected a mapping of iterations, batch_size"),
         ("stage1.lr", r"override 'stage1.lr' is not key=value"),
         ("stage1.batch_size=0", r"stage1.batch_size must be >= 1, got 0"),
-        ("data.scale_range=[2, 1]", r"data.scale_range: expected \[min, max\] with 0 < min <= max"),
+        ("data.scale_range=[2, 1]", r"data.scale_range: expected \[min, max\] with 0.1 <= min <= max <= 8"),
         # numbers are finite and in range
         ("crf.theta_alpha=nan", r"crf.theta_alpha must be a finite number, got nan"),
         ("stage1.lr=nan", r"stage1.lr must be a finite number, got nan"),
@@ -74,6 +74,23 @@ def test_command_line_overrides_come_last_and_are_typed():
         ("model.init_layout=caffe", r"model.init_layout: expected one of 'auto', 'caffe_deeplabv2', .*got 'caffe'"),
         ("model.num_classes=21", r"model.num_classes=21, but dataset 'synthetic' has 6 classes"),
         ("device=gpu", r"device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        # values the types and ranges allow but the model, the transforms or the CRF cannot use (found by
+        # building them: the builder's and the CRF's own checks, the model's smallest input)
+        ("model.options.base_width=abc", r"model.options of 'deeplabv2_resnet18': base_width must be a positive int, got 'abc'"),
+        ("model.options.base_width=0", r"base_width must be a positive int, got 0"),
+        ("model.options.base_width=-4", r"base_width must be a positive int, got -4"),
+        ("model.options.base_width=2.5", r"base_width must be a positive int, got 2.5"),
+        ("model.options.norm=foo", r"model.options of 'deeplabv2_resnet18': norm must be one of .*got 'foo'"),
+        ("model.options.head=foo", r"model.options of 'deeplabv2_resnet18': head must be one of .*got 'foo'"),
+        ("data.crop_size=7", r"data.crop_size=7 is smaller than the 8 pixels 'deeplabv2_resnet18' takes"),
+        ("data.scale_range=[0.01, 0.01]", r"data.scale_range: expected \[min, max\] with 0.1 <= min"),
+        ("data.scale_range=[1e-9, 1e9]", r"data.scale_range: expected \[min, max\] with 0.1 <= min <= max <= 8"),
+        ("model.num_classes=256", r"model.num_classes must be in \[1, 255\], got 256"),
+        ("crf.theta_alpha=1e-300", r"crf: theta_alpha=1e-300 is 0 or infinite in float32"),
+        ("grid_search.theta_betas=[1e-300, 5]", r"grid_search: the smallest values of the grid do not make a CRF"),
+        ("crf.spatial_weight=-3", r"crf.spatial_weight must be >= 0, got -3"),
+        ("grid_search.bilateral_weights=[-5]", r"grid_search.bilateral_weights\[0\] must be >= 0, got -5"),
+        ("out_dir=", r"out_dir must name a directory"),
         ("device=cuda:64", r"device=cuda:64: "),
         ("stage1=3", r"stage1: expected a mapping of iterations, batch_size"),
     ],
@@ -132,3 +149,19 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(path) == cfg
     assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
     assert to_dict(cfg)["stage2"]["crf_lr"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.mode=sliding", "eval.window=16", "eval.stride=17"], r"eval.stride=17 must be <= eval.window=16"),
+        (["eval.mode=sliding", "eval.window=7", "eval.stride=7"], r"eval.window=7 is smaller than the 8 pixels"),
+        (["data.dataset=folder", "data.root=/data", "model.num_classes=256",
+          "data.folder.class_names=[" + ",".join(f"c{i}" for i in range(256)) + "]"],
+         r"model.num_classes must be in \[1, 255\], got 256"),
+    ],
+)
+def test_settings_that_depend_on_each_other(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SYNTHETIC, overrides)
+    load_config(SYNTHETIC, ["eval.window=16", "eval.stride=17"])  # whole-image evaluation uses neither

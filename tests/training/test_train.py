@@ -17,7 +17,7 @@ from crfrnn_deeplab.data import SyntheticSegmentation
 from crfrnn_deeplab.training.config import load_config
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
 from crfrnn_deeplab.training.signals import StopRequest
-from crfrnn_deeplab.training.evaluation import sliding_window_logits
+from crfrnn_deeplab.training.evaluation import collate_by_size, sliding_window_logits
 from crfrnn_deeplab.weights import load_checkpoint, model_for_checkpoint
 from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
 from train_script import import_train
@@ -154,7 +154,7 @@ def test_max_grad_norm_scales_a_larger_gradient_down_to_it():
         optimizer = train.build_optimizer(model, stage)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         with StopRequest() as stop:
-            _, problem, _ = train.optimizer_step(model, optimizer, scaler, [batch], stage=stage,
+            _, problem, _, _ = train.optimizer_step(model, optimizer, scaler, [batch], stage=stage,
                                                  device=torch.device("cpu"), dtype=None, stop=stop)
         assert problem == ""
         grads[limit] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -218,6 +218,21 @@ def test_sliding_window_matches_whole_image_for_a_pointwise_network():
     torch.testing.assert_close(out, net(image))
     small = sliding_window_logits(net, image[:, :, :9, :9], window=16, stride=10)  # padded, then cropped
     torch.testing.assert_close(small, net(image[:, :, :9, :9]))
+
+
+def test_sliding_window_refuses_a_stride_that_leaves_gaps():
+    net = torch.nn.Conv2d(3, 4, 1)
+    with pytest.raises(ValueError, match=r"stride must be an int in \[1, window=16\]"):
+        sliding_window_logits(net, torch.randn(1, 3, 40, 40), window=16, stride=17)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        sliding_window_logits(net, torch.randn(1, 3, 40, 40), window=0, stride=1)
+
+
+def test_evaluation_batches_hold_images_of_one_size():
+    samples = [{"image": torch.zeros(3, h, 5), "id": str(i)} for i, h in enumerate((4, 4, 6, 4))]
+    batches = collate_by_size(samples)
+    assert [(b["image"].shape[0], b["image"].shape[2], b["id"]) for b in batches] == [
+        (2, 4, ["0", "1"]), (1, 6, ["2"]), (1, 4, ["3"])]  # in order: runs of one size
 
 
 def test_training_batches_do_not_depend_on_workers_and_restart_mid_epoch():
