@@ -6,13 +6,19 @@ Layout::
     <mask_dir>/<id>.png          8-bit (or 16-bit) greyscale or palette PNG, value = class index
     [list_file]                  optional: one <id> per line; without it every mask in mask_dir is a sample
 
+Image extensions and the mask suffix match in any case (``.JPG``, ``.PNG``); ids are case-sensitive. An id with
+two images (``x.jpg`` and ``x.png``) or two masks (``x.png`` and ``x.PNG``) is an error naming both, not a
+silent choice.
+
 This also reads ADE20K-style folders (``reduce_zero_label=True``: mask value 0 = "other" is ignored and
 values 1..150 become classes 0..149) and pre-converted sets such as VOC ``SegmentationClassAug``.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,18 +54,22 @@ class FolderSegmentation(SegmentationDataset):
     Args:
         image_dir: directory of images.
         mask_dir: directory of masks.
-        class_names: one name per class, in index order (at most 255 classes).
-        list_file: optional file of sample ids (file names without extension), one per line.
-        mask_suffix: what follows the id in a mask's file name (e.g. ``"_mask.png"``).
-        ignore_value: the mask value meaning "ignore" (mapped to 255).
+        class_names: one distinct name per class, in index order (at most 255 classes).
+        list_file: optional file of sample ids (file names without extension), one per line (UTF-8; a byte-order
+            mark is skipped).
+        mask_suffix: what follows the id in a mask's file name (e.g. ``"_mask.png"``), matched in any case;
+            not empty.
+        ignore_value: the mask value meaning "ignore" (mapped to 255), a non-negative int.
         reduce_zero_label: treat mask value 0 as ignore and shift the other values down by one.
         transform: applied to each raw sample dict (see :class:`SegmentationDataset`).
 
     Raises:
-        TypeError: ``class_names`` is not a sequence of strings.
-        ValueError: ``class_names`` is empty or too long, or ``ignore_value`` collides with a class.
+        TypeError: ``class_names`` is not a sequence of strings, ``mask_suffix`` not a string, or
+            ``ignore_value`` not an int.
+        ValueError: ``class_names`` is empty, too long or has duplicates, ``mask_suffix`` is empty, or
+            ``ignore_value`` is negative or collides with a class.
         FileNotFoundError: a directory or the list file is missing, or an id has no image or no mask.
-        DatasetError: no samples.
+        DatasetError: no samples, an id with two images or two masks, or a list file that is not UTF-8 text.
     """
 
     def __init__(
@@ -79,37 +89,53 @@ class FolderSegmentation(SegmentationDataset):
             raise TypeError(f"class_names must be a sequence of strings, got {class_names!r}")
         if not 1 <= len(class_names) <= 255:
             raise ValueError(f"class_names must name 1..255 classes (255 is the ignore label), got {len(class_names)}")
+        duplicates = sorted(name for name, count in Counter(class_names).items() if count > 1)
+        if duplicates:
+            raise ValueError(f"class_names must be distinct, got {duplicates} more than once in {list(class_names)}")
         self.class_names = tuple(class_names)
+        if not isinstance(mask_suffix, str):
+            raise TypeError(f"mask_suffix must be a string such as '.png', got {type(mask_suffix).__name__}")
+        if not mask_suffix:
+            raise ValueError("mask_suffix must not be empty: it is what follows the id in a mask's file name "
+                             "(e.g. '.png' for <id>.png, '_mask.png' for <id>_mask.png)")
+        if isinstance(ignore_value, bool) or not isinstance(ignore_value, numbers.Integral):
+            raise TypeError(f"ignore_value must be an int (a mask value), got {ignore_value!r}")
+        if ignore_value < 0:
+            raise ValueError(f"ignore_value must be non-negative, got {ignore_value}")
         first_class = 1 if reduce_zero_label else 0
         if first_class <= ignore_value < first_class + self.num_classes:
             raise ValueError(
                 f"ignore_value {ignore_value} is a class index (classes are mask values {first_class}.."
                 f"{first_class + self.num_classes - 1}); choose a value outside that range"
             )
-        if ignore_value < 0:
-            raise ValueError(f"ignore_value must be non-negative, got {ignore_value}")
-        self.ignore_value, self.reduce_zero_label = ignore_value, reduce_zero_label
+        self.ignore_value, self.reduce_zero_label = int(ignore_value), reduce_zero_label
 
         image_dir = require_dir(image_dir, "image directory", _LAYOUT)
         mask_dir = require_dir(mask_dir, "mask directory", _LAYOUT)
         self.image_dir, self.mask_dir = image_dir, mask_dir
-        mask_names = set(os.listdir(mask_dir))
+        masks_by_id: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(mask_dir)):
+            if len(name) > len(mask_suffix) and name.lower().endswith(mask_suffix.lower()):
+                masks_by_id.setdefault(name[: -len(mask_suffix)], []).append(name)
         if list_file is not None:
             list_file = require_file(list_file, "list file", _LAYOUT)
             self.ids = read_id_list(list_file)
             where = str(list_file)
         else:
-            self.ids = sorted(n[: -len(mask_suffix)] for n in mask_names if n.endswith(mask_suffix))
+            self.ids = sorted(masks_by_id)
             where = f"{mask_dir}/*{mask_suffix}"
         self._check_not_empty(where)
 
-        images_by_stem: dict[str, str] = {}
-        for name in sorted(os.listdir(image_dir), key=lambda n: _ext_rank(n)):
+        # With images and masks in one directory, a mask <id>.png is not also an image of <id>.
+        same_dir = os.path.samefile(image_dir, mask_dir)
+        mask_files = {n for names in masks_by_id.values() for n in names} if same_dir else set()
+        images_by_stem: dict[str, list[str]] = {}
+        for name in sorted(os.listdir(image_dir)):
             stem, ext = os.path.splitext(name)
-            if ext.lower() in _IMAGE_EXTENSIONS:
-                images_by_stem.setdefault(stem, name)
+            if ext.lower() in _IMAGE_EXTENSIONS and name not in mask_files:
+                images_by_stem.setdefault(stem, []).append(name)
         no_image = [i for i in self.ids if i not in images_by_stem]
-        no_mask = [i for i in self.ids if f"{i}{mask_suffix}" not in mask_names]
+        no_mask = [i for i in self.ids if i not in masks_by_id]
         no_what = ((no_image, f"image in {image_dir}"), (no_mask, f"mask <id>{mask_suffix} in {mask_dir}"))
         for missing, what in no_what:
             if missing:
@@ -117,8 +143,17 @@ class FolderSegmentation(SegmentationDataset):
                     f"{len(missing)} of {len(self.ids)} ids from {where} have no {what}: {', '.join(missing[:5])}"
                     + (" ..." if len(missing) > 5 else "")
                 )
-        self._images = [str(image_dir / images_by_stem[i]) for i in self.ids]
-        self._labels = [str(mask_dir / f"{i}{mask_suffix}") for i in self.ids]
+        for by_id, what, directory in ((images_by_stem, "image", image_dir), (masks_by_id, "mask", mask_dir)):
+            ambiguous = [i for i in self.ids if len(by_id[i]) > 1]
+            if ambiguous:
+                shown = "; ".join(f"{i!r}: {' and '.join(by_id[i])}" for i in ambiguous[:5])
+                raise DatasetError(
+                    f"which {what} to read is ambiguous for {len(ambiguous)} of {len(self.ids)} ids, each with more "
+                    f"than one {what} in {str(directory)!r} ({shown}{' ...' if len(ambiguous) > 5 else ''}); "
+                    "remove or move the others"
+                )
+        self._images = [str(image_dir / images_by_stem[i][0]) for i in self.ids]
+        self._labels = [str(mask_dir / masks_by_id[i][0]) for i in self.ids]
 
     def _map_mask(self, mask: np.ndarray, path: str) -> np.ndarray:
         """Validate raw mask values and map them to ``0..C-1`` / 255 (one table lookup for 8-bit masks)."""
@@ -152,9 +187,3 @@ class FolderSegmentation(SegmentationDataset):
         mask = read_index_png(label_path)
         check_same_size(image, mask, image_path, label_path)
         return image, self._map_mask(mask, label_path)
-
-
-def _ext_rank(name: str) -> tuple[int, str]:
-    ext = os.path.splitext(name)[1].lower()
-    return (_IMAGE_EXTENSIONS.index(ext) if ext in _IMAGE_EXTENSIONS else len(_IMAGE_EXTENSIONS), name)
-

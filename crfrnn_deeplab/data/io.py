@@ -83,6 +83,9 @@ def require_file(path: PathLike, what: str, layout: str) -> Path:
 def read_id_list(path: PathLike) -> list[str]:
     """Read a split file: one image id per line; blank lines and surrounding whitespace are ignored.
 
+    The file is UTF-8 text; a byte-order mark at its start (what some Windows editors write) is skipped rather
+    than becoming an invisible part of the first id.
+
     Args:
         path: the list file (e.g. ``ImageSets/Segmentation/train.txt``).
 
@@ -90,21 +93,28 @@ def read_id_list(path: PathLike) -> list[str]:
         The ids in file order.
 
     Raises:
-        DatasetError: a line holds more than one token (e.g. ``"img.jpg label.png"`` pair lists), or the
-            file lists no ids at all.
+        DatasetError: the file is not UTF-8 text, a line holds more than one token (e.g. ``"img.jpg
+            label.png"`` pair lists), or the file lists no ids at all.
     """
     ids = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            if len(line.split()) != 1:
-                raise DatasetError(
-                    f"{str(path)!r} line {lineno}: expected one image id per line (a file name without its "
-                    f"extension, e.g. '2007_000032'), got {line!r}"
-                )
-            ids.append(line)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"list file {str(path)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+            f"{e.start}): expected one image id per line"
+        ) from None
+    for lineno, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if len(line.split()) != 1:
+            raise DatasetError(
+                f"{str(path)!r} line {lineno}: expected one image id per line (a file name without its "
+                f"extension, e.g. '2007_000032'), got {line!r}"
+            )
+        ids.append(line)
     if not ids:
         raise DatasetError(f"list file {str(path)!r} holds no image ids: the dataset would be empty")
     return ids
@@ -142,7 +152,11 @@ def read_image(path: PathLike) -> np.ndarray:
 
     Returns:
         ``uint8`` array ``[H, W, 3]`` in RGB order (greyscale, palette and RGBA inputs are converted; 16-bit
-        greyscale is scaled to 0-255, see :func:`crfrnn_deeplab.images.pil_to_rgb`).
+        greyscale is scaled to 0-255, see :func:`crfrnn_deeplab.images.pil_to_rgb`). The pixels come in the
+        order they are stored: an EXIF orientation tag is **not** applied (a phone photo may come back rotated
+        from how a viewer shows it), and the label mask is read the same way; for such a photo, apply
+        ``PIL.ImageOps.exif_transpose`` to the image, and the same rotation to its mask, before adding them to a
+        dataset.
 
     Raises:
         FileNotFoundError: the file does not exist.

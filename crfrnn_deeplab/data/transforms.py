@@ -19,6 +19,11 @@ Training (Chen et al., DeepLab v2, TPAMI 2017): random scale in [0.5, 1.5] (imag
 pad to the crop size at the bottom/right, random crop (321 x 321 by default), horizontal flip with
 probability 0.5.
 
+Bounds (checked at construction, so that a typo fails at once instead of allocating gigabytes): ``crop_size`` and
+``pad_to`` sides in 1..:data:`MAX_SIZE` (8192), ``pad_divisor`` in 1..:data:`MAX_PAD_DIVISOR` (1024), and
+``scale_range`` within :data:`SCALE_LIMITS` (0.1-8, the limits of ``train.py``'s ``data.scale_range``). A small
+image that a scale would shrink below one pixel is resized to one pixel on that side.
+
 Randomness: each transform has its own albumentations generator (``seed`` fixes it). Inside a
 ``DataLoader`` worker it is re-seeded from the worker's seed (``torch.utils.data.get_worker_info().seed``,
 which differs per worker and per epoch and follows ``torch.manual_seed``) and the distributed rank, because
@@ -28,20 +33,32 @@ albumentations 2.0 would otherwise give every worker the same stream of augmenta
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+from albumentations.augmentations.geometric import functional as fgeometric
 from torch.utils.data import get_worker_info
 
 from crfrnn_deeplab.distributed import get_rank
 from crfrnn_deeplab.models.conventions import InputConvention
 
-__all__ = ["TrainTransform", "EvalTransform"]
+__all__ = ["TrainTransform", "EvalTransform", "MAX_SIZE", "MAX_PAD_DIVISOR", "SCALE_LIMITS"]
 
 logger = logging.getLogger(__name__)
+
+#: Largest side of a training crop or an evaluation ``pad_to`` size: an 8192² sample is already ~0.8 GB per float32
+#: tensor (``image`` and ``raw`` each); a larger one is a typo, not a crop.
+MAX_SIZE = 8192
+#: Largest ``pad_divisor``: it pads by up to ``pad_divisor - 1`` pixels a side, and the strides and windows it is
+#: meant for (8, 16, 32, 513, ...) are far below it.
+MAX_PAD_DIVISOR = 1024
+#: The allowed training scales (``scale_range``), the same as ``train.py``'s ``data.scale_range``: smaller ones
+#: shrink images to nothing, larger ones make images that exhaust memory.
+SCALE_LIMITS = (0.1, 8.0)
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -51,9 +68,48 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(v, int) for v in value):
         raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+    if any(isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
     if min(value) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    if max(value) > MAX_SIZE:
+        raise ValueError(f"{name} must be at most {MAX_SIZE} pixels a side, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _check_scale_range(scale_range: Any) -> tuple[float, float]:
+    low, high = SCALE_LIMITS
+    pair = isinstance(scale_range, (tuple, list, np.ndarray)) and len(scale_range) == 2
+    if not pair or not all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scale_range):
+        raise TypeError(f"scale_range must be a (min, max) pair of numbers, got {scale_range!r}")
+    lo, hi = (float(s) for s in scale_range)
+    if not low <= lo <= hi <= high:  # also refuses NaN and inf
+        raise ValueError(f"scale_range must be (min, max) with {low:g} <= min <= max <= {high:g}, got {scale_range!r}")
+    return lo, hi
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be a non-negative int or None, got {seed}")
+    return seed
+
+
+class _RandomScale(A.RandomScale):
+    """albumentations' ``RandomScale`` (side ``int(side * scale)``, the same draws), but never below one pixel:
+    a small image at a small scale would otherwise become 0 pixels wide, which OpenCV refuses."""
+
+    @staticmethod
+    def _scale(img: np.ndarray, scale: float, interpolation: int) -> np.ndarray:
+        height, width = img.shape[:2]
+        return fgeometric.resize(img, (max(1, int(height * scale)), max(1, int(width * scale))), interpolation)
+
+    def apply(self, img: np.ndarray, scale: float, **params: Any) -> np.ndarray:
+        return self._scale(img, scale, self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, scale: float, **params: Any) -> np.ndarray:
+        return self._scale(mask, scale, self.mask_interpolation)
 
 
 def _check_convention(convention: Any) -> InputConvention:
@@ -78,6 +134,8 @@ def _inputs(sample: dict[str, Any], need_label: bool) -> tuple[np.ndarray, np.nd
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise TypeError(f"sample {sample_id!r}: image must be a uint8 RGB array [H, W, 3], got {desc}")
+    if image.size == 0:
+        raise ValueError(f"sample {sample_id!r}: image is empty ({image.shape[0]}x{image.shape[1]} pixels)")
     if label is None:
         if need_label:
             raise ValueError(f"sample {sample_id!r} has no 'label'; the training transform needs one")
@@ -123,9 +181,7 @@ class _Transform:
     def __init__(self, convention: InputConvention, ignore_index: int, seed: int | None) -> None:
         self.convention = _check_convention(convention)
         self.ignore_index = _check_ignore_index(ignore_index)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self._pad_rgb = np.array(convention.pixel_mean_rgb255, dtype=np.float32)
         # albumentations pads uint8 images with an integer colour; _to_sample then writes the exact mean.
         self._fill = tuple(int(round(v)) for v in convention.pixel_mean_rgb255)
@@ -146,9 +202,7 @@ class _Transform:
 
     def set_random_seed(self, seed: int | None) -> None:
         """Re-seed the augmentation generator (``None``: fresh entropy); workers still mix in their own seed."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_seed(seed)
         self._worker_key = None
         if self._pipeline is not None:
             self._pipeline.set_random_seed(seed)
@@ -191,11 +245,12 @@ class TrainTransform(_Transform):
 
     Args:
         convention: the model's input convention (gives the normalisation and the padding colour).
-        crop_size: output ``(height, width)``, or one int for a square (DeepLab v2: 321).
-        scale_range: ``(min, max)`` of the uniformly drawn scale factor.
+        crop_size: output ``(height, width)``, or one int for a square (DeepLab v2: 321); 1..:data:`MAX_SIZE`.
+        scale_range: ``(min, max)`` of the uniformly drawn scale factor, within :data:`SCALE_LIMITS` (0.1-8).
         hflip_prob: probability of a horizontal flip.
         ignore_index: label value of padded pixels (1..255).
-        seed: seed of the augmentation generator (in the main process; workers re-seed, see module docs).
+        seed: seed of the augmentation generator, a non-negative int or None (in the main process; workers
+            re-seed, see module docs).
 
     Call with a raw sample dict; returns the tensor sample described in the module docstring, of size
     ``crop_size``.
@@ -213,10 +268,8 @@ class TrainTransform(_Transform):
     ) -> None:
         super().__init__(convention, ignore_index, seed)
         self.crop_size = _pair(crop_size, "crop_size")
-        lo, hi = (float(s) for s in scale_range)
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max, got {scale_range!r}")
-        if not 0.0 <= hflip_prob <= 1.0:
+        lo, hi = _check_scale_range(scale_range)
+        if isinstance(hflip_prob, bool) or not isinstance(hflip_prob, numbers.Real) or not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
         self.scale_range, self.hflip_prob = (lo, hi), float(hflip_prob)
         ch, cw = self.crop_size
@@ -224,7 +277,7 @@ class TrainTransform(_Transform):
             [
                 # scale factor 1 + U(lo - 1, hi - 1); albumentations resizes every mask with mask_interpolation.
                 # INTER_NEAREST_EXACT samples at pixel centres like INTER_LINEAR does, so labels stay aligned.
-                A.RandomScale(
+                _RandomScale(
                     scale_limit=(lo - 1.0, hi - 1.0),
                     interpolation=cv2.INTER_LINEAR,
                     mask_interpolation=cv2.INTER_NEAREST_EXACT,
@@ -253,8 +306,10 @@ class EvalTransform(_Transform):
 
     Args:
         convention: the model's input convention.
-        pad_to: pad to at least this ``(height, width)`` (or square size), e.g. 513 as in DeepLab's evaluation.
-        pad_divisor: then pad height and width up to a multiple of this (e.g. 8 for the output stride).
+        pad_to: pad to at least this ``(height, width)`` (or square size), e.g. 513 as in DeepLab's evaluation;
+            sides 1..:data:`MAX_SIZE`.
+        pad_divisor: then pad height and width up to a multiple of this (e.g. 8 for the output stride);
+            1..:data:`MAX_PAD_DIVISOR`.
         ignore_index: label value of padded pixels (1..255).
 
     Samples without a ``"label"`` (inference) come back without one.
@@ -273,6 +328,8 @@ class EvalTransform(_Transform):
         bad_divisor = isinstance(pad_divisor, bool) or not isinstance(pad_divisor, int) or pad_divisor < 1
         if pad_divisor is not None and bad_divisor:
             raise ValueError(f"pad_divisor must be a positive int or None, got {pad_divisor!r}")
+        if pad_divisor is not None and pad_divisor > MAX_PAD_DIVISOR:
+            raise ValueError(f"pad_divisor must be at most {MAX_PAD_DIVISOR}, got {pad_divisor}")
         self.pad_divisor = pad_divisor
         steps: list[A.BasicTransform] = []
         if self.pad_to is not None:

@@ -21,16 +21,40 @@ is drawn from ``numpy.random.default_rng([seed, i])``: any index is reproducible
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["VOLUME_CLASSES", "SyntheticVolumes", "render_volume"]
+__all__ = ["VOLUME_CLASSES", "SPACING_LIMITS", "SyntheticVolumes", "render_volume"]
 
 VOLUME_CLASSES = ("background", "tube", "blob")
 NOISE = 0.15
+
+#: The allowed voxel sizes, in the units of the objects (tube radius 0.8-1.6): tubes from ~64 voxels across down
+#: to a third of a voxel. A tube is walked in steps of half the smallest voxel size, and the number of tubes grows
+#: with the physical cross-section, so much finer or coarser voxels make the drawing run for hours (a 1e-6 voxel
+#: size: ~1e7 steps a tube).
+SPACING_LIMITS = (0.05, 5.0)
+
+
+def _check_geometry(shape: object, spacing: object) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``shape`` as 3 ints >= 4 and ``spacing`` as 3 finite voxel sizes within :data:`SPACING_LIMITS`."""
+    shape, spacing = (v.tolist() if isinstance(v, (np.ndarray, Tensor)) else v for v in (shape, spacing))
+    if (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 3
+            or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape) or min(shape) < 4):
+        raise ValueError(f"shape must be 3 sides >= 4 (ints, D, H, W), got {shape!r}")
+    low, high = SPACING_LIMITS
+    values = list(spacing) if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)) else None
+    if (values is None or len(values) != 3
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and low <= v <= high for v in values)):
+        raise ValueError(
+            f"spacing must be 3 voxel sizes in {low:g}..{high:g} (the units of the objects, whose tubes have a radius "
+            f"of 0.8-1.6), got {spacing!r}"
+        )
+    return (int(shape[0]), int(shape[1]), int(shape[2])), np.asarray(values, dtype=np.float64)
 
 
 def _ellipsoid(rng: np.random.Generator, coords: np.ndarray, extent: float) -> np.ndarray:
@@ -75,16 +99,18 @@ def render_volume(
 
     Args:
         rng: the source of randomness (the volume is a function of its state).
-        shape: (D, H, W) voxels.
-        spacing: the physical size of a voxel along (D, H, W); the objects are drawn in physical units.
+        shape: (D, H, W) voxels, ints >= 4.
+        spacing: the physical size of a voxel along (D, H, W), each within :data:`SPACING_LIMITS`; the objects
+            are drawn in physical units.
 
     Returns:
         ``(volume, label)``: float32 ``[D, H, W]`` intensities and int64 ``[D, H, W]`` class ids
         (:data:`VOLUME_CLASSES`).
+
+    Raises:
+        ValueError: a bad ``shape`` or ``spacing``.
     """
-    shape, spacing_arr = tuple(int(n) for n in shape), np.asarray(spacing, dtype=np.float64)
-    if len(shape) != 3 or min(shape) < 4 or spacing_arr.shape != (3,) or not np.all(spacing_arr > 0):
-        raise ValueError(f"shape must be 3 sides >= 4 and spacing 3 sizes > 0, got {shape} and {tuple(spacing)}")
+    shape, spacing_arr = _check_geometry(shape, spacing)
     coords = np.stack(np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing_arr)), indexing="ij"))
     extent = float(min(n * s for n, s in zip(shape, spacing_arr)))
     label = np.zeros(shape, np.int64)
@@ -109,11 +135,14 @@ class SyntheticVolumes(torch.utils.data.Dataset):
 
     Args:
         num_volumes: the dataset's length.
-        shape: (D, H, W) voxels.
-        spacing: the voxel size along (D, H, W).
-        seed: volume ``i`` is drawn from ``default_rng([seed, i])``.
+        shape: (D, H, W) voxels, ints >= 4.
+        spacing: the voxel size along (D, H, W), each within :data:`SPACING_LIMITS` (0.05-5).
+        seed: volume ``i`` is drawn from ``default_rng([seed, i])``; a non-negative int.
 
     Items: ``(volume, label)``, Tensor[1, D, H, W] float32 (one guidance channel) and Tensor[D, H, W] int64.
+
+    Raises:
+        ValueError: a bad ``num_volumes``, ``shape``, ``spacing`` or ``seed``.
     """
 
     def __init__(
@@ -126,7 +155,11 @@ class SyntheticVolumes(torch.utils.data.Dataset):
     ) -> None:
         if isinstance(num_volumes, bool) or not isinstance(num_volumes, int) or num_volumes < 1:
             raise ValueError(f"num_volumes must be an int >= 1, got {num_volumes!r}")
-        self.num_volumes, self.shape, self.spacing, self.seed = num_volumes, tuple(shape), tuple(spacing), seed
+        shape, spacing_arr = _check_geometry(shape, spacing)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.num_volumes, self.shape, self.seed = num_volumes, shape, int(seed)
+        self.spacing = tuple(float(s) for s in spacing_arr)
 
     def __len__(self) -> int:
         return self.num_volumes

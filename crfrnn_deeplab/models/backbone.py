@@ -54,11 +54,20 @@ _OUTPUT_STRIDES: tuple[int, ...] = (8, 16)
 
 def _stage_plan(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Strides and dilations of ``layer1..layer4`` for an output stride (the stem contributes 4)."""
+    _check_output_stride(output_stride)
     if output_stride == 8:
         return (1, 2, 1, 1), (1, 1, 2, 4)
     if output_stride == 16:
         return (1, 2, 2, 1), (1, 1, 1, 2)
     raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride!r}")
+
+
+def _check_output_stride(output_stride: object) -> None:
+    # an int, not merely equal to one: 8.0 would pass `in (8, 16)` and break the int contract downstream
+    if isinstance(output_stride, bool) or not isinstance(output_stride, int) or output_stride not in _OUTPUT_STRIDES:
+        kind = "" if isinstance(output_stride, int) and not isinstance(output_stride, bool) else (
+            f" (a {type(output_stride).__name__}; an int is needed)")
+        raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride!r}{kind}")
 
 
 def _check_norm(norm: str) -> None:
@@ -161,8 +170,7 @@ class AtrousResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_norm(norm)
-        if output_stride not in _OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride!r}")
+        _check_output_stride(output_stride)
         if len(layers) != 4:
             raise ValueError(f"expected 4 residual stages, got {len(layers)}")
         self.conv1 = conv1

@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from crfrnn_deeplab.images import check_rgb_image
 
 __all__ = ["InputConvention", "TORCHVISION_CONVENTION", "CAFFE_CONVENTION"]
 
@@ -60,9 +64,27 @@ class InputConvention:
 
         Returns:
             Tensor of the same shape, float32 (or the input's floating dtype), in this convention.
+
+        Raises:
+            TypeError: not a tensor (a numpy array or a PIL image: the message shows the tensor form), or a
+                bool / complex tensor.
+            ValueError: not (B, 3, H, W) or (3, H, W), empty, NaN/inf, or values outside 0-255 (e.g. an already
+                normalised input). A floating image with values of at most 1 (a 0-1 image) is accepted with a
+                warning, as by the CRF (:func:`crfrnn_deeplab.images.check_rgb_image`).
         """
-        if image.dim() not in (3, 4) or image.shape[-3] != 3:
-            raise ValueError(f"expected an RGB image of shape (B, 3, H, W) or (3, H, W), got {tuple(image.shape)}")
+        if isinstance(image, np.ndarray):
+            raise TypeError(
+                "images must be a raw RGB Tensor[B, 3, H, W] or Tensor[3, H, W] in 0-255, got a numpy array of "
+                f"shape {image.shape}: convert a uint8 (H, W, 3) array with torch.from_numpy(image).permute(2, 0, 1), "
+                "or use model.predict(image), which takes numpy arrays and PIL images"
+            )
+        if isinstance(image, Image.Image):
+            raise TypeError(
+                "images must be a raw RGB Tensor[B, 3, H, W] or Tensor[3, H, W] in 0-255, got a PIL image: convert "
+                "it with torch.from_numpy(numpy.asarray(image.convert('RGB'))).permute(2, 0, 1), or use "
+                "model.predict(image), which takes numpy arrays and PIL images"
+            )
+        check_rgb_image(image, name="images", dims=(3, 4))
         x = image.float() if not image.is_floating_point() else image
         if self.channel_order == "BGR":
             x = x.flip(-3)

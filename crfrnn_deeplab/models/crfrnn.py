@@ -46,6 +46,13 @@ class CRFRNN(PredictMixin, nn.Module):
         super().__init__()
         if not isinstance(getattr(network, "input_convention", None), InputConvention):
             raise TypeError("network must carry an InputConvention as `input_convention` (the network contract)")
+        if not isinstance(getattr(network, "num_classes", None), int):
+            raise TypeError("network must have an int attribute `num_classes` (the network contract)")
+        if not isinstance(crf, nn.Module) or not isinstance(getattr(crf, "num_classes", None), int):
+            raise TypeError(
+                f"crf must be a CRF layer such as MeanFieldCRF(num_classes={network.num_classes}), "
+                f"got {type(crf).__name__}"
+            )
         if network.num_classes != crf.num_classes:
             raise ValueError(f"network has {network.num_classes} classes, the CRF {crf.num_classes}")
         self.network = network

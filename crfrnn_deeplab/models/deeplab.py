@@ -20,6 +20,7 @@ the feature map.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from crfrnn_deeplab.images import check_network_input, resize
@@ -92,8 +93,37 @@ class DeepLabV2(PredictMixin, nn.Module):
 
         Returns:
             Tensor[B, 3, H, W]: float, normalised with :attr:`input_convention`.
+
+        Raises:
+            TypeError, ValueError: not a raw RGB tensor in 0-255 (see :meth:`InputConvention.normalize`); a 0-1
+                float image gets a warning.
         """
         return self.input_convention.normalize(images)
+
+    def check_input(self, x: object, *, min_size: int | None = None) -> Tensor:
+        """Checks a network input and returns it: a floating ``Tensor[B, 3, H, W]`` with sides of at least
+        ``min_size`` (default :attr:`min_input_size`), in the dtype of the model's weights.
+
+        Under ``torch.autocast`` for the input's device, float32, float16 and bfloat16 inputs and weights mix
+        freely (autocast casts both); float64 never does.
+
+        Raises:
+            TypeError: not a tensor, not floating point, or a dtype the weights cannot take (the message names
+                both dtypes and the two ways out: ``x.float()`` or ``model.double()``).
+            ValueError: not 4-D, not 3 channels, an empty batch, or a side below ``min_size``.
+        """
+        x = check_network_input(x, min_size=self.min_input_size if min_size is None else min_size)
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is None or x.dtype == weight.dtype:
+            return x
+        if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
+            return x
+        raise TypeError(
+            f"input: dtype {x.dtype} does not match the model's weights ({weight.dtype}); convert the input to "
+            f"the weights' dtype (x.to({weight.dtype}), e.g. x.float()) or the model to the input's "
+            f"(model.to({x.dtype}), e.g. model.double()), or run under torch.autocast"
+            + (" (which does not take float64)" if torch.float64 in (x.dtype, weight.dtype) else "")
+        )
 
     def scores(self, x: Tensor) -> Tensor:
         """Class scores at the backbone's resolution, before upsampling.
@@ -104,7 +134,7 @@ class DeepLabV2(PredictMixin, nn.Module):
         Returns:
             scores (Tensor[B, num_classes, h, w]): ``h ≈ H / output_stride`` (41 for H = 321).
         """
-        check_network_input(x, min_size=self.min_input_size)
+        self.check_input(x)
         return self.head(self.backbone(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +148,8 @@ class DeepLabV2(PredictMixin, nn.Module):
             (``align_corners=False``).
 
         Raises:
-            TypeError: ``x`` is not a tensor or not floating point.
+            TypeError: ``x`` is not a tensor, not floating point, or not in the weights' dtype (see
+                :meth:`check_input`).
             ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
         """
         return resize(self.scores(x), (x.shape[-2], x.shape[-1]))

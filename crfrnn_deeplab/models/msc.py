@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crfrnn_deeplab.images import check_network_input, check_scales, resize, scaled_size
+from crfrnn_deeplab.images import check_scales, resize, scaled_size
 from crfrnn_deeplab.models.conventions import InputConvention
 from crfrnn_deeplab.models.deeplab import DeepLabV2
 from crfrnn_deeplab.models.predictor import PredictMixin
@@ -133,10 +133,11 @@ class MSC(PredictMixin, nn.Module):
             :class:`MSCOutput` with the fused and the per-scale logits, all (Tensor[B, num_classes, H, W]).
 
         Raises:
-            TypeError: ``x`` is not a tensor or not floating point.
+            TypeError: ``x`` is not a tensor, not floating point, or not in the weights' dtype (see
+                :meth:`DeepLabV2.check_input`).
             ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
         """
-        check_network_input(x, min_size=self.min_input_size)
+        self.model.check_input(x, min_size=self.min_input_size)
         size = (x.shape[-2], x.shape[-1])
         scores = [self.model.scores(self._rescale(x, s)) for s in self.scales]
         per_scale = [resize(z, size) for z in scores]

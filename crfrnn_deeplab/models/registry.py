@@ -84,8 +84,11 @@ def model_spec(name: str) -> ModelSpec:
     """The :class:`ModelSpec` of a registered model.
 
     Raises:
+        TypeError: ``name`` is not a string.
         ValueError: unknown ``name`` (the message lists the known ones).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__} {name!r}; known models: {list_models()}")
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {list_models()}")
     return _MODELS[name]
@@ -111,7 +114,8 @@ def get_model(name: str, *, num_classes: int, **options: Any) -> nn.Module:
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known ones) or ``num_classes < 1``.
-        TypeError: ``num_classes`` is not an int, or an option the builder does not accept.
+        TypeError: ``name`` is not a string, ``num_classes`` is not an int, or an option the builder does not
+            accept.
     """
     builder = model_spec(name).builder
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):

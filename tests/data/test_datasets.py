@@ -530,6 +530,75 @@ def test_folder_errors(tmp_path, rng):
         FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a"], list_file=tmp_path / "list.txt")
 
 
+def _folder_sample(tmp_path: Path, rng: np.random.Generator, sample_id: str, image_ext: str = ".jpg",
+                   mask_name: str | None = None) -> None:
+    image, mask = _smooth_image(rng, 8, 8), _class_blocks(rng, 8, 8, 2)
+    path = tmp_path / "img" / f"{sample_id}{image_ext}"
+    _write_jpg(path, image) if image_ext.lower() in (".jpg", ".jpeg") else _write_png(path, image)
+    _write_png(tmp_path / "msk" / (mask_name or f"{sample_id}.png"), mask)
+
+
+def test_folder_two_images_of_one_id_are_ambiguous(tmp_path, rng):
+    _folder_sample(tmp_path, rng, "x", ".png")
+    _write_jpg(tmp_path / "img" / "x.jpg", _smooth_image(rng, 8, 8))  # the jpg was silently chosen
+    _folder_sample(tmp_path, rng, "y")
+    message = r"which image to read is ambiguous for 1 of 2 ids, each with more than one image in .*\('x': x.jpg and x.png\)"
+    with pytest.raises(DatasetError, match=message):
+        FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"])
+
+
+def test_folder_images_and_masks_in_one_directory(tmp_path, rng):
+    image, mask = _smooth_image(rng, 8, 8), _class_blocks(rng, 8, 8, 2)
+    _write_jpg(tmp_path / "both" / "x.jpg", image)
+    _write_png(tmp_path / "both" / "x.png", mask)  # the mask, not a second image of x
+    ds = FolderSegmentation(tmp_path / "both", tmp_path / "both", class_names=["a", "b"])
+    assert ds.files() == ([str(tmp_path / "both" / "x.jpg")], [str(tmp_path / "both" / "x.png")])
+    np.testing.assert_array_equal(ds[0]["label"], mask)
+
+
+def test_folder_mask_suffix_matches_in_any_case(tmp_path, rng):
+    _folder_sample(tmp_path, rng, "x", ".JPG", mask_name="x.PNG")
+    _folder_sample(tmp_path, rng, "y", ".jpg", mask_name="y.png")
+    ds = FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"])
+    assert ds.ids == ["x", "y"] and ds.files()[1][0].endswith("x.PNG")
+    assert ds[0]["label"].shape == (8, 8)
+    (tmp_path / "list.txt").write_text("x\n")
+    assert FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"],
+                              list_file=tmp_path / "list.txt").ids == ["x"]  # fmt: skip
+    _write_png(tmp_path / "msk" / "x.png", np.zeros((8, 8), np.uint8))
+    if len(list((tmp_path / "msk").iterdir())) == 3:  # a case-sensitive file system: x.png and x.PNG both exist
+        with pytest.raises(DatasetError, match=r"which mask to read is ambiguous .*'x': x.PNG and x.png"):
+            FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"])
+
+
+def test_folder_list_file_with_bom_or_not_utf8(tmp_path, rng):
+    _folder_sample(tmp_path, rng, "x")
+    _folder_sample(tmp_path, rng, "y")
+    (tmp_path / "bom.txt").write_bytes("\ufeffx\r\ny\r\n".encode("utf-8"))  # as Notepad saves it
+    ds = FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"], list_file=tmp_path / "bom.txt")
+    assert ds.ids == ["x", "y"]
+    (tmp_path / "latin1.txt").write_bytes("x\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"list file .*latin1\.txt.* is not UTF-8 text \(byte b'\\xe9' at offset 5"):
+        FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a"], list_file=tmp_path / "latin1.txt")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"mask_suffix": ""}, ValueError, r"mask_suffix must not be empty.*'_mask.png' for <id>_mask.png"),
+        ({"mask_suffix": None}, TypeError, r"mask_suffix must be a string such as '.png', got NoneType"),
+        ({"ignore_value": 2.5}, TypeError, r"ignore_value must be an int \(a mask value\), got 2.5"),
+        ({"ignore_value": True}, TypeError, r"ignore_value must be an int"),
+        ({"ignore_value": -1}, ValueError, r"ignore_value must be non-negative, got -1"),
+        ({"class_names": ["a", "b", "a", "c", "c"]}, ValueError, r"class_names must be distinct, got \['a', 'c'\]"),
+    ],
+)
+def test_folder_bad_options_fail_at_construction(tmp_path, rng, kwargs, error, match):
+    _folder_sample(tmp_path, rng, "x")
+    with pytest.raises(error, match=match):
+        FolderSegmentation(tmp_path / "img", tmp_path / "msk", **{"class_names": ["a", "b"], **kwargs})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # loading: pickling, workers, distributed sampling
 # --------------------------------------------------------------------------------------------------------------

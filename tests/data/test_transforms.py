@@ -216,6 +216,22 @@ def test_workers_get_different_augmentations_reproducibly():
         (lambda: TrainTransform(TORCHVISION_CONVENTION, ignore_index=0), ValueError, "ignore_index must be"),
         (lambda: TrainTransform(TORCHVISION_CONVENTION, seed="x"), TypeError, "seed must be an int"),
         (lambda: EvalTransform(TORCHVISION_CONVENTION, pad_divisor=0), ValueError, "pad_divisor"),
+        # upper bounds, before anything is allocated
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, crop_size=100000), ValueError,
+         r"crop_size must be at most 8192 pixels a side, got \(100000, 100000\)"),
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, crop_size=(321, 9000)), ValueError, "crop_size must be at"),
+        (lambda: EvalTransform(TORCHVISION_CONVENTION, pad_to=10**6), ValueError, "pad_to must be at most 8192"),
+        (lambda: EvalTransform(TORCHVISION_CONVENTION, pad_divisor=10**6), ValueError,
+         "pad_divisor must be at most 1024, got 1000000"),
+        *[(lambda r=r: TrainTransform(TORCHVISION_CONVENTION, scale_range=r), ValueError,
+           r"scale_range must be \(min, max\) with 0.1 <= min <= max <= 8, got")
+          for r in [(200, 200), (float("inf"), float("inf")), (0.5, 1e9), (1e-6, 1e-6), (float("nan"), 1.0)]],
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, scale_range=5), TypeError,
+         r"scale_range must be a \(min, max\) pair of numbers, got 5"),
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, scale_range=(0.5, 1.0, 1.5)), TypeError, "scale_range must be"),
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, seed=-1), ValueError, "seed must be a non-negative int or"),
+        (lambda: TrainTransform(TORCHVISION_CONVENTION).set_random_seed(-1), ValueError, "seed must be a non-negative"),
+        (lambda: TrainTransform(TORCHVISION_CONVENTION, hflip_prob="x"), ValueError, "hflip_prob must be in"),
     ],
 )
 def test_bad_arguments(build, error, match):
@@ -236,3 +252,25 @@ def test_bad_samples():
         transform({**sample, "label": sample["label"][:-1]})
     with pytest.raises(TypeError, match="label must be an integer array"):
         transform({**sample, "label": sample["label"].astype(np.float32)})
+
+
+def test_bounds_themselves_are_accepted():
+    TrainTransform(TORCHVISION_CONVENTION, crop_size=(8192, 1), scale_range=(0.1, 8.0), seed=2**40)
+    EvalTransform(TORCHVISION_CONVENTION, pad_to=8192, pad_divisor=1024)
+
+
+def test_empty_image_is_named():
+    sample = {"image": np.zeros((0, 0, 3), np.uint8), "label": np.zeros((0, 0), np.uint8), "id": "empty"}
+    for transform in (TrainTransform(TORCHVISION_CONVENTION, crop_size=8), EvalTransform(TORCHVISION_CONVENTION)):
+        with pytest.raises(ValueError, match=r"sample 'empty': image is empty \(0x0 pixels\)"):
+            transform(sample)
+
+
+def test_tiny_image_at_the_smallest_scale_keeps_one_pixel():
+    """A 3x5 image at scale 0.1 would be 0 pixels high: it keeps one pixel row, aligned with its label."""
+    image = np.array(_COLOURS[1], np.uint8)[None, None].repeat(3, 0).repeat(5, 1)
+    sample = {"image": image, "label": np.ones((3, 5), np.uint8), "id": "tiny"}
+    out = TrainTransform(TORCHVISION_CONVENTION, crop_size=4, scale_range=(0.1, 0.1), hflip_prob=0.0, seed=0)(sample)
+    assert out["valid"].sum() == 1 and bool(out["valid"][0, 0])
+    assert out["label"][0, 0] == 1 and (out["label"][~out["valid"]] == 255).all()
+    torch.testing.assert_close(out["raw"][:, 0, 0], torch.tensor(_COLOURS[1], dtype=torch.float32))

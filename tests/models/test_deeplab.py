@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
+
+from crfrnn_deeplab.crf import MeanFieldCRF
 
 from crfrnn_deeplab.models.aspp import ASPP
 from crfrnn_deeplab.models.backbone import resnet18_atrous
-from crfrnn_deeplab.models import MSC, DeepLabV2, MSCOutput, get_model
+from crfrnn_deeplab.models import CRFRNN, MSC, DeepLabV2, MSCOutput, get_model
 from crfrnn_deeplab.models.builders import (
     deeplabv2_resnet18,
     deeplabv2_resnet50,
@@ -229,3 +233,66 @@ def test_msc_fusion_is_checked(light):
     with pytest.raises(ValueError, match="1.0 must be a scale"):
         MSC(model=light, scales=(0.75, 0.5), fusion="score_map")
     assert get_model("deeplabv2_resnet18_msc", num_classes=3, base_width=8, fusion="score_map").fusion == "score_map"
+
+
+# --- input dtypes, raw images for preprocess, the joint model's parts -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("wrap", [False, True], ids=["deeplab", "msc"])
+def test_input_dtype_other_than_the_weights_is_named(light, dtype, wrap):
+    model = (MSC(model=light) if wrap else light).eval()
+    with pytest.raises(TypeError, match=rf"dtype {dtype} does not match the model's weights \(torch.float32\).*"
+                                        r"x.float\(\).*model.double\(\)"):
+        model(torch.randn(1, 3, 16, 16).to(dtype))
+
+
+def test_matching_dtypes_and_autocast_are_accepted(light):
+    light.eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert light.double()(x.double()).dtype == torch.float64  # model.double() is the other way out
+        light.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 (or bfloat16) input, float32 weights
+            assert light(x).dtype == torch.bfloat16
+            assert MSC(model=light).eval()(x.bfloat16()).shape == (1, 3, 16, 16)
+            with pytest.raises(TypeError, match=r"torch.float64 does not match .*does not take float64"):
+                light(x.double())  # autocast does not cast float64
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["deeplab", "msc"])
+def test_preprocess_refuses_what_is_not_a_raw_rgb_tensor(light, wrap):
+    model = MSC(model=light) if wrap else light
+    image = np.full((8, 8, 3), 128, np.uint8)
+    with pytest.raises(TypeError, match=r"got a numpy array of shape \(8, 8, 3\).*torch.from_numpy\(image\)"
+                                        r".permute\(2, 0, 1\).*model.predict"):
+        model.preprocess(image)
+    with pytest.raises(TypeError, match=r"got a PIL image.*permute\(2, 0, 1\).*model.predict"):
+        model.preprocess(Image.fromarray(image))
+    with pytest.raises(ValueError, match=r"images has negative values .*not the normalised network input"):
+        model.preprocess(torch.full((1, 3, 8, 8), -0.5))
+    with pytest.raises(ValueError, match=r"images contains NaN or infinite values"):
+        model.preprocess(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"images has values above 255"):
+        model.preprocess(torch.full((3, 8, 8), 300.0))
+
+
+def test_preprocess_warns_for_a_0_1_image(light, caplog):
+    with caplog.at_level("WARNING", logger="crfrnn_deeplab.images"):
+        light.preprocess(torch.rand(1, 3, 8, 8))
+    assert "expected raw RGB in 0-255, not 0-1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="crfrnn_deeplab.images"):
+        light.preprocess(torch.rand(1, 3, 8, 8) * 255)
+    assert not caplog.text
+
+
+def test_crfrnn_names_a_missing_crf(light):
+    with pytest.raises(TypeError, match=r"crf must be a CRF layer such as MeanFieldCRF\(num_classes=3\), got NoneType"):
+        CRFRNN(network=light, crf=None)
+    with pytest.raises(TypeError, match=r"network must have an int attribute `num_classes`"):
+        CRFRNN(network=_Convention(), crf=MeanFieldCRF(num_classes=3))
+
+
+class _Convention(nn.Module):
+    input_convention = TORCHVISION_CONVENTION

@@ -105,6 +105,20 @@ def test_bad_option_values():
         get_model("deeplabv2_resnet18", num_classes=2, output_stride=32)
 
 
+@pytest.mark.parametrize("name", ["deeplabv2_resnet18", "deeplabv2_resnet50"])
+@pytest.mark.parametrize("stride", [8.0, True, "8"])
+def test_non_int_output_stride_is_named(name, stride):
+    # 8.0 == 8 once passed the backbone's check and failed later as a broken "backbone contract"
+    with pytest.raises(ValueError, match=r"output_stride must be one of \(8, 16\), got .*an int is needed"):
+        get_model(name, num_classes=2, output_stride=stride, **({"base_width": 8} if "18" in name else {}))
+
+
+@pytest.mark.parametrize("name", [["deeplabv2_resnet18"], None, 3])
+def test_model_name_must_be_a_string(name):
+    with pytest.raises(TypeError, match=r"model name must be a str, got .*; known models: \[.*'deeplabv2_resnet18'"):
+        get_model(name, num_classes=2)
+
+
 def test_register_model_decorator():
     @register_model(name="_test_tiny_model")
     def tiny(*, num_classes: int, width: int = 2) -> nn.Module:
