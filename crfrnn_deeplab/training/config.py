@@ -28,6 +28,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from crfrnn_deeplab.crf import BilateralFilter, MeanFieldCRF, Normalization, fixed_crf
 from crfrnn_deeplab.data import dataset_spec, list_datasets
+from crfrnn_deeplab.data.transforms import SCALE_LIMITS  # the transform's own limits
 from crfrnn_deeplab.models import get_model, list_models
 from crfrnn_deeplab.models.registry import builder_defaults
 from crfrnn_deeplab.weights import LAYOUTS
@@ -249,10 +250,6 @@ RANGES: dict[str, _Range] = {
     "divergence_factor": _NON_NEGATIVE,
 }
 
-
-#: The allowed training scales (``data.scale_range``): smaller ones shrink small images to 0 pixels, which
-#: OpenCV refuses; larger ones make images that exhaust memory.
-SCALE_LIMITS = (0.1, 8.0)
 
 
 def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, str, float]]:
