@@ -23,8 +23,12 @@ def _entry(name: str):
         from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
         from crfrnn_deeplab.models import model_spec
         from crfrnn_deeplab.weights import load_into, model_for_checkpoint
-        from crfrnn_deeplab.weights.factory import model_variant, network_name
+        from crfrnn_deeplab.weights.factory import check_crf_options, model_variant, network_name
 
+        if not isinstance(crf, (bool, dict)):  # "no" or [1] would be truthy: a CRF nobody asked for
+            raise TypeError(f"{name}: crf must be True, False or a dict of MeanFieldCRF options, got "
+                            f"{type(crf).__name__} {crf!r}")
+        crf_options = check_crf_options(crf, what=f"{name}: crf") if isinstance(crf, dict) else {}
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "
                              "checkpoint='path/to/weights.pt' (ours, torchvision's or a converted DeepLab v2 model)")
@@ -39,16 +43,20 @@ def _entry(name: str):
             model = get_model(name, num_classes=num_classes, **options)
             if checkpoint is not None:  # e.g. a bare state dict: strict, every mismatch is an error
                 load_into(model, checkpoint)
-        if crf and not isinstance(model, CRFRNN):
-            crf_options = crf if isinstance(crf, dict) else {}
+        if isinstance(model, CRFRNN):
+            if isinstance(crf, dict):  # the options would be ignored
+                raise ValueError(f"{name}: {checkpoint} holds a CRF layer with its own options; pass crf=True or "
+                                 "leave crf out")
+        elif crf is not False:
             model = CRFRNN(network=model, crf=MeanFieldCRF(num_classes=model.num_classes, **crf_options))
         return model
 
     build.__name__ = name
     build.__doc__ = (
         f"``{name}`` (see crfrnn_deeplab.get_model). Keyword arguments: ``num_classes`` (required without a "
-        "checkpoint), ``checkpoint`` (a weights file to load), ``crf`` (True or MeanFieldCRF options: add the "
-        "CRF-as-RNN layer), and the builder's options (e.g. ``output_stride=16``, ``norm='frozen'``)."
+        "checkpoint), ``checkpoint`` (a weights file to load), ``crf`` (True or a dict of MeanFieldCRF options, "
+        "without num_classes, which is the model's: add the CRF-as-RNN layer), and the builder's options (e.g. "
+        "``output_stride=16``, ``norm='frozen'``)."
     )
     return build
 

@@ -12,19 +12,22 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
+from crfrnn_deeplab.data.io import atomic_write
+
 __all__ = [
     "FORMAT",
     "Checkpoint",
     "CheckpointError",
     "ModelConfig",
+    "check_model_entries",
     "load_checkpoint",
     "model_entries",
     "remove_stale_temporaries",
@@ -34,7 +37,7 @@ __all__ = [
 FORMAT = "crfrnn_deeplab/1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
 _PICKLE_PROTO = b"\x80"  # the legacy format: a pickle, protocol >= 2
-_TMP_SUFFIX = ".tmp"  # save_checkpoint writes ".<name>.<random>.tmp" next to <name>, then renames it
+_TMP_SUFFIX = ".tmp"  # atomic_write (save_checkpoint's writer) writes ".<name>.<random>.tmp", then renames it
 
 
 class CheckpointError(ValueError):
@@ -101,26 +104,26 @@ def model_entries(
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Checkpoint | dict[str, Any]) -> Path:
-    """Writes ``payload`` to ``path`` atomically: a temporary file in the same directory, fsync, rename.
+    """Writes ``payload`` to ``path`` whole, with :func:`~crfrnn_deeplab.data.io.atomic_write`: a temporary file
+    in the same directory (created with the usual permissions, 0o666 less the umask), fsync, rename.
 
-    A crash or a kill during the write leaves any previous file at ``path`` intact.
+    A crash or a kill during the write leaves any previous file at ``path`` intact; a symlink at ``path`` is
+    replaced, its target left as it was. Missing parent directories are created.
 
     Returns:
         The path written.
+
+    Raises:
+        NotADirectoryError: a parent of ``path`` is a file (or another non-directory).
     """
     path = Path(path)
+    blocking = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"cannot write {path}: {blocking} is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 
@@ -153,21 +156,36 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"it pickles {found[1]}" if found else str(e).strip().splitlines()[-1][:200]
         raise CheckpointError(
             f"{path} cannot be loaded with weights_only=True: it contains pickled Python objects beyond tensors "
-            f"and plain containers ({what}). Only load it if you trust its source; then re-save its state_dict "
-            f"with torch.save(state_dict, ...) or convert it with `python -m crfrnn_deeplab.weights.convert`."
+            f"and plain containers ({_refused_object(e)}; nothing in it was run). Only load it if you trust its "
+            f"source; then re-save its state_dict with torch.save(state_dict, ...) or convert it with "
+            f"`python -m crfrnn_deeplab.weights.convert`."
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError) as e:
-        # A truncated archive fails in whichever structure the cut lands: zip directory, pickle memo, storage.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError,
+            OSError) as e:
+        # A truncated or damaged archive fails in whichever structure the cut lands: zip directory, pickle memo,
+        # storage; a zip directory that points past the end makes torch's reader seek there (OSError EINVAL).
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or another kind of file): {_reason(e)}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt, or another kind of file): "
+            f"{_reason(e)}"
         ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict (a checkpoint or a state dict)")
     return obj
+
+
+def _refused_object(error: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused, from its message: the global (``"it pickles the global
+    posix.system, which weights_only loading does not allow"``), else the line that says what went wrong."""
+    message = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", message)  # "Unsupported global: GLOBAL x" / "unsupported GLOBAL x whose ..."
+    if found:
+        return f"it pickles the global {found[1]}, which weights_only loading does not allow"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                                    "(1)", "(2)"))]
+    return (informative or lines or [type(error).__name__])[0][:200]
 
 
 def _reason(error: Exception) -> str:
@@ -178,3 +196,54 @@ def _reason(error: Exception) -> str:
     if isinstance(error, EOFError):
         return "the file ends before its data does (EOFError)"
     return type(error).__name__
+
+
+def check_model_entries(entries: Mapping[str, Any], where: str, *, classes: int | None) -> None:
+    """Checks the entries of one of our checkpoints that say which model it holds (``model_config``,
+    ``class_names``; hand-edited files get them wrong), so that nothing downstream guesses or casts.
+
+    Args:
+        entries: the checkpoint's entries besides its state dict.
+        where: the file (or ``"<in-memory checkpoint>"``), for the messages.
+        classes: the number of classes of the state dict's classifier (or CRF), ``None`` if it has neither.
+
+    Raises:
+        CheckpointError: naming the file and the entry: ``model_config`` not a dict, or with an unknown key, a
+            ``name`` that is not a string, a ``num_classes`` that is not an int >= 1 or differs from the state
+            dict's classes, ``options`` / ``crf`` neither None nor a dict with string keys;
+            ``class_names`` not a list of strings, one per class.
+    """
+    config = entries.get("model_config")
+    if config is not None:
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{where}: model_config must be a dict, got {type(config).__name__} {config!r:.80}")
+        unknown = sorted(map(str, set(config) - set(ModelConfig.__annotations__)))
+        if unknown:
+            raise CheckpointError(f"{where}: unknown model_config key(s) {unknown}; expected name, num_classes, "
+                                  "options, crf")
+        if not isinstance(config.get("name"), str):
+            raise CheckpointError(f"{where}: model_config.name must be a registered model name (a string), got "
+                                  f"{config.get('name')!r:.80}")
+        recorded = config.get("num_classes")
+        if not _is_count(recorded):
+            raise CheckpointError(f"{where}: model_config.num_classes must be an int >= 1, got {recorded!r:.80}")
+        if classes is not None and recorded != classes:
+            raise CheckpointError(f"{where}: model_config.num_classes is {recorded} but the weights are for "
+                                  f"{classes} classes")
+        classes = recorded
+        for key in ("options", "crf"):  # None: no options / no CRF
+            value = config.get(key)
+            if value is not None and (not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value)):
+                raise CheckpointError(f"{where}: model_config.{key} must be a dict of keyword options (or None), "
+                                      f"got {value!r:.80}")
+    names = entries.get("class_names")
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{where}: class_names must be a list of strings, got {names!r:.80}")
+        if classes is not None and len(names) != classes:
+            counted = f"model_config.num_classes is {classes}" if config is not None else f"the weights have {classes}"
+            raise CheckpointError(f"{where}: class_names lists {len(names)} name(s) but {counted} classes")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -29,6 +29,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_destination(dst: str | os.PathLike) -> None:
+    """Refuses a destination that names a directory: one ending in a separator (``Path`` would drop it and write
+    a file named like the directory) or an existing directory."""
+    text = os.fspath(dst)
+    if isinstance(text, str) and text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ValueError(f"the destination {text} ends in a path separator, so it names a directory; give a file name")
+    if os.path.isdir(text):
+        raise ValueError(f"the destination is a directory ({text}); give a file name")
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -48,11 +58,14 @@ def convert_checkpoint(
         The :class:`~.loading.LoadReport` of loading ``src``.
 
     Raises:
-        ValueError: ``dst`` is ``src`` (the source is never overwritten).
+        ValueError: ``dst`` is ``src`` (the source is never overwritten), ends in a path separator or is a
+            directory.
+        NotADirectoryError: a parent of ``dst`` is a file.
         ConversionError, CheckpointError, FileNotFoundError: see :func:`~.factory.model_for_checkpoint`.
     """
+    _check_destination(dst)
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
+    if os.path.realpath(dst) == os.path.realpath(src):  # realpath: no error on a symlink loop
         raise ValueError(f"the destination must differ from the source, got {dst} for both")
     converted = convert_state_dict(src, layout=layout)
     recipe, model, report = build_for_checkpoint(converted, num_classes=num_classes, msc=msc)
@@ -81,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     [--overwrite] [--debug]``.
 
     Exit status: 0 written; 2 the command cannot be carried out (SRC missing or not a convertible checkpoint,
-    DST is SRC, DST exists without ``--overwrite``, DST's directory is not writable): one line
+    DST is SRC, DST exists (a symlink, dangling or not, included) without ``--overwrite``, DST names a directory
+    (it is one, or ends in a separator), DST's directory is not writable or lies below a file): one line
     ``error: ...`` on stderr, and nothing is written. ``--debug`` shows the traceback instead.
     """
     parser = argparse.ArgumentParser(
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "that records its model options and input convention.",
     )
     parser.add_argument("src", type=Path, help="checkpoint to convert")
-    parser.add_argument("dst", type=Path, help="where to write the crfrnn_deeplab checkpoint")
+    parser.add_argument("dst", help="where to write the crfrnn_deeplab checkpoint (a file name)")
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="layout of SRC (default: detect)")
     parser.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: SRC's)")
     parser.add_argument(
@@ -101,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        if args.dst.exists() and args.dst.resolve() != args.src.resolve():
-            if args.dst.is_dir():
-                raise ValueError(f"the destination is a directory ({args.dst})")
-            if not args.overwrite:
-                raise ValueError(f"the destination exists; pass --overwrite to replace it ({args.dst})")
+        _check_destination(args.dst)  # the raw text: Path("d/") would drop the separator
+        dst = Path(args.dst)
+        # lexists: a symlink at DST (even a dangling one) is an existing name that --overwrite would replace
+        if os.path.lexists(dst) and os.path.realpath(dst) != os.path.realpath(args.src) and not args.overwrite:
+            raise ValueError(f"the destination exists; pass --overwrite to replace it ({dst})")
         report = convert_checkpoint(args.src, args.dst, layout=args.layout, num_classes=args.num_classes, msc=args.msc)
     except (ValueError, OSError) as e:  # ConversionError and CheckpointError are ValueErrors; OSError: the paths
         if args.debug:
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'; '.join(lines) or type(e).__name__}", file=sys.stderr)
         return 2
     print(report)
-    print(f"wrote {args.dst}")
+    print(f"wrote {dst}")
     return 0
 
 

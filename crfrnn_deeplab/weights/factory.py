@@ -9,6 +9,7 @@ load both work from that conversion.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -29,10 +30,18 @@ from crfrnn_deeplab.weights.architecture import (
     model_parts,
     model_trunk,
 )
+from crfrnn_deeplab.weights.checkpoint import CheckpointError
 from crfrnn_deeplab.weights.layouts import CAFFE_LAYOUTS, ConversionError, ConvertedStateDict, convert_state_dict
 from crfrnn_deeplab.weights.loading import LoadReport, load_converted
 
-__all__ = ["ModelRecipe", "build_for_checkpoint", "model_for_checkpoint", "model_variant", "network_name"]
+__all__ = [
+    "ModelRecipe",
+    "build_for_checkpoint",
+    "check_crf_options",
+    "model_for_checkpoint",
+    "model_variant",
+    "network_name",
+]
 
 # How crfrnn_deeplab.models.builders names the MSC model it registers for each single-scale builder; a candidate
 # name is only used once the registry confirms it is that model's twin.
@@ -60,12 +69,37 @@ class ModelRecipe:
         return CRFRNN(network=net, crf=MeanFieldCRF(num_classes=self.num_classes, **self.crf))
 
 
+def check_crf_options(options: Any, *, what: str = "crf") -> dict[str, Any]:
+    """The keyword options of :class:`~crfrnn_deeplab.crf.MeanFieldCRF` in ``options``, checked by name (their values
+    are MeanFieldCRF's to check). ``num_classes`` is not one of them: the CRF has the model's classes.
+
+    Args:
+        options: a dict of MeanFieldCRF keyword options.
+        what: how messages name ``options`` (e.g. ``"crf"``, ``"runs/a/last.pt: model_config.crf"``).
+
+    Raises:
+        TypeError: not a dict with string keys, ``num_classes`` among them, or an option MeanFieldCRF does not take.
+    """
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"{what} must be a dict of MeanFieldCRF options, got {type(options).__name__} {options!r:.80}")
+    if "num_classes" in options:
+        raise TypeError(f"{what}: num_classes is not a CRF option: the CRF gets the model's number of classes")
+    accepted = sorted(n for n in inspect.signature(MeanFieldCRF).parameters if n != "num_classes")
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what}: unknown MeanFieldCRF option(s) {unknown}; accepted: {accepted}")
+    return dict(options)
+
+
 def model_variant(name: str, *, multi_scale: bool) -> str:
     """The registered model that is ``name``'s network with (``multi_scale=True``) or without the MSC wrapper.
 
     Raises:
+        TypeError: ``multi_scale`` is not a bool.
         ValueError: ``name`` is not registered, or has no registered twin of the asked kind.
     """
+    if not isinstance(multi_scale, bool):
+        raise TypeError(f"multi_scale must be True or False, got {type(multi_scale).__name__} {multi_scale!r}")
     if model_spec(name).multi_scale == multi_scale:
         return name
     twin = name + _MSC_SUFFIX if multi_scale else name.removesuffix(_MSC_SUFFIX)
@@ -87,6 +121,14 @@ def network_name(model: nn.Module) -> str | None:
     return None if found is None else found[0].network
 
 
+def _unknown_options(name: str, options: Mapping[str, Any]) -> list[str]:
+    """The options a registered builder does not take (none when it takes ``**kwargs``)."""
+    params = inspect.signature(model_spec(name).builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return sorted(set(options) - set(builder_defaults(name)) - {"input_convention"})
+
+
 def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, msc: bool | None,
                      options: Mapping[str, Any]) -> ModelRecipe:
     """The recipe one of our checkpoints records, switched to the MSC or single-scale twin when ``msc`` asks."""
@@ -96,19 +138,35 @@ def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, 
             f"the crfrnn_deeplab state dict {converted.source} records no model_config (builder name and options): "
             "build the model with get_model(...) and load it with load_into(model, ...)"
         )
-    name = str(config["name"])
+    # check_model_entries (run by convert_state_dict) made sure of the entries' types; here: what they name.
+    where = f"{converted.source}: model_config"
+    name = config["name"]
+    if name not in list_models():
+        raise CheckpointError(f"{where}.name {name!r} is not a registered model; registered: {list_models()}")
     recorded = {k: v for k, v in dict(config.get("options") or {}).items() if k != "input_convention"}
+    unknown = _unknown_options(name, recorded)
+    if unknown:
+        raise CheckpointError(f"{where}.options: {unknown} not option(s) of {name!r}; its options: "
+                              f"{sorted(builder_defaults(name))}")
     if msc is not None:
         twin = model_variant(name, multi_scale=msc)
         for option in set(builder_defaults(name)) - set(builder_defaults(twin)):  # the wrapper's own (scales)
             recorded.pop(option, None)
         name = twin
+    unknown = _unknown_options(name, options)
+    if unknown:  # the caller's, not the file's
+        raise TypeError(f"unknown option(s) {unknown} for model {name!r}; accepted: {sorted(builder_defaults(name))}")
     crf = config.get("crf")
+    if crf is not None:
+        try:
+            crf = check_crf_options(crf, what=f"{where}.crf")
+        except TypeError as e:
+            raise CheckpointError(str(e)) from e
     return ModelRecipe(
         name=name,
-        num_classes=num_classes if num_classes is not None else int(config["num_classes"]),
+        num_classes=num_classes if num_classes is not None else config["num_classes"],
         options={**recorded, **options},
-        crf=dict(crf) if crf else None,
+        crf=crf,
         convention=converted.input_convention,
     )
 
@@ -163,9 +221,21 @@ def build_for_checkpoint(
     options = dict(options or {})
     if "input_convention" in options:
         raise TypeError("input_convention comes with the checkpoint's weights; it cannot be chosen here")
-    recipe_for = _recorded_recipe if converted.layout == "crfrnn_deeplab" else _inferred_recipe
+    if msc is not None and not isinstance(msc, bool):
+        raise TypeError(f"msc must be True, False or None (as the checkpoint was), got {type(msc).__name__} {msc!r}")
+    recorded = converted.layout == "crfrnn_deeplab"
+    recipe_for = _recorded_recipe if recorded else _inferred_recipe
     recipe = recipe_for(converted, num_classes=num_classes, msc=msc, options=options)
-    model = recipe.build()
+    try:
+        model = recipe.build()
+    except (TypeError, ValueError) as e:  # a recorded value the builder or the CRF refuses: say where it comes from
+        if not recorded:
+            raise
+        passed = f" with the options passed ({options})" if options else ""
+        raise CheckpointError(
+            f"{converted.source}: the model its model_config records ({recipe.name}, options {recipe.options}, "
+            f"crf {recipe.crf}){passed} cannot be built: {e}"
+        ) from e
     return recipe, model, load_converted(model, converted, strict=True)
 
 
@@ -198,8 +268,11 @@ def model_for_checkpoint(
 
     Raises:
         ConversionError, CheckpointError, FileNotFoundError: see :func:`~.loading.load_into`; also a checkpoint
-            without a classifier and no ``num_classes``, or a trunk of an unsupported depth.
+            without a classifier and no ``num_classes``, or a trunk of an unsupported depth. CheckpointError also
+            for our checkpoint's ``model_config`` naming an unregistered model, an option the builder or
+            MeanFieldCRF does not take, or a value they refuse (naming the file and the entry).
         ValueError: ``msc`` asks for a twin the registry does not have.
+        TypeError: ``msc`` is not True, False or None.
     """
     converted = convert_state_dict(source, layout=layout)
     _, model, report = build_for_checkpoint(converted, num_classes=num_classes, msc=msc, options=options)

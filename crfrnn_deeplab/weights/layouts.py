@@ -64,10 +64,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from crfrnn_deeplab.models.conventions import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
-from crfrnn_deeplab.weights.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from crfrnn_deeplab.weights.checkpoint import FORMAT, CheckpointError, check_model_entries, load_checkpoint
 
 __all__ = [
     "CAFFE_LAYOUTS",
@@ -180,15 +181,37 @@ class ConvertedStateDict:
 # Reading: the state dict inside a checkpoint, wrapper prefixes, layout detection.
 
 
+def _state_dict_problem(obj: Mapping[Any, Any]) -> str | None:
+    """Why a mapping is not a usable state dict (string keys, dense tensors with values), or ``None``."""
+    if not obj:
+        return "it is empty"
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return f"its key {key!r} is not a string (type {type(key).__name__})"
+        if not isinstance(value, Tensor):
+            return f"{key!r} holds a value of type {type(value).__name__}, not a tensor"
+        if value.is_meta:
+            return f"{key!r} is a meta tensor (a shape without values)"
+        if value.layout != torch.strided:
+            return f"{key!r} is a {str(value.layout).removeprefix('torch.')} tensor; a state dict holds dense tensors"
+    return None
+
+
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+    return isinstance(obj, Mapping) and _state_dict_problem(obj) is None
+
+
+def _holds_tensors(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and any(isinstance(v, Tensor) for v in obj.values())
 
 
 def _unwrap_checkpoint(obj: Any, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The state dict inside a loaded checkpoint, and the checkpoint's other entries (ours; ``{}`` otherwise).
 
     Raises:
-        CheckpointError: a checkpoint of a newer format, or an object holding no state dict (naming ``where``).
+        CheckpointError: a checkpoint of a newer format, or an object holding no state dict, or a state dict with
+            a key that is not a string or a value that is not a dense tensor with values (naming ``where`` and the
+            key).
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{where}: expected a checkpoint or a state dict (a dict), got a {type(obj).__name__}")
@@ -198,14 +221,21 @@ def _unwrap_checkpoint(obj: Any, where: str) -> tuple[dict[str, Tensor], dict[st
     if isinstance(fmt, str) and fmt.startswith("crfrnn_deeplab/"):
         if fmt != FORMAT:
             raise CheckpointError(f"{where}: checkpoint format {fmt!r} is not the {FORMAT!r} this version reads")
-        if not _is_state_dict(obj.get("model")):
-            raise CheckpointError(f"{where}: crfrnn_deeplab checkpoint without a state dict under 'model'")
-        return dict(obj["model"]), {k: v for k, v in obj.items() if k != "model"}
+        model = obj.get("model")
+        problem = _state_dict_problem(model) if isinstance(model, Mapping) else f"type {type(model).__name__}"
+        if problem is not None:
+            raise CheckpointError(f"{where}: crfrnn_deeplab checkpoint without a state dict under 'model' ({problem})")
+        return dict(model), {k: v for k, v in obj.items() if k != "model"}
     if _is_state_dict(obj):
         return dict(obj), {}
     for key in _STATE_DICT_ENTRIES:
         if _is_state_dict(obj.get(key)):
             return dict(obj[key]), {}
+    # A dict of tensors with one bad entry: name that entry rather than every key.
+    for name, candidate in ((None, obj), *((key, obj.get(key)) for key in _STATE_DICT_ENTRIES)):
+        if _holds_tensors(candidate):
+            inside = "" if name is None else f" (its state dict under {name!r})"
+            raise CheckpointError(f"{where}{inside} is not a usable state dict: {_state_dict_problem(candidate)}")
     raise CheckpointError(
         f"{where} is not a checkpoint: neither a state dict (a dict of tensors) nor a dict with one under 'model' / "
         f"'state_dict'; its top-level keys are {sorted(map(str, obj))[:12]}"
@@ -368,7 +398,9 @@ def convert_state_dict(
 
     Raises:
         ConversionError: unknown ``layout``, an undetectable one, or two checkpoint keys mapping to one key.
-        CheckpointError: ``source`` holds no state dict, or the file is not a readable checkpoint.
+        CheckpointError: ``source`` holds no state dict (or one with a non-string key or a value that is not a
+            dense tensor), the file is not a readable checkpoint, or our checkpoint's ``model_config``,
+            ``class_names`` or ``input_convention`` is malformed (:func:`~.checkpoint.check_model_entries`).
         FileNotFoundError: no such file.
     """
     obj, where = _read(source)
@@ -397,4 +429,12 @@ def convert_state_dict(
             out.dropped[original] = reason
         else:
             out.unknown.append(original)
+    if metadata:
+        check_model_entries(metadata, where, classes=out.num_classes)
+        recorded = metadata.get("input_convention")
+        if recorded is not None:
+            try:
+                InputConvention.from_dict(dict(recorded))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{where}: input_convention {recorded!r:.120} is not valid: {e}") from e
     return out

@@ -9,8 +9,9 @@ checkpoint, no BatchNorm counters); anything else — unknown keys, missing keys
 class dimension — is a :class:`~.layouts.ConversionError` naming the keys (and both shapes). ``strict=False``
 reports them instead. Loading also refuses a model of another architecture than the weights'
 (:func:`~.architecture.check_architecture`) and, strict or not, a checkpoint tensor that holds NaN or infinite
-values (a model built from it would predict NaN everywhere, and argmax turns that into class 0 without a word), and
-sets the model's input convention to the weights'.
+values or negative BatchNorm variances (a model built from it would predict NaN everywhere, and argmax turns that
+into class 0 without a word) or whose dtype is of another kind than the model's (an integer, bool or complex tensor
+would be cast into the float parameter without a word), and sets the model's input convention to the weights'.
 """
 
 from __future__ import annotations
@@ -235,19 +236,52 @@ def _refuse_or_report(converted: ConvertedStateDict, matching: _Matching, report
     report.mismatched.update(matching.wrong_shape)
 
 
-def _refuse_non_finite(converted: ConvertedStateDict, matching: _Matching, source_of: Mapping[str, str]) -> None:
-    """Raises CheckpointError naming (as in the checkpoint) every tensor to be loaded that holds NaN or inf."""
-    bad = []
+def _kind(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    if t.is_complex():
+        return "complex"
+    return "floating-point" if t.is_floating_point() else "integer"
+
+
+def _refuse_bad_values(converted: ConvertedStateDict, matching: _Matching, target: Mapping[str, Tensor],
+                       source_of: Mapping[str, str]) -> None:
+    """Raises CheckpointError naming (as in the checkpoint) the tensors to be loaded that would load as something
+    else or make the model predict NaN: another kind of dtype than the model's (``load_state_dict`` would cast an
+    integer, bool or complex tensor into a float one without a word; float16/bfloat16/float64 into float32 is
+    exact enough and stays accepted; a float BatchNorm counter is accepted when its value is a whole number),
+    NaN or infinite values, negative BatchNorm variances."""
+    wrong_kind, non_finite, negative = [], [], []
     for name, value in matching.loaded.items():
-        if value.is_floating_point() or value.is_complex():
+        wanted = target[name]
+        if _kind(value) != _kind(wanted):
+            counter = name.endswith(".num_batches_tracked") and value.is_floating_point()
+            if counter and bool((torch.isfinite(value) & (value == value.round()) & (value >= 0)).all()):
+                continue  # a count saved as a float: exact
+            whole = " not a whole count," if counter else ""
+            wrong_kind.append(f"{source_of[name]} ({value.dtype},{whole} the model's is {wanted.dtype})")
+        elif value.is_floating_point() or value.is_complex():
             count = value.numel() - int(torch.isfinite(value).sum())
             if count:
-                bad.append(f"{source_of[name]} ({count} of {value.numel()} values)")
-    if bad:
+                non_finite.append(f"{source_of[name]} ({count} of {value.numel()} values)")
+            elif name.endswith(".running_var") and (count := int((value < 0).sum())):
+                negative.append(f"{source_of[name]} ({count} of {value.numel()} values)")
+    if wrong_kind:
         raise CheckpointError(
-            f"the checkpoint {converted.source} holds NaN or infinite values in {len(bad)} tensor(s): "
-            f"{_abbreviate(bad)}; a model with these weights predicts NaN (the run that wrote it may have "
+            f"the checkpoint {converted.source} holds {len(wrong_kind)} tensor(s) of another kind than the model's: "
+            f"{_abbreviate(wrong_kind)}; loading would cast the values (integers and bools into floats, complex "
+            "numbers losing their imaginary part), so the file is not the weights it claims to be"
+        )
+    if non_finite:
+        raise CheckpointError(
+            f"the checkpoint {converted.source} holds NaN or infinite values in {len(non_finite)} tensor(s): "
+            f"{_abbreviate(non_finite)}; a model with these weights predicts NaN (the run that wrote it may have "
             "diverged: use an earlier checkpoint)"
+        )
+    if negative:
+        raise CheckpointError(
+            f"the checkpoint {converted.source} holds negative BatchNorm variances in {len(negative)} tensor(s): "
+            f"{_abbreviate(negative)}; a variance is >= 0, and a model with these statistics predicts NaN"
         )
 
 
@@ -281,7 +315,7 @@ def load_converted(model: nn.Module, converted: ConvertedStateDict, *, strict: b
     _explain_missing(converted, parts.prefix, target, matching, report)
     _refuse_or_report(converted, matching, report, strict=strict)
     source_of = {(k if k.startswith("crf.") else parts.prefix + k): src for k, src in converted.source_keys.items()}
-    _refuse_non_finite(converted, matching, source_of)
+    _refuse_bad_values(converted, matching, target, source_of)
 
     result = parts.root.load_state_dict(matching.loaded, strict=False)
     left = {k for k in [*report.missing, *report.mismatched] if not k.endswith(".num_batches_tracked")}
@@ -323,7 +357,8 @@ def load_into(
             weights (the message names the builder option); with ``strict``, unknown / missing keys and shape
             mismatches, each named as in the checkpoint (with both shapes).
         CheckpointError: the file is truncated, not a checkpoint, or needs pickle execution; a tensor to be loaded
-            holds NaN or infinite values (named, with how many).
+            is of another dtype kind than the model's (integer, bool or complex into float; named with both
+            dtypes), or holds NaN or infinite values, or negative BatchNorm variances (named, with how many).
         FileNotFoundError: no such file.
     """
     return load_converted(model, convert_state_dict(source, layout=layout), strict=strict)

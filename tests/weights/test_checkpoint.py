@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes and safe, clearly-failing reads."""
 
 import os
+import stat
 
 import pytest
 import torch
@@ -63,5 +64,50 @@ def test_truncated_legacy_file_gives_a_reason(tmp_path, cut):
     truncated.write_bytes(legacy.read_bytes()[:cut])  # the unpickler's EOFError carries no message
     with pytest.raises(CheckpointError, match=r"truncated\.pt is not a readable PyTorch checkpoint") as info:
         load_checkpoint(truncated)
-    reason = str(info.value).rpartition("(truncated or another kind of file): ")[2]
+    reason = str(info.value).rpartition("(truncated or corrupt, or another kind of file): ")[2]
     assert reason.strip(), str(info.value)
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "new.pt", {"step": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # 0o666 less the umask, like any file the user writes
+        path.chmod(0o640)
+        save_checkpoint(path, {"step": 2})  # a new file replaces the old one whole: the usual mode again
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 and load_checkpoint(path)["step"] == 2
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["new.pt"]
+
+
+def test_writing_below_a_file_says_so(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"cannot write .*file/sub/last\.pt: .*file is not a directory"):
+        save_checkpoint(tmp_path / "file" / "sub" / "last.pt", {"step": 1})
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_every_truncation_of_an_archive_names_the_file(tmp_path):
+    good = save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.zeros(1000)}})
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for size in range(4, len(data), 37):  # past ~4 KiB torch's reader seeks beyond the end: OSError(EINVAL)
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError, match=r"cut\.pt is not a readable PyTorch checkpoint \(truncated or corr"):
+            load_checkpoint(cut)
+
+
+class _System:  # unpickling it would call os.system
+    def __reduce__(self):
+        return os.system, ("echo pwned > pwned.txt",)
+
+
+def test_a_blocked_global_is_named_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _System()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert f"it pickles the global {os.system.__module__}.system, which weights_only loading does not allow" in message
+    assert "Check the documentation" not in message and not (tmp_path / "pwned.txt").exists()

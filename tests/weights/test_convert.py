@@ -1,9 +1,13 @@
 """The converter: a checkpoint of any layout written as one of ours (the payload of
 :func:`~crfrnn_deeplab.weights.checkpoint.model_entries` plus its source), from Python and as ``python -m``."""
 
+import os
+import re
+import stat
 import subprocess
 import sys
 
+import pytest
 import torch
 import torchvision
 
@@ -84,3 +88,62 @@ def test_converter_errors_name_the_file(tmp_path, capsys):
     torch.save({}, tmp_path / "empty.pt")
     assert main([str(tmp_path / "empty.pt"), str(tmp_path / "out.pt")]) == 2
     assert "empty.pt is an empty dict" in capsys.readouterr().err
+
+
+def _ours(small, tmp_path, **entries):
+    _, sd = small
+    return save_checkpoint(tmp_path / "ours.pt", {
+        "model": sd, "model_config": {"name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}},
+        **entries,
+    })
+
+
+def test_an_existing_name_at_dst_is_only_replaced_with_overwrite(small, tmp_path, capsys):
+    src = _ours(small, tmp_path)
+    link = tmp_path / "link.pt"
+    link.symlink_to(tmp_path / "nowhere.pt")  # dangling: Path.exists() is False, but the name is taken
+    assert main([str(src), str(link)]) == 2
+    assert "the destination exists; pass --overwrite" in capsys.readouterr().err
+    assert link.is_symlink() and not (tmp_path / "nowhere.pt").exists()
+    assert main([str(src), str(link), "--overwrite"]) == 0
+    assert not link.is_symlink() and load_checkpoint(link)["model_config"]["num_classes"] == 3
+    assert not (tmp_path / "nowhere.pt").exists()  # the link is replaced, nothing is written through it
+
+
+def test_a_dst_that_names_a_directory_or_lies_below_a_file_is_refused(small, tmp_path, capsys):
+    src = _ours(small, tmp_path)
+    assert main([str(src), str(tmp_path / "nodir") + os.sep]) == 2
+    assert "ends in a path separator, so it names a directory" in capsys.readouterr().err
+    assert not (tmp_path / "nodir").exists()
+    (tmp_path / "adir").mkdir()
+    assert main([str(src), str(tmp_path / "adir"), "--overwrite"]) == 2
+    assert "the destination is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([str(src), str(tmp_path / "file" / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write {tmp_path / 'file' / 'out.pt'}: {tmp_path / 'file'} is not a directory" in err
+    assert "Errno" not in err and (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_keeps_the_usual_permissions(small, tmp_path):
+    src = _ours(small, tmp_path)
+    dst = tmp_path / "out.pt"
+    dst.write_bytes(b"old")
+    dst.chmod(0o644)
+    old = os.umask(0o022)
+    try:
+        assert main([str(src), str(dst), "--overwrite"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("names, message", [
+    (["a"], r"class_names lists 1 name\(s\) but model_config\.num_classes is 3 classes"),
+    (["a", 2, "c"], r"class_names must be a list of strings, got \['a', 2, 'c'\]"),
+])
+def test_class_names_that_do_not_fit_are_not_copied(small, tmp_path, capsys, names, message):
+    src = _ours(small, tmp_path, class_names=names)
+    assert main([str(src), str(tmp_path / "out.pt")]) == 2
+    assert re.search(r"error: .*ours\.pt: " + message, capsys.readouterr().err)
+    assert not (tmp_path / "out.pt").exists()

@@ -7,7 +7,7 @@ from torch import nn
 
 from crfrnn_deeplab import CAFFE_CONVENTION, CRFRNN, MSC, DeepLabV2, MeanFieldCRF, get_model
 from crfrnn_deeplab.models import registry
-from crfrnn_deeplab.weights import layouts, model_for_checkpoint, save_checkpoint
+from crfrnn_deeplab.weights import CheckpointError, layouts, load_into, model_for_checkpoint, save_checkpoint
 from crfrnn_deeplab.weights.factory import model_variant, network_name
 from weights.deeplab_ports import build_small
 
@@ -88,3 +88,55 @@ def test_input_convention_is_not_a_choice(small):
     _, sd = small
     with pytest.raises(TypeError, match="input_convention comes with the checkpoint"):
         model_for_checkpoint(sd, input_convention=CAFFE_CONVENTION)
+
+
+_CONFIG = {"name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}, "crf": None}
+
+
+@pytest.mark.parametrize("entry, value, message", [
+    ("num_classes", 3.7, r"model_config\.num_classes must be an int >= 1, got 3\.7"),
+    ("num_classes", "x", r"model_config\.num_classes must be an int >= 1, got 'x'"),
+    ("num_classes", True, r"model_config\.num_classes must be an int >= 1, got True"),
+    ("num_classes", 4, r"model_config\.num_classes is 4 but the weights are for 3 classes"),
+    ("options", [1, 2], r"model_config\.options must be a dict of keyword options \(or None\), got \[1, 2\]"),
+    ("options", {"widht": 8}, r"model_config\.options: \['widht'\] not option\(s\) of 'deeplabv2_resnet18'"),
+    ("options", {"base_width": 8, "output_stride": 7},
+     r"the model its model_config records \(deeplabv2_resnet18, .*\) cannot be built: .*output_stride"),
+    ("crf", "yes", r"model_config\.crf must be a dict of keyword options \(or None\), got 'yes'"),
+    ("crf", {"foo": 1}, r"model_config\.crf: unknown MeanFieldCRF option\(s\) \['foo'\]"),
+    ("crf", {"num_classes": 3}, r"model_config\.crf: num_classes is not a CRF option"),
+    ("crf", {"spatial_weight": "x"}, r"cannot be built: spatial_weight must be a finite number"),
+    ("name", 5, r"model_config\.name must be a registered model name \(a string\), got 5"),
+    ("name", "deeplabv9", r"model_config\.name 'deeplabv9' is not a registered model"),
+    ("colour", "red", r"unknown model_config key\(s\) \['colour'\]"),
+])
+def test_hand_edited_model_config_entries_are_named(small, tmp_path, entry, value, message):
+    _, sd = small
+    path = save_checkpoint(tmp_path / "edited.pt", {"model": sd, "model_config": {**_CONFIG, entry: value}})
+    with pytest.raises(CheckpointError, match=r"edited\.pt: .*" + message):
+        model_for_checkpoint(path)
+
+
+def test_class_names_must_fit_the_classes(small):
+    _, sd = small
+    with pytest.raises(CheckpointError, match=r"lists 2 name\(s\) but model_config\.num_classes is 3 classes"):
+        model_for_checkpoint({"format": "crfrnn_deeplab/1", "model": sd, "model_config": _CONFIG,
+                              "class_names": ["a", "b"]})
+    with pytest.raises(CheckpointError, match=r"class_names lists 4 name\(s\) but the weights have 3 classes"):
+        load_into(build_small(), {"format": "crfrnn_deeplab/1", "model": sd, "class_names": list("abcd")})
+    with pytest.raises(CheckpointError, match=r"input_convention 'BGR' is not valid"):
+        load_into(build_small(), {"format": "crfrnn_deeplab/1", "model": sd, "input_convention": "BGR"})
+
+
+def test_an_empty_crf_entry_still_builds_the_crf(small):
+    _, sd = small
+    model, _ = model_for_checkpoint({"format": "crfrnn_deeplab/1", "model": sd, "model_config": {**_CONFIG, "crf": {}}},
+                                    num_classes=3)
+    assert isinstance(model, CRFRNN)
+
+
+@pytest.mark.parametrize("msc", ["no", 0, 1, "True"])
+def test_msc_must_be_a_bool(small, msc):
+    _, sd = small
+    with pytest.raises(TypeError, match=r"msc must be True, False or None \(as the checkpoint was\), got"):
+        model_for_checkpoint({"format": "crfrnn_deeplab/1", "model": sd, "model_config": _CONFIG}, msc=msc)

@@ -140,7 +140,7 @@ def test_bad_files(tmp_path, small):
         load_into(model, tmp_path / "notes.txt")
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a whole module: needs pickle execution
     with pytest.raises(CheckpointError, match=r"pickled.pt cannot be loaded with weights_only=True: .*"
-                                              r"\(it pickles torch.nn.modules.linear.Linear\)"):
+                                              r"\(it pickles the global torch\.nn\.modules\.linear\.Linear, "):
         load_into(model, tmp_path / "pickled.pt")
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "no_weights.pt")
     with pytest.raises(CheckpointError, match=r"not a checkpoint: .* top-level keys are \['epoch', 'lr'\]"):
@@ -170,3 +170,75 @@ def test_report_reads_well(kazuto_model):
         "caffe_deeplabv2 checkpoint <in-memory checkpoint>, prefix 'base.' removed: 326 of 326 model tensors loaded"
     )
     assert "input convention: BGR, 0–255, mean (104.008, 116.669, 122.675), no std" in text
+
+
+# --- values: what load_state_dict would cast or compute NaN from is refused, strict or not
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_negative_batchnorm_variances_are_refused(small, strict):
+    _, sd = small
+    bad = {**sd, "backbone.layer2.0.bn1.running_var": sd["backbone.layer2.0.bn1.running_var"].clone()}
+    bad["backbone.layer2.0.bn1.running_var"][:3] = -1.0
+    with pytest.raises(CheckpointError, match=r"negative BatchNorm variances in 1 tensor\(s\): "
+                                              r"backbone\.layer2\.0\.bn1\.running_var \(3 of 16 values\)"):
+        load_into(build_small(), bad, strict=strict)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_a_tensor_of_another_dtype_kind_is_refused(small, dtype):
+    _, sd = small
+    w = sd["backbone.conv1.weight"]
+    bad = {**sd, "backbone.conv1.weight": (w * 10).to(dtype)}
+    model = build_small()
+    before = model.backbone.conv1.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=rf"another kind than the model's: backbone\.conv1\.weight "
+                                              rf"\({dtype}, the model's is torch\.float32\)"):
+        load_into(model, bad)
+    assert torch.equal(model.backbone.conv1.weight, before)
+
+
+def test_safe_dtype_conversions_load(small):
+    _, sd = small
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        model = build_small()
+        load_into(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+        torch.testing.assert_close(model.backbone.conv1.weight, sd["backbone.conv1.weight"].to(dtype).float())
+    counter = "backbone.bn1.num_batches_tracked"
+    model = build_small()
+    load_into(model, {**sd, counter: torch.tensor(7.0)})  # a whole count saved as a float
+    assert model.state_dict()[counter].dtype == torch.int64 and int(model.state_dict()[counter]) == 7
+    with pytest.raises(CheckpointError, match=rf"{counter} \(torch\.float32, not a whole count, the model's is "
+                                              r"torch\.int64\)"):
+        load_into(build_small(), {**sd, counter: torch.tensor(2.5)})
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("meta", r"'backbone\.conv1\.weight' is a meta tensor \(a shape without values\)"),
+    ("sparse", r"'backbone\.conv1\.weight' is a sparse_coo tensor; a state dict holds dense tensors"),
+    ("int key", r"its key 5 is not a string \(type int\)"),
+    ("tuple key", r"its key \('a', 'b'\) is not a string \(type tuple\)"),
+    ("not a tensor", r"'backbone\.conv1\.weight' holds a value of type int, not a tensor$"),
+])
+def test_unusual_state_dict_contents_are_named(small, tmp_path, entry, message):
+    _, sd = small
+    bad = dict(sd)
+    w = sd["backbone.conv1.weight"]
+    if entry == "meta":
+        bad["backbone.conv1.weight"] = torch.empty(w.shape, device="meta")
+    elif entry == "sparse":
+        bad["backbone.conv1.weight"] = w.to_sparse()
+    elif entry == "int key":
+        bad[5] = torch.zeros(1)
+    elif entry == "tuple key":
+        bad[("a", "b")] = torch.zeros(1)
+    else:
+        bad["backbone.conv1.weight"] = 3
+    with pytest.raises(CheckpointError, match=r"<in-memory checkpoint> is not a usable state dict: " + message):
+        load_into(build_small(), bad)
+    with pytest.raises(CheckpointError, match=r"<in-memory checkpoint> \(its state dict under 'state_dict'\) is "
+                                              r"not a usable state dict: " + message):
+        load_into(build_small(), {"state_dict": bad, "epoch": 3})
+    with pytest.raises(CheckpointError, match=r"crfrnn_deeplab checkpoint without a state dict under 'model' \("
+                                              + message.removesuffix("$")):
+        load_into(build_small(), {"format": "crfrnn_deeplab/1", "model": bad})
