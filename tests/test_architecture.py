@@ -20,13 +20,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "crfrnn_deeplab"
 ALLOWED = {
     "images": set(),
     "allocator": set(),
+    "files": set(),
     "distributed": set(),
     "crf": {"images"},
     "models": {"images", "crf", "predict"},  # predict: the models' thin `predict` method (predict imports no model)
-    "predict": {"images", "weights", "data", "visualize", "models"},  # models: only the CLI builds from checkpoints
+    "predict": {"images", "files", "weights", "data", "visualize", "models"},  # models: only the CLI builds from checkpoints
     "data": {"images", "models", "distributed"},  # models: the input conventions the transforms apply
     "visualize": {"data"},
-    "weights": {"images", "crf", "models"},
+    "weights": {"images", "files", "crf", "models"},
     "training": {"images", "crf", "models", "data", "weights", "distributed", "visualize"},
 }
 

@@ -1,20 +1,16 @@
-"""Reading images, label maps and list files, with errors that name the file; writing files whole.
+"""Reading images, label maps and list files, with errors that name the file.
 
 Every reader returns plain numpy arrays (images ``uint8 [H, W, 3]`` RGB, label maps ``uint8 [H, W]`` or
 ``int64 [H, W]``) and raises :class:`DatasetError` (a ``ValueError``) or ``FileNotFoundError`` with the
 offending path in the message. Nothing here keeps a file open after it returns, so datasets built on these
-helpers pickle cleanly into ``DataLoader`` workers. :func:`atomic_write` writes an output file so that it is
-either complete or absent, and never writes through a link.
+helpers pickle cleanly into ``DataLoader`` workers.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import scipy.io
@@ -24,7 +20,6 @@ from crfrnn_deeplab.images import pil_to_rgb
 
 __all__ = [
     "DatasetError",
-    "atomic_write",
     "require_dir",
     "require_file",
     "read_id_list",
@@ -329,42 +324,3 @@ def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike
             raise DatasetError(f"size mismatch: image {image_path!r} is {ih}x{iw} (HxW) but its label "
                                f"{label_path!r} is {lh}x{lw}")
 
-
-@contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
-    """Writes ``path`` whole: yields a binary file to write into, then puts it in place in one rename.
-
-    The data goes to a new file next to ``path`` (``.<name>.<random>.tmp``, created exclusively, with the usual
-    permissions), which is flushed, fsynced and renamed onto ``path`` with :func:`os.replace`. The rename
-    replaces the directory entry, never the file behind it: when ``path`` is a hard link to another file, or a
-    symlink, that other file (or the symlink's target) is left as it was. An error or an interrupt while writing
-    removes the temporary file and leaves ``path`` untouched, so nobody ever reads a truncated file there.
-
-    Example::
-
-        with atomic_write(out / "labels.png") as f:
-            image.save(f, format="PNG")
-    """
-    path = Path(path)
-    tmp, fd = _new_temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _new_temporary(path: Path) -> tuple[Path, int]:
-    """A new, empty file ``.<name>.<random>.tmp`` in ``path``'s directory, opened for writing."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_EXCL: never an existing file or link
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return tmp, os.open(tmp, flags, 0o666)  # 0o666 less the umask, as open(path, "wb") would create it
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temporary file next to {str(path)!r}: every name tried exists")

@@ -13,7 +13,7 @@ Inputs are image files and directories; a directory contributes its ``.png``, ``
 ``.tif`` and ``.tiff`` files (not those of its subdirectories), in name order. ``<name>`` is the file's stem; a stem
 seen before gets a suffix (``_2``, ``_3``, ...). No input file is ever overwritten: the run refuses to start if an
 output path is an input, and every output is written to a temporary file in its folder and renamed onto its name
-(:func:`~crfrnn_deeplab.data.io.atomic_write`), so ``--overwrite`` replaces an existing output's directory entry
+(:func:`~crfrnn_deeplab.files.atomic_write`), so ``--overwrite`` replaces an existing output's directory entry
 and never writes into the file a hard link or a symlink there points to, and an interrupted run leaves no
 truncated output. An image that cannot be read (or is too small for the model) is reported on stderr and skipped;
 the run goes on and exits with status 1. Exit status 2: bad arguments (a device this machine lacks included), a
@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
-from crfrnn_deeplab.data.io import DatasetError, atomic_write, read_image
+from crfrnn_deeplab.data.io import DatasetError, read_image
+from crfrnn_deeplab.files import atomic_write
 from crfrnn_deeplab.images import check_scales
 from crfrnn_deeplab.predict.api import (
     MAX_CRF_ITERATIONS,

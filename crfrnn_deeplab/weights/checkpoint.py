@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from crfrnn_deeplab.data.io import atomic_write
+from crfrnn_deeplab.files import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -104,7 +104,7 @@ def model_entries(
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Checkpoint | dict[str, Any]) -> Path:
-    """Writes ``payload`` to ``path`` whole, with :func:`~crfrnn_deeplab.data.io.atomic_write`: a temporary file
+    """Writes ``payload`` to ``path`` whole, with :func:`~crfrnn_deeplab.files.atomic_write`: a temporary file
     in the same directory (created with the usual permissions, 0o666 less the umask), fsync, rename.
 
     A crash or a kill during the write leaves any previous file at ``path`` intact; a symlink at ``path`` is

@@ -16,7 +16,7 @@ from crfrnn_deeplab import CRFRNN, MSC, MeanFieldCRF, get_model
 from crfrnn_deeplab.weights.checkpoint import CheckpointError, load_checkpoint, model_entries, save_checkpoint
 from crfrnn_deeplab.weights import model_for_checkpoint
 from crfrnn_deeplab.data import voc_colormap
-from crfrnn_deeplab.data.io import atomic_write, read_image
+from crfrnn_deeplab.data.io import read_image
 from crfrnn_deeplab.predict.api import MAX_CRF_ITERATIONS, MAX_SCALE, Prediction, predict, to_raw_batch
 from crfrnn_deeplab.predict.cli import main, output_names
 from train_script import import_train
@@ -396,19 +396,6 @@ def test_an_interrupted_write_leaves_no_truncated_output(tmp_path, one_image, mo
         main([str(source), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite"])
     assert (out / "q.png").read_bytes() == b"the previous output"
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "q.png"]  # no temporary file left behind
-
-
-def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
-    path = tmp_path / "x.bin"
-    path.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_write(path) as f:
-            f.write(b"new, but")
-            raise RuntimeError("boom")
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
-    with atomic_write(path) as f:
-        f.write(b"new")
-    assert path.read_bytes() == b"new"
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_at_load(tmp_path, one_image, capsys):

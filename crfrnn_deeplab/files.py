@@ -1,0 +1,58 @@
+"""Writing files whole: an output is either complete or absent, and never written through a link.
+
+The lowest layer of the package beside :mod:`crfrnn_deeplab.images`: the prediction CLI's outputs and every
+checkpoint (:func:`crfrnn_deeplab.weights.save_checkpoint`) are written with :func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write"]
+
+PathLike = str | os.PathLike
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
+    """Writes ``path`` whole: yields a binary file to write into, then puts it in place in one rename.
+
+    The data goes to a new file next to ``path`` (``.<name>.<random>.tmp``, created exclusively, with the usual
+    permissions), which is flushed, fsynced and renamed onto ``path`` with :func:`os.replace`. The rename
+    replaces the directory entry, never the file behind it: when ``path`` is a hard link to another file, or a
+    symlink, that other file (or the symlink's target) is left as it was. An error or an interrupt while writing
+    removes the temporary file and leaves ``path`` untouched, so nobody ever reads a truncated file there.
+
+    Example::
+
+        with atomic_write(out / "labels.png") as f:
+            image.save(f, format="PNG")
+    """
+    path = Path(path)
+    tmp, fd = _new_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """A new, empty file ``.<name>.<random>.tmp`` in ``path``'s directory, opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_EXCL: never an existing file or link
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)  # 0o666 less the umask, as open(path, "wb") would create it
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {str(path)!r}: every name tried exists")

@@ -1,0 +1,43 @@
+"""crfrnn_deeplab/files.py: a file written whole, or left as it was."""
+
+import os
+
+import pytest
+
+from crfrnn_deeplab.files import atomic_write
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(path) as f:
+            f.write(b"new, but")
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    with atomic_write(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+
+
+def test_atomic_write_replaces_a_link_not_the_file_behind_it(tmp_path):
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"keep")
+    hard, soft = tmp_path / "hard.bin", tmp_path / "soft.bin"
+    os.link(target, hard)
+    soft.symlink_to(target)
+    for link in (hard, soft):
+        with atomic_write(link) as f:
+            f.write(b"new")
+        assert link.read_bytes() == b"new" and not link.is_symlink()
+    assert target.read_bytes() == b"keep"
+
+
+def test_atomic_write_uses_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "x.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
