@@ -53,7 +53,14 @@ def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> 
                          f"truncation that are finite and > 0, got {value!r} and {truncate!r}")
     radius = min(math.ceil(truncate * value), length - 1)
     t = torch.arange(-radius, radius + 1, dtype=theta.dtype, device=theta.device)
-    return torch.exp(-0.5 * (t / theta) ** 2)
+    with torch.no_grad():
+        taps = torch.exp(-0.5 * (t / theta) ** 2)
+        if not theta.requires_grad:
+            return taps
+        # d tap / dθ = tap · (t / θ)² / θ, 0 where the tap is 0: autograd's chain through t / θ would multiply that
+        # 0 by an infinite 1 / θ² for a tiny θ (NaN); where a tap is > 0, (t / θ)² < 1500
+        slope = torch.where(taps > 0, taps * (t / theta) ** 2 / theta, 0.0)
+    return taps + slope * (theta - theta.detach())  # the taps' values, with the exact derivative w.r.t. θ
 
 
 def spatial_gaussian(
@@ -268,7 +275,8 @@ def gaussian_backward(
     for (axis, taps), state in zip(reversed(passes), reversed(states or [None] * len(passes))):
         if states is not None:
             offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
-            derivative = taps * (offset / thetas[axis]).square() / theta_d
+            # (a tap that underflowed to 0 has derivative 0: its (t / θ)² may be inf, and 0 · inf is NaN)
+            derivative = torch.where(taps > 0, taps * (offset / thetas[axis]).square() / theta_d, 0.0)
             total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
         suffix = _axis_pass(suffix, taps, axis)
     return suffix, (None if states is None else total.to(theta.dtype).reshape(theta.shape))

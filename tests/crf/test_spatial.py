@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from crfrnn_deeplab.crf import spatial
+from crfrnn_deeplab.crf import MeanFieldCRF, spatial
 from crfrnn_deeplab.crf.spatial import _banded_rows, spatial_gaussian
 
 
@@ -154,3 +154,15 @@ def test_spatial_filter_names_bad_values_and_bandwidths():
     with pytest.raises(ValueError, match="truncation that are finite and > 0, got 3.0 and -1"):
         spatial_gaussian(x, torch.tensor(3.0), truncate=-1)
     assert torch.equal(spatial_gaussian(x, 3.0), spatial_gaussian(x, torch.tensor(3.0)))  # a number is taken
+
+
+@pytest.mark.parametrize("theta", [1e-20, 1e-30])
+def test_a_tiny_bandwidth_has_a_zero_gradient_not_nan(theta):
+    # every tap but the centre underflows to 0; autograd's chain through t / θ multiplied that 0 by an infinite
+    # 1 / θ² (NaN), in the taps of the filter and of the normaliser's 1-D filterings alike
+    crf = MeanFieldCRF(num_classes=3, theta_gamma=theta).train()
+    logits = torch.randn(1, 3, 9, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    crf(logits, torch.rand(1, 3, 9, 10, generator=torch.Generator().manual_seed(1)) * 255).square().mean().backward()
+    assert crf.log_theta_gamma.grad == 0 and all(torch.isfinite(p.grad).all() for p in crf.parameters())
+    taps = spatial.gaussian_taps(torch.tensor(theta, requires_grad=True), 5)
+    assert torch.equal(taps.detach(), torch.tensor([0.0, 1.0, 0.0]))
