@@ -9,6 +9,7 @@ helpers pickle cleanly into ``DataLoader`` workers.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def read_image(path: PathLike) -> np.ndarray:
             than PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
     """
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             arr = pil_to_rgb(im, name=str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {str(path)!r} does not exist") from None
@@ -186,7 +187,7 @@ def read_index_png(path: PathLike) -> np.ndarray:
             not class indices.
     """
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             mode = im.mode
             if mode in ("P", "L"):
                 arr = np.asarray(im)
@@ -288,10 +289,25 @@ def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, p
         )
 
 
+def _open_image(path: PathLike) -> Image.Image:
+    """``Image.open(path)`` for a regular file (following links); anything else would block (a FIFO) or fail
+    obscurely (a directory, a device): DatasetError. FileNotFoundError where nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise DatasetError(f"{str(path)!r} cannot be read: {e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise DatasetError(f"{str(path)!r} is {kind}, not an image file")
+    return Image.open(path)
+
+
 def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
     """``((width, height), mode)`` from the file's header, without decoding its pixels."""
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             return im.size, im.mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path!r} does not exist") from None

@@ -622,3 +622,22 @@ def test_dataloader_workers_with_distributed_sampler(voc):
             assert batch["valid"].dtype == torch.bool and isinstance(batch["id"], list)
             seen += batch["id"]
     assert sorted(set(seen)) == sorted(ds.ids)  # the two ranks cover the dataset (one id padded twice)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_a_fifo_or_a_directory_where_an_image_should_be_is_named_not_waited_on(tmp_path):
+    # opening a FIFO blocks until a writer comes: the scan before training hung on one
+    import os
+    from crfrnn_deeplab.data.io import read_image, read_index_png, scan_image_label_pairs
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(good)
+    fifo, folder = tmp_path / "pipe.png", tmp_path / "folder.png"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for path, kind in ((fifo, "a FIFO"), (folder, "a directory")):
+        for read in (read_image, read_index_png):
+            with pytest.raises(DatasetError, match=f"is {kind}, not an image file"):
+                read(path)
+        with pytest.raises(DatasetError, match=f"is {kind}, not an image file"):
+            scan_image_label_pairs([good], [path])
