@@ -153,6 +153,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"{path} is not a readable PyTorch checkpoint: torch.save writes a zip archive (or, before PyTorch 1.6, "
             f"a pickle), this file starts with {head!r}"
         )
+    if head.startswith(_ZIP_MAGIC):
+        _check_crcs(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -173,6 +175,21 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict (a checkpoint or a state dict)")
     return obj
+
+
+def _check_crcs(path: Path) -> None:
+    """Raises CheckpointError when a member of the zip archive does not match its CRC-32: ``torch.load`` does not
+    check them, so flipped bits in a tensor's data would load as different weights without a word. (torch.save
+    stores the members uncompressed: the check reads the file once more, ~0.2 s for a DeepLab v2 ResNet-101.)
+    A damaged directory is left to ``torch.load``, whose error names the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: its member {bad!r} does not match its CRC-32 checksum (the "
+                              "file was damaged after it was written); use another copy")
 
 
 def _refused_object(error: pickle.UnpicklingError) -> str:

@@ -98,6 +98,20 @@ def test_every_truncation_of_an_archive_names_the_file(tmp_path):
             load_checkpoint(cut)
 
 
+def test_flipped_bits_in_a_tensor_are_found_by_the_archives_checksums(tmp_path):
+    # torch.load does not check the zip members' CRC-32: damaged weights loaded as different weights
+    weights = torch.arange(1000, dtype=torch.float32) + 0.5
+    good = save_checkpoint(tmp_path / "good.pt", {"model": {"w": weights}})
+    data = bytearray(good.read_bytes())
+    at = bytes(data).index(weights.numpy().tobytes()[:64]) + 1000  # inside the tensor's stored bytes
+    data[at] ^= 0x10
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"damaged\.pt is corrupt: its member .* does not match its CRC-32"):
+        load_checkpoint(damaged)
+    torch.testing.assert_close(load_checkpoint(good)["model"]["w"], weights)
+
+
 class _System:  # unpickling it would call os.system
     def __reduce__(self):
         return os.system, ("echo pwned > pwned.txt",)
