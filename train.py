@@ -672,6 +672,32 @@ def check_run_dir(run_dir: Path, checkpoint: Path) -> None:
                          f"checkpoint's weights use model.init_from={checkpoint}")
 
 
+#: The settings that make a run what it is: a checkpoint whose values differ from its run directory's
+#: config.yaml was written by another run (resuming it there would replace that run's best.pt and metrics).
+RUN_IDENTITY = ("model", "data.dataset", "data.root", "seed")
+
+
+def check_same_run(checkpoint_config: Config, run_dir: Path, checkpoint: Path) -> None:
+    """Refuses to resume ``checkpoint`` into ``run_dir`` when the run's ``config.yaml`` names another model,
+    dataset or seed (:data:`RUN_IDENTITY`) than the checkpoint's own config. Raises UsageError."""
+    try:
+        written = to_dict(load_config(run_dir / "config.yaml"))
+    except (ConfigError, FileNotFoundError, OSError) as e:
+        raise UsageError(f"--resume: {run_dir / 'config.yaml'} cannot be read as this run's config: {e}") from None
+    ours = to_dict(checkpoint_config)
+
+    def value(config: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            config = config[part]
+        return config
+
+    differ = [key for key in RUN_IDENTITY if value(written, key) != value(ours, key)]
+    if differ:
+        raise UsageError(f"--resume: {checkpoint} was written by another run than the one in {run_dir} (its "
+                         f"{', '.join(differ)} differ from {run_dir / 'config.yaml'}); resuming it there would "
+                         f"replace that run's files: resume the checkpoint's own run directory instead")
+
+
 def removed_by_overwrite(out: Path, path: Path) -> Path | None:
     """The entry of :data:`RUN_FILES` in ``out`` that holds (or is) ``path``, which ``--overwrite`` would delete;
     None when ``path`` survives it."""
@@ -731,6 +757,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
     # the run continues where it is now (e.g. a run directory copied elsewhere), not where it was written
     run_dir = run_dir_of(location)
     check_run_dir(run_dir, path)
+    check_same_run(cfg, run_dir, path)
     cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
     before = to_dict(cfg)
     cfg = validate(apply_overrides(cfg, args.overrides))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crfrnn_deeplab.training.config import load_config, save_config
 from crfrnn_deeplab.weights import load_checkpoint
 from crfrnn_deeplab.weights.convert import main as convert_main
 from train_script import import_train
@@ -172,6 +173,15 @@ def _resume_into_a_foreign_folder(tmp, shared):
     return (["--resume", str(folder)], [f"{folder} is not a run directory", "not written by train.py"], [folder])
 
 
+def _resume_another_runs_checkpoint(tmp, shared):
+    # the run's own config.yaml names another seed than the checkpoint put in its stage1/ (a file copied over)
+    run = _copy(shared, "paused", tmp / "run")
+    other = dataclasses.replace(load_config(run / "config.yaml"), seed=12345)
+    save_config(other, run / "config.yaml")
+    return (["--resume", str(run)], [f"{run / 'stage1' / 'last.pt'} was written by another run", "seed differ"],
+            [run])
+
+
 def _edited_checkpoint(entry, value, fragment):
     def build(tmp, shared):
         run = _copy(shared, "paused", tmp / "run")
@@ -234,6 +244,7 @@ CASES = [
     c("overwrite-would-delete-init-from", 2, _overwrite_deletes_init_from),
     c("resume-a-checkpoint-outside-a-run", 2, _resume_loose_checkpoint),
     c("resume-into-a-folder-no-run-wrote", 2, _resume_into_a_foreign_folder),
+    c("resume-another-runs-checkpoint", 2, _resume_another_runs_checkpoint),
     c("stop-after-zero", 2, lambda t, s: (TINY + [f"out_dir={t / 'r'}", "--stop-after", "0"],
                                           ["--stop-after must be >= 1", "got 0"], [])),
     c("out-dir-below-a-file", 2, lambda t, s: (TINY + [f"out_dir={made(t / 'f', 'x') / 'run'}"],
