@@ -97,6 +97,8 @@ def check_rgb_image(image: object, *, name: str = "image", dims: tuple[int, ...]
     parens = " or ".join(f"({layouts[d]})" for d in dims)
     if not isinstance(image, Tensor):
         raise TypeError(f"{name} must be a raw RGB {brackets} in 0-255, got {type(image).__name__}")
+    if image.is_meta:
+        raise ValueError(f"{name} is a meta tensor (it holds no data): give the image itself")
     channels = 0 if image.dim() == 3 else 1  # (3, H, W); (B, 3, H, W) and (B, 3, D, H, W)
     if image.dim() not in dims or image.shape[channels] != 3:
         hint = "; permute an (H, W, 3) tensor with .permute(2, 0, 1)" if image.dim() >= 3 and image.shape[-1] == 3 else ""

@@ -230,6 +230,8 @@ def build_kernels(
     features = raw.new_empty(b, raw.shape[2], raw.shape[1])  # [B, S + K, N]: N-contiguous, the lattice's layout
     torch.mul(raw.transpose(1, 2), scale.detach()[:, None], out=features)
     if not all_finite(features):
+        if not all_finite(image):
+            raise ValueError("the guidance image contains NaN or infinite values")
         raise ValueError(f"the bilateral features (positions / theta_alpha, guidance / theta_beta) overflow {dtype}: "
                          f"theta_alpha={float(theta_alpha.detach()):.6g} and theta_beta={theta_beta.detach().tolist()} are too "
                          f"small for these positions (spacing {spacing}) and guidance values")

@@ -441,6 +441,9 @@ def test_build_kernels_checks_its_arguments_and_takes_numbers():
         build_kernels(image, theta_alpha=80.0, theta_beta=13.0, theta_gamma=3.0, normalization="bogus")
     with pytest.raises(ValueError, match="got theta_alpha=0.0, theta_gamma=nan"):
         build_kernels(image, theta_alpha=0.0, theta_beta=13.0, theta_gamma=float("nan"))
+    with pytest.raises(ValueError, match="the guidance image contains NaN or infinite values"):  # not "too small"
+        build_kernels(image.index_fill(2, torch.tensor([1]), float("nan")), theta_alpha=80.0, theta_beta=13.0,
+                      theta_gamma=3.0)
 
 
 def test_mean_field_loops_name_bad_arguments():

@@ -473,6 +473,8 @@ def test_a_model_on_the_meta_device_is_refused(raws):
         model = _network()
     with pytest.raises(ValueError, match="meta device"):
         model.predict(raws[0])
+    with pytest.raises(ValueError, match="image 0 is a meta tensor"):  # and an image on it
+        _network().predict(torch.zeros(3, 20, 24, device="meta"))
 
 
 def test_numpy_integers_are_accepted_and_non_bools_refused(raws):
