@@ -19,6 +19,7 @@ per batch here, where the grid, its spacing and the valid mask are known, and sh
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -130,11 +131,11 @@ def check_guidance_groups(groups: object) -> tuple[int, ...]:
     if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or len(groups) == 0:
         raise ValueError(f"guidance_groups must be a non-empty sequence of channel counts >= 1, got {groups!r}")
     for g in groups:
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1:
             raise ValueError(
                 f"guidance_groups must hold channel counts >= 1 (K = their sum >= 1), got {tuple(groups)!r}"
             )
-    return tuple(groups)
+    return tuple(int(g) for g in groups)
 
 
 def bilateral_features(image: Tensor, spacing: Sequence[float] | None = None) -> Tensor:

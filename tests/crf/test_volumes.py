@@ -405,6 +405,12 @@ def test_an_rgb_volume_is_checked_on_its_channel_axis_whatever_its_depth():
             crf(logits[:, :, :3], seven)
 
 
+def test_guidance_groups_take_numpy_integers():
+    crf = MeanFieldCRF(num_classes=3, spatial_dims=3, guidance_groups=(np.int64(1), np.int32(1)),
+                       theta_beta=(0.3, 30.0))
+    assert crf.guidance_groups == (1, 1) and all(type(g) is int for g in crf.guidance_groups)
+
+
 def test_densecrf_volumes_numpy_and_tensor_forms_agree():
     _, guidance, logits = volume_scene(4, (10, 12, 14), 3, 1)
     crf = DenseCRF(spatial_dims=3, guidance_groups=(1,), theta_alpha=4.0, theta_beta=0.25, theta_gamma=1.5,
