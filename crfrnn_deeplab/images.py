@@ -325,7 +325,7 @@ def check_scales(scales: object) -> tuple[float, ...]:
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or s <= 0:
             raise ValueError(f"scales must be positive finite numbers, got {tuple(scales)!r}")
         if s > MAX_SCALE:
-            raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s:g}")
+            raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s!r}")
     return tuple(float(s) for s in scales)
 
 

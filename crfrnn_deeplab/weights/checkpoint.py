@@ -144,6 +144,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a directory, a FIFO (whose read would block), a device
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise CheckpointError(f"{path} is {kind}, not a checkpoint file")
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with path.open("rb") as f:
         head = f.read(4)

@@ -199,6 +199,8 @@ def test_bad_msc_construction(light):
         MSC(model=light, scales=(1.0, -0.5))
     with pytest.raises(ValueError, match=r"scales must be at most 8 .* got 1e\+300"):  # overflowed the resize
         MSC(model=light, scales=(1.0, 1e300))
+    with pytest.raises(ValueError, match=r"at most 8 .* got 8.0000001"):  # not "got 8"
+        MSC(model=light, scales=(8.0000001,))
     with pytest.raises(TypeError, match=r"model must be a DeepLabV2, got Identity"):
         MSC(model=nn.Identity())
 

@@ -125,3 +125,15 @@ def test_a_blocked_global_is_named_and_never_run(tmp_path, monkeypatch):
     message = str(info.value)
     assert f"it pickles the global {os.system.__module__}.system, which weights_only loading does not allow" in message
     assert "Check the documentation" not in message and not (tmp_path / "pwned.txt").exists()
+
+
+def test_a_directory_or_fifo_as_checkpoint_is_named_not_missing(tmp_path):
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"folder\.pt is a directory, not a checkpoint file"):
+        load_checkpoint(tmp_path / "folder.pt")
+    if hasattr(os, "mkfifo"):  # reading a FIFO would block until a writer came
+        os.mkfifo(tmp_path / "pipe.pt")
+        with pytest.raises(CheckpointError, match=r"pipe\.pt is not a regular file, not a checkpoint file"):
+            load_checkpoint(tmp_path / "pipe.pt")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "absent.pt")
