@@ -19,7 +19,10 @@ from crfrnn_deeplab.crf.sparse_rows import BlockedRows, SparseRows, index_dtype
 from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
-__all__ = ["check_iterations", "check_mean_field_inputs", "class_softmax", "mean_field_inference", "potts_form", "update_gather"]
+__all__ = [
+    "check_iterations", "check_mean_field_inputs", "class_softmax", "mean_field_inference", "potts_form",
+    "update_gather",
+]
 
 _TILE = 64  # voxels per tile of the classes-first softmax
 _FEW_CLASSES = 16  # below: the classes-first softmax

@@ -20,6 +20,7 @@ per batch here, where the grid, its spacing and the valid mask are known, and sh
 from __future__ import annotations
 
 import numbers
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +44,7 @@ __all__ = [
     "bilateral_pairs",
     "build_kernels",
     "check_guidance_groups",
+    "check_normalization",
     "normaliser",
     "unmasked_spatial",
 ]
@@ -123,6 +125,13 @@ class CRFKernels:
 def _mix(values: Tensor, mix: Tensor) -> Tensor:
     """``values @ mix`` over the channels of Tensor[..., C] (:func:`.products.channel_mix`)."""
     return channel_mix(values.reshape(-1, values.shape[-1]), mix).view(*values.shape[:-1], mix.shape[1])
+
+
+def check_normalization(normalization: object) -> Normalization:
+    """``normalization`` if it is one of :data:`Normalization`'s values, else a ValueError naming them."""
+    if normalization not in typing.get_args(Normalization):
+        raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+    return normalization
 
 
 def check_guidance_groups(groups: object) -> tuple[int, ...]:
@@ -219,8 +228,7 @@ def build_kernels(
     """
     b, k, *sizes = image.shape
     dtype, device = image.dtype, image.device
-    if normalization not in ("symmetric", "after"):
-        raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+    check_normalization(normalization)
     if image.requires_grad:
         raise ValueError("the guidance image requires grad, but the CRF does not differentiate its guidance (the "
                          "kernels' features): pass image.detach()")

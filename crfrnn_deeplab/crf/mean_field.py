@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from crfrnn_deeplab.crf import fused_step
 from crfrnn_deeplab.crf.fast_inference import check_mean_field_inputs, class_softmax, mean_field_inference
 from crfrnn_deeplab.crf.exact_filter import BilateralFilter, check_bilateral_filter
-from crfrnn_deeplab.crf.kernels import CRFKernels, Normalization, build_kernels, check_guidance_groups
+from crfrnn_deeplab.crf.kernels import (
+    CRFKernels,
+    Normalization,
+    build_kernels,
+    check_guidance_groups,
+    check_normalization,
+)
 from crfrnn_deeplab.images import (
     check_guidance,
     check_logits,
@@ -214,8 +220,7 @@ class MeanFieldCRF(nn.Module):
         for name, value in (("train_iterations", train_iterations), ("eval_iterations", eval_iterations)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if normalization not in ("symmetric", "after"):
-            raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+        check_normalization(normalization)
         check_bilateral_filter(bilateral_filter)
         num_classes, train_iterations, eval_iterations = int(num_classes), int(train_iterations), int(eval_iterations)
         eye = torch.eye(num_classes)

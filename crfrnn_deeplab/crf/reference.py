@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from crfrnn_deeplab.crf.fused_step import check_iterations
+from crfrnn_deeplab.crf.fast_inference import check_iterations
+from crfrnn_deeplab.crf.kernels import check_normalization
 
 __all__ = ["DenseKernelPairs", "dense_crf", "dense_gaussian", "dense_mean_field"]
 
@@ -113,8 +114,7 @@ def dense_mean_field(
     if compatibility.shape != (c, c):
         raise ValueError(f"compatibility must be a Tensor[{c}, {c}], got {tuple(compatibility.shape)}")
     check_iterations(iterations, minimum=0)
-    if normalization not in ("symmetric", "after"):
-        raise ValueError(f"normalization must be 'symmetric' or 'after', got {normalization!r}")
+    check_normalization(normalization)
     if valid is not None and (valid.dtype != torch.bool or valid.shape != (n,)):
         raise ValueError(f"valid must be a bool Tensor[{n}] or None, got {valid.dtype} {tuple(valid.shape)}")
     m = torch.ones(n, dtype=unary.dtype) if valid is None else valid.to(unary.dtype)

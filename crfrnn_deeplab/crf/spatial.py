@@ -57,10 +57,17 @@ def gaussian_taps(theta: Tensor, length: int, *, truncate: float = TRUNCATE) -> 
         taps = torch.exp(-0.5 * (t / theta) ** 2)
         if not theta.requires_grad:
             return taps
-        # d tap / dθ = tap · (t / θ)² / θ, 0 where the tap is 0: autograd's chain through t / θ would multiply that
-        # 0 by an infinite 1 / θ² for a tiny θ (NaN); where a tap is > 0, (t / θ)² < 1500
-        slope = torch.where(taps > 0, taps * (t / theta) ** 2 / theta, 0.0)
+        # autograd's chain through t / θ would multiply a tap's 0 by an infinite 1 / θ² for a tiny θ (NaN)
+        slope = _tap_slopes(taps, theta, theta)
     return taps + slope * (theta - theta.detach())  # the taps' values, with the exact derivative w.r.t. θ
+
+
+def _tap_slopes(taps: Tensor, theta_axis: Tensor, theta: Tensor) -> Tensor:
+    """``∂taps/∂θ = taps · (t / θ_a)² / θ`` for taps of bandwidth ``θ_a = θ / spacing_a`` along their axis (t: the
+    taps' offsets), exactly 0 where a tap is 0: there ``(t / θ_a)²`` may overflow to inf, and 0 · inf is NaN. Where
+    a tap is > 0, ``(t / θ_a)² < 1500``."""
+    t = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
+    return torch.where(taps > 0, taps * (t / theta_axis).square() / theta, 0.0)
 
 
 def spatial_gaussian(
@@ -274,9 +281,7 @@ def gaussian_backward(
     suffix = grad.contiguous()  # P_{s+1} ··· P_S g, from s = S down to 1; then K g
     for (axis, taps), state in zip(reversed(passes), reversed(states or [None] * len(passes))):
         if states is not None:
-            offset = torch.arange(taps.numel(), dtype=taps.dtype, device=taps.device) - taps.numel() // 2
-            # (a tap that underflowed to 0 has derivative 0: its (t / θ)² may be inf, and 0 · inf is NaN)
-            derivative = torch.where(taps > 0, taps * (offset / thetas[axis]).square() / theta_d, 0.0)
+            derivative = _tap_slopes(taps, thetas[axis], theta_d)
             total = total + torch.dot(suffix.reshape(-1), _axis_pass(state, derivative, axis).reshape(-1))
         suffix = _axis_pass(suffix, taps, axis)
     return suffix, (None if states is None else total.to(theta.dtype).reshape(theta.shape))
