@@ -47,6 +47,7 @@ from crfrnn_deeplab.allocator import retain_freed_memory
 from crfrnn_deeplab.crf import MeanFieldCRF
 from crfrnn_deeplab.data import IGNORE_INDEX, DatasetError, EvalTransform, TrainTransform, build_datasets, dataset_spec
 from crfrnn_deeplab.data.registry import scan_files
+from crfrnn_deeplab.files import blocking_parent
 from crfrnn_deeplab.models import CRFRNN, InputConvention, get_model, model_spec
 from crfrnn_deeplab.training.checkpoints import check_training_state, find_resume_checkpoint
 from crfrnn_deeplab.training.checkpoints import restore_training_state, stage_dir
@@ -713,7 +714,7 @@ def check_out_dir(out: Path, *, new_run: bool, overwrite: bool) -> None:
     files, unless ``overwrite``. Raises UsageError."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir is a file, not a directory (out_dir={out})")
-    if blocking := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+    if blocking := blocking_parent(out):
         raise UsageError(f"out_dir lies below a file, {blocking}, so it cannot be created (out_dir={out})")
     if new_run and not overwrite and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")

@@ -1,4 +1,5 @@
-"""Writing files whole: an output is either complete or absent, and never written through a link.
+"""Writing files whole: an output is either complete or absent, and never written through a link; and the
+parent that keeps a path from being created.
 
 The lowest layer of the package beside :mod:`crfrnn_deeplab.images`: the prediction CLI's outputs and every
 checkpoint (:func:`crfrnn_deeplab.weights.save_checkpoint`) are written with :func:`atomic_write`.
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "blocking_parent"]
 
 PathLike = str | os.PathLike
 
@@ -56,3 +57,9 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a temporary file next to {str(path)!r}: every name tried exists")
+
+
+def blocking_parent(path: PathLike) -> Path | None:
+    """The first parent of ``path`` that exists (as a name: a dangling symlink too) and is not a directory, so that
+    ``path`` cannot be created below it; None when there is none."""
+    return next((p for p in Path(path).parents if os.path.lexists(p) and not p.is_dir()), None)

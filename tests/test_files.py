@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from crfrnn_deeplab.files import atomic_write
+from crfrnn_deeplab.files import atomic_write, blocking_parent
 
 
 def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
@@ -41,3 +41,11 @@ def test_atomic_write_uses_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_blocking_parent_is_the_first_parent_that_is_not_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert blocking_parent(tmp_path / "file" / "a" / "b.pt") == tmp_path / "file"
+    assert blocking_parent(tmp_path / "dangling" / "b.pt") == tmp_path / "dangling"  # mkdir would fail there too
+    assert blocking_parent(tmp_path / "new" / "b.pt") is None

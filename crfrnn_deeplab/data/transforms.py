@@ -44,6 +44,7 @@ from albumentations.augmentations.geometric import functional as fgeometric
 from torch.utils.data import get_worker_info
 
 from crfrnn_deeplab.distributed import get_rank
+from crfrnn_deeplab.images import MAX_SCALE
 from crfrnn_deeplab.models.conventions import InputConvention
 
 __all__ = ["TrainTransform", "EvalTransform", "MAX_SIZE", "MAX_PAD_DIVISOR", "SCALE_LIMITS"]
@@ -57,8 +58,9 @@ MAX_SIZE = 8192
 #: meant for (8, 16, 32, 513, ...) are far below it.
 MAX_PAD_DIVISOR = 1024
 #: The allowed training scales (``scale_range``), the same as ``train.py``'s ``data.scale_range``: smaller ones
-#: shrink images to nothing, larger ones make images that exhaust memory.
-SCALE_LIMITS = (0.1, 8.0)
+#: shrink images to nothing, larger ones (above every input scale's :data:`~crfrnn_deeplab.images.MAX_SCALE`) make
+#: images that exhaust memory.
+SCALE_LIMITS = (0.1, MAX_SCALE)
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -66,9 +68,8 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
         raise TypeError(f"{name} must be an int or a (height, width) pair, got {value!r}")
     if isinstance(value, int):
         value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
-    if any(isinstance(v, bool) for v in value):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
     if min(value) < 1:
         raise ValueError(f"{name} must be positive, got {value!r}")

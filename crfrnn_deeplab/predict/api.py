@@ -32,7 +32,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from crfrnn_deeplab.images import (
-    MAX_SCALE,
     check_rgb_array,
     check_rgb_image,
     check_scales,
@@ -43,7 +42,6 @@ from crfrnn_deeplab.images import (
 
 __all__ = [
     "MAX_CRF_ITERATIONS",
-    "MAX_SCALE",
     "ImageLike",
     "Prediction",
     "check_crf_iterations",
@@ -200,8 +198,8 @@ def predict(
         crf: run the model's CRF layer, when it has one (a model without a CRF ignores this).
         crf_iterations: mean-field iterations for this call, ``0..MAX_CRF_ITERATIONS`` (default: the CRF's
             ``eval_iterations``).
-        scales: test-time input scales, each in ``(0, MAX_SCALE]``; the logits of every scale are resized to the
-            image and averaged.
+        scales: test-time input scales, each in ``(0, MAX_SCALE]`` (:func:`~crfrnn_deeplab.images.check_scales`);
+            the logits of every scale are resized to the image and averaged.
         flip: also run every scale on the horizontally flipped image (logits flipped back, averaged in).
         device: move the model there first (it stays there); default: where the model is. Checked by
             :func:`resolve_device` before anything runs.

@@ -38,10 +38,9 @@ from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
 from crfrnn_deeplab.data.io import DatasetError, read_image
 from crfrnn_deeplab.files import atomic_write
-from crfrnn_deeplab.images import check_scales
+from crfrnn_deeplab.images import MAX_SCALE, check_scales
 from crfrnn_deeplab.predict.api import (
     MAX_CRF_ITERATIONS,
-    MAX_SCALE,
     Prediction,
     check_crf_iterations,
     predict,

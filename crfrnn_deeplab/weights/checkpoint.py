@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from crfrnn_deeplab.files import atomic_write
+from crfrnn_deeplab.files import atomic_write, blocking_parent
 
 __all__ = [
     "FORMAT",
@@ -117,8 +117,7 @@ def save_checkpoint(path: str | os.PathLike, payload: Checkpoint | dict[str, Any
         NotADirectoryError: a parent of ``path`` is a file (or another non-directory).
     """
     path = Path(path)
-    blocking = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
-    if blocking is not None:
+    if (blocking := blocking_parent(path)) is not None:
         raise NotADirectoryError(f"cannot write {path}: {blocking} is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **payload}

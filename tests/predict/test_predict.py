@@ -17,7 +17,8 @@ from crfrnn_deeplab.weights.checkpoint import CheckpointError, load_checkpoint, 
 from crfrnn_deeplab.weights import model_for_checkpoint
 from crfrnn_deeplab.data import voc_colormap
 from crfrnn_deeplab.data.io import read_image
-from crfrnn_deeplab.predict.api import MAX_CRF_ITERATIONS, MAX_SCALE, Prediction, predict, to_raw_batch
+from crfrnn_deeplab.images import MAX_SCALE
+from crfrnn_deeplab.predict.api import MAX_CRF_ITERATIONS, Prediction, predict, to_raw_batch
 from crfrnn_deeplab.predict.cli import main, output_names
 from train_script import import_train
 
