@@ -83,10 +83,12 @@ class DenseCRF:
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         several = isinstance(theta_beta, Sequence) and not isinstance(theta_beta, str)
-        self.params = dict(bilateral_weight=float(bilateral_weight), theta_alpha=float(theta_alpha),
-                           theta_beta=tuple(map(float, theta_beta)) if several else float(theta_beta),
-                           spatial_weight=float(spatial_weight), theta_gamma=float(theta_gamma),
-                           normalization=normalization)
+        self.params = dict(bilateral_weight=_number("bilateral_weight", bilateral_weight),
+                           theta_alpha=_number("theta_alpha", theta_alpha),
+                           theta_beta=(tuple(_number("theta_beta", v) for v in theta_beta) if several
+                                       else _number("theta_beta", theta_beta)),
+                           spatial_weight=_number("spatial_weight", spatial_weight),
+                           theta_gamma=_number("theta_gamma", theta_gamma), normalization=normalization)
         volume = dict(spatial_dims=spatial_dims, guidance_groups=guidance_groups, spacing=spacing,
                       bilateral_filter=bilateral_filter)
         self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
@@ -165,6 +167,14 @@ class DenseCRF:
         out = torch.softmax(layer(scores_t, image_t, mask_t, spacing=spacing), dim=1)
         out = out[0] if unbatched else out
         return out.cpu().numpy() if as_numpy else out
+
+
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError naming the parameter: a real number, never a bool or a string (which
+    ``float`` would read as 1.0 or parse)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 def _ndim(x: Any) -> int:

@@ -195,8 +195,11 @@ def _constant_shift_and_top(
         rise -= low * reach
         width += (high - low) * reach
     top = unary.amax(-1, keepdim=True) + shift + rise
+    finite = bool(torch.isfinite(top).all())
+    if not finite and not bool(torch.isfinite(unary).all()):  # (NaN or +inf in z_0 make top so: checked only then)
+        raise ValueError("mean_field_inference: the unary holds NaN or infinite values")
     limit = -0.5 * math.log(torch.finfo(unary.dtype).tiny)  # 43.7 in float32: q_c < e^-43 may be flushed
-    return shift, (top if bool(torch.isfinite(top).all()) and float(width.max()) <= limit else None)
+    return shift, (top if finite and float(width.max()) <= limit else None)
 
 
 def class_softmax(z: Tensor) -> Tensor:

@@ -88,3 +88,9 @@ def test_bad_parameters_fail_at_construction():
             DenseCRF(eps=eps)
     with pytest.raises(ValueError, match="theta_alpha"):
         DenseCRF(theta_alpha=-1.0)
+    # float() would read a string or a bool as a number: "13" would run as 13, True as 1
+    for name, value in [("theta_beta", "13"), ("theta_beta", ("13", 20.0)), ("bilateral_weight", True),
+                        ("theta_gamma", None), ("spatial_weight", np.array([3.0]))]:
+        with pytest.raises(TypeError, match=rf"{name} must be a real number, got"):
+            DenseCRF(**{name: value})
+    assert DenseCRF(theta_alpha=np.float32(60), theta_beta=np.int64(10)).params["theta_beta"] == 10.0  # numpy numbers are

@@ -460,6 +460,12 @@ def test_mean_field_loops_name_bad_arguments():
             loop(logits, kernels, pairwise, 1)  # channels first
     with pytest.raises(ValueError, match="unary .* and logits .* differ in shape"):
         mean_field_step(unary, unary[:, :, :1], kernels, pairwise)
+    # the layer checks its logits; the low-level loop named a NaN or +inf unary too (it returned NaN z_T)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mean_field_inference: the unary holds NaN or infinite values"):
+            fast_inference.mean_field_inference(unary.index_fill(2, torch.tensor([3]), bad), kernels, pairwise, 2)
+    some_impossible = unary.index_fill(3, torch.tensor([0]), float("-inf"))  # log 0: a class ruled out
+    assert torch.isfinite(fast_inference.mean_field_inference(some_impossible, kernels, pairwise, 2)[..., 1:]).all()
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 70, 5, 21), (1, 40, 32, 4)])  # lanes: 3, 21 channels; 16
