@@ -52,8 +52,8 @@ from crfrnn_deeplab.models import CRFRNN, InputConvention, get_model, model_spec
 from crfrnn_deeplab.training.checkpoints import check_training_state, find_resume_checkpoint
 from crfrnn_deeplab.training.checkpoints import restore_training_state, stage_dir
 from crfrnn_deeplab.training.checkpoints import training_checkpoint
-from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, apply_overrides, config_from_dict
-from crfrnn_deeplab.training.config import is_resolved_config, load_config, save_config, to_dict, validate
+from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, config_from_dict, is_resolved_config
+from crfrnn_deeplab.training.config import load_config, resolve_config, save_config, to_dict
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches, derive_seed
 from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, non_finite_parameters
 from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, original_message, print_error
@@ -646,7 +646,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="show the traceback of an error instead of its one-line message")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides applied last, e.g. stage1.lr=1e-3 data.root=/data/voc")
-    return parser.parse_args(argv)
+    # intermixed: overrides on both sides of a flag (a=1 --eval-only CKPT b=2) are all overrides, in order;
+    # parse_args would take the first group and refuse the second as "unrecognized arguments"
+    return parser.parse_intermixed_args(argv)
 
 
 def run_dir_of(location: Path) -> Path:
@@ -734,11 +736,16 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
         if args.eval_only is not None and config is None:
             ckpt = load_checkpoint(args.eval_only)
             if isinstance(ckpt.get("config"), dict):
-                cfg = config_from_dict(ckpt["config"], source=f"{args.eval_only} (its config)")
-                return validate(apply_overrides(cfg, args.overrides)), None
+                source = f"{args.eval_only} (its config)"
+                return resolve_config(config_from_dict(ckpt["config"], source=source), args.overrides,
+                                      source=source), None
             config = DEFAULT_CONFIG
         return load_config(config, args.overrides), None
     location = args.resume
+    if "=" in location.name and not location.exists():  # --resume's optional value took an override
+        raise UsageError(f"--resume {location}: no such run directory or checkpoint; it reads as a KEY=VALUE "
+                         f"override, which --resume took for the run to continue: name the run first (--resume "
+                         f"RUN {location}), or put the override before --resume")
     if location == Path():
         location = Path(load_config(args.config or DEFAULT_CONFIG, args.overrides).out_dir)
     path = find_resume_checkpoint(location)
@@ -754,14 +761,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py (it lacks {missing or ['config']}); "
                               f"to start from its weights use model.init_from={path}")
     check_training_state(checkpoint, path)
-    cfg = config_from_dict(checkpoint["config"], source=f"{path} (its config)")
+    source = f"{path} (its config)"
+    cfg = config_from_dict(checkpoint["config"], source=source)
     # the run continues where it is now (e.g. a run directory copied elsewhere), not where it was written
     run_dir = run_dir_of(location)
     check_run_dir(run_dir, path)
     check_same_run(cfg, run_dir, path)
     cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
     before = to_dict(cfg)
-    cfg = validate(apply_overrides(cfg, args.overrides))
+    cfg = resolve_config(cfg, args.overrides, source=source)
     if Path(cfg.out_dir).resolve() != run_dir.resolve():  # the run's files live in run_dir, and only there
         raise UsageError(f"--resume continues the run in {run_dir}, but out_dir={cfg.out_dir} would write it "
                          f"elsewhere (and over whatever that directory holds): drop the out_dir override, or copy "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from crfrnn_deeplab.crf import BilateralFilter, MeanFieldCRF, Normalization, fixed_crf
@@ -49,6 +49,7 @@ from crfrnn_deeplab.training.schema import (
 __all__ = [
     *schema.__all__,
     "load_config",
+    "resolve_config",
     "config_from_dict",
     "apply_overrides",
     "validate",
@@ -91,20 +92,66 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _shown(value: Any) -> str:
+    """A value as a message shows it: its type and repr, OmegaConf's containers as the dict / list they hold,
+    None as the schema's null."""
+    if value is None:
+        return "null"
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return f"{type(value).__name__} {value!r}"
+
+
 def _misplaced_value(updates: Mapping, owner: Any = Config, prefix: str = "") -> str | None:
-    """The first key of ``updates`` that gives a section of the schema a value that is not a mapping."""
+    """The first key of ``updates`` whose value has the wrong shape for the schema: a section or a mapping field
+    given something else than a mapping, a list field given something else than a list (or items that are
+    mappings or lists), any other field given a mapping or a list, a null where the schema allows none.
+    OmegaConf raises a bare TypeError for some of these (``data.scale_range={}``) and lets others through
+    (``[{}]`` as a list of floats). An interpolation (``${...}``) is left to OmegaConf to resolve."""
     hints = typing.get_type_hints(owner)
     for key, value in updates.items():
-        annotation = hints.get(key)
-        if dataclasses.is_dataclass(annotation):
+        annotation, where = hints.get(key), f"{prefix}{key}"
+        if annotation is None or (isinstance(value, str) and "${" in value):  # an unknown key, an interpolation:
+            continue  # OmegaConf names the one and resolves the other
+        section = dataclasses.is_dataclass(annotation)
+        expected = f"{where}: expected {_type_name(annotation)}, got {_shown(value)}"
+        if value is None:
+            if type(None) not in typing.get_args(annotation):
+                return expected
+        elif section or typing.get_origin(annotation) is dict:
             if not isinstance(value, Mapping):
-                return f"{prefix}{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
-            if found := _misplaced_value(value, annotation, f"{prefix}{key}."):
+                return expected
+            if section and (found := _misplaced_value(value, annotation, f"{where}.")):
                 return found
+        elif typing.get_origin(annotation) is list:
+            if not isinstance(value, (list, tuple)):
+                return expected
+            item = typing.get_args(annotation)[0]
+            for i, v in enumerate(value):
+                if isinstance(v, (Mapping, list, tuple)):
+                    return f"{where}[{i}]: expected {_type_name(item)}, got {_shown(v)}"
+        elif isinstance(value, (Mapping, list, tuple)):
+            return expected
     return None
 
 
-def _config_error(error: OmegaConfBaseException, updates: Any) -> ConfigError:
+def _replaced_container(base: Mapping, updates: Mapping, prefix: str = "") -> str | None:
+    """The first key at which ``updates`` puts a mapping where ``base`` holds a list, or the other way round:
+    OmegaConf's merge raises a bare TypeError there (in ``model.options``, whose values the schema leaves
+    untyped; :func:`_misplaced_value` catches the typed fields first)."""
+    for key, value in updates.items():
+        old, where = base.get(key), f"{prefix}{key}"
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            if found := _replaced_container(old, value, f"{where}."):
+                return found
+        elif isinstance(old, (Mapping, list)) and isinstance(value, (Mapping, list)) \
+                and isinstance(old, Mapping) != isinstance(value, Mapping):
+            return (f"{where}: expected {'a mapping' if isinstance(old, Mapping) else 'a list'} like the value it "
+                    f"replaces ({old!r}), got {_shown(value)}")
+    return None
+
+
+def _config_error(error: OmegaConfBaseException) -> ConfigError:
     """OmegaConf's exception as a ConfigError that names the key and what it expects."""
     key = error.full_key
     if isinstance(error, ConfigKeyError) and key:
@@ -113,19 +160,21 @@ def _config_error(error: OmegaConfBaseException, updates: Any) -> ConfigError:
         return ConfigError(f"unknown config key {key!r}" + (f"; known keys here: {known}" if known else ""))
     annotation = _annotation(key) if key else None
     if annotation is not None:
-        value = error.value
-        return ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
-    if not key and isinstance(updates, Mapping) and (found := _misplaced_value(updates)):
-        return ConfigError(found)
+        return ConfigError(f"{key}: expected {_type_name(annotation)}, got {_shown(error.value)}")
     return ConfigError(f"{key or 'config'}: {str(error).splitlines()[0]}")
 
 
 def _merge(base: DictConfig, updates: Any) -> DictConfig:
+    plain = OmegaConf.to_container(updates) if isinstance(updates, DictConfig) else updates
+    if isinstance(plain, Mapping) and (found := _misplaced_value(plain)):
+        raise ConfigError(found)
     try:
         return OmegaConf.merge(base, updates)
     except OmegaConfBaseException as e:
-        plain = OmegaConf.to_container(updates) if isinstance(updates, DictConfig) else updates
-        raise _config_error(e, plain) from None
+        raise _config_error(e) from None
+    except TypeError as e:  # "Cannot merge incompatible container types"
+        found = _replaced_container(OmegaConf.to_container(base), plain) if isinstance(plain, Mapping) else None
+        raise ConfigError(found or f"config: {e}") from None
 
 
 def _to_config(merged: DictConfig) -> Config:
@@ -138,7 +187,8 @@ def _to_config(merged: DictConfig) -> Config:
 def _is_text(key: str) -> bool:
     """A field that holds text (``str`` or ``str | None``): its command-line value is taken as written."""
     annotation = _annotation(key)
-    return annotation is str or (str in typing.get_args(annotation) and typing.get_origin(annotation) is not list)
+    return annotation is str or (typing.get_origin(annotation) not in (list, dict)
+                                 and str in typing.get_args(annotation))
 
 
 def _override(item: str) -> DictConfig:
@@ -180,20 +230,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ConfigError: unknown key, wrong type, or an invalid setting (the message names the key).
+        ConfigError: unknown key, wrong type, or an invalid setting (the message names the key, and the file
+            when the setting is invalid as the file gives it: :func:`resolve_config`).
     """
     if path is None:
-        config = Config()
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = OmegaConf.load(path)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        config = config_from_dict(data, source=str(path))
-    return validate(apply_overrides(config, overrides or []))
+        return validate(apply_overrides(Config(), overrides or []))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return resolve_config(config_from_dict(data, source=str(path)), overrides or [], source=str(path))
+
+
+def resolve_config(config: Config, overrides: list[str], *, source: str) -> Config:
+    """``config``, read from ``source`` (a YAML file, a checkpoint's config), with the ``key=value`` overrides
+    on top (:func:`apply_overrides`), validated (:func:`validate`).
+
+    Raises:
+        ConfigError: an override that does not fit the schema, or an invalid setting. A setting that is invalid
+            as ``source`` gave it (the overrides did not make it so) is reported with ``source`` in front: that
+            is where it comes from, to fix there or to override.
+    """
+    resolved = apply_overrides(config, overrides)
+    try:
+        return validate(resolved)
+    except ConfigError as e:
+        if overrides and not _fails_with(config, str(e)):
+            raise  # the overrides' doing: they are on the command line in front of the user
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _fails_with(config: Config, message: str) -> bool:
+    """Whether :func:`validate` refuses ``config`` with ``message``."""
+    try:
+        validate(config)
+    except ConfigError as e:
+        return str(e) == message
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------

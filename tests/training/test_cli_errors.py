@@ -193,6 +193,23 @@ def _edited_checkpoint(entry, value, fragment):
     return build
 
 
+def _edited_config(section, key, value, fragment, *, eval_only=False):
+    """A copy of the paused run whose checkpoint's saved config holds ``section.key = value``; resumed, or
+    evaluated with ``--eval-only``. The error must name the checkpoint as the source of the value."""
+    def build(tmp, shared):
+        run = _copy(shared, "paused", tmp / "run")
+        last = run / "stage1" / "last.pt"
+        checkpoint = torch.load(last, weights_only=True)
+        if section:
+            checkpoint["config"][section][key] = value
+        else:
+            checkpoint["config"][key] = value
+        torch.save(checkpoint, last)
+        args = ["--eval-only", str(last), f"out_dir={tmp / 'eval'}"] if eval_only else ["--resume", str(run)]
+        return args, [f"{last} (its config): {fragment}"], [run]
+    return build
+
+
 CASES = [
     # ---- usage and config: exit 2, nothing written
     c("unknown-key", 2, lambda t, s: (TINY + ["stage1.lrr=1", f"out_dir={t / 'r'}"], ["unknown config key 'stage1.lrr'"], [])),
@@ -258,6 +275,18 @@ CASES = [
                                                             f"out_dir={t / 'r'}"],
                                                     ["synthetic images must be at least 32x32", "data.image_size=20"],
                                                     [])),
+    # a bad value saved in a checkpoint's config: the checkpoint is named as where it comes from
+    c("resume-checkpoint-config-nan-lr", 2,
+      _edited_config("stage1", "lr", math.nan, "stage1.lr must be a finite number, got nan")),
+    c("eval-only-checkpoint-config-nan-lr", 2,
+      _edited_config("stage1", "lr", math.nan, "stage1.lr must be a finite number, got nan", eval_only=True)),
+    c("resume-checkpoint-config-negative-lr", 2,
+      _edited_config("stage1", "lr", -1.0, "stage1.lr must be >= 0, got -1")),
+    c("resume-checkpoint-config-device-not-on-this-machine", 2,
+      _edited_config(None, "device", "cuda:99", "device=cuda:99: ")),
+    c("resume-took-an-override-for-the-run", 2, lambda t, s: (["--resume", "stage1.lr=1e-3"],
+                                                            ["--resume stage1.lr=1e-3: no such run directory or "
+                                                             "checkpoint; it reads as a KEY=VALUE override"], [])),
     c("eval-only-missing", 2, lambda t, s: (["--eval-only", str(t / "x.pt")], [f"checkpoint not found: {t / 'x.pt'}"], [])),
     # ---- data and checkpoints: exit 1, nothing destroyed
     c("resume-truncated-last", 1, _truncated),
@@ -423,6 +452,26 @@ def test_device_cuda_without_a_gpu(capsys):
         pytest.skip("this machine has CUDA")
     assert train.main(["device=cuda"]) == 2
     assert "device=cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--eval-only", "CKPT", "out_dir=OUT", "eval.max_images=1"],
+    ["out_dir=OUT", "eval.max_images=1", "--eval-only", "CKPT"],
+    ["out_dir=OUT", "--eval-only", "CKPT", "eval.max_images=1"],  # was "unrecognized arguments: eval.max_images=1"
+])
+def test_overrides_may_stand_on_either_side_of_a_flag(work, tmp_path, argv):
+    checkpoint = work / "done" / "stage1" / "last.pt"
+    argv = [a.replace("CKPT", str(checkpoint)).replace("OUT", str(tmp_path / "eval")) for a in argv]
+    args = train.parse_args(argv)
+    assert args.eval_only == checkpoint and args.overrides == [f"out_dir={tmp_path / 'eval'}", "eval.max_images=1"]
+    cfg, resume = train.resolve(args)
+    assert cfg.out_dir == str(tmp_path / "eval") and cfg.eval.max_images == 1 and resume is None
+
+
+def test_an_override_replaces_a_bad_value_saved_in_the_checkpoint(work, tmp_path):
+    args, _, (run,) = _edited_config("stage1", "lr", math.nan, "")(tmp_path, work)
+    cfg, _ = train.resolve(train.parse_args(args + ["stage1.lr=1e-3"]))
+    assert cfg.stage1.lr == 1e-3 and cfg.out_dir == str(run)
 
 
 def test_converter_overwrites_only_when_asked(work, tmp_path, capsys):

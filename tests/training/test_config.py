@@ -1,11 +1,13 @@
 """The config schema: defaults, YAML overrides, command-line overrides, and clear errors."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from crfrnn_deeplab.training.config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
+from crfrnn_deeplab.training.config import Config, ConfigError, config_from_dict, load_config, resolve_config
+from crfrnn_deeplab.training.config import save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = ROOT / "configs" / "synthetic.yaml"
@@ -98,6 +100,73 @@ def test_command_line_overrides_come_last_and_are_typed():
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SYNTHETIC, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # a mapping or a list where the schema has something else: the key and what it expects, OmegaConf's
+        # containers shown as the dict / list they hold
+        (["data.scale_range={}"], r"data.scale_range: expected a list of float, got dict \{\}"),  # was a bare TypeError
+        (["grid_search.theta_alphas={}"], r"grid_search.theta_alphas: expected a list of float, got dict \{\}"),
+        (["data.folder.class_names={}"], r"data.folder.class_names: expected a list of str, got dict \{\}"),
+        (["grid_search.theta_alphas=[{}]"], r"grid_search.theta_alphas\[0\]: expected float, got dict \{\}"),
+        (["data.scale_range=[[1], 2]"], r"data.scale_range\[0\]: expected float, got list \[1\]"),
+        (["stage1.poly_power={}"], r"stage1.poly_power: expected float, got dict \{\}"),  # was "got DictConfig {}"
+        (["stage1.poly_power=[]"], r"stage1.poly_power: expected float, got list \[\]"),
+        (["seed={}"], r"seed: expected int, got dict \{\}"),
+        (["model.options=[]"], r"model.options: expected a mapping, got list \[\]"),
+        (["data.scale_range=null"], r"data.scale_range: expected a list of float, got null"),
+        (["stage1=null"], r"stage1: expected a mapping of iterations, .*, got null"),
+        (["model.options.scales=[1, 2]", "model.options.scales={}"],  # untyped option values: a bare TypeError
+         r"model.options.scales: expected a list like the value it replaces \(\[1, 2\]\), got dict \{\}"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match="^" + message + "$"):
+        load_config(SYNTHETIC, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data:\n  scale_range: {}\n", r"data.scale_range: expected a list of float, got dict \{\}"),
+        ("stage1:\n  poly_power: {}\n", r"stage1.poly_power: expected float, got dict \{\}"),
+        # a mapping inside a list of numbers was let through, then failed in OmegaConf (a ValidationError)
+        ("grid_search:\n  theta_alphas: [{}]\n", r"grid_search.theta_alphas\[0\]: expected float, got dict \{\}"),
+        ("data:\n  folder:\n    class_names: [{}]\n", r"data.folder.class_names\[0\]: expected str, got dict \{\}"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_in_a_file_names_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + re.escape(str(path)) + ": " + message + "$"):
+        load_config(path)
+
+
+def test_an_empty_mapping_for_model_options_changes_nothing():
+    assert load_config(SYNTHETIC, ["model.options={}"]) == load_config(SYNTHETIC)  # was "got AnyNode '{}'"
+
+
+def test_interpolations_still_fill_lists_and_sections():
+    cfg = load_config(SYNTHETIC, ["grid_search.theta_betas=${grid_search.bilateral_weights}", "stage1=${stage2}"])
+    assert cfg.grid_search.theta_betas == cfg.grid_search.bilateral_weights and cfg.stage1 == cfg.stage2
+
+
+def test_an_invalid_setting_names_the_file_or_checkpoint_it_comes_from(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  dataset: synthetic\nmodel:\n  num_classes: 6\nstage1:\n  lr: .nan\n")
+    for overrides in ([], ["seed=3"]):  # an override of another key leaves the file's value the culprit
+        with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: stage1.lr must be a finite number, got nan")):
+            load_config(path, overrides)
+    assert load_config(path, ["stage1.lr=1e-3"]).stage1.lr == 1e-3  # an override replaces it
+    with pytest.raises(ConfigError, match=r"^stage1.momentum must be in \[0, 1\), got 2$"):  # the override's doing
+        load_config(path, ["stage1.lr=1e-3", "stage1.momentum=2"])
+    saved = config_from_dict({"data": {"dataset": "synthetic"}, "model": {"num_classes": 6}, "device": "cuda:99"},
+                             source="last.pt (its config)")
+    with pytest.raises(ConfigError, match=r"^last.pt \(its config\): device=cuda:99: "):
+        resolve_config(saved, [], source="last.pt (its config)")
+    assert resolve_config(saved, ["device=cpu"], source="last.pt (its config)").device == "cpu"
 
 
 def test_text_fields_keep_the_text_and_lists_replace():
