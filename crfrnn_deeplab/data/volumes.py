@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["VOLUME_CLASSES", "SPACING_LIMITS", "SyntheticVolumes", "render_volume"]
+__all__ = ["VOLUME_CLASSES", "SPACING_LIMITS", "MAX_VOXELS", "SyntheticVolumes", "render_volume"]
 
 VOLUME_CLASSES = ("background", "tube", "blob")
 NOISE = 0.15
@@ -39,13 +39,23 @@ NOISE = 0.15
 #: size: ~1e7 steps a tube).
 SPACING_LIMITS = (0.05, 5.0)
 
+#: The most voxels one volume may have: 2**28, e.g. 512 × 512 × 1024 (a large CT scan). Drawing a volume takes
+#: about 100 bytes a voxel at its peak (the float64 coordinates of every voxel, the volume, its labels and the
+#: drawing's temporaries), ~26 GB at the bound; a much larger shape would fail in numpy's allocator instead.
+MAX_VOXELS = 2**28
+
 
 def _check_geometry(shape: object, spacing: object) -> tuple[tuple[int, int, int], np.ndarray]:
-    """``shape`` as 3 ints >= 4 and ``spacing`` as 3 finite voxel sizes within :data:`SPACING_LIMITS`."""
+    """``shape`` as 3 ints >= 4, :data:`MAX_VOXELS` in all, and ``spacing`` as 3 finite voxel sizes within
+    :data:`SPACING_LIMITS`."""
     shape, spacing = (v.tolist() if isinstance(v, (np.ndarray, Tensor)) else v for v in (shape, spacing))
     if (isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 3
             or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in shape) or min(shape) < 4):
         raise ValueError(f"shape must be 3 sides >= 4 (ints, D, H, W), got {shape!r}")
+    sides = (int(shape[0]), int(shape[1]), int(shape[2]))
+    if (voxels := sides[0] * sides[1] * sides[2]) > MAX_VOXELS:
+        raise ValueError(f"shape {sides} has {voxels:,} voxels; a synthetic volume has at most MAX_VOXELS = "
+                         f"{MAX_VOXELS:,} (2**28, e.g. 512x512x1024): drawing one takes ~100 bytes a voxel")
     low, high = SPACING_LIMITS
     values = list(spacing) if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)) else None
     if (values is None or len(values) != 3
@@ -54,7 +64,7 @@ def _check_geometry(shape: object, spacing: object) -> tuple[tuple[int, int, int
             f"spacing must be 3 voxel sizes in {low:g}..{high:g} (the units of the objects, whose tubes have a radius "
             f"of 0.8-1.6), got {spacing!r}"
         )
-    return (int(shape[0]), int(shape[1]), int(shape[2])), np.asarray(values, dtype=np.float64)
+    return sides, np.asarray(values, dtype=np.float64)
 
 
 def _ellipsoid(rng: np.random.Generator, coords: np.ndarray, extent: float) -> np.ndarray:
@@ -99,7 +109,7 @@ def render_volume(
 
     Args:
         rng: the source of randomness (the volume is a function of its state).
-        shape: (D, H, W) voxels, ints >= 4.
+        shape: (D, H, W) voxels, ints >= 4, :data:`MAX_VOXELS` in all.
         spacing: the physical size of a voxel along (D, H, W), each within :data:`SPACING_LIMITS`; the objects
             are drawn in physical units.
 
@@ -135,7 +145,7 @@ class SyntheticVolumes(torch.utils.data.Dataset):
 
     Args:
         num_volumes: the dataset's length.
-        shape: (D, H, W) voxels, ints >= 4.
+        shape: (D, H, W) voxels, ints >= 4, :data:`MAX_VOXELS` (2**28) in all.
         spacing: the voxel size along (D, H, W), each within :data:`SPACING_LIMITS` (0.05-5).
         seed: volume ``i`` is drawn from ``default_rng([seed, i])``; a non-negative int.
 

@@ -56,7 +56,8 @@ def training_checkpoint(
     return payload
 
 
-def _is_count(value: Any) -> bool:
+def _is_non_negative_int(value: Any) -> bool:
+    """A step, epoch or batch position: an int (not a bool) >= 0."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -75,13 +76,15 @@ def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
 
     if checkpoint.get("stage") not in (1, 2) or isinstance(checkpoint.get("stage"), bool):
         raise refuse("stage", "1 or 2")
-    if not _is_count(checkpoint.get("step")):
+    if not _is_non_negative_int(checkpoint.get("step")):
         raise refuse("step", "an int >= 0")
     data = checkpoint.get("data")
-    if not (isinstance(data, dict) and _is_count(data.get("epoch")) and _is_count(data.get("batch"))):
+    if not (isinstance(data, dict) and _is_non_negative_int(data.get("epoch"))
+            and _is_non_negative_int(data.get("batch"))):
         raise refuse("data", "{'epoch': int >= 0, 'batch': int >= 0}")
     best = checkpoint.get("best", {"value": 0.0, "step": 0})
-    if not (isinstance(best, dict) and isinstance(best.get("value"), (int, float)) and _is_count(best.get("step"))):
+    if not (isinstance(best, dict) and isinstance(best.get("value"), (int, float))
+            and _is_non_negative_int(best.get("step"))):
         raise refuse("best", "{'metric': ..., 'value': number, 'step': int >= 0}")
     if not isinstance(checkpoint.get("elapsed_s", 0.0), (int, float)):
         raise refuse("elapsed_s", "a number of seconds")

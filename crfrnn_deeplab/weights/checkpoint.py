@@ -244,7 +244,7 @@ def check_model_entries(entries: Mapping[str, Any], where: str, *, classes: int 
             raise CheckpointError(f"{where}: model_config.name must be a registered model name (a string), got "
                                   f"{config.get('name')!r:.80}")
         recorded = config.get("num_classes")
-        if not _is_count(recorded):
+        if not _is_positive_int(recorded):
             raise CheckpointError(f"{where}: model_config.num_classes must be an int >= 1, got {recorded!r:.80}")
         if classes is not None and recorded != classes:
             raise CheckpointError(f"{where}: model_config.num_classes is {recorded} but the weights are for "
@@ -264,5 +264,6 @@ def check_model_entries(entries: Mapping[str, Any], where: str, *, classes: int 
             raise CheckpointError(f"{where}: class_names lists {len(names)} name(s) but {counted} classes")
 
 
-def _is_count(value: Any) -> bool:
+def _is_positive_int(value: Any) -> bool:
+    """A number of classes: an int (not a bool) >= 1."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1

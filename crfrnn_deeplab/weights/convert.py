@@ -39,6 +39,17 @@ def _check_destination(dst: str | os.PathLike) -> None:
         raise ValueError(f"the destination is a directory ({text}); give a file name")
 
 
+def _class_count(text: str) -> int:
+    """``--num-classes``'s value: an int >= 1 (argparse reports the error with the option's name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected the model's number of classes, an int >= 1, got {text!r}")
+    return value
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -59,7 +70,8 @@ def convert_checkpoint(
 
     Raises:
         ValueError: ``dst`` is ``src`` (the source is never overwritten), ends in a path separator or is a
-            directory.
+            directory; ``num_classes`` < 1.
+        TypeError: ``num_classes`` is not an int or None.
         NotADirectoryError: a parent of ``dst`` is a file.
         ConversionError, CheckpointError, FileNotFoundError: see :func:`~.factory.model_for_checkpoint`.
     """
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path, help="checkpoint to convert")
     parser.add_argument("dst", help="where to write the crfrnn_deeplab checkpoint (a file name)")
     parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="layout of SRC (default: detect)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classes of the model (default: SRC's)")
+    parser.add_argument("--num-classes", type=_class_count, default=None, metavar="N",
+                        help="classes of the model, >= 1 (default: SRC's)")
     parser.add_argument(
         "--msc", action=argparse.BooleanOptionalAction, default=None,
         help="multi-scale (MSC) model or not (default: as SRC was saved)",

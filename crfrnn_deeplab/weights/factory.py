@@ -218,6 +218,12 @@ def build_for_checkpoint(
 ) -> tuple[ModelRecipe, nn.Module, LoadReport]:
     """The recipe a converted checkpoint needs, the model built from it, and the strict load's report (see
     :func:`model_for_checkpoint`)."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise TypeError(f"num_classes must be an int >= 1 (the model's classes) or None (the checkpoint's), got "
+                        f"{type(num_classes).__name__} {num_classes!r}")
+    if num_classes is not None and num_classes < 1:  # checked here, or the model_config would be blamed for it
+        raise ValueError(f"num_classes must be an int >= 1 (the model's classes) or None (the checkpoint's), got "
+                         f"{num_classes}")
     options = dict(options or {})
     if "input_convention" in options:
         raise TypeError("input_convention comes with the checkpoint's weights; it cannot be chosen here")
@@ -271,8 +277,8 @@ def model_for_checkpoint(
             without a classifier and no ``num_classes``, or a trunk of an unsupported depth. CheckpointError also
             for our checkpoint's ``model_config`` naming an unregistered model, an option the builder or
             MeanFieldCRF does not take, or a value they refuse (naming the file and the entry).
-        ValueError: ``msc`` asks for a twin the registry does not have.
-        TypeError: ``msc`` is not True, False or None.
+        ValueError: ``msc`` asks for a twin the registry does not have; ``num_classes`` < 1.
+        TypeError: ``msc`` is not True, False or None; ``num_classes`` is not an int or None.
     """
     converted = convert_state_dict(source, layout=layout)
     _, model, report = build_for_checkpoint(converted, num_classes=num_classes, msc=msc, options=options)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from crfrnn_deeplab.data.volumes import SPACING_LIMITS, SyntheticVolumes, render_volume
+from crfrnn_deeplab.data.volumes import MAX_VOXELS, SPACING_LIMITS, SyntheticVolumes, render_volume
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,10 @@ from crfrnn_deeplab.data.volumes import SPACING_LIMITS, SyntheticVolumes, render
         ({"shape": (4, 4, 4.9)}, r"shape must be 3 sides >= 4 \(ints, D, H, W\), got \(4, 4, 4.9\)"),
         ({"shape": (4, 4, True)}, r"shape must be 3 sides >= 4"),
         ({"shape": (4, 4, 3)}, r"shape must be 3 sides >= 4"),
+        # numpy's MemoryError ("Unable to allocate 931. GiB") when the volume was drawn
+        ({"shape": (5000, 5000, 5000)}, r"shape \(5000, 5000, 5000\) has 125,000,000,000 voxels; a synthetic volume "
+                                        r"has at most MAX_VOXELS = 268,435,456 \(2\*\*28, e.g. 512x512x1024\)"),
+        ({"shape": np.array([512, 512, 1025])}, r"shape \(512, 512, 1025\) has 268,697,600 voxels"),
         ({"seed": -1}, r"seed must be a non-negative int, got -1"),
         ({"seed": 1.5}, r"seed must be a non-negative int, got 1.5"),
     ],
@@ -51,3 +55,8 @@ def test_numpy_shape_and_spacing_are_accepted():
                             seed=np.int64(3))
     assert data.shape == (4, 5, 6) and data.spacing == (2.0, 1.0, 1.0) and data.seed == 3
     assert data[0][0].shape == (1, 4, 5, 6)
+
+
+def test_the_voxel_bound_admits_a_large_ct_scan():
+    assert MAX_VOXELS == 512 * 512 * 1024
+    assert SyntheticVolumes(num_volumes=1, shape=(512, 512, 1024)).shape == (512, 512, 1024)  # nothing drawn yet

@@ -147,3 +147,30 @@ def test_class_names_that_do_not_fit_are_not_copied(small, tmp_path, capsys, nam
     assert main([str(src), str(tmp_path / "out.pt")]) == 2
     assert re.search(r"error: .*ours\.pt: " + message, capsys.readouterr().err)
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "abc"])
+def test_num_classes_that_is_not_a_count_is_a_usage_error(small, tmp_path, capsys, value):
+    # --num-classes 0 was reported as the source's model_config failing to build ("ours.pt: the model its
+    # model_config records ... cannot be built: num_classes must be >= 1, got 0"), as if the file were wrong
+    src = _ours(small, tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(src), str(tmp_path / "out.pt"), "--num-classes", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "ours.pt" not in err
+    assert f"argument --num-classes: expected the model's number of classes, an int >= 1, got '{value}'" in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (0, ValueError, r"got 0"), (-3, ValueError, r"got -3"), (2.0, TypeError, r"got float 2\.0"),
+    (True, TypeError, r"got bool True"),
+])
+def test_num_classes_passed_to_the_api_is_named_not_the_file(small, tmp_path, value, error, message):
+    src = _ours(small, tmp_path)
+    for call in (lambda: convert_checkpoint(src, tmp_path / "out.pt", num_classes=value),
+                 lambda: model_for_checkpoint(src, num_classes=value)):
+        with pytest.raises(error, match=r"^num_classes must be an int >= 1 \(the model's classes\) or None \(the "
+                                        r"checkpoint's\), " + message + "$"):
+            call()
+    assert not (tmp_path / "out.pt").exists()
