@@ -711,17 +711,19 @@ def removed_by_overwrite(out: Path, path: Path) -> Path | None:
     return out / inside.parts[0] if inside.parts and inside.parts[0] in RUN_FILES else None
 
 
-def check_out_dir(out: Path, *, new_run: bool, overwrite: bool) -> None:
-    """Refuses an ``out_dir`` that is a file or lies below one, and (for a new run) one that already holds
-    files, unless ``overwrite``. Raises UsageError."""
+def check_out_dir(out: Path, *, new_run: bool, overwrite: bool, evaluation: bool = False) -> None:
+    """Refuses an ``out_dir`` that is a file or lies below one, and (for a new run, or an ``evaluation``'s
+    folder) one that already holds files, unless ``overwrite``. Raises UsageError."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"out_dir is a file, not a directory (out_dir={out})")
     if blocking := blocking_parent(out):
         raise UsageError(f"out_dir lies below a file, {blocking}, so it cannot be created (out_dir={out})")
     if new_run and not overwrite and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise UsageError(f"out_dir already holds files ({shown}): pass --overwrite to replace that run, "
-                         f"--resume {out} to continue it, or choose another out_dir (out_dir={out})")
+        remedy = ("--overwrite to replace that evaluation, or choose another out_dir" if evaluation else
+                  f"--overwrite to replace that run, --resume {out} to continue it, or choose another out_dir")
+        raise UsageError(f"{out} already holds files ({shown}): pass {remedy} (out_dir={out.parent})" if evaluation
+                         else f"out_dir already holds files ({shown}): pass {remedy} (out_dir={out})")
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
@@ -789,7 +791,7 @@ def check_paths(cfg: Config, args: argparse.Namespace) -> None:
     out = Path(cfg.out_dir)
     if args.eval_only is not None:
         check_out_dir(out, new_run=False, overwrite=args.overwrite)
-        check_out_dir(out / f"eval_{args.eval_only.stem}", new_run=True, overwrite=args.overwrite)
+        check_out_dir(out / f"eval_{args.eval_only.stem}", new_run=True, overwrite=args.overwrite, evaluation=True)
         cleared, inputs = out / f"eval_{args.eval_only.stem}", {"--eval-only": args.eval_only}
     else:
         check_out_dir(out, new_run=args.resume is None, overwrite=args.overwrite)
@@ -811,7 +813,7 @@ USER_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0, 1: data/runtime error, 2: usage/config error, 128+N:
-    stopped by signal N after saving a checkpoint). See docs/errors.md."""
+    stopped by signal N after saving a checkpoint). See README, "Errors and exit codes"."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if "RANK" in os.environ and int(os.environ["RANK"]) > 0:

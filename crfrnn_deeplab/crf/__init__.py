@@ -2,7 +2,7 @@
 spatial Gaussian, the kernels, mean-field inference as a trainable layer (:class:`MeanFieldCRF`), the one-call
 post-processing CRF (:class:`DenseCRF`) and the exact O(N²) reference (:mod:`.reference`, for tests on small
 images). 2-D images with their RGB image by default; 3-D volumes, any guidance channels and a physical voxel spacing
-as options (DESIGN §4)."""
+as options (README: 3-D volumes)."""
 
 from crfrnn_deeplab.crf.dense_crf import DenseCRF
 from crfrnn_deeplab.crf.exact_filter import EXACT_FILTER_POINTS, exact_filter

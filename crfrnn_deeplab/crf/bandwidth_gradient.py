@@ -1,4 +1,5 @@
-"""The bandwidth gradient of lattice Gaussian filtering, from exact Gaussian pair terms (issue #15, DESIGN §2).
+"""The bandwidth gradient of lattice Gaussian filtering, from exact Gaussian pair terms (issue #15; README: bandwidth
+gradients).
 
 A filter ``out_i = Σ_j k_ij v_j`` with ``k_ij = exp(-|f_i - f_j|² / 2)`` on scaled features ``f = s ⊙ r`` (the
 bilateral kernel of Krähenbühl & Koltun, NIPS 2011, Eq. 3) has ``∂k_ij/∂log s_k = -(f_ik - f_jk)² k_ij``, so a

@@ -13,7 +13,7 @@ The API of pydensecrf (``DenseCRF2D`` + ``setUnaryEnergy`` + ``addPairwiseGaussi
 Parameters map one to one onto pydensecrf's: ``addPairwiseGaussian(sxy=θγ, compat=spatial_weight)`` and
 ``addPairwiseBilateral(sxy=θα, srgb=θβ, compat=bilateral_weight)`` with Potts compatibility, densecrf's
 symmetric normalisation, and the unary ``-log p``; for volumes and other guidance, onto pydensecrf's generic
-``DenseCRF`` with ``addPairwiseEnergy`` on the features ``p·s/θγ`` and ``(p·s/θα, I_g/θβ_g)`` (DESIGN §4).
+``DenseCRF`` with ``addPairwiseEnergy`` on the features ``p·s/θγ`` and ``(p·s/θα, I_g/θβ_g)`` (README: 3-D volumes).
 The defaults are densecrf's example values; DeepLab v2's grid-searched VOC values are ``bilateral_weight=4,
 theta_alpha=121, theta_beta=5`` (Chen et al., TPAMI 2017). The work is done by :class:`~crfrnn_deeplab.MeanFieldCRF`
 with nothing learnable (:func:`~crfrnn_deeplab.crf.fixed_crf`), in float32. One difference by default: images

@@ -7,7 +7,7 @@ exact separable convolution (:mod:`.spatial`); the bilateral kernel is the permu
 shared by every iteration, class channel, the normaliser and the backward pass. Tensors are channels-last
 (``[B, *S, C]``), the layout both filters want.
 
-Beyond 2-D RGB (DESIGN §4): positions span 2 or 3 spatial axes, in physical units (voxel index × ``spacing``),
+Beyond 2-D RGB (README: 3-D volumes): positions span 2 or 3 spatial axes, in physical units (voxel index × ``spacing``),
 and the guidance I has K >= 1 channels split into groups, each with its own θβ, so the bilateral features are
 ``(p·s/θα, I_g/θβ_g for each group g)``. The 2-D RGB image is the case ``S = (H, W)``, one group of 3 channels,
 spacing 1.

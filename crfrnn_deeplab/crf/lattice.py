@@ -655,8 +655,8 @@ class _LatticeGaussian(torch.autograd.Function):
     the lattice); w.r.t. ``mix`` it is a product of lattice-sized matrices. For the scales ``s`` (features
     ``f = raw · s``) it is the exact Gaussian's derivative ``∂k_ij/∂log s_k = -(f_ik - f_jk)² k_ij`` scaled to the
     lattice's mass, contracted with ``g_i · v_j`` over the kernel pairs (:mod:`.bandwidth_gradient`), not the
-    lattice's own derivative (DESIGN §2). A weighted lattice ``diag(a) K diag(b)`` puts its weights on the pair
-    values: ``(a_i g_i) · (b_j v_j)``.
+    lattice's own derivative (README: bandwidth gradients). A weighted lattice ``diag(a) K diag(b)`` puts its weights
+    on the pair values: ``(a_i g_i) · (b_j v_j)``.
     """
 
     @staticmethod

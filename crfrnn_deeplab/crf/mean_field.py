@@ -1,7 +1,8 @@
 """The fully-connected CRF as a differentiable layer: mean-field inference unrolled (CRF-as-RNN).
 
 Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with Gaussian Edge Potentials", NIPS 2011;
-Zheng et al., "Conditional Random Fields as Recurrent Neural Networks", ICCV 2015. See DESIGN §2.
+Zheng et al., "Conditional Random Fields as Recurrent Neural Networks", ICCV 2015. The formulation: README, the CRF
+layer.
 
 One mean-field iteration (Zheng et al., Algorithm 1), repeated T times from ``z_0`` = the network's logits::
 
@@ -133,7 +134,7 @@ class MeanFieldCRF(nn.Module):
     computes densecrf's ``inference(T)`` on unaries ``-logits`` (Krähenbühl & Koltun 2011, Eq. 3–4 and §4);
     every parameter can then be learned by backpropagation (Zheng et al. 2015), including the bandwidths.
 
-    By default it takes 2-D images and their raw RGB image. For volumes and other guidance (DESIGN §4) give
+    By default it takes 2-D images and their raw RGB image. For volumes and other guidance (README: 3-D volumes) give
     ``spatial_dims=3`` and/or ``guidance_groups``: the appearance kernel then compares the features
     ``(p·s/θα, I_g/θβ_g for each group g)`` of positions p (voxel indices), the voxel ``spacing`` s and the K
     guidance channels I split into groups, e.g. ``(1,)`` a grey level or CT intensity, ``(1, 1)`` T1 and T2

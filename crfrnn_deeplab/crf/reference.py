@@ -1,7 +1,8 @@
 """Exact O(N²) dense CRF, float64: the reference the fast layer is tested against (small images and volumes only).
 
-Every kernel matrix is formed explicitly from the exact Gaussians of DESIGN §2 (no truncation, no lattice),
-so this is slow and memory-hungry by design, and differentiable by plain autograd in every argument.
+Every kernel matrix is formed explicitly from the exact Gaussians of the CRF's definition (README: the CRF layer),
+with no truncation and no lattice, so this is slow and memory-hungry by design, and differentiable by plain autograd
+in every argument.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def dense_crf(
     spacing: Sequence[float] | None = None,
 ) -> Tensor:
     """Mean-field inference of the fully-connected CRF with explicit kernel matrices, for any spatial
-    dimension and guidance (DESIGN §4).
+    dimension and guidance (README: 3-D volumes).
 
     Args:
         logits: Tensor[B, C, *S] unary logits ``z_0`` (S: any number of spatial axes).

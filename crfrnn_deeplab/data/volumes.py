@@ -1,6 +1,6 @@
 """Synthetic 3-D volumes for segmentation: thin tubes and blobs in a noisy grey volume, deterministic by seed.
 
-The volume counterpart of :mod:`crfrnn_deeplab.data.synthetic`, made for the dense CRF on volumes (DESIGN §4):
+The volume counterpart of :mod:`crfrnn_deeplab.data.synthetic`, made for the dense CRF on volumes (README: 3-D volumes):
 a network that predicts at stride 4 cannot place a tube one or two voxels thick, while an intensity-aware CRF
 can, because every label edge is also an intensity edge. The geometry is drawn in physical units (voxel index
 × ``spacing``), so an anisotropic spacing (CT-like, thick slices) squashes the objects along that axis as a

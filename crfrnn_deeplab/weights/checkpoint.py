@@ -162,9 +162,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} cannot be loaded with weights_only=True: it contains pickled Python objects beyond tensors "
-            f"and plain containers ({_refused_object(e)}; nothing in it was run). Only load it if you trust its "
-            f"source; then re-save its state_dict with torch.save(state_dict, ...) or convert it with "
-            f"`python -m crfrnn_deeplab.weights.convert`."
+            f"and plain containers ({_refused_object(e)}; nothing in it was run). Only if you trust its source: "
+            f"load it with torch.load(..., weights_only=False) and re-save its tensors alone, "
+            f"torch.save(state_dict, ...); every reader here, the converter included, reads that file."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation, ValueError, KeyError, IndexError,
             OSError) as e:

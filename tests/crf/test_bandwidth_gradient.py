@@ -1,6 +1,6 @@
-"""Bandwidth gradients θα, θβ, θγ (issue #15, DESIGN §2): the pair estimator against the dense derivative, the
-sampled pairs' bias and variance, the CRF's gradient against the ideal one for its own forward pass and against
-the exact dense CRF, masks and batches, and gradient descent that recovers the exact CRF's best bandwidths.
+"""Bandwidth gradients θα, θβ, θγ (issue #15; README: bandwidth gradients): the pair estimator against the dense
+derivative, the sampled pairs' bias and variance, the CRF's gradient against the ideal one for its own forward pass
+and against the exact dense CRF, masks and batches, and gradient descent that recovers the exact CRF's best bandwidths.
 
 Two "ideal" gradients appear here (see :class:`crfrnn_deeplab.crf.reference.DenseKernelPairs`), both the layer's
 own mean-field iterates with an exact dense float64 kernel derivative in the backward pass:

@@ -1,4 +1,4 @@
-"""The CRF beyond 2-D RGB (issue #17, DESIGN §4): 3-D volumes with a physical voxel spacing, K >= 1 guidance
+"""The CRF beyond 2-D RGB (issue #17; README: 3-D volumes): 3-D volumes with a physical voxel spacing, K >= 1 guidance
 channels in groups with a bandwidth each; against pydensecrf2's generic DenseCRF on the same features, the exact
 dense reference, gradients, masks, bad input; and the synthetic volumes of the worked example."""
 
@@ -300,8 +300,8 @@ BANDWIDTH_CASES = [(0, (6, 7, 8), (1,), 0.3, (1.0, 1.0, 1.0)), (1, (6, 7, 8), (1
 
 @pytest.mark.parametrize("case", BANDWIDTH_CASES, ids=["K=1", "K=2 anisotropic"])
 def test_bandwidth_gradients_match_exact_dense_crf_3d(case):
-    # Each bandwidth within ±25 % of the exact float64 dense CRF's gradient, never the wrong sign (DESIGN §2).
-    # (On volumes this small the lattice's forward pass itself can differ from the exact CRF's, and then no
+    # Each bandwidth within ±25 % of the exact float64 dense CRF's gradient, never the wrong sign (README: bandwidth
+    # gradients). (On volumes this small the lattice's forward pass itself can differ from the exact CRF's, and then no
     # derivative matches the exact one per bandwidth: the test below is the estimator's own check.)
     ours, exact = bandwidth_gradients(*case)
     ratio = ours / exact

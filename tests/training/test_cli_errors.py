@@ -447,6 +447,18 @@ def test_debug_shows_the_traceback(tmp_path):
         convert_main([str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--debug"])
 
 
+def test_a_second_evaluation_into_the_same_folder_is_not_offered_a_resume(work, tmp_path, capsys):
+    # the message suggested "--resume <out>/eval_last", which is no run to resume
+    checkpoint, out = work / "done" / "stage1" / "last.pt", tmp_path / "eval"
+    held = out / "eval_last" / "results.json"
+    held.parent.mkdir(parents=True)
+    held.write_text("{}")
+    assert train.main(["--eval-only", str(checkpoint), f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{held.parent} already holds files (results.json): pass --overwrite to replace that evaluation" in err
+    assert "--resume" not in err and held.read_text() == "{}"
+
+
 def test_device_cuda_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
