@@ -170,8 +170,10 @@ class DenseCRF:
 
 
 def _number(name: str, value: Any) -> float:
-    """``value`` as a float, or a TypeError naming the parameter: a real number, never a bool or a string (which
-    ``float`` would read as 1.0 or parse)."""
+    """``value`` as a float, or a TypeError naming the parameter: a real number (a 0-dimensional tensor or array of
+    one too, e.g. a learned bandwidth), never a bool or a string (which ``float`` would read as 1.0 or parse)."""
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()  # its Python number (a bool or complex one is refused below)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     return float(value)

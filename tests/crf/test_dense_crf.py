@@ -94,3 +94,8 @@ def test_bad_parameters_fail_at_construction():
         with pytest.raises(TypeError, match=rf"{name} must be a real number, got"):
             DenseCRF(**{name: value})
     assert DenseCRF(theta_alpha=np.float32(60), theta_beta=np.int64(10)).params["theta_beta"] == 10.0  # numpy numbers are
+    learned = DenseCRF(theta_alpha=torch.tensor(60.0, requires_grad=True), theta_gamma=np.array(2.5))  # and 0-d ones
+    assert learned.params["theta_alpha"] == 60.0 and learned.params["theta_gamma"] == 2.5
+    for value in (torch.tensor(True), torch.tensor([3.0]), np.array([3.0]), torch.tensor(1 + 2j)):
+        with pytest.raises(TypeError, match="spatial_weight must be a real number, got"):
+            DenseCRF(spatial_weight=value)
