@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -647,8 +648,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides applied last, e.g. stage1.lr=1e-3 data.root=/data/voc")
     # intermixed: overrides on both sides of a flag (a=1 --eval-only CKPT b=2) are all overrides, in order;
-    # parse_args would take the first group and refuse the second as "unrecognized arguments"
-    return parser.parse_intermixed_args(argv)
+    # parse_args would take the first group and refuse the second as "unrecognized arguments". Everything after
+    # "--" is an override, as with parse_args (parse_intermixed_args would still read flags there).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_intermixed_args(argv[:cut])
+    args.overrides += argv[cut + 1 :]
+    return args
+
+
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")  # what a KEY=VALUE override starts with
 
 
 def run_dir_of(location: Path) -> Path:
@@ -744,7 +753,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
             config = DEFAULT_CONFIG
         return load_config(config, args.overrides), None
     location = args.resume
-    if "=" in location.name and not location.exists():  # --resume's optional value took an override
+    if _OVERRIDE.match(str(location)) and not location.exists():  # --resume's optional value took an override
         raise UsageError(f"--resume {location}: no such run directory or checkpoint; it reads as a KEY=VALUE "
                          f"override, which --resume took for the run to continue: name the run first (--resume "
                          f"RUN {location}), or put the override before --resume")

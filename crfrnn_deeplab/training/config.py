@@ -111,8 +111,8 @@ def _misplaced_value(updates: Mapping, owner: Any = Config, prefix: str = "") ->
     hints = typing.get_type_hints(owner)
     for key, value in updates.items():
         annotation, where = hints.get(key), f"{prefix}{key}"
-        if annotation is None or (isinstance(value, str) and "${" in value):  # an unknown key, an interpolation:
-            continue  # OmegaConf names the one and resolves the other
+        if annotation is None or (isinstance(value, str) and ("${" in value or value == "???")):
+            continue  # an unknown key, an interpolation, "???" (missing): OmegaConf names, resolves or keeps them
         section = dataclasses.is_dataclass(annotation)
         expected = f"{where}: expected {_type_name(annotation)}, got {_shown(value)}"
         if value is None:
@@ -198,7 +198,12 @@ def _override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r} is not key=value (e.g. stage1.lr=1e-3)")
     key, raw = (s.strip() for s in item.split("=", 1))
     if not _is_text(key):
-        return OmegaConf.from_dotlist([f"{key}={raw}"])
+        try:
+            return OmegaConf.from_dotlist([f"{key}={raw}"])
+        except yaml.YAMLError as e:  # e.g. an unquoted "[0.5, 1.5]" that the shell split in two
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"{key}: the value {raw!r} is not valid YAML ({problem}); quote an override whose "
+                              f"value holds spaces, or the shell splits it in two", keys=(key,)) from None
     update = OmegaConf.create()
     OmegaConf.update(update, key, None if raw in ("null", "~", "None") else raw, force_add=True)
     return update
@@ -242,6 +247,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = OmegaConf.load(path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:  # unreadable, or a top level that is a number or a string ("Invalid loaded object type")
+        raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys ({e})") from None
     return resolve_config(config_from_dict(data, source=str(path)), overrides or [], source=str(path))
 
 
@@ -258,18 +265,29 @@ def resolve_config(config: Config, overrides: list[str], *, source: str) -> Conf
     try:
         return validate(resolved)
     except ConfigError as e:
-        if overrides and not _fails_with(config, str(e)):
-            raise  # the overrides' doing: they are on the command line in front of the user
-        raise ConfigError(f"{source}: {e}") from None
+        if not _from_source(e.keys, config, overrides):
+            raise
+        raise ConfigError(f"{source}: {e}", keys=e.keys) from None
 
 
-def _fails_with(config: Config, message: str) -> bool:
-    """Whether :func:`validate` refuses ``config`` with ``message``."""
-    try:
-        validate(config)
-    except ConfigError as e:
-        return str(e) == message
-    return False
+def _from_source(keys: tuple[str, ...], config: Config, overrides: list[str]) -> bool:
+    """Whether a refused setting made of ``keys`` comes from ``config``'s source: no override sets any of the
+    keys, and the source sets at least one of them (its value is not the schema's default; a value left at the
+    default, such as a missing ``data.root``, is for the command line to give)."""
+    if not keys:
+        return False
+    given = [item.split("=", 1)[0].strip() for item in overrides]
+    if any(g == k or g.startswith((k + ".", k + "[")) or k.startswith(g + ".") for g in given for k in keys):
+        return False
+    default = Config()
+    return any(_value(config, key) != _value(default, key) for key in keys)
+
+
+def _value(config: Any, key: str) -> Any:
+    """The value at a dotted key of a config (a section's dataclass for a section's key)."""
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -343,15 +361,15 @@ def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, str, float]]:
 def _check_numbers(config: Config) -> None:
     for field_key, key, value in _numbers(config):
         if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+            raise ConfigError(f"{key} must be a finite number, got {value}", keys=(field_key,))
         allowed = RANGES.get(field_key)
         if allowed is not None and value not in allowed:
-            raise ConfigError(f"{key} must be {allowed}, got {_number(value)}")
+            raise ConfigError(f"{key} must be {allowed}, got {_number(value)}", keys=(field_key,))
 
 
 def _check_choice(key: str, value: str, choices: list[str] | tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}", keys=(key,))
 
 
 def _check_data(config: Config) -> None:
@@ -360,18 +378,20 @@ def _check_data(config: Config) -> None:
     spec = dataset_spec(d.dataset)
     if "root" in spec.options and not d.root:
         raise ConfigError(
-            f"data.root is required for dataset {d.dataset!r}: pass it on the command line, e.g. data.root=/path/to/data"
+            f"data.root is required for dataset {d.dataset!r}: pass it on the command line, e.g. data.root=/path/to/data",
+            keys=("data.root",),
         )
     if "class_names" in spec.options and not d.folder.class_names:
-        raise ConfigError(f"data.folder.class_names is required for dataset {d.dataset!r} (one name per class)")
+        raise ConfigError(f"data.folder.class_names is required for dataset {d.dataset!r} (one name per class)",
+                          keys=("data.folder.class_names",))
     classes = spec.class_names if spec.class_names is not None else d.folder.class_names
     if (spec.class_names is not None or "class_names" in spec.options) and len(classes) != config.model.num_classes:
         raise ConfigError(f"model.num_classes={config.model.num_classes}, but dataset {d.dataset!r} has "
-                          f"{len(classes)} classes")
+                          f"{len(classes)} classes", keys=("model.num_classes", "data.dataset", "data.folder.class_names"))
     low, high = SCALE_LIMITS
     if len(d.scale_range) != 2 or not low <= d.scale_range[0] <= d.scale_range[1] <= high:
         raise ConfigError(f"data.scale_range: expected [min, max] with {low:g} <= min <= max <= {high:g}, "
-                          f"got {d.scale_range}")
+                          f"got {d.scale_range}", keys=("data.scale_range",))
 
 
 def _check_model(config: Config) -> None:
@@ -382,20 +402,22 @@ def _check_model(config: Config) -> None:
     accepted = builder_defaults(m.name)
     unknown = sorted(set(m.options) - set(accepted))
     if unknown:
-        raise ConfigError(f"model.options: {unknown} not options of {m.name!r}; its options: {', '.join(accepted)}")
+        raise ConfigError(f"model.options: {unknown} not options of {m.name!r}; its options: {', '.join(accepted)}",
+                          keys=("model.options", "model.name"))
     _check_choice("model.init_layout", m.init_layout, ("auto", *LAYOUTS))
     try:
         with torch.device("meta"):  # the builder checks its options; the weights are not allocated
             network = get_model(m.name, num_classes=m.num_classes, **m.options)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model.options of {m.name!r}: {e} (model.options={dict(m.options)})") from None
+        raise ConfigError(f"model.options of {m.name!r}: {e} (model.options={dict(m.options)})",
+                          keys=("model.options", "model.name", "model.num_classes")) from None
     smallest = network.min_input_size
     if config.data.crop_size < smallest:
         raise ConfigError(f"data.crop_size={config.data.crop_size} is smaller than the {smallest} pixels {m.name!r} "
-                          f"takes with these options")
+                          f"takes with these options", keys=("data.crop_size", "model.name", "model.options"))
     if config.eval.mode == "sliding" and config.eval.window < smallest:
         raise ConfigError(f"eval.window={config.eval.window} is smaller than the {smallest} pixels {m.name!r} "
-                          f"takes with these options")
+                          f"takes with these options", keys=("eval.window", "model.name", "model.options"))
 
 
 def _check_crf(config: Config) -> None:
@@ -406,7 +428,7 @@ def _check_crf(config: Config) -> None:
     try:
         MeanFieldCRF(num_classes=config.model.num_classes, **dataclasses.asdict(c))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"crf: {e}") from None
+        raise ConfigError(f"crf: {e}", keys=("crf", "model.num_classes")) from None
     if not g.enabled:
         return
     for pick, corner in ((min, "smallest"), (max, "largest")):
@@ -416,18 +438,21 @@ def _check_crf(config: Config) -> None:
                       spatial_weight=c.spatial_weight, theta_gamma=c.theta_gamma, iterations=c.eval_iterations,
                       normalization=c.normalization)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"grid_search: the {corner} values of the grid do not make a CRF: {e}") from None
+            raise ConfigError(f"grid_search: the {corner} values of the grid do not make a CRF: {e}",
+                              keys=("grid_search", "crf")) from None
 
 
 def _check_device(device: str) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}", keys=("device",))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={device}: CUDA is not available on this machine (use device=cpu or auto)")
+            raise ConfigError(f"device={device}: CUDA is not available on this machine (use device=cpu or auto)",
+                              keys=("device",))
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              keys=("device",))
 
 
 def validate(config: Config) -> Config:
@@ -435,23 +460,28 @@ def validate(config: Config) -> Config:
     that depend on each other, the device. Raises ConfigError naming the key; returns ``config``."""
     _check_numbers(config)
     if not config.out_dir.strip():
-        raise ConfigError("out_dir must name a directory (use out_dir=. for the current one), got ''")
+        raise ConfigError("out_dir must name a directory (use out_dir=. for the current one), got ''",
+                          keys=("out_dir",))
     _check_data(config)
     _check_choice("eval.mode", config.eval.mode, EVAL_MODES)
     if config.eval.mode == "sliding" and config.eval.stride > config.eval.window:
         raise ConfigError(f"eval.stride={config.eval.stride} must be <= eval.window={config.eval.window}: a larger "
-                          f"step leaves pixels between the windows without a prediction")
+                          f"step leaves pixels between the windows without a prediction",
+                          keys=("eval.stride", "eval.window"))
     _check_model(config)
     g = config.grid_search
     if g.enabled:
         for key in ("bilateral_weights", "theta_alphas", "theta_betas"):
             if not getattr(g, key):
-                raise ConfigError(f"grid_search.{key} must be a non-empty list of numbers (or grid_search.enabled=false)")
+                raise ConfigError(f"grid_search.{key} must be a non-empty list of numbers (or grid_search.enabled=false)",
+                                  keys=(f"grid_search.{key}", "grid_search.enabled"))
     _check_crf(config)
     if 0 < config.divergence_factor <= 1:
-        raise ConfigError(f"divergence_factor must be 0 (off) or > 1, got {_number(config.divergence_factor)}")
+        raise ConfigError(f"divergence_factor must be 0 (off) or > 1, got {_number(config.divergence_factor)}",
+                          keys=("divergence_factor",))
     if config.stage1.iterations == 0 and config.stage2.iterations == 0:
-        raise ConfigError("nothing to train: stage1.iterations and stage2.iterations are both 0")
+        raise ConfigError("nothing to train: stage1.iterations and stage2.iterations are both 0",
+                          keys=("stage1.iterations", "stage2.iterations"))
     _check_device(config.device)
     return config
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from crfrnn_deeplab.training.config import load_config, save_config
+from crfrnn_deeplab.training.errors import UsageError
 from crfrnn_deeplab.weights import load_checkpoint
 from crfrnn_deeplab.weights.convert import main as convert_main
 from train_script import import_train
@@ -478,6 +480,27 @@ def test_overrides_may_stand_on_either_side_of_a_flag(work, tmp_path, argv):
     assert args.eval_only == checkpoint and args.overrides == [f"out_dir={tmp_path / 'eval'}", "eval.max_images=1"]
     cfg, resume = train.resolve(args)
     assert cfg.out_dir == str(tmp_path / "eval") and cfg.eval.max_images == 1 and resume is None
+
+
+@pytest.mark.parametrize("argv, overrides, flags", [
+    (["--", "--overwrite"], ["--overwrite"], {"overwrite": False}),  # after "--" nothing is a flag
+    (["seed=3", "--", "--stop-after", "1"], ["seed=3", "--stop-after", "1"], {"stop_after": None}),
+    (["--resume", "--", "out_dir=D"], ["out_dir=D"], {"resume": Path()}),
+    (["a=1", "--debug", "b=2", "--", "c=3"], ["a=1", "b=2", "c=3"], {"debug": True}),
+])
+def test_after_a_double_dash_everything_is_an_override(argv, overrides, flags):
+    args = train.parse_args(argv)
+    assert args.overrides == overrides and all(getattr(args, k) == v for k, v in flags.items())
+
+
+def test_resume_names_an_override_it_took_but_not_a_path_with_an_equals_sign(tmp_path):
+    for taken in ("out_dir=/tmp/run", "data.root=/data/voc", "stage1.lr=1e-3"):
+        with pytest.raises(UsageError, match=re.escape(f"--resume {taken}: no such run directory or checkpoint; it "
+                                                       f"reads as a KEY=VALUE override")):
+            train.resolve(train.parse_args(["--resume", taken]))
+    sweep = tmp_path / "lr=0.1"  # a sweep's folder: a path, not an override
+    with pytest.raises(FileNotFoundError, match=re.escape(f"nothing to resume in {sweep}")):
+        train.resolve(train.parse_args(["--resume", str(sweep)]))
 
 
 def test_an_override_replaces_a_bad_value_saved_in_the_checkpoint(work, tmp_path):

@@ -169,6 +169,45 @@ def test_an_invalid_setting_names_the_file_or_checkpoint_it_comes_from(tmp_path)
     assert resolve_config(saved, ["device=cpu"], source="last.pt (its config)").device == "cpu"
 
 
+def test_a_bad_value_is_blamed_on_where_it_comes_from_not_on_the_first_error(tmp_path):
+    # resolve_config compared only the first error: once an override fixed it, the file's next bad value lost its
+    # source; and a file was blamed for a key it never set (data.root, which comes from the command line)
+    voc = ROOT / "configs" / "voc12_deeplabv2.yaml"
+    with pytest.raises(ConfigError, match=r"^data.root is required for dataset 'voc12_aug'"):
+        load_config(voc)
+    path = tmp_path / "myvoc.yaml"
+    path.write_text(voc.read_text().replace("model:\n", "model:\n  options: {head: aspp}\n", 1))
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: model.options of 'deeplabv2_resnet101_msc': head")):
+        load_config(path, ["data.root=/data/voc"])
+    saved = config_from_dict({"data": {"dataset": "synthetic"}, "model": {"num_classes": 6}, "device": "cuda:99",
+                              "stage1": {"lr": float("nan")}}, source="last.pt (its config)")
+    with pytest.raises(ConfigError, match=r"^last.pt \(its config\): stage1.lr must be a finite number"):
+        resolve_config(saved, [], source="last.pt (its config)")
+    with pytest.raises(ConfigError, match=r"^last.pt \(its config\): device=cuda:99: "):  # the second one
+        resolve_config(saved, ["stage1.lr=0.1"], source="last.pt (its config)")
+    with pytest.raises(ConfigError, match=r"^stage1.lr must be >= 0, got -1$"):  # the override's own
+        resolve_config(saved, ["stage1.lr=-1", "device=cpu"], source="last.pt (its config)")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.options={base_width:", "8}"], "model.options"),  # an unquoted value the shell split: a raw traceback
+    (["data.scale_range=[0.5,", "1.5]"], "data.scale_range"),
+    (["stage1.lr=[1,"], "stage1.lr"),
+])
+def test_an_override_that_is_not_yaml_names_its_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: the value .* is not valid YAML .*quote an override"):
+        load_config(SYNTHETIC, overrides)
+
+
+def test_missing_placeholder_and_a_scalar_top_level(tmp_path):
+    # OmegaConf's "???" (a value to be given later) keeps the value it would replace, for every kind of field
+    assert load_config(SYNTHETIC, ["data.scale_range=???", "model.options=???"]) == load_config(SYNTHETIC)
+    path = tmp_path / "five.yaml"
+    path.write_text("5\n")  # was a raw OSError traceback ("Invalid loaded object type: int")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: cannot be read as a config, a YAML mapping")):
+        load_config(path)
+
+
 def test_text_fields_keep_the_text_and_lists_replace():
     cfg = load_config(SYNTHETIC, ["out_dir=on", "data.root=1e3", "model.init_from=~", "data.scale_range=[0.5,2]",
                                   "model.options.head=aspp_s"])
