@@ -729,10 +729,11 @@ def check_out_dir(out: Path, *, new_run: bool, overwrite: bool, evaluation: bool
         raise UsageError(f"out_dir lies below a file, {blocking}, so it cannot be created (out_dir={out})")
     if new_run and not overwrite and out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        remedy = ("--overwrite to replace that evaluation, or choose another out_dir" if evaluation else
-                  f"--overwrite to replace that run, --resume {out} to continue it, or choose another out_dir")
-        raise UsageError(f"{out} already holds files ({shown}): pass {remedy} (out_dir={out.parent})" if evaluation
-                         else f"out_dir already holds files ({shown}): pass {remedy} (out_dir={out})")
+        if evaluation:  # (no run to resume there)
+            raise UsageError(f"{out} already holds files ({shown}): pass --overwrite to replace that evaluation, or "
+                             f"choose another out_dir (out_dir={out.parent})")
+        raise UsageError(f"out_dir already holds files ({shown}): pass --overwrite to replace that run, "
+                         f"--resume {out} to continue it, or choose another out_dir (out_dir={out})")
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
