@@ -197,16 +197,18 @@ def _override(item: str) -> DictConfig:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (e.g. stage1.lr=1e-3)")
     key, raw = (s.strip() for s in item.split("=", 1))
-    if not _is_text(key):
-        try:
+    try:
+        if not _is_text(key):
             return OmegaConf.from_dotlist([f"{key}={raw}"])
-        except yaml.YAMLError as e:  # e.g. an unquoted "[0.5, 1.5]" that the shell split in two
-            problem = str(e).splitlines()[0]
-            raise ConfigError(f"{key}: the value {raw!r} is not valid YAML ({problem}); quote an override whose "
-                              f"value holds spaces, or the shell splits it in two", keys=(key,)) from None
-    update = OmegaConf.create()
-    OmegaConf.update(update, key, None if raw in ("null", "~", "None") else raw, force_add=True)
-    return update
+        update = OmegaConf.create()
+        OmegaConf.update(update, key, None if raw in ("null", "~", "None") else raw, force_add=True)
+        return update
+    except yaml.YAMLError as e:  # e.g. an unquoted "[0.5, 1.5]" that the shell split in two
+        problem = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: the value {raw!r} is not valid YAML ({problem}); quote an override whose "
+                          f"value holds spaces, or the shell splits it in two", keys=(key,)) from None
+    except OmegaConfBaseException as e:  # e.g. an unclosed interpolation "${a"
+        raise ConfigError(f"{key}: the value {raw!r} cannot be read: {str(e).splitlines()[0]}", keys=(key,)) from None
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -247,8 +249,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = OmegaConf.load(path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    except OSError as e:  # unreadable, or a top level that is a number or a string ("Invalid loaded object type")
+    except OSError as e:  # unreadable, or a top level that is a number ("Invalid loaded object type")
         raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys ({e})") from None
+    except OmegaConfBaseException as e:  # e.g. an unclosed interpolation "${a"
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     return resolve_config(config_from_dict(data, source=str(path)), overrides or [], source=str(path))
 
 
@@ -265,22 +269,32 @@ def resolve_config(config: Config, overrides: list[str], *, source: str) -> Conf
     try:
         return validate(resolved)
     except ConfigError as e:
-        if not _from_source(e.keys, config, overrides):
+        if not _from_source(e, config, overrides):
             raise
-        raise ConfigError(f"{source}: {e}", keys=e.keys) from None
+        raise ConfigError(f"{source}: {e}", keys=e.keys, context=e.context) from None
 
 
-def _from_source(keys: tuple[str, ...], config: Config, overrides: list[str]) -> bool:
-    """Whether a refused setting made of ``keys`` comes from ``config``'s source: no override sets any of the
-    keys, and the source sets at least one of them (its value is not the schema's default; a value left at the
-    default, such as a missing ``data.root``, is for the command line to give)."""
-    if not keys:
+def _from_source(error: ConfigError, config: Config, overrides: list[str]) -> bool:
+    """Whether a refused setting comes from ``config``'s source: no override sets any of its keys or context
+    keys, and the source sets at least one of its keys (to a value other than the schema's default: a value left
+    at the default, such as a missing ``data.root``, is for the command line to give)."""
+    if not error.keys:
         return False
-    given = [item.split("=", 1)[0].strip() for item in overrides]
-    if any(g == k or g.startswith((k + ".", k + "[")) or k.startswith(g + ".") for g in given for k in keys):
+    given = [leaf for item in overrides for leaf in _leaves(OmegaConf.to_container(_override(item)))]
+    given += [re.sub(r"\[.*", "", item.split("=", 1)[0].strip()) for item in overrides if "[" in item.split("=", 1)[0]]
+    related = (*error.keys, *error.context)
+    if any(g == k or g.startswith(k + ".") or k.startswith(g + ".") for g in given for k in related):
         return False
     default = Config()
-    return any(_value(config, key) != _value(default, key) for key in keys)
+    return any(_value(config, key) != _value(default, key) for key in error.keys)
+
+
+def _leaves(update: Any, prefix: str = "") -> list[str]:
+    """The dotted keys an override sets: ``{"stage1": {"batch_size": 2}}`` sets ``stage1.batch_size`` only (a
+    mapping is merged into the one it overrides); a list or a scalar is one leaf."""
+    if isinstance(update, dict) and update:
+        return [leaf for k, v in update.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")]
 
 
 def _value(config: Any, key: str) -> Any:
@@ -379,7 +393,7 @@ def _check_data(config: Config) -> None:
     if "root" in spec.options and not d.root:
         raise ConfigError(
             f"data.root is required for dataset {d.dataset!r}: pass it on the command line, e.g. data.root=/path/to/data",
-            keys=("data.root",),
+            keys=("data.root",), context=("data.dataset",),
         )
     if "class_names" in spec.options and not d.folder.class_names:
         raise ConfigError(f"data.folder.class_names is required for dataset {d.dataset!r} (one name per class)",
@@ -410,14 +424,15 @@ def _check_model(config: Config) -> None:
             network = get_model(m.name, num_classes=m.num_classes, **m.options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.options of {m.name!r}: {e} (model.options={dict(m.options)})",
-                          keys=("model.options", "model.name", "model.num_classes")) from None
+                          keys=("model.options", "model.name")) from None  # (num_classes: range-checked before)
     smallest = network.min_input_size
     if config.data.crop_size < smallest:
         raise ConfigError(f"data.crop_size={config.data.crop_size} is smaller than the {smallest} pixels {m.name!r} "
                           f"takes with these options", keys=("data.crop_size", "model.name", "model.options"))
     if config.eval.mode == "sliding" and config.eval.window < smallest:
         raise ConfigError(f"eval.window={config.eval.window} is smaller than the {smallest} pixels {m.name!r} "
-                          f"takes with these options", keys=("eval.window", "model.name", "model.options"))
+                          f"takes with these options", keys=("eval.window", "model.name", "model.options"),
+                          context=("eval.mode",))
 
 
 def _check_crf(config: Config) -> None:
@@ -428,7 +443,7 @@ def _check_crf(config: Config) -> None:
     try:
         MeanFieldCRF(num_classes=config.model.num_classes, **dataclasses.asdict(c))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"crf: {e}", keys=("crf", "model.num_classes")) from None
+        raise ConfigError(f"crf: {e}", keys=("crf",)) from None  # (num_classes: range-checked before)
     if not g.enabled:
         return
     for pick, corner in ((min, "smallest"), (max, "largest")):
@@ -467,7 +482,7 @@ def validate(config: Config) -> Config:
     if config.eval.mode == "sliding" and config.eval.stride > config.eval.window:
         raise ConfigError(f"eval.stride={config.eval.stride} must be <= eval.window={config.eval.window}: a larger "
                           f"step leaves pixels between the windows without a prediction",
-                          keys=("eval.stride", "eval.window"))
+                          keys=("eval.stride", "eval.window"), context=("eval.mode",))
     _check_model(config)
     g = config.grid_search
     if g.enabled:

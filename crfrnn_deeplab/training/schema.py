@@ -28,13 +28,14 @@ class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema (the message names the key).
 
     ``keys``: the config keys whose values the refused setting is made of (``("stage1.lr",)``, or several for a
-    setting that depends on others); empty when not known. They tell a file's or a checkpoint's bad value from a
+    setting that depends on others); empty when not known. ``context``: keys that decide whether those values are
+    refused at all (``eval.mode`` for the sliding window's). They tell a file's or a checkpoint's bad value from a
     command-line override's (:func:`~crfrnn_deeplab.training.config.resolve_config`).
     """
 
-    def __init__(self, message: str, *, keys: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, *, keys: tuple[str, ...] = (), context: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.keys = keys
+        self.keys, self.context = keys, context
 
 
 @dataclass

@@ -187,15 +187,51 @@ def test_a_bad_value_is_blamed_on_where_it_comes_from_not_on_the_first_error(tmp
         resolve_config(saved, ["stage1.lr=0.1"], source="last.pt (its config)")
     with pytest.raises(ConfigError, match=r"^stage1.lr must be >= 0, got -1$"):  # the override's own
         resolve_config(saved, ["stage1.lr=-1", "device=cpu"], source="last.pt (its config)")
+    # a mapping override sets only its own entries; an unrelated no-op override leaves the blame where it was
+    with pytest.raises(ConfigError, match=r"^last.pt \(its config\): stage1.lr must be a finite number"):
+        resolve_config(saved, ["stage1={batch_size: 2}", "model.num_classes=6"], source="last.pt (its config)")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: model.options of 'deeplabv2_resnet101_msc'")):
+        load_config(path, ["data.root=/data/voc", "model.num_classes=21"])
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["model.options={base_width:", "8}"], "model.options"),  # an unquoted value the shell split: a raw traceback
-    (["data.scale_range=[0.5,", "1.5]"], "data.scale_range"),
-    (["stage1.lr=[1,"], "stage1.lr"),
+@pytest.mark.parametrize("text, overrides, message", [
+    # valid as the file gives them; the override of the key that decides makes them invalid: not the file's
+    ("data:\n  dataset: synthetic\nmodel:\n  num_classes: 6\neval:\n  stride: 600\n", ["eval.mode=sliding"],
+     r"eval.stride=600 must be <= eval.window=513"),
+    ("data:\n  root: ''\n", ["data.dataset=voc12", "model.num_classes=21"], r"data.root is required for dataset 'voc12'"),
 ])
-def test_an_override_that_is_not_yaml_names_its_key(overrides, key):
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: the value .* is not valid YAML .*quote an override"):
+def test_a_value_an_override_made_invalid_is_not_blamed_on_the_file(tmp_path, text, overrides, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + message):
+        load_config(path, overrides)
+    with pytest.raises(ConfigError, match="^" + re.escape(str(path)) + ": " + message):  # all from the file: named
+        _config_with(path, text, overrides)
+
+
+def _config_with(path, text, overrides):
+    """``text`` with the overrides written into the file itself, loaded (so every value comes from the file)."""
+    data = yaml.safe_load(text) or {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *sections, last = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+@pytest.mark.parametrize("overrides, key, problem", [
+    (["model.options={base_width:", "8}"], "model.options", "is not valid YAML .*quote an override"),  # shell-split
+    (["data.scale_range=[0.5,", "1.5]"], "data.scale_range", "is not valid YAML"),
+    (["stage1.lr=[1,"], "stage1.lr", "is not valid YAML"),
+    (["stage1.lr=${oops"], "stage1.lr", "cannot be read: "),  # were raw tracebacks (yaml, OmegaConf's grammar)
+    (["out_dir=${oops"], "out_dir", "cannot be read: "),
+])
+def test_an_override_that_cannot_be_read_names_its_key(overrides, key, problem):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: the value .* {problem}"):
         load_config(SYNTHETIC, overrides)
 
 
@@ -205,6 +241,9 @@ def test_missing_placeholder_and_a_scalar_top_level(tmp_path):
     path = tmp_path / "five.yaml"
     path.write_text("5\n")  # was a raw OSError traceback ("Invalid loaded object type: int")
     with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: cannot be read as a config, a YAML mapping")):
+        load_config(path)
+    path.write_text("stage1:\n  lr: ${oops\n")  # was OmegaConf's GrammarParseError traceback
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: ")):
         load_config(path)
 
 
