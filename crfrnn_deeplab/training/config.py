@@ -281,7 +281,6 @@ def _from_source(error: ConfigError, config: Config, overrides: list[str]) -> bo
     if not error.keys:
         return False
     given = [leaf for item in overrides for leaf in _leaves(OmegaConf.to_container(_override(item)))]
-    given += [re.sub(r"\[.*", "", item.split("=", 1)[0].strip()) for item in overrides if "[" in item.split("=", 1)[0]]
     related = (*error.keys, *error.context)
     if any(g == k or g.startswith(k + ".") or k.startswith(g + ".") for g in given for k in related):
         return False
