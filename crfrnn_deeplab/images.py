@@ -11,7 +11,8 @@ Kinds of input and who takes them:
   volumes);
 - **CRF guidance** other than an RGB image (grey, several modalities, RGB + depth; any units) and the **voxel
   spacing** of a volume: :func:`check_guidance`, :func:`check_spacing`;
-- **input scales** (MSC, test-time augmentation): :func:`check_scales`.
+- **input scales** (MSC, test-time augmentation): :func:`check_scales`;
+- a **device** to compute on, given by name: :func:`check_device`, used by ``predict`` and ``DenseCRF``.
 
 Errors are ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or values), each naming the
 argument, what it got and what was expected.
@@ -32,6 +33,7 @@ from torch import Tensor
 
 __all__ = [
     "all_finite",
+    "check_device",
     "check_guidance",
     "check_logits",
     "check_network_input",
@@ -327,6 +329,35 @@ def check_scales(scales: object) -> tuple[float, ...]:
         if s > MAX_SCALE:
             raise ValueError(f"scales must be at most {MAX_SCALE:g} (each resizes the image by that factor), got {s!r}")
     return tuple(float(s) for s in scales)
+
+
+def check_device(device: object, *, work: str = "compute") -> torch.device:
+    """``device`` (a name such as ``"cpu"`` or ``"cuda:0"``, or a torch.device) as a torch.device this machine has.
+
+    Raises:
+        TypeError: not a str or torch.device.
+        ValueError: not a device name; a device this machine does not have (``cuda`` without a GPU, an index past
+            the last GPU); or the ``meta`` device, whose tensors hold no data (``work`` says what it would have run).
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:  # an unknown device type, a malformed index
+        raise ValueError(f"device {str(device)!r} is not a torch device: {e}") from None
+    if resolved.type == "cpu":
+        return resolved
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    usable = "'cpu'" + (f" or {accelerator.type!r}" if accelerator is not None else "")
+    if resolved.type == "meta":
+        raise ValueError(f"device 'meta' cannot run {work} (meta tensors hold no data); use {usable}")
+    if accelerator is None or resolved.type != accelerator.type:
+        raise ValueError(f"device {str(device)!r} is not available on this machine; use {usable}")
+    count = torch.accelerator.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} {accelerator.type} "
+                         f"device(s), indices 0..{count - 1}")
+    return resolved
 
 
 def scaled_size(size: int, scale: float) -> int:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import BilateralFilter, Normalization
-from crfrnn_deeplab.images import check_guidance, check_rgb_image
+from crfrnn_deeplab.images import check_device, check_guidance, check_rgb_image
 from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, fixed_crf
 
 __all__ = ["DenseCRF"]
@@ -59,7 +59,8 @@ class DenseCRF:
         guidance_groups: None: the guidance is an RGB image in 0–255; else the channel counts of the guidance
             groups (see :class:`~crfrnn_deeplab.MeanFieldCRF`).
         spacing: the default voxel size along each spatial axis; ``__call__(..., spacing=...)`` overrides it.
-        device: where to compute; ``None``: the device of tensor inputs, CPU for numpy inputs.
+        device: where to compute, a device this machine has (:func:`~crfrnn_deeplab.images.check_device`); ``None``:
+            the device of tensor inputs, CPU for numpy inputs.
         eps: probabilities are clamped to at least ``eps`` before the logarithm, in (0, 1 / C).
     """
 
@@ -93,9 +94,7 @@ class DenseCRF:
                       bilateral_filter=bilateral_filter)
         self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
         self.iterations = iterations
-        self.device = None if device is None else torch.device(device)
-        if self.device is not None and self.device.type == "meta":
-            raise ValueError("device 'meta' cannot run the CRF (meta tensors hold no data)")
+        self.device = None if device is None else check_device(device, work="the CRF")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
             raise ValueError(f"eps (the smallest probability kept before the logarithm) must be a number in (0, 1), "
                              f"got {eps!r}")

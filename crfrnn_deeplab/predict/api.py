@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from crfrnn_deeplab.images import (
+    check_device,
     check_rgb_array,
     check_rgb_image,
     check_scales,
@@ -263,34 +264,17 @@ def predict(
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to predict on: ``device``, checked, or (``None``) the machine's accelerator if it has one, else
-    the CPU.
+    """The device to predict on: ``device``, checked (:func:`~crfrnn_deeplab.images.check_device`), or (``None``)
+    the machine's accelerator if it has one, else the CPU.
 
     Raises:
         ValueError: not a device name; a device this machine does not have (``cuda`` without a GPU, an index past
             the last GPU); or the ``meta`` device, whose tensors hold no data to compute with.
     """
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
     if device is None:
+        accelerator = torch.accelerator.current_accelerator(check_available=True)
         return accelerator if accelerator is not None else torch.device("cpu")
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:  # an unknown device type, a malformed index
-        raise ValueError(f"device {str(device)!r} is not a torch device: {e}") from None
-    if resolved.type == "cpu":
-        return resolved
-    usable = "'cpu'" + (f" or {accelerator.type!r}" if accelerator is not None else "")
-    if resolved.type == "meta":
-        raise ValueError(f"device 'meta' cannot run a prediction (meta tensors hold no data); use {usable}")
-    if accelerator is None or resolved.type != accelerator.type:
-        raise ValueError(f"device {str(device)!r} is not available on this machine; use {usable}")
-    count = torch.accelerator.device_count()
-    if resolved.index is not None and resolved.index >= count:
-        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} {accelerator.type} "
-                         f"device(s), indices 0..{count - 1}")
-    return resolved
+    return check_device(device, work="a prediction")
 
 
 def check_crf_iterations(value: object, name: str = "crf_iterations") -> int:

@@ -83,6 +83,11 @@ def test_bad_parameters_fail_at_construction():
         DenseCRF(iterations=0)
     with pytest.raises(ValueError, match="device 'meta' cannot run the CRF"):
         DenseCRF(device="meta")
+    if not torch.cuda.is_available():  # failed at the first call, in torch's words
+        with pytest.raises(ValueError, match="device 'cuda:7' is not available on this machine; use 'cpu'"):
+            DenseCRF(device="cuda:7")
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        DenseCRF(device="gpu")
     for eps in (0.0, -1.0, 1.0, 2.0, float("nan"), True, "1e-8"):  # 2 made every output exactly 1 / C
         with pytest.raises(ValueError, match=r"eps \(the smallest probability kept before the logarithm\) must be"):
             DenseCRF(eps=eps)
