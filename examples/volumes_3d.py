@@ -39,8 +39,8 @@ MODES = {
 
 
 class VolumeNet(nn.Module):
-    """A small 3-D segmentation network with output stride 4: two strided convolutions, two dilated ones, a
-    1×1×1 classifier, trilinear upsampling to the input size.
+    """A small 3-D segmentation network with output stride 4: five 3×3×3 convolutions (one at full resolution,
+    two strided, two dilated), a 1×1×1 classifier, trilinear upsampling to the input size.
 
     Args:
         in_channels: guidance channels of the input volume.
