@@ -56,7 +56,7 @@ from crfrnn_deeplab.training.checkpoints import training_checkpoint
 from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, config_from_dict, is_resolved_config
 from crfrnn_deeplab.training.config import load_config, resolve_config, save_config, to_dict
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches, derive_seed
-from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, non_finite_parameters
+from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, crf_parameter_problem
 from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, original_message, print_error
 from crfrnn_deeplab.training.ddp import check_replicas_identical, use_sync_batchnorm, wrap_for_training
 from crfrnn_deeplab.training.evaluation import Evaluator, SizeBatches, collate_by_size, evaluate_baselines
@@ -337,10 +337,8 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
                 error = NonFiniteLossError if "not finite" in problem else DivergenceError
                 raise error(_divergence_message(cfg, stage, done, problem, last_saved, applied=False, crf=False))
             monitor.update(loss)
-            if crf is not None and (bad := non_finite_parameters(crf)):
-                raise DivergenceError(_divergence_message(
-                    cfg, stage, done, f"the CRF parameter(s) {', '.join(bad)} overflowed in the update",
-                    last_saved, applied=True, crf=True))
+            if crf is not None and (bad := crf_parameter_problem(crf)):
+                raise DivergenceError(_divergence_message(cfg, stage, done, bad, last_saved, applied=True, crf=True))
             scheduler.step()
             bar.update(1)
             timed_steps += 1

@@ -69,6 +69,7 @@ CASES = [
     # MeanFieldCRF construction
     ("crf NaN bilateral weight", lambda: crf(bilateral_weight=float("nan")), ValueError, r"bilateral_weight must be a finite number, got nan"),
     ("crf inf spatial weight", lambda: crf(spatial_weight=float("inf")), ValueError, r"spatial_weight must be a finite number"),
+    ("crf overflowing weight", lambda: crf(bilateral_weight=1e38), ValueError, r"μ W_bilateral \(the compatibility times the bilateral kernel weights\) has a column whose \|entries\| sum to 2e\+38: above 3.09e\+26"),
     ("crf string weight", lambda: crf(spatial_weight="3"), ValueError, r"spatial_weight must be a finite number, got '3'"),
     ("crf zero theta_alpha", lambda: crf(theta_alpha=0.0), ValueError, r"theta_alpha must be a finite bandwidth > 0"),
     ("crf NaN theta_beta", lambda: crf(theta_beta=float("nan")), ValueError, r"theta_beta must be a finite bandwidth"),

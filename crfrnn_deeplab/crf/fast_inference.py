@@ -20,7 +20,7 @@ from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
 __all__ = [
-    "check_iterations", "check_mean_field_inputs", "class_softmax", "mean_field_inference", "potts_form",
+    "check_iterations", "check_mean_field_inputs", "check_mixes", "class_softmax", "mean_field_inference", "potts_form",
     "update_gather",
 ]
 
@@ -86,6 +86,22 @@ def check_mean_field_inputs(unary: object, kernels: CRFKernels, pairwise: object
         shapes = [tuple(getattr(m, "shape", ())) for m in pairwise] if isinstance(pairwise, (tuple, list)) else pairwise
         raise ValueError(f"pairwise must be (μ W_spatial, μ W_bilateral), two Tensor[{c}, {c}], got {shapes}")
     check_iterations(iterations, minimum=0)
+    check_mixes(pairwise, unary.dtype)
+
+
+def check_mixes(pairwise: tuple[Tensor, Tensor], dtype: torch.dtype) -> None:
+    """Raises ValueError unless each mix ``μ W_m`` is finite and small enough that no message can overflow
+    ``dtype``: a logit moves by at most a column's absolute sum times the message's largest value, which the
+    normalisations keep far below 2⁴⁰ (a symmetric one below √N). So the limit, 2⁻⁴⁰ of ``dtype``'s largest value
+    (3.1e26 in float32), is never near a weight anyone sets, and above it the output could be inf or NaN."""
+    limit = torch.finfo(dtype).max * 2.0**-40
+    reach = torch.stack([m.detach().abs().sum(0).amax().double() for m in pairwise]).tolist()
+    for kind, r in zip(("spatial", "bilateral"), reach):
+        if not r <= limit:
+            found = f"has a column whose |entries| sum to {r:.3g}" if math.isfinite(r) else "is not finite"
+            raise ValueError(f"μ W_{kind} (the compatibility times the {kind} kernel weights) {found}: above "
+                             f"{limit:.3g} (2^-40 of {str(dtype).removeprefix('torch.')}'s largest value) the messages "
+                             f"could overflow; the kernel weights or the compatibility are too large")
 
 
 def check_iterations(iterations: object, minimum: int = 1) -> None:

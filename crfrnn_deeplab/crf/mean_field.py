@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from crfrnn_deeplab.crf import fused_step
-from crfrnn_deeplab.crf.fast_inference import check_mean_field_inputs, class_softmax, mean_field_inference
+from crfrnn_deeplab.crf.fast_inference import check_mean_field_inputs, check_mixes, class_softmax, mean_field_inference
 from crfrnn_deeplab.crf.exact_filter import BilateralFilter, check_bilateral_filter
 from crfrnn_deeplab.crf.kernels import (
     CRFKernels,
@@ -72,6 +72,7 @@ def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tens
     """``iterations`` mean-field steps with autograd: with the symmetric normalisation one node for all of them
     (:func:`.fused_step.fixed_bandwidth_iterations` or :func:`.fused_step.learned_iterations`, the values and
     gradients of autograd's nodes), otherwise :func:`mean_field_step` T times."""
+    check_mixes(pairwise, unary.dtype)
     if iterations > 0 and fused_step.applies(kernels):
         return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
     if iterations > 0 and kernels.normalization == "symmetric":
@@ -242,6 +243,7 @@ class MeanFieldCRF(nn.Module):
         log_beta = torch.tensor(log_beta[0] if num_groups == 1 else log_beta)
         self.log_theta_beta = nn.Parameter(log_beta, requires_grad=learn_bandwidths)
         self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(float(theta_gamma))), requires_grad=learn_bandwidths)
+        check_mixes(self.pairwise(torch.float64), torch.float32)  # weights so large that the messages could overflow
 
     @property
     def bandwidths(self) -> dict[str, float | tuple[float, ...]]:
@@ -303,11 +305,9 @@ class MeanFieldCRF(nn.Module):
             raise ValueError(f"the CRF's parameters {', '.join(bad)} hold NaN or infinite values")
 
     def pairwise(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """``(μ W_spatial, μ W_bilateral)`` in ``dtype``: what :func:`mean_field_step` takes."""
-        return (
-            (self.compatibility @ self.spatial_weight).to(dtype),
-            (self.compatibility @ self.bilateral_weight).to(dtype),
-        )
+        """``(μ W_spatial, μ W_bilateral)``, multiplied in ``dtype``: what :func:`mean_field_step` takes."""
+        compatibility = self.compatibility.to(dtype)
+        return compatibility @ self.spatial_weight.to(dtype), compatibility @ self.bilateral_weight.to(dtype)
 
     def forward(
         self,

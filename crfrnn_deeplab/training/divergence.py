@@ -1,6 +1,7 @@
 """Noticing that training diverges before a diverged state is saved: a non-finite loss or gradient norm, a
 loss far above its running average, or a parameter driven to a non-finite value (directly, or through the
-``exp`` of a log-parameterised one such as the CRF's bandwidths)."""
+``exp`` of a log-parameterised one such as the CRF's bandwidths), or the CRF's weights grown past what its messages
+can hold."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["DivergenceError", "LossMonitor", "non_finite_parameters"]
+from crfrnn_deeplab.crf import MeanFieldCRF
+from crfrnn_deeplab.crf.fast_inference import check_mixes
+
+__all__ = ["DivergenceError", "LossMonitor", "crf_parameter_problem", "non_finite_parameters"]
 
 
 class DivergenceError(RuntimeError):
@@ -50,3 +54,17 @@ def non_finite_parameters(module: nn.Module) -> list[str]:
                                                 and not torch.isfinite(value.float().exp()).all()):
             bad.append(name)
     return bad
+
+
+def crf_parameter_problem(crf: MeanFieldCRF) -> str | None:
+    """What makes the CRF's parameters unusable after an update, or None: a parameter that is not finite
+    (:func:`non_finite_parameters`), or kernel weights times compatibility so large that the next forward would
+    refuse them (:func:`~crfrnn_deeplab.crf.fast_inference.check_mixes`)."""
+    if bad := non_finite_parameters(crf):
+        return f"the CRF parameter(s) {', '.join(bad)} overflowed in the update"
+    try:
+        with torch.no_grad():
+            check_mixes(crf.pairwise(torch.float64), torch.float32)
+    except ValueError as e:
+        return f"the update made the CRF's weights too large: {e}"
+    return None

@@ -468,6 +468,38 @@ def test_mean_field_loops_name_bad_arguments():
     assert torch.isfinite(fast_inference.mean_field_inference(some_impossible, kernels, pairwise, 2)[..., 1:]).all()
 
 
+def test_mixes_that_could_overflow_the_messages_are_named():
+    # Finite weights near float32's largest value overflowed the messages: inf or NaN z_T, in both modes, and from
+    # the low-level loops. The limit is 2^-40 of the dtype's largest value, which no real weight comes near.
+    logits, image = (t.float() for t in small_inputs(c=3))
+    crf = MeanFieldCRF(num_classes=3)
+    limit32 = torch.finfo(torch.float32).max * 2.0**-40
+    for mode in ("train", "eval"):
+        crf.train(mode == "train")
+        with torch.no_grad():
+            crf.bilateral_weight.fill_(0).diagonal().fill_(0.6 * limit32)  # its columns sum to 1.2 × the limit
+        with pytest.raises(ValueError, match=r"^μ W_bilateral \(the compatibility times the bilateral kernel weights\) "
+                                             r"has a column whose \|entries\| sum to 3.7\d*e\+26: above 3.09e\+26 "
+                                             r"\(2\^-40 of float32's largest value\)"):
+            crf(logits, image)
+        with torch.no_grad():
+            crf.bilateral_weight.diagonal().fill_(0.4 * limit32)  # 0.8 × the limit: runs, finite
+        assert torch.isfinite(crf(logits, image)).all()
+    kernels = crf.kernels(image)
+    unary = logits.movedim(1, -1).contiguous()
+    for bad, found in ((float("inf"), "is not finite"), (float("nan"), "is not finite"), (1e27, "sum to 2e\\+27")):
+        pairwise = (torch.full((3, 3), bad).fill_diagonal_(0), torch.zeros(3, 3))
+        for loop in (fast_inference.mean_field_inference, mean_field_steps):
+            with pytest.raises(ValueError, match=rf"^μ W_spatial .* {found}"):
+                loop(unary, kernels, pairwise, 1)
+    # float64 allows more (its own 2^-40), and construction checks the weights as float32 parameters hold them
+    big = (torch.full((3, 3), 1e27, dtype=torch.float64).fill_diagonal_(0), torch.zeros(3, 3, dtype=torch.float64))
+    z = fast_inference.mean_field_inference(unary.double(), crf.kernels(image.double()), big, 1)
+    assert torch.isfinite(z).all()
+    with pytest.raises(ValueError, match=r"^μ W_spatial .* sum to 2e\+27: above 3.09e\+26"):
+        MeanFieldCRF(num_classes=3, spatial_weight=1e27)
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 70, 5, 21), (1, 40, 32, 4)])  # lanes: 3, 21 channels; 16
 def test_spatial_filter_is_exact_gaussian(shape):
     b, h, w, c = shape
