@@ -28,8 +28,9 @@ _M_MMAP_THRESHOLD = -3
 def retain_freed_memory(*, mmap_threshold: int = 2**30, trim_threshold: int = 2**36) -> bool:
     """Serve allocations below ``mmap_threshold`` bytes from the heap and keep up to ``trim_threshold`` free.
 
-    Equivalent to ``MALLOC_MMAP_THRESHOLD_=… MALLOC_TRIM_THRESHOLD_=…`` in the environment. Only glibc (Linux)
-    is tuned; elsewhere nothing changes.
+    Equivalent to ``MALLOC_MMAP_THRESHOLD_=… MALLOC_TRIM_THRESHOLD_=…`` in the environment. Both values are capped
+    at ``2**31 - 1`` (mallopt takes an int), so the default ``trim_threshold`` keeps up to 2 GiB free. Only glibc
+    (Linux) is tuned; elsewhere nothing changes.
 
     Returns:
         True if the allocator accepted both settings.

@@ -35,12 +35,15 @@ def init_distributed(device: str = "auto", *, timeout_minutes: float = 30.0) -> 
     """Starts the process group if launched by ``torchrun`` and returns this process's device.
 
     Args:
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Under
-            torchrun, ``"auto"``/``"cuda"`` mean ``cuda:LOCAL_RANK``.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, as a string.
+            Under torchrun, ``"auto"``/``"cuda"`` mean ``cuda:LOCAL_RANK``.
         timeout_minutes: collective timeout.
 
     Returns:
         The torch device this process computes on.
+
+    Raises:
+        ValueError: a CUDA device is asked for and CUDA is not available.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -65,10 +68,12 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
+    """This process's rank in the process group; 0 outside one."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
+    """The number of processes in the process group; 1 outside one."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -95,6 +100,11 @@ class ShardSampler(Sampler[int]):
 
     Unlike :class:`~torch.utils.data.DistributedSampler`, no index is repeated to even out the shards, so
     summed evaluation counts (confusion matrices) count every image exactly once.
+
+    Args:
+        length: the dataset's length.
+        rank: this shard; default: :func:`get_rank`.
+        world_size: the number of shards; default: :func:`get_world_size`.
     """
 
     def __init__(self, length: int, *, rank: int | None = None, world_size: int | None = None) -> None:

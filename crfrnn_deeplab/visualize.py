@@ -20,7 +20,12 @@ _IGNORE_RGB = (255, 255, 255)
 
 
 def palette(num_classes: int, *, ignore_index: int = 255) -> np.ndarray:
-    """The PASCAL VOC colour map (uint8 [256, 3]) for class indices, with ``ignore_index`` drawn white."""
+    """The PASCAL VOC colour map (uint8 [256, 3]) for class indices, with ``ignore_index`` (an index into its 256
+    entries) drawn white. ``num_classes`` is only checked: the map always has 256 entries.
+
+    Raises:
+        ValueError: ``num_classes`` outside 1..256.
+    """
     if not 1 <= num_classes <= 256:
         raise ValueError(f"num_classes must be in 1..256, got {num_classes}")
     colours = voc_colormap(256).astype(np.uint8).copy()
@@ -29,7 +34,8 @@ def palette(num_classes: int, *, ignore_index: int = 255) -> np.ndarray:
 
 
 def colorize(label: torch.Tensor | np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """Class indices (Tensor/ndarray [H, W]) to an RGB picture (uint8 [H, W, 3])."""
+    """Class indices (Tensor/ndarray [H, W]) to an RGB picture (uint8 [H, W, 3]); indices are taken modulo the
+    palette's length."""
     label = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
     return colours[label.astype(np.int64) % len(colours)]
 
@@ -57,6 +63,12 @@ def make_panel(
         titles: one title per column.
         colours: the palette (see :func:`palette`).
         gap: white pixels between tiles.
+
+    Returns:
+        An RGB PIL image; every tile gets the cell of the largest one, at its top left.
+
+    Raises:
+        ValueError: no rows, or a row without one entry per title.
     """
     if not rows:
         raise ValueError("make_panel needs at least one row")

@@ -11,7 +11,7 @@ over the voxels within 2 voxels of a label boundary):
 3. network and CRF trained jointly from (1), the CRF's kernel weights, compatibility and bandwidths learned
    (and, as the control, the network of (1) trained on alone for as many steps).
 
-    python examples/volumes_3d.py            # the figures of README "3-D volumes and other guidance": about a minute on one CPU core
+    python examples/volumes_3d.py            # the figures of README "3-D volumes and other guidance": under a minute on one CPU core
     python examples/volumes_3d.py --quick    # smaller volumes and fewer steps (the test runs this)
 """
 

@@ -2,9 +2,9 @@
 
 PASCAL VOC 2012 (+ SBD and their union ``train_aug``), COCO-Stuff 164k, Cityscapes, image/mask folders
 (ADE20K-style included), and an embedded synthetic dataset that needs no download. Every dataset yields
-``{"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W] (255 = ignore), "id": str}``, or its ``transform``'s
-output (see :mod:`crfrnn_deeplab.data.transforms`), and exposes ``num_classes``, ``class_names`` and
-``ignore_index``.
+``{"image": uint8 [H, W, 3] RGB, "label": uint8 [H, W] (255 = ignore), "id": str}`` (an ``int64`` label from a
+16-bit PNG read as it is, see :mod:`.base`), or its ``transform``'s output (see
+:mod:`crfrnn_deeplab.data.transforms`), and exposes ``num_classes``, ``class_names`` and ``ignore_index``.
 """
 
 from crfrnn_deeplab.data.io import DatasetError

@@ -4,7 +4,8 @@ A dataset is a ``torch.utils.data.Dataset`` of samples. Without a transform, ``d
 
     {"image": uint8 ndarray [H, W, 3] (RGB), "label": uint8 ndarray [H, W], "id": str}
 
-with label values in ``0..num_classes-1`` or :attr:`SegmentationDataset.ignore_index` (255). With a
+with label values in ``0..num_classes-1`` or :attr:`SegmentationDataset.ignore_index` (255); a 16-bit label PNG
+that a dataset reads as it is (VOC, COCO-Stuff, Cityscapes ``labelTrainIds``) gives an ``int64`` label. With a
 ``transform`` (a callable taking that dict, e.g. :class:`crfrnn_deeplab.data.transforms.TrainTransform`), the
 transform's output is returned instead.
 

@@ -319,7 +319,7 @@ def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike
     """A fast check of a split's files before a long run: every image and label opens as an image (the
     header only: no pixel is decoded), the label has its image's size, and labels are single-channel.
     SBD ``.mat`` labels are only checked to exist. Decoding errors past the header, and label values, are
-    left to :meth:`SegmentationDataset.verify`.
+    left to :meth:`~crfrnn_deeplab.data.base.SegmentationDataset.verify`.
 
     Raises:
         FileNotFoundError: a listed file is missing (named).

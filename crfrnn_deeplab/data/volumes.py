@@ -10,8 +10,8 @@ scanner would.
  id    class        shape and intensity (arbitrary units; noise std 0.15)
 ====  ===========  ============================================================================
  0     background   0.0 plus a smooth bias field (±0.1)
- 1     tube         4-8 smooth random curves per 32² units of cross-section, radius 0.8-1.6 units,
-                    intensity 1.0 ± 0.1 per tube
+ 1     tube         4-8 smooth random curves per 32² units of cross-section (4-8 in a smaller volume),
+                    radius 0.8-1.6 units, intensity 1.0 ± 0.1 per tube
  2     blob         2-4 rotated ellipsoids, semi-axes 12-28 % of the smallest extent, 0.5 ± 0.1
 ====  ===========  ============================================================================
 

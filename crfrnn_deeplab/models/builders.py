@@ -37,7 +37,7 @@ __all__ = [
 
 def _msc_variant(builder):
     """Registers ``<builder>_msc``: the builder's model in an :class:`MSC` wrapper, with the builder's typed
-    keyword options plus ``scales`` (default 1, 0.75, 0.5)."""
+    keyword options plus ``scales`` (default 1, 0.75, 0.5), ``fusion`` and ``image_resize``."""
 
     def msc_builder(*, num_classes: int, scales: Sequence[float] = MSC_SCALES, fusion: Fusion = "input",
                     image_resize: ImageResize = "caffe", **options) -> MSC:

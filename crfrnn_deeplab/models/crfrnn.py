@@ -79,7 +79,12 @@ class CRFRNN(PredictMixin, nn.Module):
             valid_mask: Tensor[B, H, W] bool or None; padded pixels (False) neither send nor receive messages.
 
         Returns:
-            :class:`CRFRNNOutput` (network output, CRF logits Tensor[B, C, H, W] float32).
+            :class:`CRFRNNOutput` (network output, CRF logits Tensor[B, C, H, W] float32, or float64 for float64
+            logits).
+
+        Raises:
+            ValueError: ``raw`` or ``x`` is not a tensor, or their shapes differ; and the network's and
+                :class:`MeanFieldCRF`'s errors for bad inputs.
         """
         if not isinstance(raw, Tensor) or not isinstance(x, Tensor) or raw.shape != x.shape:
             raise ValueError(

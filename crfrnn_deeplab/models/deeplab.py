@@ -150,7 +150,8 @@ class DeepLabV2(PredictMixin, nn.Module):
         Raises:
             TypeError: ``x`` is not a tensor, not floating point, or not in the weights' dtype (see
                 :meth:`check_input`).
-            ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
+            ValueError: ``x`` is not 4-D, has not 3 channels, is an empty batch, or a side is below
+                :attr:`min_input_size`.
         """
         return resize(self.scores(x), (x.shape[-2], x.shape[-1]))
 

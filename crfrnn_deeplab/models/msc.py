@@ -53,13 +53,13 @@ class MSCOutput(NamedTuple):
 class MSC(PredictMixin, nn.Module):
     """Multi-scale inputs with max fusion ("MSC" in DeepLab v2, Sec. 4.1; Chen et al., Attention to Scale, 2016).
 
-    The image is resized bilinearly (``align_corners=False``) to each scale (side ``floor((S - 1) * s) + 1``) and
-    passed through the shared model; the score maps are fused by element-wise max, either at the input size
-    (``fusion="input"``: each upsampled first) or at the 1.0 scale's stride-8 score map (``fusion="score_map"``:
-    each resized to it, the max, then upsampled), which is what DeepLab v2's Caffe model and its ports compute
-    (so a converted Caffe-layout checkpoint reproduces its source). The two differ where the scales disagree,
-    since bilinear upsampling and max do not commute. Each scale's own logits (upsampled to the input size) are
-    returned in training mode for its loss either way.
+    The image is resized bilinearly (``align_corners=False``) to each scale (side ``floor((S - 1) * s) + 1``, or
+    ``floor(S * s)`` with ``image_resize="scale_factor"``) and passed through the shared model; the score maps are
+    fused by element-wise max, either at the input size (``fusion="input"``: each upsampled first) or at the 1.0
+    scale's stride-8 score map (``fusion="score_map"``: each resized to it, the max, then upsampled), which is what
+    DeepLab v2's Caffe model and its ports compute (so a converted Caffe-layout checkpoint reproduces its source).
+    The two differ where the scales disagree, since bilinear upsampling and max do not commute. Each scale's own
+    logits (upsampled to the input size) are returned in training mode for its loss either way.
 
     Args:
         model: the shared :class:`DeepLabV2`.
@@ -73,7 +73,8 @@ class MSC(PredictMixin, nn.Module):
         model, scales, fusion, image_resize: as given (``scales`` as a tuple of floats). State_dict keys are ``model.*``.
         input_convention, num_classes, output_stride: those of ``model``.
         min_input_size: smallest accepted image side, so that every rescaled image has a side of at least
-            ``model.min_input_size`` (15 for stride 8 and the default scales).
+            ``model.min_input_size`` (15 for stride 8 and the default scales and ``image_resize``; 16 with
+            ``"scale_factor"``).
     """
 
     def __init__(
@@ -135,7 +136,8 @@ class MSC(PredictMixin, nn.Module):
         Raises:
             TypeError: ``x`` is not a tensor, not floating point, or not in the weights' dtype (see
                 :meth:`DeepLabV2.check_input`).
-            ValueError: ``x`` is not 4-D, has not 3 channels, or a side is below :attr:`min_input_size`.
+            ValueError: ``x`` is not 4-D, has not 3 channels, is an empty batch, or a side is below
+                :attr:`min_input_size`.
         """
         self.model.check_input(x, min_size=self.min_input_size)
         size = (x.shape[-2], x.shape[-1])

@@ -61,6 +61,7 @@ def register_model(fn: _Builder | None = None, /, *, name: str | None = None, mu
 
     Raises:
         ValueError: a model of that name is already registered.
+        TypeError: the builder takes no ``num_classes`` argument.
     """
 
     def register(builder: _Builder) -> _Builder:

@@ -87,7 +87,7 @@ def is_single_image(images: object) -> bool:
 
 
 def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
-    """Images of any supported type to raw RGB tensors (what :meth:`preprocess` and the CRF take).
+    """Images of any supported type to raw RGB tensors (what a model's ``preprocess`` and the CRF take).
 
     Args:
         images: one image or a list/tuple of them. An image is a ``uint8`` numpy array ``[H, W, 3]`` (RGB), a PIL
@@ -212,7 +212,7 @@ def predict(
 
     Raises:
         TypeError: an unsupported model or image type (see :func:`to_raw_batch`); ``crf`` or ``flip`` not a bool,
-            ``crf_iterations`` or ``batch_size`` not an integer.
+            ``crf_iterations`` or ``batch_size`` not an integer, ``device`` not a str or torch.device.
         ValueError: bad images or option values, ``crf_iterations`` without a CRF to run, an image smaller than the
             model accepts at one of the ``scales``, a device that cannot run here, or a model on the meta device.
     """
@@ -268,6 +268,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     the machine's accelerator if it has one, else the CPU.
 
     Raises:
+        TypeError: not a str, torch.device or None.
         ValueError: not a device name; a device this machine does not have (``cuda`` without a GPU, an index past
             the last GPU); or the ``meta`` device, whose tensors hold no data to compute with.
     """

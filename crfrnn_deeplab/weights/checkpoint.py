@@ -137,9 +137,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     """Reads a checkpoint (ours or any plain state dict) with ``weights_only=True``.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is truncated, not a PyTorch file, or needs arbitrary code execution
-            (pickled classes) to load — the message says which and names the file.
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: ``path`` is a directory or another non-regular file; the file is truncated or corrupt
+            (a CRC-32 mismatch included), not a PyTorch file, needs arbitrary code execution (pickled classes) to
+            load, or holds something other than a dict — the message says which and names the file.
     """
     path = Path(path)
     if not path.is_file():

@@ -278,7 +278,9 @@ def model_for_checkpoint(
             for our checkpoint's ``model_config`` naming an unregistered model, an option the builder or
             MeanFieldCRF does not take, or a value they refuse (naming the file and the entry).
         ValueError: ``msc`` asks for a twin the registry does not have; ``num_classes`` < 1.
-        TypeError: ``msc`` is not True, False or None; ``num_classes`` is not an int or None.
+        TypeError: ``msc`` is not True, False or None; ``num_classes`` is not an int or None; an option the
+            builder does not take, or ``input_convention`` (it comes with the weights); ``source`` is neither a
+            path nor a mapping.
     """
     converted = convert_state_dict(source, layout=layout)
     _, model, report = build_for_checkpoint(converted, num_classes=num_classes, msc=msc, options=options)

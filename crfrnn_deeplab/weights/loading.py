@@ -360,5 +360,6 @@ def load_into(
             is of another dtype kind than the model's (integer, bool or complex into float; named with both
             dtypes), or holds NaN or infinite values, or negative BatchNorm variances (named, with how many).
         FileNotFoundError: no such file.
+        TypeError: ``model`` is not a DeepLabV2, MSC or CRFRNN model, or ``source`` is neither a path nor a mapping.
     """
     return load_converted(model, convert_state_dict(source, layout=layout), strict=strict)
