@@ -5,9 +5,15 @@
     model = torch.hub.load(repo, "deeplabv2_resnet18", source="local", num_classes=6, crf=True)
 
 No weights are hosted or downloaded: ``pretrained=True`` is an error; ``checkpoint=`` loads a file you have
-(ours or any layout :mod:`crfrnn_deeplab.weights.layouts` reads): without ``num_classes`` the model is the one the
-checkpoint records (it must be the named architecture); with it, the named model is built and the weights are
-loaded into it strictly.
+(ours or any layout :mod:`crfrnn_deeplab.weights.layouts` reads). Without ``num_classes`` the model is the one the
+checkpoint records (its network must be the named one); with it, the named model is built with those classes and
+the checkpoint's weights are loaded into it (:func:`~crfrnn_deeplab.weights.load_into`: another number of classes
+re-initialises the classifier and the CRF's class matrices).
+
+``crf``: ``None`` (the default) keeps what the checkpoint holds, a CRF-as-RNN layer (loaded, not re-initialised)
+or none; ``True`` adds a new CRF layer at its initial values where the checkpoint holds none; ``False`` returns
+the network without one (the checkpoint's CRF left out); a dict of :class:`~crfrnn_deeplab.MeanFieldCRF` options
+adds a new CRF with them (an error for a checkpoint that holds a CRF: its options are its own).
 """
 
 from __future__ import annotations
@@ -19,44 +25,55 @@ dependencies = ["torch", "torchvision", "numpy", "PIL"]
 
 def _entry(name: str):
     def build(*, pretrained: bool = False, checkpoint: str | None = None, num_classes: int | None = None,
-              crf: bool | dict[str, Any] = False, **options: Any):
+              crf: bool | dict[str, Any] | None = None, **options: Any):
         from crfrnn_deeplab import CRFRNN, MeanFieldCRF, get_model
         from crfrnn_deeplab.models import model_spec
-        from crfrnn_deeplab.weights import load_into, model_for_checkpoint
-        from crfrnn_deeplab.weights.factory import check_crf_options, model_variant, network_name
+        from crfrnn_deeplab.weights.factory import build_for_checkpoint, check_crf_options, model_variant, network_name
+        from crfrnn_deeplab.weights.factory import recorded_crf_options
+        from crfrnn_deeplab.weights.layouts import convert_state_dict
+        from crfrnn_deeplab.weights.loading import load_converted
 
-        if not isinstance(crf, (bool, dict)):  # "no" or [1] would be truthy: a CRF nobody asked for
-            raise TypeError(f"{name}: crf must be True, False or a dict of MeanFieldCRF options, got "
-                            f"{type(crf).__name__} {crf!r}")
+        if crf is not None and not isinstance(crf, (bool, dict)):  # "no" or [1]: truthy, a CRF nobody asked for
+            raise TypeError(f"{name}: crf must be None (as the checkpoint), True, False or a dict of MeanFieldCRF "
+                            f"options, got {type(crf).__name__} {crf!r}")
         crf_options = check_crf_options(crf, what=f"{name}: crf") if isinstance(crf, dict) else {}
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are hosted (nothing is downloaded); pass "
                              "checkpoint='path/to/weights.pt' (ours, torchvision's or a converted DeepLab v2 model)")
-        if checkpoint is not None and num_classes is None:  # everything from the checkpoint
-            model, _ = model_for_checkpoint(checkpoint, msc=model_spec(name).multi_scale, **options)
-            held = network_name(model)
-            if held != model_variant(name, multi_scale=False):
-                raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
-        else:
+        if checkpoint is None:
             if num_classes is None:
                 raise TypeError(f"{name}: num_classes is required without a checkpoint")
             model = get_model(name, num_classes=num_classes, **options)
-            if checkpoint is not None:  # e.g. a bare state dict: strict, every mismatch is an error
-                load_into(model, checkpoint)
-        if isinstance(model, CRFRNN):
-            if isinstance(crf, dict):  # the options would be ignored
+        else:
+            converted = convert_state_dict(checkpoint)
+            if converted.has_crf and isinstance(crf, dict):  # the options would be ignored
                 raise ValueError(f"{name}: {checkpoint} holds a CRF layer with its own options; pass crf=True or "
-                                 "leave crf out")
-        elif crf is not False:
+                                 "leave crf out (crf=False leaves the CRF out)")
+            if num_classes is None:  # everything from the checkpoint
+                _, model, _ = build_for_checkpoint(converted, msc=model_spec(name).multi_scale, options=options)
+                held = network_name(model)
+                if held != model_variant(name, multi_scale=False):
+                    raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
+            else:  # the named model with these classes; the checkpoint's CRF loads into a CRF layer of the same options
+                model = get_model(name, num_classes=num_classes, **options)
+                if converted.has_crf and crf is not False:
+                    layer = MeanFieldCRF(num_classes=num_classes, **recorded_crf_options(converted))
+                    model = CRFRNN(network=model, crf=layer)
+                load_converted(model, converted)  # strict: every mismatch but the named ones is an error
+        if isinstance(model, CRFRNN):
+            return model.network if crf is False else model
+        if crf is True or isinstance(crf, dict):
             model = CRFRNN(network=model, crf=MeanFieldCRF(num_classes=model.num_classes, **crf_options))
         return model
 
     build.__name__ = name
     build.__doc__ = (
         f"``{name}`` (see crfrnn_deeplab.get_model). Keyword arguments: ``num_classes`` (required without a "
-        "checkpoint), ``checkpoint`` (a weights file to load), ``crf`` (True or a dict of MeanFieldCRF options, "
-        "without num_classes, which is the model's: add the CRF-as-RNN layer), and the builder's options (e.g. "
-        "``output_stride=16``, ``norm='frozen'``)."
+        "checkpoint), ``checkpoint`` (a weights file to load), ``crf`` (None: as the checkpoint, with its CRF "
+        "layer if it holds one; True: a CRF-as-RNN layer, new where the checkpoint holds none; False: none; a dict of "
+        "MeanFieldCRF options without num_classes, which is the model's: a new CRF layer with them), ``pretrained`` "
+        "(False only: no weights are hosted), and the builder's options (e.g. ``output_stride=16``, "
+        "``norm='frozen'``). See the module's docstring."
     )
     return build
 

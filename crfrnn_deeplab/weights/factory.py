@@ -41,6 +41,7 @@ __all__ = [
     "model_for_checkpoint",
     "model_variant",
     "network_name",
+    "recorded_crf_options",
 ]
 
 # How crfrnn_deeplab.models.builders names the MSC model it registers for each single-scale builder; a candidate
@@ -156,19 +157,23 @@ def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, 
     unknown = _unknown_options(name, options)
     if unknown:  # the caller's, not the file's
         raise TypeError(f"unknown option(s) {unknown} for model {name!r}; accepted: {sorted(builder_defaults(name))}")
-    crf = config.get("crf")
-    if crf is not None:
-        try:
-            crf = check_crf_options(crf, what=f"{where}.crf")
-        except TypeError as e:
-            raise CheckpointError(str(e)) from e
     return ModelRecipe(
         name=name,
         num_classes=num_classes if num_classes is not None else config["num_classes"],
         options={**recorded, **options},
-        crf=crf,
+        crf=recorded_crf_options(converted) if config.get("crf") is not None else None,
         convention=converted.input_convention,
     )
+
+
+def recorded_crf_options(converted: ConvertedStateDict) -> dict[str, Any]:
+    """The :class:`~crfrnn_deeplab.crf.MeanFieldCRF` options our checkpoint's ``model_config.crf`` records, checked
+    by name (a CheckpointError naming the file), or ``{}`` (the defaults) where it records none."""
+    recorded = (converted.model_config or {}).get("crf")
+    try:
+        return {} if recorded is None else check_crf_options(recorded, what=f"{converted.source}: model_config.crf")
+    except TypeError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _inferred_recipe(converted: ConvertedStateDict, *, num_classes: int | None, msc: bool | None,

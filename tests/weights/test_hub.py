@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from crfrnn_deeplab import CRFRNN, DeepLabV2, MeanFieldCRF
 from crfrnn_deeplab.weights import save_checkpoint
@@ -20,16 +21,17 @@ def _small(**kwargs):
 
 def test_crf_true_false_or_options():
     assert isinstance(_small(), DeepLabV2) and isinstance(_small(crf=False), DeepLabV2)
+    assert isinstance(_small(crf=None), DeepLabV2)  # None: as the checkpoint; without one, no CRF
     assert isinstance(_small(crf=True), CRFRNN)
     model = _small(crf={"train_iterations": 2})
     assert isinstance(model, CRFRNN) and model.crf.train_iterations == 2 and model.crf.num_classes == 3
     assert isinstance(_small(crf={}), CRFRNN)  # the default options
 
 
-@pytest.mark.parametrize("crf", ["no", [1], 1, None])
+@pytest.mark.parametrize("crf", ["no", [1], 1, 0.0])
 def test_crf_that_is_neither_a_bool_nor_options_is_refused(crf):
-    with pytest.raises(TypeError, match=r"deeplabv2_resnet18: crf must be True, False or a dict of MeanFieldCRF "
-                                        r"options, got"):
+    with pytest.raises(TypeError, match=r"deeplabv2_resnet18: crf must be None \(as the checkpoint\), True, False or "
+                                        r"a dict of MeanFieldCRF options, got"):
         _small(crf=crf)
 
 
@@ -49,3 +51,47 @@ def test_crf_options_cannot_override_a_checkpoint_crf(tmp_path):
     assert isinstance(hubconf.deeplabv2_resnet18(checkpoint=str(path), crf=True), CRFRNN)
     with pytest.raises(ValueError, match=r"joint\.pt holds a CRF layer with its own options"):
         hubconf.deeplabv2_resnet18(checkpoint=str(path), crf={"train_iterations": 2})
+
+
+def _trained_joint(tmp_path, classes=3):
+    """A CRFRNN checkpoint whose CRF is not at its initial values (bilateral weights 7, θβ 20, one iteration)."""
+    joint = CRFRNN(network=build_small(num_classes=classes), crf=MeanFieldCRF(
+        num_classes=classes, bilateral_weight=7.0, theta_beta=20.0, train_iterations=1))
+    path = save_checkpoint(tmp_path / "joint.pt", {"model": joint.state_dict(), "model_config": {
+        "name": "deeplabv2_resnet18", "num_classes": classes, "options": {"base_width": 8},
+        "crf": {"train_iterations": 1}}})
+    return joint, str(path)
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+@pytest.mark.parametrize("crf", [None, True])
+def test_a_checkpoint_crf_is_loaded_not_replaced(tmp_path, num_classes, crf):
+    # With num_classes, the checkpoint's trained CRF was dropped (crf=True put a new one at its initial values
+    # in its place, and by default a DeepLabV2 came back), silently.
+    joint, path = _trained_joint(tmp_path)
+    model = hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=num_classes, crf=crf,
+                                       **({} if num_classes is None else {"base_width": 8}))
+    assert isinstance(model, CRFRNN) and model.crf.train_iterations == 1  # the recorded options
+    for key, value in joint.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_crf_false_leaves_a_checkpoint_crf_out(tmp_path, num_classes):
+    # Without num_classes, crf=False (the old default, so indistinguishable from "not given") still gave a CRFRNN.
+    joint, path = _trained_joint(tmp_path)
+    model = hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=num_classes, crf=False,
+                                       **({} if num_classes is None else {"base_width": 8}))
+    assert isinstance(model, DeepLabV2)
+    for key, value in joint.network.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_other_classes_keep_the_checkpoint_crf_bandwidths(tmp_path):
+    joint, path = _trained_joint(tmp_path)
+    model = hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=5, base_width=8)
+    assert isinstance(model, CRFRNN) and model.crf.num_classes == 5
+    assert model.crf.bandwidths["theta_beta"] == pytest.approx(20.0)  # loaded; the class matrices re-initialised
+    assert torch.equal(model.crf.bilateral_weight, 10.0 * torch.eye(5))
+    with pytest.raises(ValueError, match=r"joint\.pt holds a CRF layer with its own options"):
+        hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=5, base_width=8, crf={"train_iterations": 2})
