@@ -5,7 +5,7 @@ Every figure is measured in this run; ratios compare against a reference timed i
     python benchmarks/bench_crf.py                 # everything, CPU, 2 threads
     python benchmarks/bench_crf.py --only speed    # one section: accuracy | speed | training | scaling | cuda | volumes
                                                    # | small
-    python benchmarks/bench_crf.py --malloc default  # glibc's default allocator settings (see runtime.py)
+    python benchmarks/bench_crf.py --malloc default  # glibc's default allocator settings (see crfrnn_deeplab/allocator.py)
     python benchmarks/bench_crf.py --isa avx2      # as on a CPU without AVX-512 (PyTorch, MKL, oneDNN, FBGEMM)
 
 Sections:
@@ -374,7 +374,7 @@ def _child(height: int, width: int, classes: int, repeats: int, threads: int, ma
 
 def section_scaling(args) -> None:
     print(f"\n## Scaling: inference, 10 iterations, CPU, {args.threads} threads, each run in a fresh process")
-    print("peak = peak RSS above the inputs; malloc 'retain' = runtime.retain_freed_memory(), 'default' = glibc's")
+    print("peak = peak RSS above the inputs; malloc 'retain' = allocator.retain_freed_memory(), 'default' = glibc's")
     print(f"{'size':<12}{'classes':>8}{'malloc':>9}{'ms':>10}{'× previous':>12}{'peak MiB':>10}")
     for malloc in ("retain", "default"):
         previous = None
@@ -538,7 +538,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--malloc", choices=("retain", "default"), default="retain",
-                        help="'retain': keep freed memory (runtime.retain_freed_memory, as train.py does)")
+                        help="'retain': keep freed memory (allocator.retain_freed_memory, as train.py does)")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="'avx2': rerun in a process whose PyTorch, MKL, oneDNN and FBGEMM use AVX2 code only")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -135,8 +135,8 @@ class DenseCRF:
             spacing: this call's voxel size along each spatial axis; None: the constructor's.
 
         Returns:
-            Probabilities ``(C, H, W)`` / ``(B, C, H, W)`` float32, numpy when the image was numpy, else a
-            tensor on the compute device.
+            Probabilities ``(C, *S)`` / ``(B, C, *S)`` float32 (``(C, H, W)`` for an image, ``(C, D, H, W)`` for a
+            volume), numpy when the image was numpy, else a tensor on the compute device.
         """
         if (probabilities is None) == (logits is None):
             raise ValueError("give exactly one of probabilities (summing to 1 over classes) or logits")

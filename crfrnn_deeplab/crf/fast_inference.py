@@ -35,7 +35,7 @@ def mean_field_inference(
 ) -> Tensor:
     """``iterations`` mean-field steps without autograd, in fewer passes over the pixels.
 
-    Computes what repeated :func:`mean_field_step` computes (to float rounding), restructured for speed:
+    Computes what repeated :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` computes (to float rounding), restructured for speed:
 
     - the normalisers become splat/slice weights, and the bilateral compatibility mixes channels on the
       lattice (far fewer rows than pixels);

@@ -108,6 +108,9 @@ def check_crf_inputs(
             Tensor[B, K, *S] in any units with K = ``sum(guidance_groups)``; same batch, size and device as the
             logits.
         valid_mask: Tensor[B, *S] bool, or None.
+        spatial_dims: 2 (images) or 3 (volumes): how many trailing axes are spatial.
+        guidance_groups: None (the RGB image), or the channel counts of the guidance's groups (see
+            :class:`MeanFieldCRF`).
     """
     if any(isinstance(t, Tensor) and t.is_meta for t in (logits, image, valid_mask)):
         raise ValueError("the CRF cannot run on meta tensors (they hold no data): give it real logits and image")

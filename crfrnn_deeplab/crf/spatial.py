@@ -85,6 +85,8 @@ def spatial_gaussian(
         theta: Tensor[] (or a number) bandwidth in physical units (voxels when ``spacing`` is None), finite and > 0.
         spacing: the physical size of a voxel along each spatial axis, in the axes' order (``(s_D, s_H, s_W)``
             or ``(s_H, s_W)``); None: 1 along every axis.
+        truncate: the taps reach ``truncate · θ`` (finite and > 0; the default 4 leaves out ``exp(-8)``, 3.4e-4,
+            of the kernel's peak).
         out: a contiguous tensor of the values' shape and dtype, not overlapping them, to write the result into
             (the last pass writes there directly); not while autograd records.
 
