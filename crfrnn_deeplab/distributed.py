@@ -43,8 +43,12 @@ def init_distributed(device: str = "auto", *, timeout_minutes: float = 30.0) -> 
         The torch device this process computes on.
 
     Raises:
+        TypeError: ``device`` is not a string (e.g. a ``torch.device``: pass ``str(device)``).
         ValueError: a CUDA device is asked for and CUDA is not available.
     """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string: 'auto', 'cpu', 'cuda' or 'cuda:N', got {type(device).__name__} "
+                        f"{device!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

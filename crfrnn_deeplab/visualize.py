@@ -5,6 +5,7 @@ Used by ``train.py`` at each evaluation; the functions take plain tensors/arrays
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,13 +22,19 @@ _IGNORE_RGB = (255, 255, 255)
 
 def palette(num_classes: int, *, ignore_index: int = 255) -> np.ndarray:
     """The PASCAL VOC colour map (uint8 [256, 3]) for class indices, with ``ignore_index`` (an index into its 256
-    entries) drawn white. ``num_classes`` is only checked: the map always has 256 entries.
+    entries, 0..255) drawn white. ``num_classes`` is only checked: the map always has 256 entries.
 
     Raises:
-        ValueError: ``num_classes`` outside 1..256.
+        TypeError: ``num_classes`` or ``ignore_index`` is not an int.
+        ValueError: ``num_classes`` outside 1..256, or ``ignore_index`` outside 0..255.
     """
+    for name, value in (("num_classes", num_classes), ("ignore_index", ignore_index)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if not 1 <= num_classes <= 256:
         raise ValueError(f"num_classes must be in 1..256, got {num_classes}")
+    if not 0 <= ignore_index <= 255:  # a negative index would silently colour another entry
+        raise ValueError(f"ignore_index must be in 0..255 (an entry of the 256-colour map), got {ignore_index}")
     colours = voc_colormap(256).astype(np.uint8).copy()
     colours[ignore_index] = _IGNORE_RGB
     return colours

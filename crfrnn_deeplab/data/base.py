@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from crfrnn_deeplab.data.io import DatasetError
+from crfrnn_deeplab.data.io import DatasetError, as_index
 
 __all__ = ["SegmentationDataset", "IGNORE_INDEX"]
 
@@ -86,6 +86,7 @@ class SegmentationDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> Any:
+        index = as_index(index, f"{type(self).__name__} index")
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")

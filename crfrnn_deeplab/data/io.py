@@ -8,6 +8,7 @@ helpers pickle cleanly into ``DataLoader`` workers.
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from crfrnn_deeplab.images import pil_to_rgb
 
 __all__ = [
     "DatasetError",
+    "as_index",
+    "as_path",
     "require_dir",
     "require_file",
     "read_id_list",
@@ -35,6 +38,15 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
+# The PIL modes of a label image of class indices, and the dtype read_index_png returns for each: palette
+# indices, 1-bit (0/1) and 8-bit greyscale as uint8; 16-bit greyscale in either byte order (a 16-bit PNG opens
+# as 'I;16', a big-endian TIFF as 'I;16B') and 32-bit integers as int64. scan_image_label_pairs accepts exactly
+# these, so a label the loader reads never fails the scan before a run.
+_LABEL_DTYPES: dict[str, type] = {
+    "P": np.uint8, "1": np.uint8, "L": np.uint8, "I;16": np.int64, "I;16B": np.int64, "I;16L": np.int64, "I": np.int64,
+}
+_LABEL_MODES_TEXT = ", ".join(repr(mode) for mode in _LABEL_DTYPES)
+
 # What PIL raises for a file it cannot decode. DecompressionBombError (an image above twice
 # Image.MAX_IMAGE_PIXELS) derives from Exception only, not from OSError or ValueError.
 _DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
@@ -44,8 +56,37 @@ class DatasetError(ValueError):
     """A dataset on disk is malformed: corrupt file, size mismatch, bad label values, empty split."""
 
 
+def as_path(path: object, what: str) -> Path:
+    """``path`` as a ``Path``: the one conversion of a dataset's root or directory argument.
+
+    Args:
+        path: a ``str`` or ``os.PathLike``.
+        what: what the path is, for the message (``"root"``, ``"VOC root"``).
+
+    Raises:
+        TypeError: ``path`` is neither a ``str`` nor an ``os.PathLike`` (e.g. an int, None or bytes).
+        ValueError: ``path`` is empty: ``Path("")`` would silently be the current directory.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__} {path!r}")
+    if os.fspath(path) in ("", b""):
+        raise ValueError(f"{what} must not be empty (it would mean the current directory), got {path!r}")
+    return Path(path)
+
+
+def as_index(index: object, what: str) -> int:
+    """``index`` as an int: an integer of any type (numpy's, a one-element integer tensor), never a float (1.5,
+    which numpy's seeding would refuse with a message about seeds) or a bool. Raises TypeError naming ``what``."""
+    try:
+        if not isinstance(index, bool):
+            return operator.index(index)
+    except TypeError:
+        pass
+    raise TypeError(f"{what} must be an int, got {type(index).__name__} {index!r}")
+
+
 def _require(path: PathLike, what: str, layout: str, *, directory: bool) -> Path:
-    p = Path(path)
+    p = as_path(path, what)
     if not (p.is_dir() if directory else p.is_file()):
         kind = "a directory" if directory else "a file"
         state = f"is not {kind}" if p.exists() else "does not exist"
@@ -62,6 +103,7 @@ def require_dir(path: PathLike, what: str, layout: str) -> Path:
         layout: the layout expected there, for the message.
 
     Raises:
+        TypeError, ValueError: ``path`` is not a path, or is empty (see :func:`as_path`).
         FileNotFoundError: the directory does not exist (or is a file).
     """
     return _require(path, what, layout, directory=True)
@@ -71,6 +113,7 @@ def require_file(path: PathLike, what: str, layout: str) -> Path:
     """Return ``path`` as a ``Path`` if it is a regular file, else raise naming it and the expected layout.
 
     Raises:
+        TypeError, ValueError: ``path`` is not a path, or is empty (see :func:`as_path`).
         FileNotFoundError: the file does not exist (or is a directory).
     """
     return _require(path, what, layout, directory=False)
@@ -173,13 +216,14 @@ def read_index_png(path: PathLike) -> np.ndarray:
     """Read a label PNG whose pixel values are class indices.
 
     Palette (mode ``"P"``) images are read as their palette *indices*, not their colours, which is what the
-    VOC ``SegmentationClass`` PNGs hold. Greyscale 8-bit and 16-bit images are read as-is, 1-bit ones as 0/1.
+    VOC ``SegmentationClass`` PNGs hold. Greyscale 8-bit and 16-bit images (either byte order) and 32-bit
+    integer ones are read as-is, 1-bit ones as 0/1.
 
     Args:
-        path: a palette, 1-bit, 8-bit or 16-bit greyscale PNG.
+        path: a palette, 1-bit, 8-bit or 16-bit greyscale PNG (or another format PIL reads, e.g. TIFF).
 
     Returns:
-        ``uint8 [H, W]`` for palette, 1-bit and 8-bit images, ``int64 [H, W]`` for 16-bit ones.
+        ``uint8 [H, W]`` for palette, 1-bit and 8-bit images, ``int64 [H, W]`` for 16- and 32-bit ones.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -189,22 +233,17 @@ def read_index_png(path: PathLike) -> np.ndarray:
     try:
         with _open_image(path) as im:
             mode = im.mode
-            if mode in ("P", "L"):
-                arr = np.asarray(im)
-            elif mode == "1":  # 1-bit masks: 0 / 1
-                arr = np.asarray(im).astype(np.uint8)
-            elif mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im).astype(np.int64)
-            else:
-                arr = None
+            dtype = _LABEL_DTYPES.get(mode)
+            arr = None if dtype is None else np.asarray(im).astype(dtype, copy=False)  # 1-bit: bool to 0 / 1
     except FileNotFoundError:
         raise FileNotFoundError(f"label file {str(path)!r} does not exist") from None
     except _DECODE_ERRORS as e:
         raise DatasetError(f"cannot decode label image {str(path)!r}: {e}") from e
     if arr is None:
         raise DatasetError(
-            f"label image {str(path)!r} has mode {mode!r}; expected a palette ('P') or greyscale ('1', 'L', "
-            "'I;16') PNG whose values are class indices (a colour-coded mask must be converted to indices first)"
+            f"label image {str(path)!r} has mode {mode!r}; expected a palette or greyscale image whose values are "
+            f"class indices (one of the modes {_LABEL_MODES_TEXT}); a colour-coded mask must be converted to "
+            "indices first"
         )
     return arr
 
@@ -317,13 +356,15 @@ def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
 
 def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike]) -> None:
     """A fast check of a split's files before a long run: every image and label opens as an image (the
-    header only: no pixel is decoded), the label has its image's size, and labels are single-channel.
+    header only: no pixel is decoded), the label has its image's size, and each label has a mode that
+    :func:`read_index_png` reads (palette or greyscale).
     SBD ``.mat`` labels are only checked to exist. Decoding errors past the header, and label values, are
     left to :meth:`~crfrnn_deeplab.data.base.SegmentationDataset.verify`.
 
     Raises:
         FileNotFoundError: a listed file is missing (named).
-        DatasetError: a file that is not an image, a size mismatch or an RGB label (both files named).
+        DatasetError: a file that is not an image, a size mismatch, or a label of a mode :func:`read_index_png`
+            refuses, e.g. RGB (both files named).
     """
     for image_path, label_path in zip(images, labels, strict=True):
         image_path, label_path = str(image_path), str(label_path)
@@ -333,9 +374,9 @@ def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike
                 raise FileNotFoundError(f"label {label_path!r} does not exist")
             continue
         (lw, lh), mode = _header(label_path, "label")
-        if mode not in ("L", "P", "I", "I;16", "1"):
-            raise DatasetError(f"label {label_path!r} is a {mode!r} image; expected a single-channel (L, P or "
-                               f"16-bit) PNG of class indices")
+        if mode not in _LABEL_DTYPES:
+            raise DatasetError(f"label {label_path!r} is a {mode!r} image; expected a palette or greyscale image of "
+                               f"class indices (one of the modes {_LABEL_MODES_TEXT})")
         if (iw, ih) != (lw, lh):
             raise DatasetError(f"size mismatch: image {image_path!r} is {ih}x{iw} (HxW) but its label "
                                f"{label_path!r} is {lh}x{lw}")

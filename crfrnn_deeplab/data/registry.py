@@ -4,7 +4,8 @@ registry, :mod:`crfrnn_deeplab.models.registry`).
 A builder is a function ``builder(*, eval_transform, **options) -> DatasetSplits`` registered under a name with
 :func:`register_dataset`; its keyword options (``root``, ``seed``, ...) are plain values, never a config. The
 registry records what callers need to know before building: the builder's options (so ``"root" in
-spec.options`` says that the dataset is read from disk) and, where it is fixed, the class list.
+spec.options`` says that the dataset is read from disk) and, where it is fixed, the class list. A builder gets
+``root`` as a ``Path``: :func:`build_datasets` takes a ``str`` or ``os.PathLike`` and converts it, once for all.
 
 Example::
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from crfrnn_deeplab.data.base import SegmentationDataset, Transform
-from crfrnn_deeplab.data.io import scan_image_label_pairs
+from crfrnn_deeplab.data.io import as_path, scan_image_label_pairs
 from crfrnn_deeplab.data.cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from crfrnn_deeplab.data.coco_stuff import COCO_STUFF_CLASSES, COCOStuffSegmentation
 from crfrnn_deeplab.data.folder import FolderSegmentation
@@ -112,11 +113,13 @@ def build_datasets(name: str, *, eval_transform: Transform | None = None, **opti
     Args:
         name: a name from :func:`list_datasets`.
         eval_transform: applied to the validation (and held-out) samples.
-        **options: the builder's keyword options (:attr:`DatasetSpec.options`), e.g. ``root``.
+        **options: the builder's keyword options (:attr:`DatasetSpec.options`), e.g. ``root`` (a ``str`` or
+            ``os.PathLike``; the builder gets it as a ``Path``).
 
     Raises:
-        ValueError: unknown ``name``.
-        TypeError: an option the builder does not take, or a missing one.
+        ValueError: unknown ``name``, or an empty ``root``.
+        TypeError: an option the builder does not take, a missing one, or a ``root`` that is neither a ``str``
+            nor an ``os.PathLike``.
     """
     spec = dataset_spec(name)
     unknown = sorted(set(options) - set(spec.options))
@@ -126,6 +129,8 @@ def build_datasets(name: str, *, eval_transform: Transform | None = None, **opti
     ]
     if unknown or missing:
         raise TypeError(f"dataset {name!r} takes the options {list(spec.options)}; unknown: {unknown}, missing: {missing}")
+    if "root" in options:
+        options["root"] = as_path(options["root"], "root")
     return spec.builder(eval_transform=eval_transform, **options)
 
 

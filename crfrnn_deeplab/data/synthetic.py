@@ -52,6 +52,8 @@ disjoint seed streams: they never share an image.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -70,6 +72,26 @@ _COLOUR_STD = 50.0
 _MIN_CONTRAST = 70.0
 _REFERENCE_SIZE = 161.0
 _SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def _is_int(value: object) -> bool:
+    """An integer of any type (numpy's too), not a bool: a float size such as 40.7 is refused, not truncated."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _image_size(size: object) -> tuple[int, int]:
+    """``size`` (one int for a square, or ``(height, width)``) as two ints.
+
+    Raises:
+        TypeError: not an int or a pair of ints (a float, a bool, a string, three sides, ...).
+    """
+    sides = size.tolist() if isinstance(size, np.ndarray) else size
+    if _is_int(sides):
+        sides = (sides, sides)
+    if (isinstance(sides, (str, bytes)) or not isinstance(sides, Sequence) or len(sides) != 2
+            or not all(_is_int(side) for side in sides)):
+        raise TypeError(f"size must be an int or a (height, width) pair of ints, got {type(size).__name__} {size!r}")
+    return int(sides[0]), int(sides[1])
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -159,7 +181,17 @@ def render_synthetic(rng: np.random.Generator, height: int, width: int) -> tuple
 
     Returns:
         ``(image, label)``: ``uint8 [H, W, 3]`` RGB and ``uint8 [H, W]`` with values in ``0..5``.
+
+    Raises:
+        TypeError: ``height`` or ``width`` is not an int.
+        ValueError: ``height`` or ``width`` is below 1.
     """
+    for name, side in (("height", height), ("width", width)):
+        if not _is_int(side):
+            raise TypeError(f"{name} must be an int (pixels), got {type(side).__name__} {side!r}")
+        if side < 1:
+            raise ValueError(f"{name} must be at least 1 pixel, got {side}")
+    height, width = int(height), int(width)
     scale = min(height, width) / _REFERENCE_SIZE
     background = _background(rng, height, width)
     n_objects = int(rng.integers(4, 9))
@@ -211,7 +243,8 @@ class SyntheticSegmentation(SegmentationDataset):
 
     Raises:
         ValueError: unknown split, non-positive length, negative seed, or a size below 32 pixels.
-        TypeError: non-integer seed.
+        TypeError: non-integer ``num_images``, ``seed`` or ``size`` (a float is refused, not truncated; so is a
+            bool).
     """
 
     def __init__(
@@ -228,18 +261,20 @@ class SyntheticSegmentation(SegmentationDataset):
             raise ValueError(f"synthetic split must be one of {tuple(_SPLIT_CODES)}, got {split!r}")
         if num_images is None:
             num_images = 1000 if split == "train" else 100
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        if not _is_int(num_images):
+            raise TypeError(f"num_images must be a positive integer, got {type(num_images).__name__} {num_images!r}")
+        if num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not _is_int(seed):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        height, width = _image_size(size)
         if min(height, width) < 32:
             raise ValueError(f"synthetic images must be at least 32x32, got size {size!r}")
-        self.split, self.seed, self.size = split, int(seed), (int(height), int(width))
+        self.split, self.seed, self.size = split, int(seed), (height, width)
         self.class_names = SYNTHETIC_CLASSES
-        self.ids = [f"synthetic_{split}_{self.seed}_{i:06d}" for i in range(num_images)]
+        self.ids = [f"synthetic_{split}_{self.seed}_{i:06d}" for i in range(int(num_images))]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])

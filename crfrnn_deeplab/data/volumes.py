@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crfrnn_deeplab.data.io import as_index
+
 __all__ = ["VOLUME_CLASSES", "SPACING_LIMITS", "MAX_VOXELS", "SyntheticVolumes", "render_volume"]
 
 VOLUME_CLASSES = ("background", "tube", "blob")
@@ -163,18 +165,19 @@ class SyntheticVolumes(torch.utils.data.Dataset):
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         seed: int = 0,
     ) -> None:
-        if isinstance(num_volumes, bool) or not isinstance(num_volumes, int) or num_volumes < 1:
+        if isinstance(num_volumes, bool) or not isinstance(num_volumes, numbers.Integral) or num_volumes < 1:
             raise ValueError(f"num_volumes must be an int >= 1, got {num_volumes!r}")
         shape, spacing_arr = _check_geometry(shape, spacing)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.num_volumes, self.shape, self.seed = num_volumes, shape, int(seed)
+        self.num_volumes, self.shape, self.seed = int(num_volumes), shape, int(seed)
         self.spacing = tuple(float(s) for s in spacing_arr)
 
     def __len__(self) -> int:
         return self.num_volumes
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        index = as_index(index, "a volume index")
         if not 0 <= index < self.num_volumes:
             raise IndexError(f"volume {index} of {self.num_volumes}")
         volume, label = render_volume(np.random.default_rng([self.seed, index]), self.shape, spacing=self.spacing)

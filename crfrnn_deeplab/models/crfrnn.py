@@ -83,13 +83,17 @@ class CRFRNN(PredictMixin, nn.Module):
             logits).
 
         Raises:
-            ValueError: ``raw`` or ``x`` is not a tensor, or their shapes differ; and the network's and
-                :class:`MeanFieldCRF`'s errors for bad inputs.
+            TypeError: ``x`` or ``raw`` is not a Tensor; and the network's and :class:`MeanFieldCRF`'s errors for
+                inputs of a wrong type.
+            ValueError: the shapes of ``x`` and ``raw`` differ; and the network's and :class:`MeanFieldCRF`'s errors
+                for bad values or shapes.
         """
-        if not isinstance(raw, Tensor) or not isinstance(x, Tensor) or raw.shape != x.shape:
+        for name, value in (("x", x), ("raw", raw)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a Tensor[B, 3, H, W], got {type(value).__name__}")
+        if raw.shape != x.shape:
             raise ValueError(
-                f"raw must be the raw RGB image with the shape of x {tuple(getattr(x, 'shape', ()))}, "
-                f"got {tuple(getattr(raw, 'shape', ()))}"
+                f"raw must be the raw RGB image with the shape of x {tuple(x.shape)}, got {tuple(raw.shape)}"
             )
         out = self.network(x)
         logits = out.fused if isinstance(out, MSCOutput) else out

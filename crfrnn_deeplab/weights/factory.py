@@ -122,12 +122,25 @@ def network_name(model: nn.Module) -> str | None:
     return None if found is None else found[0].network
 
 
+def _choosable_options(name: str) -> list[str]:
+    """The options of a registered builder that a checkpoint's model may set: all but ``input_convention``, which
+    comes with the weights."""
+    return sorted(set(builder_defaults(name)) - {"input_convention"})
+
+
 def _unknown_options(name: str, options: Mapping[str, Any]) -> list[str]:
-    """The options a registered builder does not take (none when it takes ``**kwargs``)."""
+    """The options not among :func:`_choosable_options` (none when the builder takes ``**kwargs``)."""
     params = inspect.signature(model_spec(name).builder).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
-    return sorted(set(options) - set(builder_defaults(name)) - {"input_convention"})
+    return sorted(set(options) - set(_choosable_options(name)))
+
+
+def _check_caller_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raises TypeError naming the caller's options that model ``name`` does not take, and those it does."""
+    unknown = _unknown_options(name, options)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for model {name!r}; accepted: {_choosable_options(name)}")
 
 
 def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, msc: bool | None,
@@ -148,15 +161,13 @@ def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, 
     unknown = _unknown_options(name, recorded)
     if unknown:
         raise CheckpointError(f"{where}.options: {unknown} not option(s) of {name!r}; its options: "
-                              f"{sorted(builder_defaults(name))}")
+                              f"{_choosable_options(name)}")
     if msc is not None:
         twin = model_variant(name, multi_scale=msc)
         for option in set(builder_defaults(name)) - set(builder_defaults(twin)):  # the wrapper's own (scales)
             recorded.pop(option, None)
         name = twin
-    unknown = _unknown_options(name, options)
-    if unknown:  # the caller's, not the file's
-        raise TypeError(f"unknown option(s) {unknown} for model {name!r}; accepted: {sorted(builder_defaults(name))}")
+    _check_caller_options(name, options)
     return ModelRecipe(
         name=name,
         num_classes=num_classes if num_classes is not None else config["num_classes"],
@@ -205,8 +216,10 @@ def _inferred_recipe(converted: ConvertedStateDict, *, num_classes: int | None, 
         # kazuto1011's MSC: the max over scales at the unscaled input's score map, inputs resized with
         # F.interpolate(scale_factor=s); these options make the converted model compute the same fused output.
         arch.update(fusion="score_map", image_resize="scale_factor")
+    name = model_variant(trunk.network, multi_scale=multi_scale)
+    _check_caller_options(name, options)
     return ModelRecipe(
-        name=model_variant(trunk.network, multi_scale=multi_scale),
+        name=name,
         num_classes=classes,
         options={**arch, **options},
         crf=None,

@@ -179,6 +179,17 @@ def test_voc_missing_root_names_path_and_layout(tmp_path):
         VOCSegmentation(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("root, error, match", [
+    (3, TypeError, r"VOC root must be a str or os\.PathLike, got int 3"),
+    ("", ValueError, r"VOC root must not be empty \(it would mean the current directory\)"),
+])
+def test_a_root_that_is_not_a_path_is_named(root, error, match):
+    with pytest.raises(error, match=match):
+        VOCSegmentation(root)
+    with pytest.raises(error, match=match.replace("VOC", "COCO-Stuff")):
+        COCOStuffSegmentation(root)
+
+
 def test_voc_missing_split_file(voc):
     root, _ = voc
     with pytest.raises(FileNotFoundError, match=r"(?s)'test' split file .*test\.txt.*ImageSets/Segmentation"):
@@ -508,6 +519,43 @@ def test_folder_16bit_masks(tmp_path, rng):
     label = ds[0]["label"]
     assert label.dtype == np.uint8
     np.testing.assert_array_equal(label, np.where(mask == 1000, 255, mask))
+
+
+def _label_file(path: Path, mode: str, values: np.ndarray) -> Path:
+    """A label image of ``values`` that PIL opens in ``mode``; 16-bit big-endian and 32-bit ones as TIFF (PIL opens
+    every 16-bit PNG as 'I;16' and writes no 32-bit PNG)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        _write_png(path, values, palette=voc_colormap())
+    else:
+        dtype = {"1": bool, "L": np.uint8, "I;16": np.uint16, "I;16B": ">u2", "I": np.int32}[mode]
+        Image.fromarray(values.astype(dtype)).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode, "the fixture must have the mode under test"
+    return path
+
+
+@pytest.mark.parametrize("mode, suffix", [
+    ("P", ".png"), ("1", ".png"), ("L", ".png"), ("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif"),
+])
+def test_the_scan_accepts_every_label_the_loader_reads(tmp_path, rng, mode, suffix):
+    # a big-endian 16-bit label (mode 'I;16B', e.g. a TIFF) loaded but failed the scan before training
+    from crfrnn_deeplab.data.io import read_index_png, scan_image_label_pairs
+    from crfrnn_deeplab.data.registry import scan_files
+
+    wide = mode in ("I;16", "I;16B", "I")
+    values = np.array([[0, 1, 1], [1, 0, 0], [1000, 1000, 0]]) if wide else np.array([[0, 1, 1], [1, 0, 0], [1, 1, 0]])
+    image = tmp_path / "img" / "0.jpg"
+    _write_jpg(image, _smooth_image(rng, 3, 3))
+    label = _label_file(tmp_path / "msk" / f"0{suffix}", mode, values)
+    read = read_index_png(label)
+    assert read.dtype == (np.int64 if wide else np.uint8)
+    np.testing.assert_array_equal(read, values)
+    scan_image_label_pairs([image], [label])
+    ds = FolderSegmentation(tmp_path / "img", tmp_path / "msk", class_names=["a", "b"], mask_suffix=suffix,
+                            ignore_value=1000)
+    assert scan_files(ds) == 1
+    np.testing.assert_array_equal(ds[0]["label"], np.where(values == 1000, 255, values))
 
 
 def test_folder_errors(tmp_path, rng):

@@ -3,6 +3,9 @@ plain arguments."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,14 +54,16 @@ def test_synthetic_splits_are_deterministic_and_held_out_apart_from_val():
     assert not np.array_equal(splits.held_out.load(0)[0], splits.val.load(0)[0])  # another seed
 
 
-def test_folder_builds_both_splits_from_its_layout(tmp_path):
+@pytest.mark.parametrize("as_root", [Path, str], ids=["path", "str"])
+def test_folder_builds_both_splits_from_its_layout(tmp_path, as_root):
     for split in ("training", "validation"):
         for folder in ("images", "annotations"):
             (tmp_path / folder / split).mkdir(parents=True)
         Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "images" / split / "a.jpg")
         Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "annotations" / split / "a.png")
-    splits = build_datasets("folder", root=tmp_path, class_names=["bg", "fg"])
+    splits = build_datasets("folder", root=as_root(tmp_path), class_names=["bg", "fg"])
     assert isinstance(splits.train, FolderSegmentation) and splits.train.class_names == ("bg", "fg")
+    assert splits.train.image_dir == tmp_path / "images" / "training"
     assert splits.held_out is None and len(splits.val) == 1  # callers take held-out images from val
 
 
@@ -75,3 +80,27 @@ def test_errors_name_the_dataset_and_options(tmp_path):
     with pytest.raises(TypeError, match="must take an eval_transform keyword argument"):
         register_dataset("no_transform")(lambda *, root: None)
     assert "no_transform" not in list_datasets()
+
+
+def test_every_dataset_read_from_disk_takes_a_str_or_a_path_root(tmp_path):
+    # voc12_aug and folder joined a str root with `/` (a bare "unsupported operand type(s)"); voc12 took it
+    readers = [name for name in list_datasets() if "root" in dataset_spec(name).options]
+    assert {"voc12", "voc12_aug", "coco_stuff", "cityscapes", "folder"} <= set(readers)
+    for name in readers:
+        extra = {"class_names": ["a"]} if "class_names" in dataset_spec(name).options else {}
+        for root in (str(tmp_path), tmp_path):  # the empty directory: the builder gets as far as its layout
+            with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + r".* does not exist; expected"):
+                build_datasets(name, root=root, **extra)
+
+
+@pytest.mark.parametrize("root, error, match", [
+    (3, TypeError, r"root must be a str or os\.PathLike, got int 3"),
+    (None, TypeError, r"root must be a str or os\.PathLike, got NoneType None"),
+    (b"/data/voc", TypeError, r"root must be a str or os\.PathLike, got bytes b'/data/voc'"),
+    ("", ValueError, r"root must not be empty \(it would mean the current directory\)"),
+])
+@pytest.mark.parametrize("name", ["voc12", "voc12_aug", "folder"])
+def test_a_root_that_is_not_a_path_is_named(name, root, error, match):
+    extra = {"class_names": ["a"]} if name == "folder" else {}
+    with pytest.raises(error, match=match):
+        build_datasets(name, root=root, **extra)

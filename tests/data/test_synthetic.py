@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from crfrnn_deeplab.data import SYNTHETIC_CLASSES, SyntheticSegmentation
+from crfrnn_deeplab.data import SYNTHETIC_CLASSES, SyntheticSegmentation, render_synthetic
 
 N_STATS = 50  # images per statistic, as stated in the module docstring
 
@@ -166,9 +166,47 @@ def test_generation_is_fast():
         ({"size": 16}, ValueError, "at least 32x32"),
         ({"seed": -1}, ValueError, "seed must be non-negative"),
         ({"seed": "a"}, TypeError, "seed must be an integer"),
+        ({"seed": 1.0}, TypeError, "seed must be an integer"),
         ({"transform": 3}, TypeError, "transform must be callable"),
+        # a float size was truncated: (40.7, 40) gave 40x40 images
+        ({"size": (40.7, 40)}, TypeError,
+         r"size must be an int or a \(height, width\) pair of ints, got tuple \(40.7, 40\)"),
+        ({"size": 40.5}, TypeError, r"size must be an int or a \(height, width\) pair of ints, got float 40.5"),
+        ({"size": True}, TypeError, r"size must be .*, got bool True"),
+        ({"size": (True, 40)}, TypeError, r"size must be .*, got tuple \(True, 40\)"),
+        ({"size": (40, 40, 40)}, TypeError, r"size must be .*, got tuple \(40, 40, 40\)"),
+        ({"size": "40"}, TypeError, r"size must be .*, got str '40'"),
+        ({"num_images": 2.0}, TypeError, r"num_images must be a positive integer, got float 2.0"),
+        ({"num_images": True}, TypeError, r"num_images must be a positive integer, got bool True"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         SyntheticSegmentation(**kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    ds = SyntheticSegmentation(num_images=np.int64(2), size=(np.int64(40), 41), seed=np.int64(3))
+    assert len(ds) == 2 and ds.size == (40, 41) and type(ds.size[0]) is int
+    assert SyntheticSegmentation(num_images=1, size=np.array([40, 41])).size == (40, 41)
+    np.testing.assert_array_equal(ds[np.int64(1)]["image"], ds[1]["image"])
+
+
+@pytest.mark.parametrize("index", [1.5, True, "1"])
+def test_an_index_that_is_not_an_int_is_named(index):
+    # a float index reached numpy as "seed must be integer"
+    with pytest.raises(TypeError, match=rf"SyntheticSegmentation index must be an int, got {type(index).__name__}"):
+        SyntheticSegmentation(num_images=2)[index]
+
+
+@pytest.mark.parametrize(
+    "height, width, error, match",
+    [
+        (40.7, 40, TypeError, r"height must be an int \(pixels\), got float 40.7"),
+        (40, True, TypeError, r"width must be an int \(pixels\), got bool True"),
+        (40, 0, ValueError, r"width must be at least 1 pixel, got 0"),
+    ],
+)
+def test_render_synthetic_bad_sizes(height, width, error, match):
+    with pytest.raises(error, match=match):
+        render_synthetic(np.random.default_rng(0), height, width)

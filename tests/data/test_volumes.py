@@ -60,3 +60,22 @@ def test_numpy_shape_and_spacing_are_accepted():
 def test_the_voxel_bound_admits_a_large_ct_scan():
     assert MAX_VOXELS == 512 * 512 * 1024
     assert SyntheticVolumes(num_volumes=1, shape=(512, 512, 1024)).shape == (512, 512, 1024)  # nothing drawn yet
+
+
+def test_numpy_integer_length_and_index_are_accepted():
+    data = SyntheticVolumes(num_volumes=np.int64(2), shape=(4, 4, 4))
+    assert len(data) == 2 and type(data.num_volumes) is int
+    torch.testing.assert_close(data[np.int64(1)][0], data[1][0])
+
+
+@pytest.mark.parametrize("num_volumes", [2.0, True, 0])
+def test_a_length_that_is_not_a_positive_int_is_refused(num_volumes):
+    with pytest.raises(ValueError, match=rf"num_volumes must be an int >= 1, got {num_volumes!r}"):
+        SyntheticVolumes(num_volumes=num_volumes, shape=(4, 4, 4))
+
+
+@pytest.mark.parametrize("index", [0.5, True])
+def test_an_index_that_is_not_an_int_is_named(index):
+    # 0.5 passed the range check and reached numpy as "seed must be integer"
+    with pytest.raises(TypeError, match=rf"a volume index must be an int, got {type(index).__name__} {index!r}"):
+        SyntheticVolumes(num_volumes=2, shape=(4, 4, 4))[index]

@@ -296,5 +296,17 @@ def test_crfrnn_names_a_missing_crf(light):
         CRFRNN(network=_Convention(), crf=MeanFieldCRF(num_classes=3))
 
 
+@pytest.mark.parametrize("x, raw, error, match", [
+    # a list was a ValueError "... with the shape of x ()"
+    ([1], torch.zeros(1, 3, 8, 9), TypeError, r"x must be a Tensor\[B, 3, H, W\], got list"),
+    (torch.zeros(1, 3, 8, 9), np.zeros((1, 3, 8, 9)), TypeError, r"raw must be a Tensor\[B, 3, H, W\], got ndarray"),
+    (torch.zeros(1, 3, 8, 9), torch.zeros(1, 3, 8, 8), ValueError,
+     r"raw must be the raw RGB image with the shape of x \(1, 3, 8, 9\), got \(1, 3, 8, 8\)"),
+])
+def test_crfrnn_names_what_is_wrong_with_its_inputs(light, x, raw, error, match):
+    with pytest.raises(error, match=match):
+        CRFRNN(network=light, crf=MeanFieldCRF(num_classes=3))(x, raw)
+
+
 class _Convention(nn.Module):
     input_convention = TORCHVISION_CONVENTION

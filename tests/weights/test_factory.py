@@ -90,6 +90,21 @@ def test_input_convention_is_not_a_choice(small):
         model_for_checkpoint(sd, input_convention=CAFFE_CONVENTION)
 
 
+def test_an_unknown_option_lists_the_options_that_can_be_chosen(small, kazuto):
+    # the list offered input_convention, which test_input_convention_is_not_a_choice refuses
+    _, sd = small
+    ours = {"format": "crfrnn_deeplab/1", "model": sd,
+            "model_config": {"name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}}}
+    for source, name in ((ours, "deeplabv2_resnet18"), (kazuto[1], "deeplabv2_resnet50_msc")):
+        with pytest.raises(TypeError, match=rf"unknown option\(s\) \['foo'\] for model '{name}'; accepted: \[") as info:
+            model_for_checkpoint(source, foo=1)
+        assert "'output_stride'" in str(info.value) and "input_convention" not in str(info.value)
+    edited = {**ours, "model_config": {**ours["model_config"], "options": {"widht": 8}}}
+    with pytest.raises(CheckpointError, match=r"\['widht'\] not option\(s\) of 'deeplabv2_resnet18'; its") as info:
+        model_for_checkpoint(edited)
+    assert "'base_width'" in str(info.value) and "input_convention" not in str(info.value)
+
+
 _CONFIG = {"name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}, "crf": None}
 
 
