@@ -54,7 +54,7 @@ from crfrnn_deeplab.training.checkpoints import check_training_state, find_resum
 from crfrnn_deeplab.training.checkpoints import restore_training_state, stage_dir
 from crfrnn_deeplab.training.checkpoints import training_checkpoint
 from crfrnn_deeplab.training.config import Config, ConfigError, StageConfig, config_from_dict, is_resolved_config
-from crfrnn_deeplab.training.config import load_config, resolve_config, save_config, to_dict
+from crfrnn_deeplab.training.config import load_config, read_config, resolve_config, save_config, to_dict
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches, derive_seed
 from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, crf_parameter_problem
 from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, original_message, print_error
@@ -628,7 +628,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help=f"experiment YAML overriding the defaults (default: {DEFAULT_CONFIG.name})")
-    parser.add_argument("--resume", nargs="?", type=Path, const=Path(), default=None, metavar="RUN_OR_CHECKPOINT",
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_OR_CHECKPOINT",  # as written
                         help="continue a run from a run directory (its latest stage*/last.pt) or a checkpoint in "
                              "its stage1/ or stage2/ folder; without a value, the out_dir of the config. The run's "
                              "own config is used, with the command-line overrides on top (not out_dir: the run "
@@ -655,7 +655,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")  # what a KEY=VALUE override starts with
+#: What a KEY=VALUE override starts with. A value written as a path does not match: one that starts with ``./``,
+#: ``../``, ``/`` or ``~``, or has a path separator before its ``=`` (``runs/lr=0.1``).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
 
 
 def run_dir_of(location: Path) -> Path:
@@ -689,9 +691,12 @@ RUN_IDENTITY = ("model", "data.dataset", "data.root", "seed")
 
 def check_same_run(checkpoint_config: Config, run_dir: Path, checkpoint: Path) -> None:
     """Refuses to resume ``checkpoint`` into ``run_dir`` when the run's ``config.yaml`` names another model,
-    dataset or seed (:data:`RUN_IDENTITY`) than the checkpoint's own config. Raises UsageError."""
+    dataset or seed (:data:`RUN_IDENTITY`) than the checkpoint's own config. Raises UsageError.
+
+    ``config.yaml`` is read, not validated: it names the device the run was written on, which this machine may
+    lack (a run from a GPU resumed with ``device=cpu``); the config resumed is validated with the overrides."""
     try:
-        written = to_dict(load_config(run_dir / "config.yaml"))
+        written = to_dict(read_config(run_dir / "config.yaml"))
     except (ConfigError, FileNotFoundError, OSError) as e:
         raise UsageError(f"--resume: {run_dir / 'config.yaml'} cannot be read as this run's config: {e}") from None
     ours = to_dict(checkpoint_config)
@@ -751,13 +756,17 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
                                       source=source), None
             config = DEFAULT_CONFIG
         return load_config(config, args.overrides), None
-    location = args.resume
-    if _OVERRIDE.match(str(location)) and not location.exists():  # --resume's optional value took an override
-        raise UsageError(f"--resume {location}: no such run directory or checkpoint; it reads as a KEY=VALUE "
+    # args.resume is the value as written ("" without one): a Path drops a leading "./" ("./lr=0.1" is a path,
+    # "lr=0.1" reads as an override) and cannot tell "." (the current directory) from no value
+    location = Path(args.resume)
+    if _OVERRIDE.match(args.resume) and not location.exists():  # --resume's optional value took an override
+        raise UsageError(f"--resume {args.resume}: no such run directory or checkpoint; it reads as a KEY=VALUE "
                          f"override, which --resume took for the run to continue: name the run first (--resume "
-                         f"RUN {location}), or put the override before --resume")
-    if location == Path():
+                         f"RUN {args.resume}), or put the override before --resume")
+    if not args.resume:
         location = Path(load_config(args.config or DEFAULT_CONFIG, args.overrides).out_dir)
+    if not location.exists():
+        raise FileNotFoundError(f"nothing to resume in {args.resume or location}: no such run directory or checkpoint")
     path = find_resume_checkpoint(location)
     try:
         checkpoint = load_checkpoint(path)

@@ -13,6 +13,7 @@ The schema's classes are re-exported here, the one import a caller needs.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import re
 import typing
@@ -49,6 +50,7 @@ from crfrnn_deeplab.training.schema import (
 __all__ = [
     *schema.__all__,
     "load_config",
+    "read_config",
     "resolve_config",
     "config_from_dict",
     "apply_overrides",
@@ -180,8 +182,40 @@ def _merge(base: DictConfig, updates: Any) -> DictConfig:
 def _to_config(merged: DictConfig) -> Config:
     try:
         return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:  # an interpolation (${...}) that does not resolve
-        raise ConfigError(f"{e.full_key or 'config'}: {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:  # an interpolation (${...}) that does not resolve, or not to this shape
+        found = _misplaced_interpolation(merged)
+        raise ConfigError(found or f"{e.full_key or 'config'}: {str(e).splitlines()[0]}") from None
+
+
+def _misplaced_interpolation(merged: DictConfig) -> str | None:
+    """The first key whose interpolation (``crf=${seed}``) resolves to a value of the wrong shape for the schema
+    (:func:`_misplaced_value`), with the interpolation. OmegaConf refuses such a value without naming the key
+    ("Invalid type assigned: int is not a subclass of CRFConfig"); here it is resolved in an untyped copy of the
+    config, which checks no types."""
+    written = OmegaConf.to_container(merged)  # interpolations as written
+    untyped = OmegaConf.create(written)
+
+    def search(values: dict, owner: Any, prefix: str) -> str | None:
+        hints = typing.get_type_hints(owner)
+        for key, value in values.items():
+            annotation, where = hints.get(key), f"{prefix}{key}"
+            items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            if annotation is not None and any(isinstance(v, str) and "${" in v for v in items):
+                try:
+                    resolved = OmegaConf.select(untyped, where)
+                    if OmegaConf.is_config(resolved):
+                        resolved = OmegaConf.to_container(resolved, resolve=True)
+                except OmegaConfBaseException:
+                    continue  # one that does not resolve: OmegaConf's own message names it
+                if found := _misplaced_value({key: resolved}, owner, prefix):
+                    shown = value if isinstance(value, str) else "[" + ", ".join(map(str, value)) + "]"
+                    return f"{found} (the value of {shown})"
+            elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+                if found := search(value, annotation, f"{where}."):
+                    return found
+        return None
+
+    return search(written, Config, "")
 
 
 def _is_text(key: str) -> bool:
@@ -191,18 +225,22 @@ def _is_text(key: str) -> bool:
                                  and str in typing.get_args(annotation))
 
 
-def _override(item: str) -> DictConfig:
-    """One ``key=value`` as a nested DictConfig: the value read as YAML (``1e-3``, ``true``, ``null``,
-    ``[1, 2]``), except that text fields keep the text (``data.root=2012`` is "2012", ``out_dir=on`` is "on")."""
+#: ``key[i]``: item ``i`` of the list at ``key`` (``data.scale_range[0]``; ``[-1]``: the last item).
+_INDEXED = re.compile(r"(?P<list>[^\[\]]+)(?P<indices>(?:\[-?\d+\])+)")
+
+
+def _override(item: str) -> tuple[str, Any]:
+    """One ``key=value`` as the key and its value, read as YAML (``1e-3``, ``true``, ``null``, ``[1, 2]``), except
+    that text fields keep the text (``data.root=2012`` is "2012", ``out_dir=on`` is "on")."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (e.g. stage1.lr=1e-3)")
     key, raw = (s.strip() for s in item.split("=", 1))
     try:
-        if not _is_text(key):
-            return OmegaConf.from_dotlist([f"{key}={raw}"])
-        update = OmegaConf.create()
-        OmegaConf.update(update, key, None if raw in ("null", "~", "None") else raw, force_add=True)
-        return update
+        if _is_text(key):  # (OmegaConf checks the grammar of an interpolation in it)
+            read = OmegaConf.create({"value": None if raw in ("null", "~", "None") else raw})
+        else:
+            read = OmegaConf.from_dotlist([f"value={raw}"])
+        return key, OmegaConf.to_container(read)["value"]
     except yaml.YAMLError as e:  # e.g. an unquoted "[0.5, 1.5]" that the shell split in two
         problem = str(e).splitlines()[0]
         raise ConfigError(f"{key}: the value {raw!r} is not valid YAML ({problem}); quote an override whose "
@@ -211,14 +249,82 @@ def _override(item: str) -> DictConfig:
         raise ConfigError(f"{key}: the value {raw!r} cannot be read: {str(e).splitlines()[0]}", keys=(key,)) from None
 
 
+def _update(key: str, value: Any, current: DictConfig) -> DictConfig:
+    """What ``key=value`` merges into ``current``: a nested DictConfig that sets ``key`` (a mapping value sets
+    only its own entries). For an item of a list, ``key[i]``, the whole list with that item replaced: OmegaConf
+    would read ``[0]`` as the key ``"0"`` of a mapping, and a merge replaces a list as a whole."""
+    if indexed := _INDEXED.fullmatch(key):
+        return _nested(indexed["list"], _with_item(current, key, value))
+    return _nested(key, value)
+
+
+def _nested(key: str, value: Any) -> DictConfig:
+    update = OmegaConf.create()
+    try:
+        OmegaConf.update(update, key, value, force_add=True)
+    except OmegaConfBaseException as e:  # a key OmegaConf cannot parse
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}", keys=(key,)) from None
+    return update
+
+
+def _with_item(current: DictConfig, key: str, value: Any) -> list:
+    """The list that ``key`` (``name[i]``, or ``name[i][j]`` in a list of lists) indexes in ``current``, with that
+    item replaced by ``value``; a negative index counts from the end, as in Python.
+
+    Raises:
+        ConfigError: ``name`` is not a key of the config, or holds no list; the index is past the list's end (an
+            override sets an item, it does not add one: the whole list sets its length).
+    """
+    indexed = _INDEXED.fullmatch(key)
+    name, indices = indexed["list"], [int(i) for i in re.findall(r"-?\d+", indexed["indices"])]
+    node, where = current, ""
+    try:
+        for part in name.split("."):
+            if not isinstance(node, DictConfig):  # seed.x[0]
+                raise ConfigError(f"{key}: {where} is {_held(where, node)}, not a mapping, so it has no key {part!r}",
+                                  keys=(name,))
+            node, where = node[part], f"{where}.{part}".lstrip(".")
+    except ConfigKeyError as e:
+        parent = e.full_key.rpartition(".")[0]
+        if not dataclasses.is_dataclass(_annotation(parent) if parent else Config):  # an entry of a mapping field
+            raise ConfigError(f"{key}: {e.full_key} is not set, so it has no item to replace; give the whole list "
+                              f"({e.full_key}=[...])", keys=(name,)) from None
+        raise _config_error(e) from None
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ConfigError(f"{name}: {str(e).splitlines()[0]}", keys=(name,)) from None
+    items = target = OmegaConf.to_container(node) if isinstance(node, ListConfig) else node
+    for depth, index in enumerate(indices):
+        if not isinstance(target, list):
+            raise ConfigError(f"{key}: {where} is {_held(where, target)}, not a list, so it has no item [{index}]",
+                              keys=(name,))
+        if not -len(target) <= index < len(target):
+            size = ("is empty" if not target else
+                    f"has {len(target)} item{'s' if len(target) > 1 else ''} (indices 0 to {len(target) - 1}, or "
+                    f"-{len(target)} to -1 from the end)")
+            raise ConfigError(f"{key}: index {index} is out of range: {where} {size}; to change its length, give "
+                              f"the whole list ({where}=[...])", keys=(name,))
+        if depth == len(indices) - 1:
+            target[index] = value
+        else:
+            target, where = target[index], f"{where}[{index}]"
+    return items
+
+
+def _held(key: str, value: Any) -> str:
+    """What ``key`` holds, for a message: its type in the schema, else the value (an entry of ``model.options``)."""
+    annotation = _annotation(key)
+    return _type_name(annotation) if annotation is not None else _shown(value)
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """``config`` with the ``key.sub=value`` strings applied in order (see :func:`_override`).
 
-    A key inside a mapping field sets one entry: ``model.options.base_width=16``.
+    A key inside a mapping field sets one entry: ``model.options.base_width=16``. An index sets one item of a
+    list: ``data.scale_range[1]=2.0`` (``[-1]``: the last one).
     """
     merged = OmegaConf.structured(config)
     for item in overrides:
-        merged = _merge(merged, _override(item))
+        merged = _merge(merged, _update(*_override(item), merged))
     return _to_config(merged)
 
 
@@ -233,27 +339,62 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The defaults, then the YAML file (if any), then the ``key=value`` overrides; validated.
+    """The defaults, then the YAML file (if any: :func:`read_config`), then the ``key=value`` overrides; validated.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ConfigError: unknown key, wrong type, or an invalid setting (the message names the key, and the file
-            when the setting is invalid as the file gives it: :func:`resolve_config`).
+        ConfigError: a file that is no config, an unknown key, a wrong type, or an invalid setting (the message names
+            the key, and the file when the setting is invalid as the file gives it: :func:`resolve_config`).
     """
     if path is None:
         return validate(apply_overrides(Config(), overrides or []))
+    return resolve_config(read_config(path), overrides or [], source=str(path))
+
+
+def read_config(path: str | Path) -> Config:
+    """The defaults overridden by a YAML file of config keys, type-checked but not validated: a config as a file
+    gives it, e.g. a run's saved ``config.yaml`` read to compare it with a checkpoint's on a machine that may lack
+    the device it names (:func:`load_config` reads a config to run, and validates it).
+
+    An empty file (or one of comments, or ``null``) sets nothing: the defaults.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ConfigError: the file is not UTF-8 text, not YAML, or not a mapping of config keys at the top level (a
+            number, a text, a list); an unknown key or a wrong type. The message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = OmegaConf.load(path)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # e.g. a checkpoint or an image passed as the config
+        raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys: it is not UTF-8 "
+                          f"text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # e.g. no permission
+        raise ConfigError(f"{path}: cannot be read as a config ({e})") from None
+    try:
+        top = yaml.compose(text, Loader=yaml.SafeLoader)  # the top node of the document, nothing constructed yet
+        if top is None or top.tag == "tag:yaml.org,2002:null":  # empty, comments only, or null: no settings
+            return config_from_dict({}, source=str(path))
+        if not isinstance(top, yaml.MappingNode):  # (OmegaConf.load would read a text "x" as the mapping {x: null})
+            raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys (such as "
+                              f"'seed: 0'): its top level is {_top_level(top, text)}")
+        data = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    except OSError as e:  # unreadable, or a top level that is a number ("Invalid loaded object type")
-        raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys ({e})") from None
     except OmegaConfBaseException as e:  # e.g. an unclosed interpolation "${a"
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    return resolve_config(config_from_dict(data, source=str(path)), overrides or [], source=str(path))
+    return config_from_dict(data, source=str(path))
+
+
+def _top_level(node: yaml.Node, text: str) -> str:
+    """A YAML document's top level other than a mapping, for a message: a list, or the scalar's type and value."""
+    if isinstance(node, yaml.SequenceNode):
+        return f"a list ({len(node.value)} item{'s' if len(node.value) != 1 else ''})"
+    value = yaml.safe_load(text)  # one scalar
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:56] + '...'}"
 
 
 def resolve_config(config: Config, overrides: list[str], *, source: str) -> Config:
@@ -280,12 +421,19 @@ def _from_source(error: ConfigError, config: Config, overrides: list[str]) -> bo
     at the default, such as a missing ``data.root``, is for the command line to give)."""
     if not error.keys:
         return False
-    given = [leaf for item in overrides for leaf in _leaves(OmegaConf.to_container(_override(item)))]
+    given = [leaf for item in overrides for leaf in _keys_set(*_override(item))]
     related = (*error.keys, *error.context)
     if any(g == k or g.startswith(k + ".") or k.startswith(g + ".") for g in given for k in related):
         return False
     default = Config()
     return any(_value(config, key) != _value(default, key) for key in error.keys)
+
+
+def _keys_set(key: str, value: Any) -> list[str]:
+    """The dotted keys an override sets: an item of a list sets the list (``data.scale_range[0]``:
+    ``data.scale_range``); a mapping only its own entries (:func:`_leaves`)."""
+    indexed = _INDEXED.fullmatch(key)
+    return [indexed["list"]] if indexed else _leaves(OmegaConf.to_container(_nested(key, value)))
 
 
 def _leaves(update: Any, prefix: str = "") -> list[str]:

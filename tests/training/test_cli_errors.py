@@ -243,6 +243,18 @@ CASES = [
                                           [f"{t / 'bad.yaml'}: not valid YAML"], [t / "bad.yaml"])),
     c("config-not-mapping", 2, lambda t, s: (["--config", str(made(t / "list.yaml", "- 1\n"))],
                                              [str(t / "list.yaml")], [t / "list.yaml"])),
+    c("config-a-text", 2, lambda t, s: (["--config", str(made(t / "text.yaml", "hello\n"))],  # was "unknown config key"
+                                        [f"{t / 'text.yaml'}: cannot be read as a config, a YAML mapping of config "
+                                         f"keys", "its top level is str 'hello'"], [t / "text.yaml"])),
+    c("config-not-text", 2, lambda t, s: (["--config", str(s / "empty.pt")],  # was a UnicodeDecodeError traceback
+                                          [f"{s / 'empty.pt'}: cannot be read as a config", "not UTF-8 text"], [s])),
+    c("config-interpolation-of-the-wrong-shape", 2, lambda t, s: (["crf=${seed}"],  # was "config: Invalid type ..."
+                                                                  ["crf: expected a mapping of spatial_weight,",
+                                                                   "got int 0 (the value of ${seed})"], [])),
+    c("index-past-the-end", 2, lambda t, s: (["data.scale_range[2]=1"],
+                                             ["data.scale_range[2]: index 2 is out of range: data.scale_range has 2 "
+                                              "items"], [])),
+    c("index-of-no-list", 2, lambda t, s: (["seed[0]=1"], ["seed[0]: seed is int, not a list"], [])),
     c("init-from-missing", 2, lambda t, s: (TINY + [f"model.init_from={t / 'w.pt'}", f"out_dir={t / 'r'}"],
                                             [f"model.init_from: no such file ({t / 'w.pt'})"], [])),
     c("out-dir-is-a-file", 2, lambda t, s: (TINY + [f"out_dir={made(t / 'f', 'x')}"],
@@ -430,6 +442,14 @@ def test_huge_crf_lr_stops_with_a_finite_checkpoint(tmp_path, capsys):
     assert "stage 2 (CRF-as-RNN)" in message and lr == pytest.approx(1e8)
 
 
+def test_crf_weights_grown_past_what_the_messages_hold_stop_as_divergence(tmp_path, capsys):
+    # Finite kernel weights of ~1e39 (μ·W) would make the next forward refuse them: the update is named, not saved.
+    message, lr = _diverging(tmp_path, capsys, ["stage1.iterations=1", "stage2.iterations=4", "stage2.crf_lr=1e20",
+                                                "stage2.lr=0", "crf.learn_bandwidths=false"], key="stage2.crf_lr")
+    assert "stage 2 (CRF-as-RNN), step 1: the update made the CRF's weights too large: μ W_" in message
+    assert "above 3.09e+26" in message and "that update is not saved" in message and lr == pytest.approx(1e19)
+
+
 def test_bad_validation_label_is_caught_before_training(tmp_path, capsys):
     assert train.main(_bad_val_label(tmp_path, None)) == 1
     assert "size mismatch" in capsys.readouterr().err
@@ -485,7 +505,7 @@ def test_overrides_may_stand_on_either_side_of_a_flag(work, tmp_path, argv):
 @pytest.mark.parametrize("argv, overrides, flags", [
     (["--", "--overwrite"], ["--overwrite"], {"overwrite": False}),  # after "--" nothing is a flag
     (["seed=3", "--", "--stop-after", "1"], ["seed=3", "--stop-after", "1"], {"stop_after": None}),
-    (["--resume", "--", "out_dir=D"], ["out_dir=D"], {"resume": Path()}),
+    (["--resume", "--", "out_dir=D"], ["out_dir=D"], {"resume": ""}),  # (--resume's value as written)
     (["a=1", "--debug", "b=2", "--", "c=3"], ["a=1", "b=2", "c=3"], {"debug": True}),
 ])
 def test_after_a_double_dash_everything_is_an_override(argv, overrides, flags):
@@ -501,6 +521,37 @@ def test_resume_names_an_override_it_took_but_not_a_path_with_an_equals_sign(tmp
     sweep = tmp_path / "lr=0.1"  # a sweep's folder: a path, not an override
     with pytest.raises(FileNotFoundError, match=re.escape(f"nothing to resume in {sweep}")):
         train.resolve(train.parse_args(["--resume", str(sweep)]))
+
+
+@pytest.mark.parametrize("written", ["./lr=0.1", ".//lr=0.1", "../lr=0.1", "sweep/lr=0.1", "~/lr=0.1", "."])
+def test_resume_takes_a_value_written_as_a_path_for_a_path(tmp_path, monkeypatch, capsys, written):
+    # "./lr=0.1" was taken for an override (Path drops the "./"), and "." for --resume without a value (the config's
+    # out_dir): each is the run directory the user wrote, named as written
+    cwd = made(tmp_path / "cwd")
+    monkeypatch.chdir(cwd)
+    problem = "no stage2/last.pt or stage1/last.pt" if written == "." else "no such run directory or checkpoint"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"nothing to resume in {written}: {problem}") + "$"):
+        train.resolve(train.parse_args(["--resume", written]))
+    assert train.main(["--resume", written]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: nothing to resume in {written}: {problem}" and "Traceback" not in err
+    assert sorted(cwd.iterdir()) == []  # nothing written
+
+
+def test_a_run_from_a_machine_with_another_device_resumes_with_a_device_override(work, tmp_path):
+    # the run's config.yaml and its checkpoint name a GPU this machine lacks; device=cpu overrides the checkpoint's
+    # value, and config.yaml, only compared with the checkpoint's config (model, dataset, root, seed), was refused
+    # as a config to run ("config.yaml cannot be read as this run's config: ... device=cuda:99: ...")
+    run = _copy(work, "paused", tmp_path / "run")
+    save_config(dataclasses.replace(load_config(run / "config.yaml"), device="cuda:99"), run / "config.yaml")
+    last = run / "stage1" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["config"]["device"] = "cuda:99"
+    torch.save(checkpoint, last)
+    with pytest.raises(train.ConfigError, match="^" + re.escape(f"{last} (its config): device=cuda:99: ")):
+        train.resolve(train.parse_args(["--resume", str(run)]))
+    cfg, resumed = train.resolve(train.parse_args(["--resume", str(run), "device=cpu"]))
+    assert cfg.device == "cpu" and cfg.out_dir == str(run) and resumed["step"] == 1
 
 
 def test_an_override_replaces_a_bad_value_saved_in_the_checkpoint(work, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from crfrnn_deeplab.training.config import Config, ConfigError, config_from_dict, load_config, resolve_config
-from crfrnn_deeplab.training.config import save_config, to_dict
+from crfrnn_deeplab.training.config import apply_overrides, read_config, save_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = ROOT / "configs" / "synthetic.yaml"
@@ -267,8 +267,9 @@ def test_yaml_errors(tmp_path):
     bad.write_text("model:\n  nme: x\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.nme'"):
         load_config(bad)
-    bad.write_text("- a list\n")
-    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+    bad.write_text("- a list\n")  # was "expected a mapping at the top level, got ListConfig": see the test below
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: cannot be read as a config, a YAML mapping of config "
+                                                    f"keys (such as 'seed: 0'): its top level is a list (1 item)")):
         load_config(bad)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
@@ -312,3 +313,154 @@ def test_settings_that_depend_on_each_other(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SYNTHETIC, overrides)
     load_config(SYNTHETIC, ["eval.window=16", "eval.stride=17"])  # whole-image evaluation uses neither
+
+
+# ---- an item of a list by index: data.scale_range[0]=0.4 (was "expected a list of float, got dict {'0': 0.4}")
+
+
+def test_an_index_sets_one_item_of_a_list():
+    cfg = load_config(SYNTHETIC, ["data.scale_range[0]=0.4", "grid_search.theta_betas[1]=5",
+                                  "grid_search.theta_alphas[-1]=60", "grid_search.bilateral_weights[-7]=15"])
+    assert cfg.data.scale_range == [0.4, 1.5] and cfg.grid_search.theta_betas == [5.0, 5.0, 20.0, 30.0]
+    assert cfg.grid_search.theta_alphas == [5.0, 10.0, 20.0, 40.0, 60.0]  # -1: the last item
+    assert cfg.grid_search.bilateral_weights == [15.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0]  # -7: the first
+    assert all(isinstance(v, float) for v in cfg.data.scale_range + cfg.grid_search.theta_betas)
+    # the list as the overrides before left it; an item of a text list keeps the text; a list inside an option
+    cfg = apply_overrides(Config(), ["data.folder.class_names=[sky, road]", "data.folder.class_names[1]=2012",
+                                     "model.options.scales=[[1, 2], 3]", "model.options.scales[0][-1]=7"])
+    assert cfg.data.folder.class_names == ["sky", "2012"] and cfg.model.options == {"scales": [[1, 7], 3]}
+    cfg = load_config(SYNTHETIC, ["grid_search.theta_betas=${grid_search.theta_alphas}", "grid_search.theta_betas[0]=1"])
+    assert cfg.grid_search.theta_betas == [1.0, 10.0, 20.0, 40.0, 80.0]  # an interpolated list: its items, one set
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.scale_range[2]=1"], r"data.scale_range[2]: index 2 is out of range: data.scale_range has 2 items (indices 0 "
+                                r"to 1, or -2 to -1 from the end); to change its length, give the whole list "
+                                r"(data.scale_range=[...])"),
+    (["data.scale_range[-3]=1"], r"data.scale_range[-3]: index -3 is out of range: data.scale_range has 2 items "),
+    (["grid_search.theta_betas=[4]", "grid_search.theta_betas[1]=5"],
+     r"grid_search.theta_betas[1]: index 1 is out of range: grid_search.theta_betas has 1 item (indices 0 to 0, or "
+     r"-1 to -1 from the end)"),
+    (["grid_search.theta_betas=[]", "grid_search.theta_betas[0]=5"],
+     r"grid_search.theta_betas[0]: index 0 is out of range: grid_search.theta_betas is empty; to change its length, "
+     r"give the whole list (grid_search.theta_betas=[...])"),
+    # an index on a key that holds no list
+    (["seed[0]=1"], r"seed[0]: seed is int, not a list, so it has no item [0]"),
+    (["model.init_from[0]=w.pt"], r"model.init_from[0]: model.init_from is str or null, not a list, so it has no "
+                                  r"item [0]"),
+    (["crf[1]=1"], r"crf[1]: crf is a mapping of spatial_weight, bilateral_weight, theta_alpha, theta_beta, "),
+    (["model.options[0]=1"], r"model.options[0]: model.options is a mapping, not a list, so it has no item [0]"),
+    (["model.options.norm[0]=group"], r"model.options.norm[0]: model.options.norm is str 'batch', not a list, so it "
+                                      r"has no item [0]"),
+    (["data.scale_range[0][1]=1"], r"data.scale_range[0][1]: data.scale_range[0] is float, not a list, so it has no "
+                                   r"item [1]"),
+    (["seed.x[0]=1"], r"seed.x[0]: seed is int, not a mapping, so it has no key 'x'"),  # was a bare TypeError
+    (["stage1.lrs[0]=1"], r"unknown config key 'stage1.lrs'; known keys here: iterations, batch_size"),
+    (["model.options.scales[0]=1"], r"model.options.scales[0]: model.options.scales is not set, so it has no item "
+                                    r"to replace; give the whole list (model.options.scales=[...])"),
+    # the item's value is checked like the list's
+    (["data.scale_range[0]=x"], r"data.scale_range[0]: expected float, got str 'x'"),
+    (["data.scale_range[1]={}"], r"data.scale_range[1]: expected float, got dict {}"),
+    (["data.scale_range[0]=[1]"], r"data.scale_range[0]: expected float, got list [1]"),
+    (["data.scale_range[0]=9"], r"data.scale_range: expected [min, max] with 0.1 <= min <= max <= 8, got [9.0, 1.5]"),
+    (["grid_search.theta_betas[0]=.nan"], r"grid_search.theta_betas[0] must be a finite number, got nan"),
+])
+def test_an_index_that_sets_no_item_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_config(SYNTHETIC, overrides)
+
+
+def test_an_index_override_is_blamed_like_an_override_of_its_list(tmp_path):
+    # an override of data.scale_range[i] sets data.scale_range: a bad list the file gives, the override can fix; a
+    # bad list the override makes is not the file's; a bad value of another key stays the file's
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  dataset: synthetic\n  scale_range: [0.6, 9]\nmodel:\n  num_classes: 6\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: data.scale_range: expected [min, max]")):
+        load_config(path)
+    assert load_config(path, ["data.scale_range[1]=1.4"]).data.scale_range == [0.6, 1.4]
+    with pytest.raises(ConfigError, match=r"^data.scale_range: expected \[min, max\] .*, got \[0.7, 9.0\]$"):
+        load_config(path, ["data.scale_range[0]=0.7"])  # the override changed the list (and left it bad)
+    path.write_text("data:\n  dataset: synthetic\n  scale_range: [0.6, 1.4]\nmodel:\n  num_classes: 6\n")
+    with pytest.raises(ConfigError, match=r"^data.scale_range: expected \[min, max\] .*, got \[2.0, 1.4\]$"):
+        load_config(path, ["data.scale_range[0]=2"])  # valid as the file gives it: the override made it bad
+    path.write_text("data:\n  dataset: synthetic\nmodel:\n  num_classes: 6\nstage1:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: stage1.lr must be a finite number, got nan")):
+        load_config(path, ["data.scale_range[0]=0.6"])
+
+
+# ---- an interpolation that resolves to a value of the wrong shape names the key (was "config: Invalid type
+# assigned: int is not a subclass of CRFConfig. value: 0")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("crf=${seed}", "crf: expected a mapping of spatial_weight, bilateral_weight, theta_alpha, theta_beta, theta_gamma, "
+                    "normalization, bilateral_filter, train_iterations, eval_iterations, learn_kernel_weights, "
+                    "learn_compatibility, learn_bandwidths, got int 0 (the value of ${seed})"),
+    ("stage1=${log_every}", "stage1: expected a mapping of iterations, batch_size, accumulate, lr, crf_lr, momentum, "
+                            "weight_decay, poly_power, network_loss_weight, max_grad_norm, eval_every, "
+                            "checkpoint_every, got int 20 (the value of ${log_every})"),
+    ("data.scale_range=${seed}", "data.scale_range: expected a list of float, got int 0 (the value of ${seed})"),
+    ("model.options=${seed}", "model.options: expected a mapping, got int 0 (the value of ${seed})"),  # "Cannot assign"
+    ("data.folder=${data.scale_range}", "data.folder: expected a mapping of class_names, image_dir, mask_dir, "
+                                        "train_split, val_split, mask_suffix, reduce_zero_label, got list [0.5, 1.5] "
+                                        "(the value of ${data.scale_range})"),
+    ("model.init_from=${grid_search.theta_betas}", "model.init_from: expected str or null, got list [5.0, 10.0, 20.0, "
+                                                   "30.0] (the value of ${grid_search.theta_betas})"),
+])
+def test_an_interpolation_of_the_wrong_shape_names_the_key(override, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        load_config(SYNTHETIC, [override])
+
+
+def test_an_interpolation_of_the_wrong_shape_in_a_file_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("grid_search:\n  theta_betas: ${seed}\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: grid_search.theta_betas: expected a list of float, "
+                                                          f"got int 0 (the value of ${{seed}})") + "$"):
+        load_config(path)
+
+
+# ---- a file whose top level is not a mapping of config keys
+
+
+@pytest.mark.parametrize("text, top", [
+    ("hello\n", "str 'hello'"),  # was "unknown config key 'hello'"
+    ("'stage1: {lr: 0.1}'\n", "str 'stage1: {lr: 0.1}'"),  # a quoted text: was read as the mapping it spells
+    ("5\n", "int 5"),  # was "(Invalid loaded object type: int)"
+    ("true\n", "bool True"),
+    ("- stage1.lr=0.1\n- seed=3\n", "a list (2 items)"),  # was "expected a mapping at the top level, got ListConfig"
+    ("A text file of notes, which YAML reads as one long plain scalar\nover two lines\n",
+     "str 'A text file of notes, which YAML reads as one long plai..."),
+])
+def test_a_file_whose_top_level_is_not_a_mapping_names_the_file(tmp_path, text, top):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: cannot be read as a config, a YAML mapping of "
+                                                          f"config keys (such as 'seed: 0'): its top level is {top}") + "$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "null\n", "~\n", "---\n"])
+def test_an_empty_file_sets_nothing(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    assert read_config(path) == Config()
+    overrides = ["data.dataset=synthetic", "model.num_classes=6"]
+    assert load_config(path, overrides) == load_config(None, overrides)
+
+
+def test_a_file_that_is_not_text_names_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04\x80\xff binary")  # was a raw UnicodeDecodeError
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: cannot be read as a config, a YAML mapping of "
+                                                          f"config keys: it is not UTF-8 text (")):
+        load_config(path)
+
+
+def test_read_config_does_not_check_the_machine(tmp_path):
+    # a run's saved config names the device it ran on: read, it is what the file says; loaded to run, it is checked
+    path = save_config(load_config(SYNTHETIC, ["device=cpu"]), tmp_path / "config.yaml")
+    path.write_text(path.read_text().replace("device: cpu", "device: cuda:99"))
+    assert read_config(path).device == "cuda:99"
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: device=cuda:99: ")):
+        load_config(path)
