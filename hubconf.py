@@ -13,14 +13,19 @@ re-initialises the classifier and the CRF's class matrices).
 ``crf``: ``None`` (the default) keeps what the checkpoint holds, a CRF-as-RNN layer (loaded, not re-initialised)
 or none; ``True`` adds a new CRF layer at its initial values where the checkpoint holds none; ``False`` returns
 the network without one (the checkpoint's CRF left out); a dict of :class:`~crfrnn_deeplab.MeanFieldCRF` options
-adds a new CRF with them (an error for a checkpoint that holds a CRF: its options are its own).
+adds a new CRF with them (for a checkpoint that holds a CRF, the options its weights load into where the checkpoint
+records none, as a bare state dict; an error where it records them). A checkpoint whose weights and model_config
+disagree on the CRF is refused without ``num_classes`` and read as its weights say with it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 dependencies = ["torch", "torchvision", "numpy", "PIL"]
+
+logger = logging.getLogger("crfrnn_deeplab.hub")
 
 
 def _entry(name: str):
@@ -46,19 +51,27 @@ def _entry(name: str):
             model = get_model(name, num_classes=num_classes, **options)
         else:
             converted = convert_state_dict(checkpoint)
-            if converted.has_crf and isinstance(crf, dict):  # the options would be ignored
-                raise ValueError(f"{name}: {checkpoint} holds a CRF layer with its own options; pass crf=True or "
-                                 "leave crf out (crf=False leaves the CRF out)")
+            recorded = (converted.model_config or {}).get("crf") is not None  # the CRF's options, with its weights
+            if recorded and isinstance(crf, dict):  # the options would be ignored
+                raise ValueError(f"{name}: {checkpoint} records its CRF layer's options; pass crf=True or leave crf "
+                                 "out (crf=False leaves the CRF out)")
             if num_classes is None:  # everything from the checkpoint
                 _, model, _ = build_for_checkpoint(converted, msc=model_spec(name).multi_scale, options=options)
                 held = network_name(model)
                 if held != model_variant(name, multi_scale=False):
                     raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
-            else:  # the named model with these classes; the checkpoint's CRF loads into a CRF layer of the same options
+                if converted.has_crf != isinstance(model, CRFRNN):  # a hand-made checkpoint: which one is right?
+                    weights, config = ("a", "none") if converted.has_crf else ("no", "one")
+                    raise ValueError(f"{name}: {checkpoint}'s weights hold {weights} CRF layer but its model_config "
+                                     f"records {config}; pass num_classes to load the weights into the named model")
+            else:  # the named model with these classes; the checkpoint's CRF weights load into a CRF layer
                 model = get_model(name, num_classes=num_classes, **options)
                 if converted.has_crf and crf is not False:
-                    layer = MeanFieldCRF(num_classes=num_classes, **recorded_crf_options(converted))
-                    model = CRFRNN(network=model, crf=layer)
+                    if not recorded and not isinstance(crf, dict):
+                        logger.warning("%s records no options of its CRF layer: it gets MeanFieldCRF's defaults (pass "
+                                       "crf={...} with the options it was built with)", checkpoint)
+                    held_options = crf_options if isinstance(crf, dict) else recorded_crf_options(converted)
+                    model = CRFRNN(network=model, crf=MeanFieldCRF(num_classes=num_classes, **held_options))
                 load_converted(model, converted)  # strict: every mismatch but the named ones is an error
         if isinstance(model, CRFRNN):
             return model.network if crf is False else model

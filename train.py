@@ -657,7 +657,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 #: What a KEY=VALUE override starts with. A value written as a path does not match: one that starts with ``./``,
 #: ``../``, ``/`` or ``~``, or has a path separator before its ``=`` (``runs/lr=0.1``).
-_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]]*=")
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]-]*=")
 
 
 def run_dir_of(location: Path) -> Path:

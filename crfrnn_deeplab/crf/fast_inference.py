@@ -75,8 +75,9 @@ def mean_field_inference(
 def check_mean_field_inputs(unary: object, kernels: CRFKernels, pairwise: object, iterations: object = 0) -> None:
     """Raises a clear error unless ``unary`` is a floating Tensor[B, *S, C] of the kernels' grid (channels last),
     ``pairwise`` two Tensor[C, C] and ``iterations`` an int >= 0: what the mean-field loops take."""
-    if not isinstance(unary, Tensor) or not unary.is_floating_point():
-        raise TypeError(f"unary must be a floating-point Tensor[B, *S, C], got {getattr(unary, 'dtype', type(unary))}")
+    if not isinstance(unary, Tensor) or unary.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"unary must be a float32 or float64 Tensor[B, *S, C] (the CRF computes in one of them), got "
+                        f"{getattr(unary, 'dtype', type(unary))}")
     if tuple(unary.shape[:-1]) != tuple(kernels.shape):
         raise ValueError(f"unary must be Tensor[B, *S, C] with (B, *S) = {tuple(kernels.shape)}, the kernels' grid "
                          f"(channels last), got {tuple(unary.shape)}")
@@ -85,6 +86,8 @@ def check_mean_field_inputs(unary: object, kernels: CRFKernels, pairwise: object
             or any(not isinstance(m, Tensor) or tuple(m.shape) != (c, c) for m in pairwise)):
         shapes = [tuple(getattr(m, "shape", ())) for m in pairwise] if isinstance(pairwise, (tuple, list)) else pairwise
         raise ValueError(f"pairwise must be (μ W_spatial, μ W_bilateral), two Tensor[{c}, {c}], got {shapes}")
+    if any(m.dtype != unary.dtype for m in pairwise):
+        raise TypeError(f"pairwise must have the unary's dtype {unary.dtype}, got {[m.dtype for m in pairwise]}")
     check_iterations(iterations, minimum=0)
     check_mixes(pairwise, unary.dtype)
 

@@ -76,9 +76,10 @@ def as_path(path: object, what: str) -> Path:
 
 def as_index(index: object, what: str) -> int:
     """``index`` as an int: an integer of any type (numpy's, a one-element integer tensor), never a float (1.5,
-    which numpy's seeding would refuse with a message about seeds) or a bool. Raises TypeError naming ``what``."""
+    which numpy's seeding would refuse with a message about seeds) or a bool (``torch.tensor(True)`` included, which
+    ``operator.index`` reads as 1). Raises TypeError naming ``what``."""
     try:
-        if not isinstance(index, bool):
+        if not isinstance(index, bool) and str(getattr(index, "dtype", "")) not in ("bool", "torch.bool"):
             return operator.index(index)
     except TypeError:
         pass

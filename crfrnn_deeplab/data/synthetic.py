@@ -52,13 +52,13 @@ disjoint seed streams: they never share an image.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 from crfrnn_deeplab.data.base import SegmentationDataset, Transform
+from crfrnn_deeplab.data.io import as_index
 
 __all__ = ["SYNTHETIC_CLASSES", "SyntheticSegmentation", "render_synthetic"]
 
@@ -75,8 +75,13 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 
 
 def _is_int(value: object) -> bool:
-    """An integer of any type (numpy's too), not a bool: a float size such as 40.7 is refused, not truncated."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """An integer of any type (numpy's, a 0-d tensor's too), not a bool: a float size such as 40.7 is refused, not
+    truncated (:func:`~crfrnn_deeplab.data.io.as_index`)."""
+    try:
+        as_index(value, "")
+    except TypeError:
+        return False
+    return True
 
 
 def _image_size(size: object) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def _image_size(size: object) -> tuple[int, int]:
     Raises:
         TypeError: not an int or a pair of ints (a float, a bool, a string, three sides, ...).
     """
-    sides = size.tolist() if isinstance(size, np.ndarray) else size
+    sides = size.tolist() if hasattr(size, "tolist") and getattr(size, "ndim", 0) else size  # an array or tensor
     if _is_int(sides):
         sides = (sides, sides)
     if (isinstance(sides, (str, bytes)) or not isinstance(sides, Sequence) or len(sides) != 2

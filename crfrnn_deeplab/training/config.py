@@ -383,6 +383,8 @@ def read_config(path: str | Path) -> Config:
         data = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:  # a top level YAML composes as a mapping that OmegaConf refuses: "!!set {a, b}"
+        raise ConfigError(f"{path}: cannot be read as a config, a YAML mapping of config keys ({e})") from None
     except OmegaConfBaseException as e:  # e.g. an unclosed interpolation "${a"
         raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     return config_from_dict(data, source=str(path))

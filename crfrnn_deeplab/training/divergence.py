@@ -64,7 +64,7 @@ def crf_parameter_problem(crf: MeanFieldCRF) -> str | None:
         return f"the CRF parameter(s) {', '.join(bad)} overflowed in the update"
     try:
         with torch.no_grad():
-            check_mixes(crf.pairwise(torch.float64), torch.float32)
+            check_mixes(crf.pairwise(torch.float32), torch.float32)  # as the forward multiplies them
     except ValueError as e:
         return f"the update made the CRF's weights too large: {e}"
     return None

@@ -458,6 +458,11 @@ def test_mean_field_loops_name_bad_arguments():
             loop(unary, kernels, (torch.eye(5, dtype=torch.float64), pairwise[1]), 1)
         with pytest.raises(ValueError, match=r"unary must be Tensor\[B, \*S, C\] with \(B, \*S\) = \(1, 7, 8\)"):
             loop(logits, kernels, pairwise, 1)  # channels first
+        # float16 was refused for its mixes' size (2^-40 of float16's largest value is 6e-8), not for its dtype
+        with pytest.raises(TypeError, match=r"unary must be a float32 or float64 Tensor\[B, \*S, C\] .* got torch.float16"):
+            loop(unary.half(), kernels, tuple(m.half() for m in pairwise), 1)
+        with pytest.raises(TypeError, match=r"pairwise must have the unary's dtype torch.float64, got \[torch.float32, "):
+            loop(unary, kernels, tuple(m.float() for m in pairwise), 1)
     with pytest.raises(ValueError, match="unary .* and logits .* differ in shape"):
         mean_field_step(unary, unary[:, :, :1], kernels, pairwise)
     # the layer checks its logits; the low-level loop named a NaN or +inf unary too (it returned NaN z_T)

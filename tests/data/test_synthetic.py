@@ -10,6 +10,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from crfrnn_deeplab.data import SYNTHETIC_CLASSES, SyntheticSegmentation, render_synthetic
@@ -190,9 +191,13 @@ def test_numpy_integers_are_accepted():
     assert len(ds) == 2 and ds.size == (40, 41) and type(ds.size[0]) is int
     assert SyntheticSegmentation(num_images=1, size=np.array([40, 41])).size == (40, 41)
     np.testing.assert_array_equal(ds[np.int64(1)]["image"], ds[1]["image"])
+    # and torch's: a size tensor, or a side that is a 0-d tensor, as before sizes were checked
+    assert SyntheticSegmentation(num_images=1, size=torch.tensor([40, 41])).size == (40, 41)
+    assert SyntheticSegmentation(num_images=1, size=(torch.tensor(40), 41)).size == (40, 41)
+    np.testing.assert_array_equal(ds[torch.tensor(1)]["image"], ds[1]["image"])
 
 
-@pytest.mark.parametrize("index", [1.5, True, "1"])
+@pytest.mark.parametrize("index", [1.5, True, "1", torch.tensor(True)])  # (operator.index reads tensor(True) as 1)
 def test_an_index_that_is_not_an_int_is_named(index):
     # a float index reached numpy as "seed must be integer"
     with pytest.raises(TypeError, match=rf"SyntheticSegmentation index must be an int, got {type(index).__name__}"):

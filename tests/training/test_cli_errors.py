@@ -514,7 +514,7 @@ def test_after_a_double_dash_everything_is_an_override(argv, overrides, flags):
 
 
 def test_resume_names_an_override_it_took_but_not_a_path_with_an_equals_sign(tmp_path):
-    for taken in ("out_dir=/tmp/run", "data.root=/data/voc", "stage1.lr=1e-3"):
+    for taken in ("out_dir=/tmp/run", "data.root=/data/voc", "stage1.lr=1e-3", "data.scale_range[-1]=0.6"):
         with pytest.raises(UsageError, match=re.escape(f"--resume {taken}: no such run directory or checkpoint; it "
                                                        f"reads as a KEY=VALUE override")):
             train.resolve(train.parse_args(["--resume", taken]))

@@ -440,6 +440,16 @@ def test_a_file_whose_top_level_is_not_a_mapping_names_the_file(tmp_path, text, 
         load_config(path)
 
 
+def test_a_set_at_the_top_level_names_the_file(tmp_path):
+    # YAML composes "!!set" as a mapping node; OmegaConf then refused it with an OSError that train.py showed as a
+    # traceback
+    path = tmp_path / "exp.yaml"
+    path.write_text("!!set {a, b}\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: cannot be read as a config, a YAML mapping of "
+                                                          "config keys (Invalid loaded object type: set)")):
+        load_config(path)
+
+
 @pytest.mark.parametrize("text", ["", "\n# only a comment\n", "null\n", "~\n", "---\n"])
 def test_an_empty_file_sets_nothing(tmp_path, text):
     path = tmp_path / "empty.yaml"

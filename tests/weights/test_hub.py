@@ -49,7 +49,7 @@ def test_crf_options_cannot_override_a_checkpoint_crf(tmp_path):
     path = save_checkpoint(tmp_path / "joint.pt", {"model": joint.state_dict(), "model_config": {
         "name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8}, "crf": {}}})
     assert isinstance(hubconf.deeplabv2_resnet18(checkpoint=str(path), crf=True), CRFRNN)
-    with pytest.raises(ValueError, match=r"joint\.pt holds a CRF layer with its own options"):
+    with pytest.raises(ValueError, match=r"joint\.pt records its CRF layer's options"):
         hubconf.deeplabv2_resnet18(checkpoint=str(path), crf={"train_iterations": 2})
 
 
@@ -93,5 +93,41 @@ def test_other_classes_keep_the_checkpoint_crf_bandwidths(tmp_path):
     assert isinstance(model, CRFRNN) and model.crf.num_classes == 5
     assert model.crf.bandwidths["theta_beta"] == pytest.approx(20.0)  # loaded; the class matrices re-initialised
     assert torch.equal(model.crf.bilateral_weight, 10.0 * torch.eye(5))
-    with pytest.raises(ValueError, match=r"joint\.pt holds a CRF layer with its own options"):
+    with pytest.raises(ValueError, match=r"joint\.pt records its CRF layer's options"):
         hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=5, base_width=8, crf={"train_iterations": 2})
+
+
+def test_a_bare_state_dict_crf_loads_into_the_options_given(tmp_path, caplog):
+    # A state dict records no CRF options: its weights loaded into MeanFieldCRF's defaults silently, and a dict of
+    # the right options was refused as "its own options"
+    joint = CRFRNN(network=build_small(), crf=MeanFieldCRF(num_classes=3, normalization="after", train_iterations=1,
+                                                           bilateral_weight=7.0))
+    path = tmp_path / "bare.pt"
+    torch.save(joint.state_dict(), path)
+    given = hubconf.deeplabv2_resnet18(checkpoint=str(path), num_classes=3, base_width=8,
+                                       crf={"normalization": "after", "train_iterations": 1})
+    assert given.crf.normalization == "after" and given.crf.train_iterations == 1
+    assert torch.equal(given.crf.bilateral_weight, joint.crf.bilateral_weight)
+    with caplog.at_level("WARNING", logger="crfrnn_deeplab.hub"):
+        default = hubconf.deeplabv2_resnet18(checkpoint=str(path), num_classes=3, base_width=8)
+    assert default.crf.normalization == "symmetric" and torch.equal(default.crf.bilateral_weight, 7.0 * torch.eye(3))
+    assert "records no options of its CRF layer: it gets MeanFieldCRF's defaults" in caplog.text
+
+
+@pytest.mark.parametrize("weights_crf", [True, False])
+def test_weights_and_model_config_that_disagree_on_the_crf(tmp_path, weights_crf):
+    # Without num_classes the model_config decided (a trained CRF in the weights was dropped, or a new one added);
+    # with it, the weights. Now: refused without num_classes, the weights with it.
+    joint, _ = _trained_joint(tmp_path)
+    model = joint if weights_crf else joint.network
+    config = {"name": "deeplabv2_resnet18", "num_classes": 3, "options": {"base_width": 8},
+              **({} if weights_crf else {"crf": {}})}
+    path = str(save_checkpoint(tmp_path / "odd.pt", {"model": model.state_dict(), "model_config": config}))
+    held, recorded = ("a", "none") if weights_crf else ("no", "one")
+    with pytest.raises(ValueError, match=rf"odd\.pt's weights hold {held} CRF layer but its model_config records "
+                                         rf"{recorded}; pass num_classes"):
+        hubconf.deeplabv2_resnet18(checkpoint=path)
+    read = hubconf.deeplabv2_resnet18(checkpoint=path, num_classes=3, base_width=8)
+    assert isinstance(read, CRFRNN) == weights_crf
+    if weights_crf:
+        assert torch.equal(read.crf.bilateral_weight, joint.crf.bilateral_weight)
