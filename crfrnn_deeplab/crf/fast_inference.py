@@ -20,8 +20,8 @@ from crfrnn_deeplab.crf.spatial import spatial_gaussian
 from crfrnn_deeplab.crf.threads import caller_threads, limited_threads
 
 __all__ = [
-    "check_iterations", "check_mean_field_inputs", "check_mixes", "class_softmax", "mean_field_inference", "potts_form",
-    "update_gather",
+    "check_iterations", "check_mean_field_inputs", "check_mixes", "class_softmax", "mean_field_inference",
+    "potts_form", "update_gather",
 ]
 
 _TILE = 64  # voxels per tile of the classes-first softmax
@@ -35,7 +35,8 @@ def mean_field_inference(
 ) -> Tensor:
     """``iterations`` mean-field steps without autograd, in fewer passes over the pixels.
 
-    Computes what repeated :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` computes (to float rounding), restructured for speed:
+    Computes what repeated :func:`~crfrnn_deeplab.crf.mean_field.mean_field_step` computes (to float rounding),
+    restructured for speed:
 
     - the normalisers become splat/slice weights, and the bilateral compatibility mixes channels on the
       lattice (far fewer rows than pixels);
@@ -73,8 +74,9 @@ def mean_field_inference(
 
 
 def check_mean_field_inputs(unary: object, kernels: CRFKernels, pairwise: object, iterations: object = 0) -> None:
-    """Raises a clear error unless ``unary`` is a floating Tensor[B, *S, C] of the kernels' grid (channels last),
-    ``pairwise`` two Tensor[C, C] and ``iterations`` an int >= 0: what the mean-field loops take."""
+    """Raises a clear error unless ``unary`` is a float32 or float64 Tensor[B, *S, C] of the kernels' grid (channels
+    last), ``pairwise`` two Tensor[C, C] of its dtype that pass :func:`check_mixes`, and ``iterations`` an int >= 0:
+    what the mean-field loops take."""
     if not isinstance(unary, Tensor) or unary.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"unary must be a float32 or float64 Tensor[B, *S, C] (the CRF computes in one of them), got "
                         f"{getattr(unary, 'dtype', type(unary))}")
