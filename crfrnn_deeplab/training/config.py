@@ -207,9 +207,14 @@ def _misplaced_interpolation(merged: DictConfig) -> str | None:
                         resolved = OmegaConf.to_container(resolved, resolve=True)
                 except OmegaConfBaseException:
                     continue  # one that does not resolve: OmegaConf's own message names it
+                shown = value if isinstance(value, str) else "[" + ", ".join(map(str, value)) + "]"
                 if found := _misplaced_value({key: resolved}, owner, prefix):
-                    shown = value if isinstance(value, str) else "[" + ", ".join(map(str, value)) + "]"
                     return f"{found} (the value of {shown})"
+                if dataclasses.is_dataclass(annotation) and isinstance(resolved, Mapping):  # another section
+                    fields = {f.name for f in dataclasses.fields(annotation)}
+                    if unknown := sorted(set(resolved) - fields):
+                        return (f"{where}: expected {_type_name(annotation)}, got a mapping with the keys {unknown} "
+                                f"(the value of {shown})")
             elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
                 if found := search(value, annotation, f"{where}."):
                     return found

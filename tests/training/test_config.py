@@ -406,10 +406,15 @@ def test_an_index_override_is_blamed_like_an_override_of_its_list(tmp_path):
                                         "(the value of ${data.scale_range})"),
     ("model.init_from=${grid_search.theta_betas}", "model.init_from: expected str or null, got list [5.0, 10.0, 20.0, "
                                                    "30.0] (the value of ${grid_search.theta_betas})"),
+    # another section: was "config: Invalid type assigned: ModelConfig is not a subclass of DataConfig"
+    ("data=${model}", "data: expected a mapping of dataset, root, crop_size, scale_range, hflip_prob, workers, "
+                      "image_size, train_images, val_images, check_files, folder, got a mapping with the keys "
+                      "['init_from', 'init_layout', 'name', 'num_classes', 'options'] (the value of ${model})"),
 ])
 def test_an_interpolation_of_the_wrong_shape_names_the_key(override, message):
     with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         load_config(SYNTHETIC, [override])
+    assert load_config(SYNTHETIC, ["stage1=${stage2}"]).stage1 == load_config(SYNTHETIC).stage2  # a section alike
 
 
 def test_an_interpolation_of_the_wrong_shape_in_a_file_names_the_file_and_the_key(tmp_path):
