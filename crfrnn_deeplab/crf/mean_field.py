@@ -62,6 +62,12 @@ def mean_field_step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise
     check_mean_field_inputs(unary, kernels, pairwise)
     if not isinstance(logits, Tensor) or tuple(unary.shape) != tuple(logits.shape):
         raise ValueError(f"unary {tuple(unary.shape)} and logits {tuple(getattr(logits, 'shape', ()))} differ in shape")
+    return _step(unary, logits, kernels, pairwise)
+
+
+@torch.compiler.disable  # as mean_field_step
+def _step(unary: Tensor, logits: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`mean_field_step` on checked inputs."""
     if fused_step.applies(kernels):  # fixed bandwidths: one autograd node, fewer passes (same values)
         return fused_step.fixed_bandwidth_step(unary, logits, kernels, pairwise)
     return unary - kernels.message(class_softmax(logits), pairwise)
@@ -72,22 +78,22 @@ def _iterations(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tens
     """``iterations`` mean-field steps with autograd: with the symmetric normalisation one node for all of them
     (:func:`.fused_step.fixed_bandwidth_iterations` or :func:`.fused_step.learned_iterations`, the values and
     gradients of autograd's nodes), otherwise :func:`mean_field_step` T times."""
+    if iterations == 0 or kernels.normalization != "symmetric":
+        return mean_field_steps(unary, kernels, pairwise, iterations)  # (it checks its inputs, the mixes included)
     check_mixes(pairwise, unary.dtype)
-    if iterations > 0 and fused_step.applies(kernels):
+    if fused_step.applies(kernels):
         return fused_step.fixed_bandwidth_iterations(unary, kernels, pairwise, iterations)
-    if iterations > 0 and kernels.normalization == "symmetric":
-        return fused_step.learned_iterations(unary, kernels, pairwise, iterations)
-    return mean_field_steps(unary, kernels, pairwise, iterations)
+    return fused_step.learned_iterations(unary, kernels, pairwise, iterations)
 
 
 def mean_field_steps(unary: Tensor, kernels: CRFKernels, pairwise: tuple[Tensor, Tensor], iterations: int) -> Tensor:
     """``iterations`` chained :func:`mean_field_step` calls from ``z_0 = unary`` (Tensor[B, *S, C]): the reference
     path of the layer's training iterations, one autograd record per step, against which the one-node forms of
     :mod:`.fused_step` are tested. ``iterations`` >= 0 (0: ``unary`` itself)."""
-    check_mean_field_inputs(unary, kernels, pairwise, iterations)
+    check_mean_field_inputs(unary, kernels, pairwise, iterations)  # once: z_t has the unary's shape
     z = unary
     for _ in range(iterations):
-        z = mean_field_step(unary, z, kernels, pairwise)
+        z = _step(unary, z, kernels, pairwise)
     return z
 
 
