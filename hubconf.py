@@ -51,8 +51,8 @@ def _entry(name: str):
             model = get_model(name, num_classes=num_classes, **options)
         else:
             converted = convert_state_dict(checkpoint)
-            recorded = (converted.model_config or {}).get("crf") is not None  # the CRF's options, with its weights
-            if recorded and isinstance(crf, dict):  # the options would be ignored
+            recorded = recorded_crf_options(converted)  # its model_config's CRF options, None without a CRF
+            if recorded is not None and isinstance(crf, dict):  # the options would be ignored
                 raise ValueError(f"{name}: {checkpoint} records its CRF layer's options; pass crf=True or leave crf "
                                  "out (crf=False leaves the CRF out)")
             if num_classes is None:  # everything from the checkpoint
@@ -67,10 +67,10 @@ def _entry(name: str):
             else:  # the named model with these classes; the checkpoint's CRF weights load into a CRF layer
                 model = get_model(name, num_classes=num_classes, **options)
                 if converted.has_crf and crf is not False:
-                    if not recorded and not isinstance(crf, dict):
+                    if recorded is None and not isinstance(crf, dict):
                         logger.warning("%s records no options of its CRF layer: it gets MeanFieldCRF's defaults (pass "
                                        "crf={...} with the options it was built with)", checkpoint)
-                    held_options = crf_options if isinstance(crf, dict) else recorded_crf_options(converted)
+                    held_options = crf_options if isinstance(crf, dict) else recorded or {}
                     model = CRFRNN(network=model, crf=MeanFieldCRF(num_classes=num_classes, **held_options))
                 load_converted(model, converted)  # strict: every mismatch but the named ones is an error
         if isinstance(model, CRFRNN):

@@ -259,7 +259,7 @@ def _update(key: str, value: Any, current: DictConfig) -> DictConfig:
     only its own entries). For an item of a list, ``key[i]``, the whole list with that item replaced: OmegaConf
     would read ``[0]`` as the key ``"0"`` of a mapping, and a merge replaces a list as a whole."""
     if indexed := _INDEXED.fullmatch(key):
-        return _nested(indexed["list"], _with_item(current, key, value))
+        return _nested(indexed["list"], _with_item(current, indexed, value))
     return _nested(key, value)
 
 
@@ -272,16 +272,17 @@ def _nested(key: str, value: Any) -> DictConfig:
     return update
 
 
-def _with_item(current: DictConfig, key: str, value: Any) -> list:
-    """The list that ``key`` (``name[i]``, or ``name[i][j]`` in a list of lists) indexes in ``current``, with that
-    item replaced by ``value``; a negative index counts from the end, as in Python.
+def _with_item(current: DictConfig, indexed: re.Match, value: Any) -> list:
+    """The list that the key ``indexed`` matched (:data:`_INDEXED`: ``name[i]``, or ``name[i][j]`` in a list of
+    lists) indexes in ``current``, with that item replaced by ``value``; a negative index counts from the end, as in
+    Python.
 
     Raises:
         ConfigError: ``name`` is not a key of the config, or holds no list; the index is past the list's end (an
             override sets an item, it does not add one: the whole list sets its length).
     """
-    indexed = _INDEXED.fullmatch(key)
-    name, indices = indexed["list"], [int(i) for i in re.findall(r"-?\d+", indexed["indices"])]
+    key, name = indexed.string, indexed["list"]
+    indices = [int(i) for i in re.findall(r"-?\d+", indexed["indices"])]
     node, where = current, ""
     try:
         for part in name.split("."):

@@ -172,17 +172,19 @@ def _recorded_recipe(converted: ConvertedStateDict, *, num_classes: int | None, 
         name=name,
         num_classes=num_classes if num_classes is not None else config["num_classes"],
         options={**recorded, **options},
-        crf=recorded_crf_options(converted) if config.get("crf") is not None else None,
+        crf=recorded_crf_options(converted),
         convention=converted.input_convention,
     )
 
 
-def recorded_crf_options(converted: ConvertedStateDict) -> dict[str, Any]:
+def recorded_crf_options(converted: ConvertedStateDict) -> dict[str, Any] | None:
     """The :class:`~crfrnn_deeplab.crf.MeanFieldCRF` options our checkpoint's ``model_config.crf`` records, checked
-    by name (a CheckpointError naming the file), or ``{}`` (the defaults) where it records none."""
+    by name (a CheckpointError naming the file), or None where it records no CRF layer."""
     recorded = (converted.model_config or {}).get("crf")
+    if recorded is None:
+        return None
     try:
-        return {} if recorded is None else check_crf_options(recorded, what=f"{converted.source}: model_config.crf")
+        return check_crf_options(recorded, what=f"{converted.source}: model_config.crf")
     except TypeError as e:
         raise CheckpointError(str(e)) from e
 
