@@ -59,7 +59,8 @@ from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
 from crfrnn_deeplab.training.divergence import DivergenceError, LossMonitor, crf_parameter_problem
 from crfrnn_deeplab.training.errors import EXIT_RUNTIME, EXIT_USAGE, UsageError, original_message, print_error
 from crfrnn_deeplab.training.ddp import check_replicas_identical, use_sync_batchnorm, wrap_for_training
-from crfrnn_deeplab.training.evaluation import Evaluator, SizeBatches, collate_by_size, evaluate_baselines
+from crfrnn_deeplab.training.evaluation import (Evaluator, NonFiniteLogitsError, SizeBatches, collate_by_size,
+                                                 evaluate_baselines)
 from crfrnn_deeplab.training.grid_search import CRFGrid
 from crfrnn_deeplab.training.loss import forward_loss
 from crfrnn_deeplab.training.metrics_log import MetricsWriter
@@ -824,6 +825,7 @@ def check_paths(cfg: Config, args: argparse.Namespace) -> None:
 USER_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
     (UsageError, EXIT_USAGE), (ConfigError, EXIT_USAGE), (DatasetError, EXIT_RUNTIME),
     (CheckpointError, EXIT_RUNTIME), (ConversionError, EXIT_RUNTIME), (DivergenceError, EXIT_RUNTIME),
+    (NonFiniteLogitsError, EXIT_RUNTIME),
     (OSError, EXIT_RUNTIME),  # FileNotFoundError among them: a missing data file; a full disk
 )
 

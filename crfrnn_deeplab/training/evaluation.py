@@ -27,7 +27,8 @@ from crfrnn_deeplab.training.grid_search import CRFGrid, cache_logits, grid_sear
 from crfrnn_deeplab.training.metrics import BOUNDARY_WIDTHS, SegmentationMeter, boundary_bands
 from crfrnn_deeplab.visualize import save_panel
 
-__all__ = ["Evaluator", "sliding_window_logits", "evaluate_baselines", "collate_by_size", "SizeBatches"]
+__all__ = ["Evaluator", "NonFiniteLogitsError", "sliding_window_logits", "evaluate_baselines", "collate_by_size",
+           "SizeBatches"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ class SizeBatches:
             yield from batches
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The network gave NaN or infinite logits for evaluation images: they cannot be scored (their argmax would
+    count as a class without a word)."""
+
+
 def check_labelled(labelled: Tensor, images: str) -> None:
     """Raises DatasetError when ``labelled`` (the pixels with a label, summed over the ranks) is 0: scores of no
     pixels are NaN, not a result."""
@@ -133,10 +139,28 @@ class Evaluator:
     panels: int = 0
 
     def logits(self, network: nn.Module, image: Tensor) -> Tensor:
-        """Full-image or sliding-window logits Tensor[B, C, H, W] at the image's size (float32)."""
+        """Full-image or sliding-window logits Tensor[B, C, H, W] at the image's size (float32).
+
+        Raises:
+            NonFiniteLogitsError: a logit is NaN or infinite (weights that hold such values, or a forward pass
+                that overflowed, e.g. in float16).
+        """
         if self.window is not None:
-            return sliding_window_logits(network, image, window=self.window, stride=self.stride)
-        return network(image).float()
+            logits = sliding_window_logits(network, image, window=self.window, stride=self.stride)
+        else:
+            logits = network(image).float()
+        if not bool(torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(logits)).sum())
+            kind = image.device.type
+            precision = ""
+            if torch.is_autocast_enabled(kind):
+                dtype = str(torch.get_autocast_dtype(kind)).removeprefix("torch.")
+                precision = f" under {dtype} autocast (amp=false evaluates in float32)"
+            raise NonFiniteLogitsError(
+                f"the network's logits for {len(image)} evaluation image(s) hold {bad} NaN or infinite value(s) of "
+                f"{logits.numel()}{precision}: its weights or its forward pass overflowed, and such logits cannot "
+                "be scored")
+        return logits
 
     @torch.no_grad()
     def __call__(self, network: nn.Module, crfs: dict[str, MeanFieldCRF | None], loader: Iterable[dict], *,

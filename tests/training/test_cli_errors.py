@@ -586,6 +586,24 @@ def test_a_failed_evaluation_keeps_the_steps_it_follows(tmp_path, capsys):
     assert load_checkpoint(out / "stage1" / "last.pt")["step"] == 2  # the training before it is saved
 
 
+def test_a_network_that_evaluates_to_nan_is_named_not_scored(tmp_path, capsys, monkeypatch):
+    # e.g. a float16 forward pass that overflows: its argmax would be scored as class 0 without a word
+    build_network = train.build_network
+
+    def nan_when_evaluated(cfg):
+        network = build_network(cfg)
+        network.register_forward_hook(lambda m, args, out: None if m.training else torch.full_like(out, math.nan))
+        return network
+
+    monkeypatch.setattr(train, "build_network", nan_when_evaluated)
+    out = tmp_path / "run"
+    assert train.main(TINY + [f"out_dir={out}"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, errors
+    assert re.search(r"the network's logits for 2 evaluation image\(s\) hold \d+ NaN or infinite value", errors[0])
+    assert load_checkpoint(out / "stage1" / "last.pt")["step"] == 2 and not (out / "results.json").exists()
+
+
 def test_labels_that_are_all_ignored_warn_and_score_nothing(tmp_path, capsys, caplog):
     root = voc_tree(tmp_path / "voc")
     for label in (root / "SegmentationClass").glob("*.png"):

@@ -17,7 +17,8 @@ from crfrnn_deeplab.data import SyntheticSegmentation
 from crfrnn_deeplab.training.config import load_config
 from crfrnn_deeplab.training.data_stream import SeededAugmentation, TrainBatches
 from crfrnn_deeplab.training.signals import StopRequest
-from crfrnn_deeplab.training.evaluation import collate_by_size, sliding_window_logits
+from crfrnn_deeplab.training.evaluation import (Evaluator, NonFiniteLogitsError, collate_by_size,
+                                                sliding_window_logits)
 from crfrnn_deeplab.weights import load_checkpoint, model_for_checkpoint
 from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
 from train_script import import_train
@@ -226,6 +227,27 @@ def test_sliding_window_refuses_a_stride_that_leaves_gaps():
         sliding_window_logits(net, torch.randn(1, 3, 40, 40), window=16, stride=17)
     with pytest.raises(ValueError, match="window must be a positive int"):
         sliding_window_logits(net, torch.randn(1, 3, 40, 40), window=0, stride=1)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_evaluation_refuses_logits_that_are_not_finite(window, autocast):
+    class Overflowing(torch.nn.Module):  # 2 classes; two logits of the second image overflow
+        def forward(self, x):
+            logits = x[:, :2].clone()
+            if len(x) > 1:
+                logits[1, 0, 0, :2] = torch.tensor([float("inf"), float("nan")])
+            return logits
+
+    evaluate = Evaluator(num_classes=2, device=torch.device("cpu"), window=window, stride=window)
+    image = torch.zeros(2, 3, 20, 24)
+    assert torch.isfinite(evaluate.logits(Overflowing(), image[:1])).all()  # the first image alone is scored
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with pytest.raises(NonFiniteLogitsError, match=r"for 2 evaluation image\(s\) hold (\d+) NaN or inf") as e:
+            evaluate.logits(Overflowing(), image)
+    assert ("under bfloat16 autocast (amp=false evaluates in float32)" in str(e.value)) == autocast
+    if window is None:
+        assert "hold 2 NaN or infinite value(s) of 1920" in str(e.value)
 
 
 def test_evaluation_batches_hold_images_of_one_size():
