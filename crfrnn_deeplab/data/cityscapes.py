@@ -23,6 +23,7 @@ from crfrnn_deeplab.data.io import (
     check_files_exist,
     check_label_values,
     check_same_size,
+    list_dir,
     read_image,
     read_index_png,
     require_dir,
@@ -165,7 +166,12 @@ class CityscapesSegmentation(SegmentationDataset):
         self.class_names = CITYSCAPES_CLASSES
 
         suffix = "_leftImg8bit.png"
-        images = sorted(p for city in image_root.iterdir() if city.is_dir() for p in city.glob(f"*{suffix}"))
+        # hidden files and folders (macOS's ._<name> copies, .ipynb_checkpoints) are not samples
+        images = sorted(
+            city / name
+            for city in image_root.iterdir() if city.is_dir() and not city.name.startswith(".")
+            for name in list_dir(city) if name.endswith(suffix)
+        )
         self.ids = [p.name[: -len(suffix)] for p in images]
         self._check_not_empty(f"{image_root}/<city>/*{suffix}")
         labels = [label_root / p.parent.name / f"{i}_gtFine_{label_type}.png" for p, i in zip(images, self.ids)]

@@ -9,7 +9,8 @@ unpacked side by side)::
 The annotation PNGs are 8-bit greyscale with value ``v`` = COCO category id - 1: 0..90 are the 91 thing ids
 (11 of which, e.g. ``street sign``, are never annotated), 91..181 the 91 stuff classes, 255 unlabelled. They
 are used unchanged as the 182 classes here (DeepLab v2's COCO-Stuff setup). The samples of a split are the
-annotation PNGs found in its directory; each must have its image. For the 171-class "used ids only" variant
+annotation PNGs found in its directory (``.png`` in any case; hidden files such as macOS's ``._<id>.png`` are not
+samples); each must have its image ``<id>.jpg``. For the 171-class "used ids only" variant
 written by other toolkits (``*_labelTrainIds.png``), use :class:`~crfrnn_deeplab.data.FolderSegmentation`.
 """
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 from crfrnn_deeplab.data.io import (
+    DatasetError,
     PathLike,
     check_files_exist,
     check_label_values,
     check_same_size,
+    list_dir,
     read_image,
     read_index_png,
     require_dir,
@@ -85,12 +88,35 @@ class COCOStuffSegmentation(SegmentationDataset):
         label_dir = require_dir(root / "annotations" / f"{split}2017", "COCO-Stuff annotation directory", _LAYOUT)
         self.root, self.split = root, split
         self.class_names = COCO_STUFF_CLASSES
-        labels = sorted(p for p in label_dir.iterdir() if p.suffix == ".png")
-        self.ids = [p.stem for p in labels]
+        # the suffix in any case (x.PNG), as FolderSegmentation matches it; hidden files (._x.png) are not samples
+        labels_by_id: dict[str, list[str]] = {}
+        for name in list_dir(label_dir):
+            if len(name) > 4 and name.lower().endswith(".png"):
+                labels_by_id.setdefault(name[:-4], []).append(name)
+        self.ids = sorted(labels_by_id)
         self._check_not_empty(f"{label_dir} (*.png)")
+        ambiguous = [i for i in self.ids if len(labels_by_id[i]) > 1]
+        if ambiguous:
+            shown = "; ".join(f"{i!r}: {' and '.join(labels_by_id[i])}" for i in ambiguous[:5])
+            raise DatasetError(
+                f"which annotation to read is ambiguous for {len(ambiguous)} of {len(self.ids)} ids, each with more "
+                f"than one in {str(label_dir)!r} ({shown}{' ...' if len(ambiguous) > 5 else ''}); remove the others"
+            )
         images = [image_dir / f"{i}.jpg" for i in self.ids]
-        check_files_exist(images, f"images for the annotations in {str(label_dir)!r}")
-        self._images, self._labels = [str(p) for p in images], [str(p) for p in labels]
+        try:
+            check_files_exist(images, f"images for the annotations in {str(label_dir)!r}")
+        except FileNotFoundError as e:
+            # other toolkits' conversions write <id>_labelTrainIds.png (171 classes) beside <id>.png
+            foreign = sum(i.endswith("_labelTrainIds") for i in self.ids)
+            if not foreign:
+                raise
+            raise FileNotFoundError(
+                f"{e}\n{foreign} of the annotations in it are *_labelTrainIds.png files written by another toolkit "
+                "(its 171-class maps), not COCO-Stuff's own: move them out of that directory (or read them with "
+                "FolderSegmentation, mask_suffix='_labelTrainIds.png')"
+            ) from None
+        self._images = [str(p) for p in images]
+        self._labels = [str(label_dir / labels_by_id[i][0]) for i in self.ids]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(self._images[index])

@@ -8,7 +8,7 @@ Layout::
 
 Image extensions and the mask suffix match in any case (``.JPG``, ``.PNG``); ids are case-sensitive. An id with
 two images (``x.jpg`` and ``x.png``) or two masks (``x.png`` and ``x.PNG``) is an error naming both, not a
-silent choice.
+silent choice. Hidden files (``.DS_Store``, macOS's ``._<id>.png`` copies) are neither images nor masks.
 
 This also reads ADE20K-style folders (``reduce_zero_label=True``: mask value 0 = "other" is ignored and
 values 1..150 become classes 0..149) and pre-converted sets such as VOC ``SegmentationClassAug``.
@@ -16,6 +16,7 @@ values 1..150 become classes 0..149) and pre-converted sets such as VOC ``Segmen
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections import Counter
@@ -27,6 +28,7 @@ from crfrnn_deeplab.data.io import (
     DatasetError,
     PathLike,
     check_same_size,
+    list_dir,
     read_id_list,
     read_image,
     read_index_png,
@@ -36,6 +38,8 @@ from crfrnn_deeplab.data.io import (
 from crfrnn_deeplab.data.base import IGNORE_INDEX, SegmentationDataset, Transform
 
 __all__ = ["FolderSegmentation"]
+
+logger = logging.getLogger(__name__)
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -49,7 +53,8 @@ class FolderSegmentation(SegmentationDataset):
 
     Mask values are mapped to the package convention (``0..num_classes-1``, 255 = ignore): ``ignore_value``
     becomes 255; with ``reduce_zero_label``, 0 becomes 255 and every other value ``v`` becomes ``v - 1``.
-    Any other value outside the class range is an error naming the file.
+    Any other value outside the class range is an error naming the file. With two classes, a mask of only 0 and
+    255 (the ignore value) is logged as a warning, once: it is how a binary mask whose foreground is 255 reads.
 
     Args:
         image_dir: directory of images.
@@ -109,12 +114,13 @@ class FolderSegmentation(SegmentationDataset):
                 f"{first_class + self.num_classes - 1}); choose a value outside that range"
             )
         self.ignore_value, self.reduce_zero_label = int(ignore_value), reduce_zero_label
+        self._warned_binary = False
 
         image_dir = require_dir(image_dir, "image directory", _LAYOUT)
         mask_dir = require_dir(mask_dir, "mask directory", _LAYOUT)
         self.image_dir, self.mask_dir = image_dir, mask_dir
         masks_by_id: dict[str, list[str]] = {}
-        for name in sorted(os.listdir(mask_dir)):
+        for name in list_dir(mask_dir):
             if len(name) > len(mask_suffix) and name.lower().endswith(mask_suffix.lower()):
                 masks_by_id.setdefault(name[: -len(mask_suffix)], []).append(name)
         if list_file is not None:
@@ -130,7 +136,7 @@ class FolderSegmentation(SegmentationDataset):
         same_dir = os.path.samefile(image_dir, mask_dir)
         mask_files = {n for names in masks_by_id.values() for n in names} if same_dir else set()
         images_by_stem: dict[str, list[str]] = {}
-        for name in sorted(os.listdir(image_dir)):
+        for name in list_dir(image_dir):
             stem, ext = os.path.splitext(name)
             if ext.lower() in _IMAGE_EXTENSIONS and name not in mask_files:
                 images_by_stem.setdefault(stem, []).append(name)
@@ -165,6 +171,15 @@ class FolderSegmentation(SegmentationDataset):
             values = np.unique(mask)
         if values.size == 0:
             return mask.astype(np.uint8)
+        if self.num_classes == 2 and ignored == {255} and values.tolist() == [0, 255] and not self._warned_binary:
+            # a binary mask saved as 0 / 255 (as image editors and OpenCV code write them) reads as background and
+            # ignore: not an error (an image without foreground may have an ignore region), but said once
+            self._warned_binary = True
+            logger.warning(
+                "label file %r holds only the values 0 and 255, and 255 is the ignore value: if it is a binary mask "
+                "whose foreground is 255, every foreground pixel is ignored and the model learns background alone; "
+                "save the foreground as 1 (mask // 255). (Said once for this dataset.)", path,
+            )
         bad = [int(v) for v in values if not (first <= v < first + self.num_classes or v in ignored)]
         if bad:
             shown = ", ".join(str(v) for v in bad[:10]) + (", ..." if len(bad) > 10 else "")

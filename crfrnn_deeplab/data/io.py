@@ -33,6 +33,7 @@ __all__ = [
     "check_same_size",
     "check_label_values",
     "check_files_exist",
+    "list_dir",
     "scan_image_label_pairs",
 ]
 
@@ -46,6 +47,20 @@ _LABEL_DTYPES: dict[str, type] = {
     "P": np.uint8, "1": np.uint8, "L": np.uint8, "I;16": np.int64, "I;16B": np.int64, "I;16L": np.int64, "I": np.int64,
 }
 _LABEL_MODES_TEXT = ", ".join(repr(mode) for mode in _LABEL_DTYPES)
+
+# PIL decodes 2- and 4-bit greyscale samples scaled to 0..255 (as the PNG standard renders them: 3 of 3 is white);
+# a label's stored sample is its class index, so read_index_png divides the scaling out again.
+_LOW_BIT_GREY_SCALE = {"L;2": 85, "L;2R": 85, "L;4": 17, "L;4R": 17}
+
+# File formats whose compression changes pixel values (near every edge, to neighbouring values): never a label.
+# Pillow opens a camera's JPEG with a second image inside (a preview) as 'MPO'.
+_LOSSY_FORMATS = ("JPEG", "MPO")
+_LOSSY_TEXT = ("its lossy compression changes the values near every edge, mostly to other class indices that "
+               "no check can tell from the true ones; save the label map as a PNG (lossless)")
+
+# EXIF orientations that turn the stored pixels by 90 degrees (5-8: transpose, rotate 270, transverse, rotate 90)
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 # What PIL raises for a file it cannot decode. DecompressionBombError (an image above twice
 # Image.MAX_IMAGE_PIXELS) derives from Exception only, not from OSError or ValueError.
@@ -121,7 +136,7 @@ def require_file(path: PathLike, what: str, layout: str) -> Path:
 
 
 def read_id_list(path: PathLike) -> list[str]:
-    """Read a split file: one image id per line; blank lines and surrounding whitespace are ignored.
+    """Read a split file: one image id per line, each id once; blank lines and surrounding whitespace are ignored.
 
     The file is UTF-8 text; a byte-order mark at its start (what some Windows editors write) is skipped rather
     than becoming an invisible part of the first id.
@@ -134,9 +149,9 @@ def read_id_list(path: PathLike) -> list[str]:
 
     Raises:
         DatasetError: the file is not UTF-8 text, a line holds more than one token (e.g. ``"img.jpg
-            label.png"`` pair lists), or the file lists no ids at all.
+            label.png"`` pair lists), an id is listed more than once, or the file lists no ids at all.
     """
-    ids = []
+    ids, lines_of = [], {}
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.readlines()
@@ -155,9 +170,25 @@ def read_id_list(path: PathLike) -> list[str]:
                 f"extension, e.g. '2007_000032'), got {line!r}"
             )
         ids.append(line)
+        lines_of.setdefault(line, []).append(lineno)
     if not ids:
         raise DatasetError(f"list file {str(path)!r} holds no image ids: the dataset would be empty")
+    repeated = [(i, n) for i, n in lines_of.items() if len(n) > 1]
+    if repeated:
+        shown = ", ".join(f"{i!r} (lines {', '.join(map(str, n[:-1]))} and {n[-1]})" for i, n in repeated[:5])
+        raise DatasetError(
+            f"list file {str(path)!r} lists {len(repeated)} ids more than once: {shown}"
+            f"{', ...' if len(repeated) > 5 else ''}; each sample would be read that many times (trained on more "
+            "often, counted more than once in a score): list each id once"
+        )
     return ids
+
+
+def list_dir(directory: PathLike) -> list[str]:
+    """The names in ``directory``, sorted, without hidden ones (``.*``): what an operating system leaves beside a
+    dataset's files (macOS's ``._<name>`` AppleDouble copies and ``.DS_Store``, ``.ipynb_checkpoints``) is never one
+    of its samples, and a ``._x.png`` would otherwise become a sample ``._x`` that fails to decode."""
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
 
 
 def check_files_exist(paths: Sequence[Path], what: str) -> None:
@@ -213,40 +244,81 @@ def read_image(path: PathLike) -> np.ndarray:
     return arr
 
 
-def read_index_png(path: PathLike) -> np.ndarray:
+def read_index_png(path: PathLike, *, palette: np.ndarray | None = None, palette_name: str = "expected") -> np.ndarray:
     """Read a label PNG whose pixel values are class indices.
 
     Palette (mode ``"P"``) images are read as their palette *indices*, not their colours, which is what the
     VOC ``SegmentationClass`` PNGs hold. Greyscale 8-bit and 16-bit images (either byte order) and 32-bit
-    integer ones are read as-is, 1-bit ones as 0/1.
+    integer ones are read as-is, 1-bit ones as 0/1, and 2- and 4-bit ones as their stored values too (0..3,
+    0..15; PIL would scale them to 0..255, making the highest value 255, the ignore label).
 
     Args:
-        path: a palette, 1-bit, 8-bit or 16-bit greyscale PNG (or another format PIL reads, e.g. TIFF).
+        path: a palette, 1-, 2-, 4-, 8- or 16-bit greyscale PNG (or another lossless format PIL reads, e.g. TIFF).
+        palette: ``uint8 [K, 3]``, the colour of each class index in the dataset's own palette (VOC's): a palette
+            image whose used index ``i`` has the colour that this palette gives another index ``j`` is refused.
+            That is what saving a colour mask as a palette image by quantising it makes (``Image.quantize``,
+            ``convert("P", palette=Image.ADAPTIVE)``): the class colours, renumbered in order of appearance.
+            A used index whose colour is its own, or no colour of this palette (e.g. a grey palette), passes.
+        palette_name: the palette's name, for the message (``"VOC"``).
 
     Returns:
-        ``uint8 [H, W]`` for palette, 1-bit and 8-bit images, ``int64 [H, W]`` for 16- and 32-bit ones.
+        ``uint8 [H, W]`` for palette, 1- to 8-bit images, ``int64 [H, W]`` for 16- and 32-bit ones.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        DatasetError: it cannot be decoded, or it is a colour (RGB/RGBA) image, whose values are colours and
-            not class indices.
+        DatasetError: it cannot be decoded, it is a colour (RGB/RGBA) image, whose values are colours and not
+            class indices, it is a JPEG (lossy: its values near edges are not the ones saved), or its palette
+            renumbers ``palette``'s colours.
     """
     try:
         with _open_image(path) as im:
-            mode = im.mode
-            dtype = _LABEL_DTYPES.get(mode)
-            arr = None if dtype is None else np.asarray(im).astype(dtype, copy=False)  # 1-bit: bool to 0 / 1
+            mode, lossy = im.mode, im.format in _LOSSY_FORMATS
+            dtype = None if lossy else _LABEL_DTYPES.get(mode)
+            arr = None
+            if dtype is not None:
+                scale = _LOW_BIT_GREY_SCALE.get(_rawmode(im)) if mode == "L" else None
+                arr = np.asarray(im).astype(dtype, copy=False)  # 1-bit: bool to 0 / 1
+                if scale is not None:
+                    arr = arr // scale
+            file_palette = im.getpalette("RGB") if mode == "P" and palette is not None else None
     except FileNotFoundError:
         raise FileNotFoundError(f"label file {str(path)!r} does not exist") from None
     except _DECODE_ERRORS as e:
         raise DatasetError(f"cannot decode label image {str(path)!r}: {e}") from e
+    if lossy:
+        raise DatasetError(f"label image {str(path)!r} is a JPEG file: {_LOSSY_TEXT}")
     if arr is None:
         raise DatasetError(
             f"label image {str(path)!r} has mode {mode!r}; expected a palette or greyscale image whose values are "
             f"class indices (one of the modes {_LABEL_MODES_TEXT}); a colour-coded mask must be converted to "
             "indices first"
         )
+    if file_palette is not None:
+        _check_palette(arr, np.asarray(file_palette, dtype=np.uint8).reshape(-1, 3), palette, palette_name, path)
     return arr
+
+
+def _rawmode(im: Image.Image) -> str | None:
+    """How the file stores its samples (e.g. ``"L;4"``: 4-bit greyscale), from the first tile of an unread image."""
+    if not im.tile:
+        return None
+    args = im.tile[0].args
+    return args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+
+
+def _check_palette(label: np.ndarray, colours: np.ndarray, expected: np.ndarray, name: str, path: PathLike) -> None:
+    """Raise if a used index of ``label`` has, in the file's palette ``colours``, the colour that ``expected`` gives
+    another index: the file's indices are then positions in a renumbered colour table, not class indices."""
+    index_of = {tuple(c): j for j, c in enumerate(np.asarray(expected, dtype=np.uint8).tolist())}
+    for i in np.flatnonzero(np.bincount(label.ravel(), minlength=256)[: len(colours)]).tolist():
+        j = index_of.get(tuple(colours[i].tolist()))
+        if j is not None and j != i:
+            raise DatasetError(
+                f"label image {str(path)!r} is a palette image whose index {i} has the {name} colour of class {j} "
+                f"{tuple(colours[i].tolist())}: its indices are not class indices but positions in a renumbered "
+                "colour table (as quantising a colour mask to a palette image makes them); convert the colours to "
+                "class indices, or save the index map with the palette it was drawn in"
+            )
 
 
 def read_sbd_mat(path: PathLike) -> np.ndarray:
@@ -292,15 +364,38 @@ def check_same_size(image: np.ndarray, label: np.ndarray, image_path: PathLike, 
     """Raise if the image and its label map differ in height or width.
 
     Raises:
-        DatasetError: names both files and both sizes (as H x W).
+        DatasetError: names both files and both sizes (as H x W), and an EXIF orientation of the image that turns it
+            to the label's size (the label was then drawn on the turned view).
     """
     if image.shape[:2] != label.shape[:2]:
-        ih, iw = image.shape[:2]
-        lh, lw = label.shape[:2]
-        raise DatasetError(
-            f"size mismatch: image {str(image_path)!r} is {ih}x{iw} (HxW) but its label "
-            f"{str(label_path)!r} is {lh}x{lw}"
+        raise _size_mismatch(image_path, image.shape[:2], label_path, label.shape[:2])
+
+
+def _size_mismatch(
+    image_path: PathLike, image_size: tuple[int, int], label_path: PathLike, label_size: tuple[int, int]
+) -> DatasetError:
+    """The error for an image and label of different (H, W) sizes; where the label has the image's size turned by
+    90 degrees and the image's EXIF tag turns it so, it says that the label follows the turned view."""
+    (ih, iw), (lh, lw) = image_size, label_size
+    message = (f"size mismatch: image {str(image_path)!r} is {ih}x{iw} (HxW) but its label {str(label_path)!r} "
+               f"is {lh}x{lw}")
+    orientation = _exif_orientation(image_path) if (lh, lw) == (iw, ih) else None
+    if orientation in _QUARTER_TURNS:
+        message += (
+            f"; the image has EXIF orientation {orientation} (a viewer shows it turned by 90 degrees) and the label "
+            "seems drawn on that view: images are read as stored, without applying the tag, so apply "
+            "PIL.ImageOps.exif_transpose to the image and save it (or turn the label back to the stored pixels)"
         )
+    return DatasetError(message)
+
+
+def _exif_orientation(path: PathLike) -> int | None:
+    """The EXIF orientation tag of an image file (1-8), or None where it has none or cannot be read."""
+    try:
+        with _open_image(path) as im:
+            return im.getexif().get(_EXIF_ORIENTATION)
+    except (FileNotFoundError, DatasetError, *_DECODE_ERRORS):
+        return None
 
 
 def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, path: PathLike) -> None:
@@ -344,11 +439,11 @@ def _open_image(path: PathLike) -> Image.Image:
     return Image.open(path)
 
 
-def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
-    """``((width, height), mode)`` from the file's header, without decoding its pixels."""
+def _header(path: str, what: str) -> tuple[tuple[int, int], str, str | None]:
+    """``((width, height), mode, format)`` from the file's header, without decoding its pixels."""
     try:
         with _open_image(path) as im:
-            return im.size, im.mode
+            return im.size, im.mode, im.format
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path!r} does not exist") from None
     except _DECODE_ERRORS as e:
@@ -358,27 +453,28 @@ def _header(path: str, what: str) -> tuple[tuple[int, int], str]:
 def scan_image_label_pairs(images: Sequence[PathLike], labels: Sequence[PathLike]) -> None:
     """A fast check of a split's files before a long run: every image and label opens as an image (the
     header only: no pixel is decoded), the label has its image's size, and each label has a mode that
-    :func:`read_index_png` reads (palette or greyscale).
+    :func:`read_index_png` reads (palette or greyscale) in a lossless format (not JPEG).
     SBD ``.mat`` labels are only checked to exist. Decoding errors past the header, and label values, are
     left to :meth:`~crfrnn_deeplab.data.base.SegmentationDataset.verify`.
 
     Raises:
         FileNotFoundError: a listed file is missing (named).
-        DatasetError: a file that is not an image, a size mismatch, or a label of a mode :func:`read_index_png`
-            refuses, e.g. RGB (both files named).
+        DatasetError: a file that is not an image, a size mismatch, or a label that :func:`read_index_png`
+            refuses by its header: of a colour mode (e.g. RGB), or a JPEG (both files named).
     """
     for image_path, label_path in zip(images, labels, strict=True):
         image_path, label_path = str(image_path), str(label_path)
-        (iw, ih), _ = _header(image_path, "image")
+        (iw, ih), _, _ = _header(image_path, "image")
         if label_path.endswith(".mat"):
             if not Path(label_path).is_file():
                 raise FileNotFoundError(f"label {label_path!r} does not exist")
             continue
-        (lw, lh), mode = _header(label_path, "label")
+        (lw, lh), mode, file_format = _header(label_path, "label")
+        if file_format in _LOSSY_FORMATS:
+            raise DatasetError(f"label {label_path!r} is a JPEG file: {_LOSSY_TEXT}")
         if mode not in _LABEL_DTYPES:
             raise DatasetError(f"label {label_path!r} is a {mode!r} image; expected a palette or greyscale image of "
                                f"class indices (one of the modes {_LABEL_MODES_TEXT})")
         if (iw, ih) != (lw, lh):
-            raise DatasetError(f"size mismatch: image {image_path!r} is {ih}x{iw} (HxW) but its label "
-                               f"{label_path!r} is {lh}x{lw}")
+            raise _size_mismatch(image_path, (ih, iw), label_path, (lh, lw))
 

@@ -147,8 +147,14 @@ def _inputs(sample: dict[str, Any], need_label: bool) -> tuple[np.ndarray, np.nd
     if label.shape != image.shape[:2]:
         raise ValueError(f"sample {sample_id!r}: image is {image.shape[:2]} but label is {label.shape} (H, W)")
     if label.dtype != np.uint8:
-        if label.size and (label.min() < 0 or label.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"sample {sample_id!r}: label values must be non-negative int32, got {label.dtype}")
+        low, high = (int(label.min()), int(label.max())) if label.size else (0, 0)
+        if low < 0 or high > np.iinfo(np.int32).max:
+            raise ValueError(
+                f"sample {sample_id!r}: label values must be class indices or the ignore value, in "
+                f"0..{np.iinfo(np.int32).max}; got {label.dtype} values from {low} to {high}"
+                + (" (a negative ignore value, e.g. -1, must be mapped to the transform's ignore_index first)"
+                   if low < 0 else "")
+            )
         label = label.astype(np.int32)  # OpenCV resizes/pads int32 but not int64
     return image, label, sample_id
 

@@ -82,6 +82,10 @@ def voc_colormap(n: int = 256) -> np.ndarray:
     return cmap.astype(np.uint8)
 
 
+# The colours of SegmentationClass/*.png, to tell a renumbered palette (a quantised colour mask) from VOC's own.
+_VOC_PALETTE = voc_colormap()
+
+
 def train_aug_ids(
     voc_train: Iterable[str], voc_val: Iterable[str], sbd_train: Iterable[str], sbd_val: Iterable[str]
 ) -> list[str]:
@@ -111,7 +115,10 @@ def _sbd_root(root: PathLike) -> Path:
 
 def _load_pair(image_path: str, label_path: str, num_classes: int, ignore_index: int) -> tuple[np.ndarray, ...]:
     image = read_image(image_path)
-    label = read_sbd_mat(label_path) if label_path.endswith(".mat") else read_index_png(label_path)
+    if label_path.endswith(".mat"):
+        label = read_sbd_mat(label_path)
+    else:
+        label = read_index_png(label_path, palette=_VOC_PALETTE, palette_name="VOC")
     check_same_size(image, label, image_path, label_path)
     check_label_values(label, num_classes, ignore_index, label_path)
     return image, label

@@ -254,6 +254,18 @@ def test_bad_samples():
         transform({**sample, "label": sample["label"].astype(np.float32)})
 
 
+def test_a_negative_ignore_value_is_named_with_the_values():
+    # the message named only the dtype ("must be non-negative int32, got int64") for a label using -1 as ignore
+    sample = _colour_coded_sample(20, 20)
+    label = sample["label"].astype(np.int64)
+    label[:2] = -1
+    for transform in (TrainTransform(TORCHVISION_CONVENTION, crop_size=16), EvalTransform(TORCHVISION_CONVENTION)):
+        with pytest.raises(ValueError, match=(r"sample 'blocks0': label values must be class indices or the ignore "
+                                              r"value, in 0\.\.2147483647; got int64 values from -1 to \d+ \(a "
+                                              r"negative ignore value, e\.g\. -1, must be mapped")):
+            transform({**sample, "label": label})
+
+
 def test_bounds_themselves_are_accepted():
     TrainTransform(TORCHVISION_CONVENTION, crop_size=(8192, 1), scale_range=(0.1, 8.0), seed=2**40)
     EvalTransform(TORCHVISION_CONVENTION, pad_to=8192, pad_divisor=1024)
