@@ -26,7 +26,7 @@ ALLOWED = {
     "models": {"images", "crf", "predict"},  # predict: the models' thin `predict` method (predict imports no model)
     "predict": {"images", "files", "weights", "data", "visualize", "models"},  # models: only the CLI builds from checkpoints
     "data": {"images", "models", "distributed"},  # models: the input conventions the transforms apply
-    "visualize": {"data"},
+    "visualize": {"data", "images", "files"},
     "weights": {"images", "files", "crf", "models"},
     "training": {"images", "crf", "models", "data", "weights", "distributed", "visualize"},
 }

@@ -99,8 +99,8 @@ def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
 
     Raises:
         TypeError: an unsupported type or dtype.
-        ValueError: no images, a wrong number of dimensions or channels, an empty image, or values that are not
-            raw RGB (negative, above 255, NaN or infinite).
+        ValueError: no images, a wrong number of dimensions or channels, an empty image, values that are not
+            raw RGB (negative, above 255, NaN or infinite), or a PIL image that cannot be decoded (a truncated file).
     """
     if isinstance(images, Tensor) and images.dim() == 4:
         items: list[object] = list(images.unbind(0))
@@ -124,7 +124,15 @@ def to_raw_batch(images: ImageLike | Sequence[ImageLike]) -> list[Tensor]:
             array = np.ascontiguousarray(check_rgb_array(image, name=where))  # e.g. a flipped view, image[:, ::-1]
             raw = torch.tensor(array).permute(2, 0, 1).float()  # a copy: PIL arrays are read-only
         elif isinstance(image, Image.Image):
-            raw = torch.tensor(pil_to_rgb(image, name=where)).permute(2, 0, 1).float()
+            try:  # a lazily loaded PIL image decodes here: a truncated or closed file fails now
+                rgb = pil_to_rgb(image, name=where)
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"{where}: cannot decode the PIL image ({image.mode}, {image.width}x{image.height}): "
+                                 f"{e}") from e
+            if image.mode == "F" and rgb.max() <= 1:  # pil_to_rgb takes 'F' as 0-255: a 0-1 image is now black
+                logger.warning("%s is a float (mode 'F') image with values of at most 1: expected 0-255, not 0-1",
+                               where)
+            raw = torch.tensor(rgb).permute(2, 0, 1).float()
         else:
             raise TypeError(
                 f"{where}: expected a numpy uint8 [H, W, 3] array, a PIL image or a tensor [3, H, W], "
@@ -164,8 +172,19 @@ def _network_logits(network: nn.Module, raw: Tensor, *, scales: tuple[float, ...
 @torch.no_grad()
 def _predict_group(network: nn.Module, crf: nn.Module | None, raw: Tensor, *, scales: tuple[float, ...],
                    flip: bool, dtype: torch.dtype) -> list[Prediction]:
-    """Predictions for a batch of equal-size images (Tensor[B, 3, H, W], raw RGB, on the model's device)."""
+    """Predictions for a batch of equal-size images (Tensor[B, 3, H, W], raw RGB, on the model's device).
+
+    Raises:
+        ValueError: the network's logits hold NaN or infinite values (their argmax would be a class without a word).
+    """
     logits = _network_logits(network, raw, scales=scales, flip=flip, dtype=dtype)
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(
+            f"the network's logits for {len(raw)} image(s) hold {bad} NaN or infinite value(s) of {logits.numel()} "
+            f"(the network computes in {str(dtype).removeprefix('torch.')}): its weights hold such values or its "
+            "forward pass overflowed, so there is no prediction to make"
+        )
     if crf is None:
         return [Prediction(labels=z.argmax(0).cpu(), probabilities=z.softmax(0).float().cpu()) for z in logits]
     crf_logits = crf(logits, raw)
@@ -214,7 +233,8 @@ def predict(
         TypeError: an unsupported model or image type (see :func:`to_raw_batch`); ``crf`` or ``flip`` not a bool,
             ``crf_iterations`` or ``batch_size`` not an integer, ``device`` not a str or torch.device.
         ValueError: bad images or option values, ``crf_iterations`` without a CRF to run, an image smaller than the
-            model accepts at one of the ``scales``, a device that cannot run here, or a model on the meta device.
+            model accepts at one of the ``scales``, a device that cannot run here, a model on the meta device, or
+            a network whose logits hold NaN or infinite values (weights that hold such values, a float16 overflow).
     """
     if not (isinstance(model, nn.Module) and callable(getattr(model, "preprocess", None))):
         raise TypeError(

@@ -17,7 +17,10 @@ output path is an input, and every output is written to a temporary file in its 
 and never writes into the file a hard link or a symlink there points to, and an interrupted run leaves no
 truncated output. An image that cannot be read (or is too small for the model) is reported on stderr and skipped;
 the run goes on and exits with status 1. Exit status 2: bad arguments (a device this machine lacks included), a
-missing, unreadable or non-finite checkpoint, no images found.
+missing, unreadable or non-finite checkpoint, a model of more classes than a palette PNG holds (256), no images
+found, an output directory that cannot be created or written. SIGINT (Ctrl-C) and SIGTERM stop the run with one
+line on stderr and status 130 or 143; the file being written is dropped with its temporary file, and every output
+already written is complete.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,7 @@ from tqdm import tqdm
 from crfrnn_deeplab.weights import LoadReport, model_for_checkpoint
 from crfrnn_deeplab.models.crfrnn import CRFRNN
 from crfrnn_deeplab.data.io import DatasetError, read_image
-from crfrnn_deeplab.files import atomic_write
+from crfrnn_deeplab.files import atomic_write, blocking_parent
 from crfrnn_deeplab.images import MAX_SCALE, check_scales
 from crfrnn_deeplab.predict.api import (
     MAX_CRF_ITERATIONS,
@@ -54,6 +60,7 @@ __all__ = ["IMAGE_SUFFIXES", "find_images", "output_names", "main"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
+_MAX_LABEL_CLASSES = 256  # an 8-bit palette PNG holds the indices 0..255
 
 
 class UsageError(ValueError):
@@ -69,11 +76,16 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                images += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as e:
+                raise UsageError(f"cannot list the input directory {str(item)!r}: {e.strerror or e}") from None
         elif item.is_file():
             images.append(item)
-        else:
+        elif not item.exists():
             raise UsageError(f"input {str(item)!r} does not exist")
+        else:  # a FIFO, a socket, a device: reading it would block or fail obscurely
+            raise UsageError(f"input {str(item)!r} is neither a file nor a directory")
     if not images:
         raise UsageError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
     seen: set[Path] = set()
@@ -109,16 +121,23 @@ def _parse_scales(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{e} (from {text!r})") from None
 
 
+def _int(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text, "an integer >= 1")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
 def _crf_iterations(text: str) -> int:
     try:
-        return check_crf_iterations(int(text), "--crf-iterations")
+        return check_crf_iterations(_int(text, f"an integer in 0..{MAX_CRF_ITERATIONS}"), "--crf-iterations")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -175,9 +194,10 @@ def _check_no_overwrite(images: Sequence[Path], outputs: Sequence[Path], *, over
                 "choose another --out directory"
             )
     for path in outputs:
-        for parent in reversed(path.parents):
-            if parent.exists() and not parent.is_dir():
-                raise UsageError(f"output directory {str(parent)!r} is a file")
+        parent = blocking_parent(path)
+        if parent is not None:
+            what = "a dangling symlink" if not parent.exists() else "a file"
+            raise UsageError(f"output directory {str(parent)!r} is {what}")
         if path.is_dir():
             raise UsageError(f"output {str(path)!r} is a directory")
         if os.path.lexists(path) and not overwrite:  # a dangling symlink too: the name is taken
@@ -232,12 +252,57 @@ def _plan(args: argparse.Namespace) -> tuple[list[Path], list[dict[str, Path]], 
     model, report = model_for_checkpoint(args.checkpoint)
     if args.crf_iterations is not None and not isinstance(model, CRFRNN):
         raise UsageError(f"--crf-iterations given but {args.checkpoint} holds a model without a CRF layer")
+    if model.num_classes > _MAX_LABEL_CLASSES:
+        raise UsageError(
+            f"{args.checkpoint} holds a model of {model.num_classes} classes, but the label maps are 8-bit palette "
+            f"PNGs, which hold class indices 0..{_MAX_LABEL_CLASSES - 1}"
+        )
     model.to(device)
     return images, outputs, model, report
 
 
+def _prepare_out(out: Path, outputs: Sequence[dict[str, Path]], classes: dict) -> None:
+    """Creates ``out`` and its subfolders and writes ``out/classes.json``.
+
+    Raises:
+        OSError: a folder cannot be created or the file written (no permission, a read-only file system, ...).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in {p.parent for o in outputs for p in o.values()}:
+        sub.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "classes.json") as f:
+        f.write((json.dumps(classes, indent=2) + "\n").encode("utf-8"))
+
+
+class _Stopped(BaseException):
+    """SIGTERM during the run, raised where the run is, so that :func:`atomic_write` removes the file it was
+    writing (the default action would kill the process and leave that temporary file behind)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`_Stopped` while the block runs (only in the main thread, where handlers can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 all written, 1 some images failed, 2 usage errors)."""
+    """Runs the command line; returns the exit status (0 all written, 1 some images failed, 2 usage errors, an
+    output directory that cannot be written included, 128 + N stopped by signal N: 130 SIGINT, 143 SIGTERM)."""
     args = build_parser().parse_args(argv)
     try:
         images, outputs, model, report = _plan(args)
@@ -248,51 +313,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_classes = model.num_classes
     colours = palette(num_classes)
     class_names = report.class_names
-    args.out.mkdir(parents=True, exist_ok=True)
-    for sub in {p.parent for o in outputs for p in o.values()}:
-        sub.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "classes.json") as f:
-        f.write((json.dumps({
+    try:
+        _prepare_out(args.out, outputs, {
             "num_classes": num_classes,
             "class_names": list(class_names) if class_names is not None else None,
             "palette": colours[:num_classes].tolist(),
-        }, indent=2) + "\n").encode("utf-8"))
+        })
+    except OSError as e:
+        print(f"error: cannot write into the output directory {str(args.out)!r}: {e}", file=sys.stderr)
+        return 2
 
     options = dict(crf=not args.no_crf, crf_iterations=args.crf_iterations, scales=args.scales, flip=args.flip,
                    batch_size=args.batch_size)
     titles = ("image", "network", "network + CRF")
     written = failed = 0
-    with tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True) as bar:
-        for start in range(0, len(images), args.batch_size):
-            batch = []
-            for path, paths in zip(images[start : start + args.batch_size], outputs[start : start + args.batch_size]):
-                try:
-                    batch.append((path, paths, read_image(path)))
-                except (DatasetError, FileNotFoundError) as e:
-                    _error(str(e))
-                    failed += 1
-                    bar.update()
-            try:
-                predictions = predict(model, [image for _, _, image in batch], **options) if batch else []
-            except ValueError:  # one image is unusable (e.g. too small): predict them one by one to name it
-                predictions = []
-                for path, _, image in batch:
+    try:
+        with _sigterm_raises(), tqdm(total=len(images), desc="predict", unit="img", dynamic_ncols=True) as bar:
+            for start in range(0, len(images), args.batch_size):
+                batch = []
+                for path, paths in zip(images[start : start + args.batch_size],
+                                       outputs[start : start + args.batch_size]):
                     try:
-                        predictions.append(predict(model, image, **options)[0])
-                    except ValueError as e:
-                        _error(f"cannot segment {str(path)!r}: {e}")
-                        predictions.append(None)
-            for (path, paths, image), prediction in zip(batch, predictions):
-                if prediction is not None:
-                    try:
-                        _write(prediction, image, paths, colours, titles)
-                        written += 1
-                    except OSError as e:
-                        _error(f"cannot write the outputs of {str(path)!r}: {e}")
+                        batch.append((path, paths, read_image(path)))
+                        if batch[-1][2].max() <= 1:  # the models' own check of this warning names no file
+                            tqdm.write(f"warning: {str(path)!r} has pixel values of at most 1 (of 0-255): a nearly "
+                                       "black image, or a 0-1 float image (scale it to 0-255)", file=sys.stderr)
+                    except (DatasetError, FileNotFoundError) as e:
+                        _error(str(e))
                         failed += 1
-                else:
-                    failed += 1
-                bar.update()
+                        bar.update()
+                try:
+                    predictions = predict(model, [image for _, _, image in batch], **options) if batch else []
+                except ValueError:  # one image is unusable (e.g. too small): predict them one by one to name it
+                    predictions = []
+                    for path, _, image in batch:
+                        try:
+                            predictions.append(predict(model, image, **options)[0])
+                        except ValueError as e:
+                            _error(f"cannot segment {str(path)!r}: {e}")
+                            predictions.append(None)
+                for (path, paths, image), prediction in zip(batch, predictions):
+                    if prediction is not None:
+                        try:
+                            _write(prediction, image, paths, colours, titles)
+                            written += 1
+                        except OSError as e:
+                            _error(f"cannot write the outputs of {str(path)!r}: {e}")
+                            failed += 1
+                    else:
+                        failed += 1
+                    bar.update()
+    except (KeyboardInterrupt, _Stopped) as e:
+        signum = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        print(f"\nstopped by {signal.Signals(signum).name} after {written} of {len(images)} images written "
+              f"({failed} failed); every output file in {args.out} is complete, or as it was before the run "
+              "(rerun with --overwrite to redo them)", file=sys.stderr)
+        return 128 + signum
     print(f"{written} written, {failed} failed; outputs in {args.out}")
     return 1 if failed else 0
-
