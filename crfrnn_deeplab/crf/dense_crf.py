@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from crfrnn_deeplab.crf.kernels import BilateralFilter, Normalization
-from crfrnn_deeplab.images import check_device, check_guidance, check_rgb_image
+from crfrnn_deeplab.images import check_device, check_guidance, check_rgb_image, check_spacing
 from crfrnn_deeplab.crf.mean_field import MeanFieldCRF, fixed_crf
 
 __all__ = ["DenseCRF"]
@@ -81,8 +81,9 @@ class DenseCRF:
         device: str | torch.device | None = None,
         eps: float = 1e-8,
     ) -> None:
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        iterations = int(iterations)  # a numpy int (a grid search's) as MeanFieldCRF takes it
         several = isinstance(theta_beta, Sequence) and not isinstance(theta_beta, str)
         self.params = dict(bilateral_weight=_number("bilateral_weight", bilateral_weight),
                            theta_alpha=_number("theta_alpha", theta_alpha),
@@ -90,9 +91,12 @@ class DenseCRF:
                                        else _number("theta_beta", theta_beta)),
                            spatial_weight=_number("spatial_weight", spatial_weight),
                            theta_gamma=_number("theta_gamma", theta_gamma), normalization=normalization)
+        if spacing is not None:  # as floats (a numpy or tensor spacing too): the repr shows what runs
+            spacing = check_spacing(spacing, spatial_dims=spatial_dims)
         volume = dict(spatial_dims=spatial_dims, guidance_groups=guidance_groups, spacing=spacing,
                       bilateral_filter=bilateral_filter)
-        self.params.update({k: v for k, v in volume.items() if v != _DEFAULTS[k]})
+        # not `v != default`: a numpy spacing or guidance_groups compares element-wise (an ambiguous truth value)
+        self.params.update({k: v for k, v in volume.items() if not _is_default(v, _DEFAULTS[k])})
         self.iterations = iterations
         self.device = None if device is None else check_device(device, work="the CRF")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
@@ -150,13 +154,17 @@ class DenseCRF:
             image_t = _image_tensor(image, device)
         else:
             image_t = _guidance_tensor(image, device, dims, groups, batched=not unbatched)
-        scores_t = _tensor(scores, name, device, batched=not unbatched, ndim=dims + 2, spatial_dims=dims).float()
+        scores_t = _tensor(scores, name, device, batched=not unbatched, ndim=dims + 2, spatial_dims=dims)
+        if scores_t.is_complex():
+            raise TypeError(f"{name} must be real, got dtype {scores_t.dtype} (casting would drop the imaginary part)")
         if logits is None:
-            _check_probabilities(scores_t)
+            _check_probabilities(scores_t)  # in their own dtype, whose rounding their sums may show
             if self.eps * scores_t.shape[1] >= 1:  # every probability would be clamped to eps: uniform
                 raise ValueError(f"eps={self.eps!r} is not below 1 / C = 1/{scores_t.shape[1]}: clamping the "
                                  "probabilities to it would erase them")
-            scores_t = scores_t.clamp_min(self.eps).log()
+            scores_t = scores_t.float().clamp_min(self.eps).log()
+        else:
+            scores_t = scores_t.float()
         mask_t = None if valid_mask is None else _tensor(valid_mask, "valid_mask", device, batched=not unbatched,
                                                          ndim=dims + 1, spatial_dims=dims)
         if mask_t is not None and mask_t.dtype != torch.bool:
@@ -178,6 +186,20 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a constructor option is its default (``None``, a number or a string), for the repr."""
+    if default is None:
+        return value is None
+    return isinstance(value, (str, numbers.Number)) and value == default
+
+
+def _native(x: np.ndarray) -> np.ndarray:
+    """``x`` C-contiguous in the machine's byte order (torch takes neither a big-endian array nor, here, a strided
+    one; a FITS or DICOM reader may return big-endian data)."""
+    x = np.ascontiguousarray(x)
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+
+
 def _ndim(x: Any) -> int:
     if not isinstance(x, (np.ndarray, Tensor)):
         raise TypeError(f"image must be a numpy array or a torch.Tensor, got {type(x).__name__}")
@@ -191,7 +213,7 @@ def _image_tensor(image: np.ndarray | Tensor, device: torch.device) -> Tensor:
             raise ValueError(f"a numpy image must be (H, W, 3) or (B, H, W, 3) RGB, got shape {image.shape}")
         if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
             raise TypeError(f"image must have a real dtype, got {image.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        t = torch.from_numpy(_native(image)).to(device)
         t = t.permute(2, 0, 1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
     else:
         t = image.to(device)
@@ -216,7 +238,7 @@ def _guidance_tensor(
             raise ValueError(f"a numpy guidance must be channels last, (*S, K) or (B, *S, K) with {spatial_dims} "
                              f"spatial axes (add a channel axis to a grey volume: volume[..., None]), got shape "
                              f"{image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).to(device).movedim(-1, -spatial_dims - 1)
+        t = torch.from_numpy(_native(image)).to(device).movedim(-1, -spatial_dims - 1)
     else:
         t = image.to(device)
     t = t if batched else t[None]
@@ -238,19 +260,29 @@ def _tensor(
         layout = f"(B, C, {axes})" if ndim == spatial_dims + 2 else f"(B, {axes})"
         raise ValueError(f"{name} must have {want} dimensions {'' if batched else '(no batch) '}like the image "
                          f"({layout}{'' if batched else ' without B'}), got shape {tuple(x.shape)}")
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "biufc":  # complex: refused by the caller, by name
+        raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+    t = torch.from_numpy(_native(x)) if isinstance(x, np.ndarray) else x
     t = t.to(device)
     return t if batched else t[None]
 
 
 def _check_probabilities(p: Tensor) -> None:
+    """Probabilities ``[B, C, *S]`` in their own dtype: finite, >= 0, summing to 1 over the classes to 1e-3 (to its
+    epsilon in bfloat16, whose softmax outputs are each rounded to 2^-8 of their size)."""
+    if not p.is_floating_point() and p.dtype != torch.bool and p.max() > 1:  # 0/1 integers are one-hot
+        raise ValueError(f"probabilities are {str(p.dtype).removeprefix('torch.')} with values up to "
+                         f"{p.max().item()} (a quantised map?): give floats in [0, 1] summing to 1 over the classes "
+                         "(divide them by their sum over the class axis); as logits=... they would be sharpened, "
+                         "softmax(p) is not p")
     if not torch.isfinite(p).all():
         raise ValueError("probabilities contain NaN or inf")
     if (p < 0).any():
         raise ValueError(f"probabilities must be non-negative, got a minimum of {p.min().item():.3g}")
-    sums = p.sum(1)
+    sums = p.sum(1, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)  # bfloat16's sums too
     worst = (sums - 1).abs().max().item()
-    if worst > 1e-3:
-        raise ValueError(f"probabilities must sum to 1 over the class dimension (dim -3), but a pixel sums to "
-                         f"{sums.flatten()[(sums - 1).abs().argmax()].item():.4g}; pass logits=... for "
+    tolerance = max(1e-3, torch.finfo(p.dtype).eps) if p.is_floating_point() else 1e-3
+    if worst > tolerance:
+        raise ValueError(f"probabilities must sum to 1 over the class dimension (dim {1 - p.dim()}), but a pixel "
+                         f"sums to {sums.flatten()[(sums - 1).abs().argmax()].item():.4g}; pass logits=... for "
                          "unnormalised scores")

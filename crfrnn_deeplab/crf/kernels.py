@@ -229,6 +229,8 @@ def build_kernels(
     b, k, *sizes = image.shape
     dtype, device = image.dtype, image.device
     check_normalization(normalization)
+    if valid_mask is not None:
+        valid_mask = valid_mask.contiguous()  # the filters view it flat: a transposed mask is a mask too
     if image.requires_grad:
         raise ValueError("the guidance image requires grad, but the CRF does not differentiate its guidance (the "
                          "kernels' features): pass image.detach()")

@@ -226,7 +226,7 @@ class MeanFieldCRF(nn.Module):
                 raise ValueError(f"{name} must be a real number (a bandwidth), got {type(value).__name__} {value!r}")
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite bandwidth > 0, got {value!r}")
-            if not 0 < float(torch.tensor(float(value), dtype=torch.float32)) < math.inf:
+            if not 0 < float(torch.tensor(float(value), dtype=torch.float32, device="cpu")) < math.inf:
                 raise ValueError(f"{name}={value!r} is 0 or infinite in float32, the parameters' dtype")
         for name, value in (("train_iterations", train_iterations), ("eval_iterations", eval_iterations)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -252,12 +252,19 @@ class MeanFieldCRF(nn.Module):
         log_beta = torch.tensor(log_beta[0] if num_groups == 1 else log_beta)
         self.log_theta_beta = nn.Parameter(log_beta, requires_grad=learn_bandwidths)
         self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(float(theta_gamma))), requires_grad=learn_bandwidths)
-        check_mixes(self.pairwise(torch.float64), torch.float32)  # weights so large that the messages could overflow
+        # Weights so large that the messages could overflow. The initial mixes are w_m·(1 - I), formed on the CPU
+        # from the float32 weights, so that a layer built under torch.device("meta") is checked too.
+        potts = 1.0 - torch.eye(num_classes, dtype=torch.float64, device="cpu")
+        initial = (float(torch.tensor(float(w), dtype=torch.float32, device="cpu")) * potts
+                   for w in (spatial_weight, bilateral_weight))
+        check_mixes(tuple(initial), torch.float32)
 
     @property
     def bandwidths(self) -> dict[str, float | tuple[float, ...]]:
         """The current bandwidths ``{"theta_alpha", "theta_beta", "theta_gamma"}`` as floats (``theta_beta``: a
         tuple, one per guidance group, when there are several)."""
+        if self.log_theta_beta.is_meta:
+            raise ValueError("the CRF's bandwidths are on the meta device (they hold no data): load its weights first")
         beta = self.log_theta_beta.detach().exp()
         return {
             "theta_alpha": float(self.log_theta_alpha.detach().exp()),
@@ -269,7 +276,10 @@ class MeanFieldCRF(nn.Module):
         def fmt(v: float | tuple[float, ...]) -> str:
             return f"{v:.4g}" if isinstance(v, float) else "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
-        bw = ", ".join(f"{k}={fmt(v)}" for k, v in self.bandwidths.items())
+        if self.log_theta_beta.is_meta:  # built under torch.device("meta"), weights not loaded yet
+            bw = "bandwidths on the meta device"
+        else:
+            bw = ", ".join(f"{k}={fmt(v)}" for k, v in self.bandwidths.items())
         volume = ""  # the 2-D RGB CRF's repr is unchanged
         if self.spatial_dims != 2 or self.guidance_groups is not None or self.spacing is not None:
             volume = (f", spatial_dims={self.spatial_dims}, guidance_groups={self.guidance_groups}, "
@@ -306,8 +316,20 @@ class MeanFieldCRF(nn.Module):
     def check_parameters(self) -> None:
         """Raises a ValueError naming every parameter with a NaN or infinite value (edited, loaded from a
         checkpoint, or diverged): the layer's output would be NaN everywhere. The bandwidths' own range is
-        checked when the kernels are built."""
+        checked when the kernels are built. Also names parameters on the meta device (built under
+        ``torch.device("meta")`` and never loaded) and C×C matrices replaced by ones of another shape."""
         named = list(self.named_parameters())
+        empty = [name for name, p in named if p.is_meta]
+        if empty:
+            raise ValueError(f"the CRF's parameters {', '.join(empty)} are on the meta device (they hold no data): "
+                             "load a state dict into the layer (load_state_dict(..., assign=True)) or move it with "
+                             "crf.to_empty(device=...) and initialise them")
+        c = self.num_classes
+        for name in ("spatial_weight", "bilateral_weight", "compatibility"):
+            shape = tuple(getattr(self, name).shape)
+            if shape != (c, c):
+                raise ValueError(f"the CRF's parameter {name} must be a Tensor[C, C] with C = num_classes = {c}, "
+                                 f"got shape {shape}")
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
         bad = [name for (name, _), ok in zip(named, finite) if not ok]
         if bad:

@@ -46,8 +46,10 @@ class CRFRNN(PredictMixin, nn.Module):
         super().__init__()
         if not isinstance(getattr(network, "input_convention", None), InputConvention):
             raise TypeError("network must carry an InputConvention as `input_convention` (the network contract)")
-        if not isinstance(getattr(network, "num_classes", None), int):
-            raise TypeError("network must have an int attribute `num_classes` (the network contract)")
+        num_classes = getattr(network, "num_classes", None)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"network must have an int attribute `num_classes` (the network contract), got "
+                            f"{num_classes!r}")
         if not isinstance(crf, nn.Module) or not isinstance(getattr(crf, "num_classes", None), int):
             raise TypeError(
                 f"crf must be a CRF layer such as MeanFieldCRF(num_classes={network.num_classes}), "
@@ -83,21 +85,44 @@ class CRFRNN(PredictMixin, nn.Module):
             logits).
 
         Raises:
-            TypeError: ``x`` or ``raw`` is not a Tensor; and the network's and :class:`MeanFieldCRF`'s errors for
-                inputs of a wrong type.
-            ValueError: the shapes of ``x`` and ``raw`` differ; and the network's and :class:`MeanFieldCRF`'s errors
+            TypeError: ``x`` or ``raw`` is not a Tensor, or the network returned no logits tensor (a dict, a
+                tuple); and the network's and :class:`MeanFieldCRF`'s errors for inputs of a wrong type.
+            ValueError: ``x`` is not 4-D, the shapes of ``x`` and ``raw`` differ, or the network's logits are not
+                ``[B, num_classes, H, W]`` at the input's size; and the network's and :class:`MeanFieldCRF`'s errors
                 for bad values or shapes.
         """
         for name, value in (("x", x), ("raw", raw)):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a Tensor[B, 3, H, W], got {type(value).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be a Tensor[B, 3, H, W], got shape {tuple(x.shape)}")
         if raw.shape != x.shape:
             raise ValueError(
                 f"raw must be the raw RGB image with the shape of x {tuple(x.shape)}, got {tuple(raw.shape)}"
             )
         out = self.network(x)
         logits = out.fused if isinstance(out, MSCOutput) else out
+        self._check_network_logits(logits, x)
         return CRFRNNOutput(out, self.crf(logits, raw, valid_mask))
+
+    def _check_network_logits(self, logits: object, x: Tensor) -> None:
+        """Names a network that breaks its contract (logits Tensor[B, C, H, W] at the input's size, C =
+        ``num_classes``): the CRF's own message would speak of its logits and image, which the caller never gave."""
+        b, _, h, w = x.shape
+        expected = f"Tensor[B, C, H, W] = ({b}, {self.num_classes}, {h}, {w})"
+        if not isinstance(logits, Tensor):
+            got = type(logits).__name__
+            if isinstance(logits, dict):  # torchvision's segmentation models: {"out": ..., "aux": ...}
+                got += f" with keys {list(logits)}: wrap the network to return one of them, e.g. its ['out']"
+            raise TypeError(f"the network must return logits {expected} (or an MSCOutput), got {got}")
+        if logits.dim() != 4 or logits.shape[0] != b or tuple(logits.shape[2:]) != (h, w):
+            resize = logits.dim() == 4 and logits.shape[0] == b and logits.shape[1] == self.num_classes
+            hint = "upsample its logits to its input's size" if resize else "return them channels first"
+            raise ValueError(f"the network returned logits of shape {tuple(logits.shape)}, expected {expected}: "
+                             f"it must {hint} (the network contract)")
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"the network returned logits of {logits.shape[1]} classes, but its num_classes (and "
+                             f"the CRF's) is {self.num_classes}")
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Trainable backbone parameters (base learning rate)."""

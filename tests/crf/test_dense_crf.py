@@ -104,3 +104,83 @@ def test_bad_parameters_fail_at_construction():
     for value in (torch.tensor(True), torch.tensor([3.0]), np.array([3.0]), torch.tensor(1 + 2j)):
         with pytest.raises(TypeError, match="spatial_weight must be a real number, got"):
             DenseCRF(spatial_weight=value)
+
+
+def test_big_endian_and_strided_arrays_give_the_native_result():
+    # Big-endian arrays (FITS, some DICOM and .npy files) were torch's "given numpy array has byte order
+    # different from the native byte order", naming neither argument.
+    _, image, logits = scene(1, 20, 24, 3)
+    p, mask = softmax(logits), np.ones((20, 24), bool)
+    mask[:, :5] = False
+    crf = DenseCRF(iterations=2)
+    expected = crf(image, p, valid_mask=mask)
+    big = crf(image.astype(">u2"), p.astype(">f4"), valid_mask=mask.astype(">?"))
+    np.testing.assert_array_equal(big, expected)
+    np.testing.assert_array_equal(crf(image, logits=np.log(p).astype(">f8")), crf(image, logits=np.log(p)))
+    volume = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    probabilities = np.random.default_rng(1).dirichlet(np.ones(2), size=(4, 5, 6)).transpose(3, 0, 1, 2)
+    grey = DenseCRF(spatial_dims=3, guidance_groups=(1,), theta_alpha=3, theta_beta=0.2, theta_gamma=1, iterations=2)
+    np.testing.assert_array_equal(grey(volume[..., None].astype(">f4"), probabilities),
+                                  grey(volume[..., None], probabilities))
+    strided = np.asfortranarray(np.repeat(image, 2, axis=1))[:, ::2]  # a strided view, the same pixels
+    np.testing.assert_array_equal(crf(strided, p, valid_mask=mask), expected)
+
+
+@pytest.mark.parametrize("kind", ["probabilities", "logits"])
+def test_complex_and_object_scores_are_refused_by_name(kind):
+    # complex scores ran with a ComplexWarning, their imaginary part dropped; object arrays were torch's
+    # "can't convert np.ndarray of type numpy.object_"
+    _, image, logits = scene(0, 20, 24, 3)
+    scores = softmax(logits) if kind == "probabilities" else logits
+    crf = DenseCRF(iterations=1)
+    for bad in (scores.astype(np.complex64), torch.from_numpy(scores).to(torch.complex64)):
+        with pytest.raises(TypeError, match=rf"{kind} must be real, got dtype torch.complex64"):
+            crf(image, **{kind: bad})
+    with pytest.raises(TypeError, match=rf"{kind} must be a numeric array, got dtype object"):
+        crf(image, **{kind: scores.astype(object)})
+
+
+def test_quantised_integer_probabilities_are_named_not_sent_to_logits():
+    # A uint8 probability map (0-255, as stored in a PNG) was told "pass logits=... for unnormalised scores":
+    # that runs softmax(p), a far sharper distribution than p.
+    _, image, logits = scene(0, 20, 24, 3)
+    quantised = np.round(softmax(logits) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"probabilities are uint8 with values up to \d+ \(a quantised map\?\): give "
+                                         r"floats in \[0, 1\].*softmax\(p\) is not p"):
+        DenseCRF(iterations=1)(image, quantised)
+    one_hot = (logits == logits.max(0, keepdims=True)).astype(np.uint8)  # integer 0/1: a valid one-hot map
+    refined = DenseCRF(iterations=1)(image, one_hot)
+    np.testing.assert_array_equal(refined, DenseCRF(iterations=1)(image, one_hot.astype(np.float32)))
+
+
+def test_bfloat16_softmax_probabilities_are_accepted():
+    # A network under bfloat16 autocast gives a bfloat16 softmax, whose rounding (2^-8 of each entry) made a pixel
+    # sum to 1.002: it was refused as "must sum to 1", with the advice to pass them as logits.
+    _, image, logits = scene(0, 20, 24, 3)
+    p = torch.softmax(torch.from_numpy(logits)[None], 1).bfloat16()
+    assert (p.double().sum(1) - 1).abs().max() > 1e-3
+    rgb = torch.from_numpy(image).permute(2, 0, 1)[None]
+    crf = DenseCRF(iterations=2)
+    torch.testing.assert_close(crf(rgb, p), crf(rgb, logits=p.float().clamp_min(crf.eps).log()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"sum to 1 over the class dimension \(dim -3\), but a pixel sums to 1.0"):
+        crf(rgb, p.float() * 1.002)  # float32 keeps its 1e-3
+
+
+def test_the_class_dimension_named_for_volumes():
+    volume = np.zeros((4, 5, 6, 1), np.float32)
+    crf = DenseCRF(spatial_dims=3, guidance_groups=(1,), iterations=1)
+    with pytest.raises(ValueError, match=r"sum to 1 over the class dimension \(dim -4\), but a pixel sums to 2"):
+        crf(volume, np.ones((2, 4, 5, 6), np.float32))
+
+
+def test_numpy_numbers_for_spacing_and_iterations():
+    # DenseCRF(spacing=np.array(...)) raised numpy's "The truth value of an array with more than one element is
+    # ambiguous"; iterations=np.int64(2), which MeanFieldCRF takes, was refused
+    _, image, logits = scene(0, 20, 24, 3)
+    p = softmax(logits)
+    plain = DenseCRF(iterations=2, spacing=(1.0, 2.0))
+    numpy = DenseCRF(iterations=np.int64(2), spacing=np.array([1.0, 2.0]))
+    assert repr(numpy) == repr(plain) and type(numpy.iterations) is int
+    np.testing.assert_array_equal(numpy(image, p), plain(image, p))
+    assert not np.array_equal(plain(image, p), DenseCRF(iterations=2)(image, p))
+    assert "spacing" not in repr(DenseCRF(spacing=None)) and "spatial_dims" not in repr(DenseCRF(spatial_dims=2))

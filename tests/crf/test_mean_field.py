@@ -766,3 +766,63 @@ def test_dense_mean_field_names_bad_input(change, match):
                 iterations=2, normalization="symmetric", valid=None)
     with pytest.raises(ValueError, match=match):
         dense_mean_field(**{**args, **change})
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_transposed_valid_mask_is_the_same_mask(spatial_dims, train):
+    # A mask built from a transposed label map (or a numpy .T) has the same values in another layout: the layer
+    # raised torch's "view size is not compatible with input tensor's size and stride" from inside its kernels.
+    g = torch.Generator().manual_seed(3)
+    sizes = (6, 7) if spatial_dims == 2 else (4, 5, 6)
+    logits = torch.randn(2, 3, *sizes, generator=g)
+    groups = None if spatial_dims == 2 else (1,)
+    image = torch.rand(2, 3 if groups is None else 1, *sizes, generator=g) * 255
+    mask = torch.rand(2, *sizes, generator=g) > 0.3
+    transposed = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not transposed.is_contiguous() and torch.equal(transposed, mask)
+    crf = MeanFieldCRF(num_classes=3, spatial_dims=spatial_dims, guidance_groups=groups).train(train)
+    z = logits.clone().requires_grad_(train)
+    expected = crf(z, image, mask)
+    torch.testing.assert_close(crf(z, image, transposed), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(crf(logits, image, transposed), crf(logits, image, mask), rtol=0, atol=0)
+        direct, plain = crf.kernels(image, transposed), crf.kernels(image, mask)  # build_kernels called directly
+        for name in ("norm_spatial", "norm_bilateral"):
+            torch.testing.assert_close(getattr(direct, name), getattr(plain, name), rtol=0, atol=0)
+
+
+def test_a_layer_built_on_the_meta_device_is_named_until_its_weights_are_loaded():
+    # torch.device("meta") builds a model without memory, to load its weights with assign=True: the construction
+    # failed ("Tensor.item() cannot be called on meta tensors"), so did print(crf), and a forward pass before the
+    # loading raised "Cannot copy out of meta tensor; no data!".
+    logits, image = small_inputs(c=3)
+    logits, image = logits.float(), image.float()
+    trained = MeanFieldCRF(num_classes=3, theta_alpha=20.0, theta_beta=5.0).eval()
+    with torch.no_grad():
+        trained.compatibility.add_(0.1 * torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    with torch.device("meta"):
+        crf = MeanFieldCRF(num_classes=3).eval()
+    assert "bandwidths on the meta device" in repr(crf)
+    with pytest.raises(ValueError, match="parameters spatial_weight, .* are on the meta device .*load_state_dict"):
+        crf(logits, image)
+    with pytest.raises(ValueError, match="bandwidths are on the meta device"):
+        crf.bandwidths
+    crf.load_state_dict(trained.state_dict(), assign=True)
+    assert crf.bandwidths == trained.bandwidths
+    with torch.no_grad():
+        torch.testing.assert_close(crf(logits, image), trained(logits, image), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"μ W_spatial .* sum to 2e\+38"), torch.device("meta"):
+        MeanFieldCRF(num_classes=3, spatial_weight=1e38)  # checked on the meta device too
+
+
+@pytest.mark.parametrize("name", ["spatial_weight", "bilateral_weight", "compatibility"])
+def test_a_weight_matrix_of_another_shape_is_named(name):
+    # crf.<name> = nn.Parameter(...) for another class count: torch's "mat1 and mat2 shapes cannot be multiplied"
+    logits, image = small_inputs(c=3)
+    crf = MeanFieldCRF(num_classes=3).double()
+    setattr(crf, name, torch.nn.Parameter(torch.eye(4, dtype=torch.float64)))
+    for mode in (crf.eval(), crf.train()):
+        with pytest.raises(ValueError, match=rf"parameter {name} must be a Tensor\[C, C\] with C = num_classes = 3, "
+                                             r"got shape \(4, 4\)"):
+            mode(logits, image)
