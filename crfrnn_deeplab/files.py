@@ -47,11 +47,30 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+#: The longest file name, in bytes, of the usual file systems (ext4, XFS, btrfs, APFS).
+_NAME_MAX = 255
+
+
+def _temporary_name(name: str, token: str) -> str:
+    """``.<name>.<token>.tmp``, with as much of the end of ``name`` as fits in :data:`_NAME_MAX` bytes: a name
+    that is itself legal (up to 255 bytes) must not fail for its temporary's 14 bytes more. Its end is kept, so
+    the temporary still ends in ``<suffix>.<token>.tmp`` (what ``remove_stale_temporaries`` looks for)."""
+    room = _NAME_MAX - len(f"..{token}.tmp")
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        encoded = encoded[-room:]
+        while encoded and encoded[0] & 0xC0 == 0x80:  # not from inside a UTF-8 character
+            encoded = encoded[1:]
+        name = os.fsdecode(encoded)
+    return f".{name}.{token}.tmp"
+
+
 def _new_temporary(path: Path) -> tuple[Path, int]:
-    """A new, empty file ``.<name>.<random>.tmp`` in ``path``'s directory, opened for writing."""
+    """A new, empty file ``.<name>.<random>.tmp`` in ``path``'s directory, opened for writing (the name's start cut
+    where the whole would be longer than a file name may be)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_EXCL: never an existing file or link
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(_temporary_name(path.name, secrets.token_hex(4)))
         try:
             return tmp, os.open(tmp, flags, 0o666)  # 0o666 less the umask, as open(path, "wb") would create it
         except FileExistsError:

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from crfrnn_deeplab.files import atomic_write, blocking_parent
+from crfrnn_deeplab.weights.checkpoint import remove_stale_temporaries
 
 
 def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
@@ -49,3 +50,21 @@ def test_blocking_parent_is_the_first_parent_that_is_not_a_directory(tmp_path):
     assert blocking_parent(tmp_path / "file" / "a" / "b.pt") == tmp_path / "file"
     assert blocking_parent(tmp_path / "dangling" / "b.pt") == tmp_path / "dangling"  # mkdir would fail there too
     assert blocking_parent(tmp_path / "new" / "b.pt") is None
+
+
+@pytest.mark.parametrize("name", ["a" * 251 + ".pt", "é" * 124 + "a.pt", "x" * 240 + ".pt"])
+def test_atomic_write_takes_every_legal_name(tmp_path, name):
+    # a name of 242-255 bytes is legal, but its temporary ".<name>.<8 hex>.tmp" was not: "File name too long"
+    assert len(os.fsencode(name)) <= 255
+    seen = []
+    with atomic_write(tmp_path / name) as f:
+        seen += os.listdir(tmp_path)
+        f.write(b"data")
+    assert (tmp_path / name).read_bytes() == b"data" and os.listdir(tmp_path) == [name]
+    temporary = seen[0]
+    assert len(os.fsencode(temporary)) <= 255 and temporary.startswith(".") and temporary.endswith(".tmp")
+    assert temporary[:-len(".01234567.tmp")].endswith(".pt")  # what remove_stale_temporaries looks for
+    temporary.encode("utf-8")  # whole characters: no half of an "é" at the cut
+    (tmp_path / temporary).touch()
+    remove_stale_temporaries(tmp_path)
+    assert os.listdir(tmp_path) == [name]
