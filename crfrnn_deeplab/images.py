@@ -150,6 +150,8 @@ def check_rgb_array(image: object, *, name: str = "image") -> np.ndarray:
             hint = " (RGBA: drop the alpha channel, image[..., :3])"
         elif image.ndim == 3 and image.shape[0] == 3:
             hint = " (channels first: numpy images are (H, W, 3), use image.transpose(1, 2, 0))"
+        elif image.ndim == 4 and image.shape[-1] == 3:
+            hint = " (a batch of images: give them as a list, list(images))"
         raise ValueError(f"{name} must be a numpy RGB image of shape (H, W, 3), got shape {image.shape}{hint}")
     if image.dtype != np.uint8:
         hint = " (a 16-bit image: convert it to 8 bits, e.g. (image >> 8).astype(np.uint8))" if image.dtype == np.uint16 else ""

@@ -101,6 +101,7 @@ CASES = [
     ("predict float array", lambda: to_raw_batch(RGB.astype(np.float32)), TypeError, r"uint8 RGB array.*float32"),
     ("predict greyscale array", lambda: to_raw_batch(RGB[..., 0]), ValueError, r"greyscale"),
     ("predict RGBA array", lambda: to_raw_batch(np.dstack([RGB, RGB[..., :1]])), ValueError, r"RGBA"),
+    ("predict batch array", lambda: to_raw_batch(np.stack([RGB, RGB])), ValueError, r"batch of images.*list"),
     ("predict empty array", lambda: to_raw_batch(np.zeros((0, 4, 3), np.uint8)), ValueError, r"empty"),
     ("predict channels-last tensor", lambda: to_raw_batch(torch.zeros(9, 11, 3)), ValueError, r"permute"),
     ("predict 16-bit tensor", lambda: to_raw_batch(torch.full((3, 9, 11), 1000.0)), ValueError, r"above 255"),
