@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from crfrnn_deeplab.data.io import (
-    DatasetError,
     PathLike,
     check_files_exist,
     check_label_values,
+    check_one_file_each,
     check_same_size,
     list_dir,
     read_image,
@@ -95,13 +95,7 @@ class COCOStuffSegmentation(SegmentationDataset):
                 labels_by_id.setdefault(name[:-4], []).append(name)
         self.ids = sorted(labels_by_id)
         self._check_not_empty(f"{label_dir} (*.png)")
-        ambiguous = [i for i in self.ids if len(labels_by_id[i]) > 1]
-        if ambiguous:
-            shown = "; ".join(f"{i!r}: {' and '.join(labels_by_id[i])}" for i in ambiguous[:5])
-            raise DatasetError(
-                f"which annotation to read is ambiguous for {len(ambiguous)} of {len(self.ids)} ids, each with more "
-                f"than one in {str(label_dir)!r} ({shown}{' ...' if len(ambiguous) > 5 else ''}); remove the others"
-            )
+        check_one_file_each(self.ids, labels_by_id, "annotation", label_dir)
         images = [image_dir / f"{i}.jpg" for i in self.ids]
         try:
             check_files_exist(images, f"images for the annotations in {str(label_dir)!r}")

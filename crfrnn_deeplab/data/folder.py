@@ -27,6 +27,7 @@ import numpy as np
 from crfrnn_deeplab.data.io import (
     DatasetError,
     PathLike,
+    check_one_file_each,
     check_same_size,
     list_dir,
     read_id_list,
@@ -149,15 +150,8 @@ class FolderSegmentation(SegmentationDataset):
                     f"{len(missing)} of {len(self.ids)} ids from {where} have no {what}: {', '.join(missing[:5])}"
                     + (" ..." if len(missing) > 5 else "")
                 )
-        for by_id, what, directory in ((images_by_stem, "image", image_dir), (masks_by_id, "mask", mask_dir)):
-            ambiguous = [i for i in self.ids if len(by_id[i]) > 1]
-            if ambiguous:
-                shown = "; ".join(f"{i!r}: {' and '.join(by_id[i])}" for i in ambiguous[:5])
-                raise DatasetError(
-                    f"which {what} to read is ambiguous for {len(ambiguous)} of {len(self.ids)} ids, each with more "
-                    f"than one {what} in {str(directory)!r} ({shown}{' ...' if len(ambiguous) > 5 else ''}); "
-                    "remove or move the others"
-                )
+        check_one_file_each(self.ids, images_by_stem, "image", image_dir)
+        check_one_file_each(self.ids, masks_by_id, "mask", mask_dir)
         self._images = [str(image_dir / images_by_stem[i][0]) for i in self.ids]
         self._labels = [str(mask_dir / masks_by_id[i][0]) for i in self.ids]
 

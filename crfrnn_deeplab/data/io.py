@@ -33,6 +33,7 @@ __all__ = [
     "check_same_size",
     "check_label_values",
     "check_files_exist",
+    "check_one_file_each",
     "list_dir",
     "scan_image_label_pairs",
 ]
@@ -189,6 +190,22 @@ def list_dir(directory: PathLike) -> list[str]:
     dataset's files (macOS's ``._<name>`` AppleDouble copies and ``.DS_Store``, ``.ipynb_checkpoints``) is never one
     of its samples, and a ``._x.png`` would otherwise become a sample ``._x`` that fails to decode."""
     return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def check_one_file_each(ids: Sequence[str], files_by_id: dict[str, list[str]], what: str, directory: PathLike) -> None:
+    """Raise where an id has more than one file (``x.jpg`` and ``x.png``, ``x.png`` and ``x.PNG``): reading one of
+    them would be a silent choice.
+
+    Raises:
+        DatasetError: names the ids (up to five) with their files, and the directory.
+    """
+    ambiguous = [i for i in ids if len(files_by_id[i]) > 1]
+    if ambiguous:
+        shown = "; ".join(f"{i!r}: {' and '.join(files_by_id[i])}" for i in ambiguous[:5])
+        raise DatasetError(
+            f"which {what} to read is ambiguous for {len(ambiguous)} of {len(ids)} ids, each with more than one "
+            f"{what} in {str(directory)!r} ({shown}{' ...' if len(ambiguous) > 5 else ''}); remove or move the others"
+        )
 
 
 def check_files_exist(paths: Sequence[Path], what: str) -> None:

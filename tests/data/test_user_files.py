@@ -16,7 +16,6 @@ from crfrnn_deeplab.data import (
     COCOStuffSegmentation,
     DatasetError,
     FolderSegmentation,
-    VOCAugSegmentation,
     VOCSegmentation,
     voc_colormap,
 )
