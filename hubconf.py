@@ -56,14 +56,15 @@ def _entry(name: str):
                 raise ValueError(f"{name}: {checkpoint} records its CRF layer's options; pass crf=True or leave crf "
                                  "out (crf=False leaves the CRF out)")
             if num_classes is None:  # everything from the checkpoint
+                if converted.layout == "crfrnn_deeplab" and converted.has_crf != (recorded is not None):
+                    # a hand-made checkpoint: which one is right? (build_for_checkpoint refuses it too)
+                    weights, config = ("a", "none") if converted.has_crf else ("no", "one")
+                    raise ValueError(f"{name}: {checkpoint}'s weights hold {weights} CRF layer but its model_config "
+                                     f"records {config}; pass num_classes to load the weights into the named model")
                 _, model, _ = build_for_checkpoint(converted, msc=model_spec(name).multi_scale, options=options)
                 held = network_name(model)
                 if held != model_variant(name, multi_scale=False):
                     raise ValueError(f"{checkpoint} holds a {held} network, not {name}")
-                if converted.has_crf != isinstance(model, CRFRNN):  # a hand-made checkpoint: which one is right?
-                    weights, config = ("a", "none") if converted.has_crf else ("no", "one")
-                    raise ValueError(f"{name}: {checkpoint}'s weights hold {weights} CRF layer but its model_config "
-                                     f"records {config}; pass num_classes to load the weights into the named model")
             else:  # the named model with these classes; the checkpoint's CRF weights load into a CRF layer
                 model = get_model(name, num_classes=num_classes, **options)
                 if converted.has_crf and crf is not False:

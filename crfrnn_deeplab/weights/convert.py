@@ -31,10 +31,15 @@ def _sha256(path: Path) -> str:
 
 def _check_destination(dst: str | os.PathLike) -> None:
     """Refuses a destination that names a directory: one ending in a separator (``Path`` would drop it and write
-    a file named like the directory) or an existing directory."""
+    a file named like the directory) or in ``.`` / ``..`` (a directory even where it does not exist yet: the
+    write would create its parents, then fail to rename onto it), or an existing directory."""
     text = os.fspath(dst)
     if isinstance(text, str) and text.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         raise ValueError(f"the destination {text} ends in a path separator, so it names a directory; give a file name")
+    last = os.path.basename(text)
+    if last in (".", "..", b".", b".."):
+        raise ValueError(f"the destination {os.fsdecode(text)} ends in {os.fsdecode(last)!r}, so it names a "
+                         "directory; give a file name")
     if os.path.isdir(text):
         raise ValueError(f"the destination is a directory ({text}); give a file name")
 
@@ -69,8 +74,8 @@ def convert_checkpoint(
         The :class:`~.loading.LoadReport` of loading ``src``.
 
     Raises:
-        ValueError: ``dst`` is ``src`` (the source is never overwritten), ends in a path separator or is a
-            directory; ``num_classes`` < 1.
+        ValueError: ``dst`` is ``src`` (the source is never overwritten), ends in a path separator, ``.`` or
+            ``..``, or is a directory; ``num_classes`` < 1.
         TypeError: ``num_classes`` is not an int or None.
         NotADirectoryError: a parent of ``dst`` is a file.
         ConversionError, CheckpointError, FileNotFoundError: see :func:`~.factory.model_for_checkpoint`.
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit status: 0 written; 2 the command cannot be carried out (SRC missing or not a convertible checkpoint,
     DST is SRC, DST exists (a symlink, dangling or not, included) without ``--overwrite``, DST names a directory
-    (it is one, or ends in a separator), DST's directory is not writable or lies below a file): one line
+    (it is one, or ends in a separator, ``.`` or ``..``), DST's directory is not writable or lies below a file): one line
     ``error: ...`` on stderr, and nothing is written. ``--debug`` shows the traceback instead.
     """
     parser = argparse.ArgumentParser(

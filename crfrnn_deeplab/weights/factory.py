@@ -252,6 +252,15 @@ def build_for_checkpoint(
     recorded = converted.layout == "crfrnn_deeplab"
     recipe_for = _recorded_recipe if recorded else _inferred_recipe
     recipe = recipe_for(converted, num_classes=num_classes, msc=msc, options=options)
+    if recorded and converted.has_crf and recipe.crf is None:
+        # A hand-made file: built as model_config says, the trained CRF would be left out of the model (and of a
+        # converted file) with only a line in the report. (The reverse, a CRF recorded without weights, is the
+        # documented network-only case: the CRF starts at its initial values, reported.)
+        raise CheckpointError(
+            f"{converted.source}: its weights hold a CRF layer (crf.*) but model_config.crf records none, so the "
+            "model built from it would leave the trained CRF out; record the CRF's options in model_config.crf, or "
+            "build the model yourself (CRFRNN) and load the weights with load_into(model, ...)"
+        )
     try:
         model = recipe.build()
     except (TypeError, ValueError) as e:  # a recorded value the builder or the CRF refuses: say where it comes from
@@ -296,7 +305,8 @@ def model_for_checkpoint(
         ConversionError, CheckpointError, FileNotFoundError: see :func:`~.loading.load_into`; also a checkpoint
             without a classifier and no ``num_classes``, or a trunk of an unsupported depth. CheckpointError also
             for our checkpoint's ``model_config`` naming an unregistered model, an option the builder or
-            MeanFieldCRF does not take, or a value they refuse (naming the file and the entry).
+            MeanFieldCRF does not take, or a value they refuse (naming the file and the entry), and for weights
+            that hold a CRF layer where ``model_config.crf`` records none.
         ValueError: ``msc`` asks for a twin the registry does not have; ``num_classes`` < 1.
         TypeError: ``msc`` is not True, False or None; ``num_classes`` is not an int or None; an option the
             builder does not take, or ``input_convention`` (it comes with the weights); ``source`` is neither a

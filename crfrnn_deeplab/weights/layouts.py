@@ -61,14 +61,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from crfrnn_deeplab.models.conventions import CAFFE_CONVENTION, TORCHVISION_CONVENTION, InputConvention
-from crfrnn_deeplab.weights.checkpoint import FORMAT, CheckpointError, check_model_entries, load_checkpoint
+from crfrnn_deeplab.weights.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    ModelConfig,
+    check_model_entries,
+    load_checkpoint,
+)
 
 __all__ = [
     "CAFFE_LAYOUTS",
@@ -139,8 +145,11 @@ class ConvertedStateDict:
 
     @property
     def saved_from_msc(self) -> bool:
-        """The weights were saved from a multi-scale wrapper (the ports' ``base.`` / ``scale.`` / ``Scale.``)."""
-        return any(wrapper in _PORT_MSC_WRAPPERS for wrapper in _split_prefix(self.removed_prefix))
+        """The weights were saved from a multi-scale wrapper (the Caffe ports' ``base.`` / ``scale.`` / ``Scale.``).
+        Only the Caffe layouts have one: a torchvision ResNet under ``base.`` is a network someone named ``base``."""
+        return self.layout in CAFFE_LAYOUTS and any(
+            wrapper in _PORT_MSC_WRAPPERS for wrapper in _split_prefix(self.removed_prefix)
+        )
 
     @property
     def num_classes(self) -> int | None:
@@ -206,7 +215,8 @@ def _holds_tensors(obj: Any) -> bool:
 
 
 def _unwrap_checkpoint(obj: Any, where: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The state dict inside a loaded checkpoint, and the checkpoint's other entries (ours; ``{}`` otherwise).
+    """The state dict inside a loaded checkpoint, and the checkpoint's other entries (ours, also one saved without
+    its ``format`` entry; ``{}`` otherwise).
 
     Raises:
         CheckpointError: a checkpoint of a newer format, or an object holding no state dict, or a state dict with
@@ -218,8 +228,8 @@ def _unwrap_checkpoint(obj: Any, where: str) -> tuple[dict[str, Tensor], dict[st
     if not obj:
         raise CheckpointError(f"{where} is an empty dict: no state dict to load")
     fmt = obj.get("format")
-    if isinstance(fmt, str) and fmt.startswith("crfrnn_deeplab/"):
-        if fmt != FORMAT:
+    if (isinstance(fmt, str) and fmt.startswith("crfrnn_deeplab/")) or (fmt is None and _describes_our_model(obj)):
+        if fmt is not None and fmt != FORMAT:
             raise CheckpointError(f"{where}: checkpoint format {fmt!r} is not the {FORMAT!r} this version reads")
         model = obj.get("model")
         problem = _state_dict_problem(model) if isinstance(model, Mapping) else f"type {type(model).__name__}"
@@ -240,6 +250,21 @@ def _unwrap_checkpoint(obj: Any, where: str) -> tuple[dict[str, Tensor], dict[st
         f"{where} is not a checkpoint: neither a state dict (a dict of tensors) nor a dict with one under 'model' / "
         f"'state_dict'; its top-level keys are {sorted(map(str, obj))[:12]}"
     )
+
+
+def _describes_our_model(obj: Mapping[Any, Any]) -> bool:
+    """One of our checkpoints saved without its ``format`` entry (``torch.save(model_entries(...))``): a state dict
+    under ``model`` next to a ``model_config`` of ours (a dict with ``name`` and only :class:`ModelConfig`'s keys)
+    or an ``input_convention`` of ours (a dict of :class:`InputConvention`'s fields). Read as a bare state dict,
+    the convention, block layout and classes it records would be dropped without a word; another project's
+    ``model_config`` of other keys is not taken for ours."""
+    if not isinstance(obj.get("model"), Mapping):
+        return False
+    config, convention = obj.get("model_config"), obj.get("input_convention")
+    ours_config = isinstance(config, Mapping) and "name" in config and set(config) <= set(ModelConfig.__annotations__)
+    names = {f.name for f in fields(InputConvention)}
+    ours_convention = isinstance(convention, Mapping) and bool(convention) and set(convention) <= names
+    return ours_config or ours_convention
 
 
 def _split_prefix(removed: str) -> list[str]:

@@ -250,7 +250,7 @@ def _refuse_bad_values(converted: ConvertedStateDict, matching: _Matching, targe
     else or make the model predict NaN: another kind of dtype than the model's (``load_state_dict`` would cast an
     integer, bool or complex tensor into a float one without a word; float16/bfloat16/float64 into float32 is
     exact enough and stays accepted; a float BatchNorm counter is accepted when its value is a whole number),
-    NaN or infinite values, negative BatchNorm variances."""
+    NaN or infinite values (also float64 values that overflow the model's dtype), negative BatchNorm variances."""
     wrong_kind, non_finite, negative = [], [], []
     for name, value in matching.loaded.items():
         wanted = target[name]
@@ -262,8 +262,14 @@ def _refuse_bad_values(converted: ConvertedStateDict, matching: _Matching, targe
             wrong_kind.append(f"{source_of[name]} ({value.dtype},{whole} the model's is {wanted.dtype})")
         elif value.is_floating_point() or value.is_complex():
             count = value.numel() - int(torch.isfinite(value).sum())
+            # float64 values beyond float32's range load as inf: count them as the model will hold them
+            cast = value.to(wanted.dtype) if value.dtype != wanted.dtype else value
+            overflow = value.numel() - int(torch.isfinite(cast).sum()) if not count else 0
             if count:
                 non_finite.append(f"{source_of[name]} ({count} of {value.numel()} values)")
+            elif overflow:
+                non_finite.append(f"{source_of[name]} ({overflow} of {value.numel()} values, finite in {value.dtype} "
+                                  f"but not in the model's {wanted.dtype})")
             elif name.endswith(".running_var") and (count := int((value < 0).sum())):
                 negative.append(f"{source_of[name]} ({count} of {value.numel()} values)")
     if wrong_kind:

@@ -174,3 +174,17 @@ def test_num_classes_passed_to_the_api_is_named_not_the_file(small, tmp_path, va
                                         r"checkpoint's\), " + message + "$"):
             call()
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_a_dst_whose_last_component_is_a_dot_names_a_directory(small, tmp_path, capsys, name):
+    # DST "new/..": os.path.isdir is False while new/ does not exist, so the converter created new/ and failed
+    # renaming its temporary file onto "new/.." with "[Errno 16] Device or resource busy: '.../new/....tmp'"
+    src = _ours(small, tmp_path)
+    dst = os.path.join(tmp_path, "new", name)  # not pathlib, which drops a "."
+    assert main([str(src), dst, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the destination {dst} ends in {name!r}, so it names a directory; give a file name" in err
+    assert not (tmp_path / "new").exists() and ".tmp" not in err
+    with pytest.raises(ValueError, match="so it names a directory"):
+        convert_checkpoint(src, dst)

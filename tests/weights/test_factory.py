@@ -1,6 +1,8 @@
 """The model a checkpoint needs: built from what the checkpoint records or holds, from a registered model of the
 right kind (single-scale or MSC), and loaded from one conversion of the checkpoint."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +157,38 @@ def test_msc_must_be_a_bool(small, msc):
     _, sd = small
     with pytest.raises(TypeError, match=r"msc must be True, False or None \(as the checkpoint was\), got"):
         model_for_checkpoint({"format": "crfrnn_deeplab/1", "model": sd, "model_config": _CONFIG}, msc=msc)
+
+
+@pytest.mark.parametrize("wrapper", ["base.", "scale."])
+def test_a_torchvision_resnet_under_a_base_prefix_is_not_taken_for_an_msc_port(wrapper):
+    # base. / scale. are the MSC wrappers of kazuto1011's Caffe ports only: a torchvision ResNet held as
+    # `self.base = resnet18()` was built as an MSC model (multi-scale fusion the weights were never trained for)
+    import torchvision
+
+    sd = {wrapper + k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+    model, report = model_for_checkpoint(sd, num_classes=3)
+    assert report.layout == "torchvision_resnet" and report.removed_prefix == wrapper
+    assert type(model) is DeepLabV2
+    assert isinstance(model_for_checkpoint(sd, num_classes=3, msc=True)[0], MSC)  # asked for: still possible
+
+
+def test_a_trained_crf_that_model_config_does_not_record_is_not_dropped(small, tmp_path):
+    # model_for_checkpoint (and so the converter and predict) built what model_config said: the trained CRF in the
+    # weights was reported unused and left out of the model, and the converter wrote a file without it
+    from crfrnn_deeplab.weights.convert import convert_checkpoint
+
+    _, sd = small
+    joint = CRFRNN(network=build_small(), crf=MeanFieldCRF(num_classes=3))
+    joint.network.load_state_dict(sd)
+    with torch.no_grad():
+        joint.crf.compatibility.add_(0.5)
+    path = save_checkpoint(tmp_path / "odd.pt", {"model": joint.state_dict(), "model_config": _CONFIG})
+    message = r"odd\.pt: its weights hold a CRF layer \(crf\.\*\) but model_config\.crf records none"
+    for call in (lambda: model_for_checkpoint(path), lambda: model_for_checkpoint(path, num_classes=4),
+                 lambda: convert_checkpoint(path, tmp_path / "out.pt")):
+        with pytest.raises(CheckpointError, match=message):
+            call()
+    assert not (tmp_path / "out.pt").exists()
+    model = CRFRNN(network=build_small(), crf=MeanFieldCRF(num_classes=3))
+    load_into(model, path)  # the weights as they are, into the model the caller built
+    assert torch.equal(model.crf.compatibility, joint.crf.compatibility)

@@ -223,3 +223,27 @@ def test_an_empty_checkpoint_names_its_file(tmp_path):
         model_for_checkpoint(tmp_path / "no_model.pt")
     with pytest.raises(CheckpointError, match="<in-memory checkpoint> is an empty dict"):
         convert_state_dict({})
+
+
+def test_our_checkpoint_saved_without_its_format_entry_keeps_what_it_records(small, tmp_path):
+    # torch.save(model_entries(...)) instead of save_checkpoint: the state dict under "model" was read as a bare
+    # one, so the recorded input convention, block layout and classes were dropped without a word
+    from crfrnn_deeplab.weights.checkpoint import model_entries
+
+    net, _ = small
+    entries = model_entries(net, name="deeplabv2_resnet18", num_classes=3, options={"base_width": 8}, crf=None,
+                            class_names=["sky", "road", "car"])
+    entries["input_convention"] = CAFFE_CONVENTION.to_dict()
+    torch.save(dict(entries), tmp_path / "unformatted.pt")
+    model, report = model_for_checkpoint(tmp_path / "unformatted.pt")
+    assert report.layout == "crfrnn_deeplab" and model.input_convention == CAFFE_CONVENTION
+    assert report.class_names == ["sky", "road", "car"]
+    target = build_small()
+    load_into(target, tmp_path / "unformatted.pt")
+    assert target.input_convention == CAFFE_CONVENTION
+    bad = {**entries, "model_config": {**entries["model_config"], "num_classes": 5}}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: model_config\.num_classes is 5 but the weights are for 3"):
+        load_into(build_small(), tmp_path / "bad.pt")
+    foreign = {"model": entries["model"], "model_config": {"arch": "resnet18", "lr": 0.1}}  # another project's
+    assert load_into(build_small(), foreign).layout == "crfrnn_deeplab"  # read as a state dict, as before

@@ -243,3 +243,20 @@ def test_unusual_state_dict_contents_are_named(small, tmp_path, entry, message):
     with pytest.raises(CheckpointError, match=r"crfrnn_deeplab checkpoint without a state dict under 'model' \("
                                               + message.removesuffix("$")):
         load_into(build_small(), {"format": "crfrnn_deeplab/1", "model": bad})
+
+
+def test_float64_values_that_overflow_float32_are_refused(small):
+    # finite in float64, infinite once load_state_dict casts them into the float32 model: the check looked at the
+    # checkpoint's values only, so the model was loaded with inf weights (and predicted NaN)
+    _, sd = small
+    bad = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    bad["backbone.conv1.weight"][0, 0, 0, :2] = torch.tensor([1e39, -1e300], dtype=torch.float64)
+    model = build_small()
+    before = model.backbone.conv1.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor\(s\): backbone\.conv1\.weight "
+                                              r"\(2 of 1176 values, finite in torch\.float64 but not in the model's "
+                                              r"torch\.float32\)"):
+        load_into(model, bad)
+    assert torch.equal(model.backbone.conv1.weight, before)
+    big = {**sd, "backbone.conv1.weight": sd["backbone.conv1.weight"].double() * 1e30}  # large, but a float32
+    load_into(build_small(), big)
