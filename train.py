@@ -32,9 +32,14 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # the run directory's lock (run_dir_lock); POSIX only
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -63,7 +68,7 @@ from crfrnn_deeplab.training.evaluation import (Evaluator, NonFiniteLogitsError,
                                                  evaluate_baselines)
 from crfrnn_deeplab.training.grid_search import CRFGrid
 from crfrnn_deeplab.training.loss import forward_loss
-from crfrnn_deeplab.training.metrics_log import MetricsWriter
+from crfrnn_deeplab.training.metrics_log import MetricsLogError, MetricsWriter, kept_records
 from crfrnn_deeplab.training.optim import parameter_groups, poly_scheduler, use_configured_learning_rates
 from crfrnn_deeplab.training.report import format_report, save_results
 from crfrnn_deeplab.training.reproducibility import seed_everything
@@ -86,6 +91,8 @@ class NonFiniteLossError(DivergenceError):
 #: What a run writes into ``out_dir``: ``--overwrite`` removes these (and nothing else) before a new run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "results.md", "stage1", "stage2", "panels",
              "tensorboard")
+#: The entries of :data:`RUN_FILES` that are folders (the others are files).
+RUN_FOLDERS = ("stage1", "stage2", "panels", "tensorboard")
 
 
 @dataclasses.dataclass
@@ -295,14 +302,22 @@ def _divergence_message(cfg: Config, stage: int, step: int, problem: str, last_s
             f"{'CRF ' if crf else ''}learning rate, e.g. {command}")
 
 
+def is_evaluation_step(stage: StageConfig, step: int) -> bool:
+    """Whether a stage evaluates after ``step``: every ``eval_every`` steps, and after its last."""
+    return step == stage.iterations or bool(stage.eval_every and step % stage.eval_every == 0)
+
+
 def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBatches, *, cfg: Config, stage: int,
-                start_step: int, device: torch.device, save: Callable[[int], None],
+                start_step: int, device: torch.device, save: Callable[..., None],
                 evaluate_now: Callable[[int], None], metrics: MetricsWriter, stop: StopRequest,
-                stop_after: int | None = None) -> None:
+                stop_after: int | None = None, evaluate_first: bool = False) -> None:
     """The stage's optimiser steps from ``start_step``, with logging, evaluation (``evaluate_now(step)``),
     checkpoints (``save(step)`` writes ``last.pt``) and stopping (SIGINT/SIGTERM, or ``stop_after`` steps of
     this call) at step boundaries. ``model``: the model to train (DDP-wrapped under torchrun). ``last.pt`` is
-    written before every evaluation as well as after it, so that a failed evaluation loses no training steps.
+    written before every evaluation (``save(step, evaluation_pending=True)``) as well as after it, so that a
+    failed evaluation loses no training steps. ``evaluate_first``: the checkpoint resumed was written before the
+    evaluation at ``start_step``, which did not finish (a failure, a second Ctrl-C): it is done first, as the
+    uninterrupted run did it (its record, ``best.pt``, and the random numbers it draws).
 
     Raises:
         NonFiniteLossError: the loss or gradient became NaN/inf (the step is not applied, ``last.pt`` is left as
@@ -322,7 +337,23 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
                disable=not dist.is_main_process())
     timer, timed_steps = time.perf_counter(), 0
     warned_unlabelled = False
+
+    def evaluate_and_save(done: int) -> None:
+        save(done, evaluation_pending=True)  # first: an evaluation that fails (e.g. on a bad label) loses no steps
+        try:
+            evaluate_now(done)
+        except DatasetError as e:
+            raise DatasetError(f"{original_message(str(e))} (evaluating {STAGE_NAMES[stage]} at step "
+                               f"{done}: the training up to this step is saved in "
+                               f"{stage_dir(cfg.out_dir, stage) / 'last.pt'}; fix the data, then python "
+                               f"train.py --resume {cfg.out_dir})") from e
+        model.train()
+        save(done)  # after it again: its best and RNG draws, so a resume continues exactly
+
     try:
+        if evaluate_first and start_step and is_evaluation_step(s, start_step):
+            evaluate_and_save(start_step)
+            timer = time.perf_counter()
         for done in range(start_step + 1, s.iterations + 1):
             micro = [next(batches) for _ in range(s.accumulate)]
             loss, problem, stop_now, labelled = optimizer_step(model, optimizer, scaler, micro, stage=s,
@@ -350,22 +381,15 @@ def train_steps(model: nn.Module, optimizer, scheduler, scaler, batches: TrainBa
                 metrics.write({"kind": "train", "stage": stage, "step": done, "loss": loss, "lr": lr,
                                "images_per_s": rate, "epoch": batches.epoch}, global_step=done)
                 timer, timed_steps = time.perf_counter(), 0
-            evaluating = done == s.iterations or bool(s.eval_every and done % s.eval_every == 0)
             stopping = stop_now or (stop_after is not None and done - start_step >= stop_after)
-            if evaluating:
-                save(done)  # first: an evaluation that fails (e.g. on a bad validation label) loses no steps
-                last_saved = done
-                try:
-                    evaluate_now(done)
-                except DatasetError as e:
-                    raise DatasetError(f"{original_message(str(e))} (evaluating {STAGE_NAMES[stage]} at step "
-                                       f"{done}: the training up to this step is saved in "
-                                       f"{stage_dir(cfg.out_dir, stage) / 'last.pt'}; fix the data, then python "
-                                       f"train.py --resume {cfg.out_dir})") from e
-                model.train()
+            if is_evaluation_step(s, done):
+                last_saved = done  # (written first thing)
+                evaluate_and_save(done)
+                # a signal during the evaluation stops the run here, not after another step (agreed by all ranks)
+                stopping = stopping or bool(dist.all_reduce_sum(torch.tensor(float(stop.requested), device=device)))
                 timer, timed_steps = time.perf_counter(), 0
-            if evaluating or done % s.checkpoint_every == 0 or done == s.iterations or stopping:
-                save(done)  # after an evaluation again: its best and RNG draws, so a resume continues exactly
+            elif done % s.checkpoint_every == 0 or stopping:
+                save(done)
                 last_saved = done
             if stopping:
                 raise TrainingInterrupted(stop.signum, stage_dir(cfg.out_dir, stage) / "last.pt")
@@ -411,7 +435,7 @@ def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: t
         extra["init_crf"] = init_crf
     evaluate = build_evaluator(cfg, device)
 
-    def save(step: int, is_best: bool = False) -> None:
+    def save(step: int, is_best: bool = False, evaluation_pending: bool = False) -> None:
         check_replicas_identical(model)
         if not dist.is_main_process():
             return
@@ -420,7 +444,8 @@ def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: t
             crf=dataclasses.asdict(cfg.crf) if isinstance(model, CRFRNN) else None, class_names=data.class_names,
             stage=stage,
             step=step, config=to_dict(cfg), optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            batches=batches, extra={"best": best, "elapsed_s": elapsed(), **extra})
+            batches=batches, extra={"best": best, "elapsed_s": elapsed(), "evaluation_pending": evaluation_pending,
+                                    **extra})
         save_checkpoint(directory / ("best.pt" if is_best else "last.pt"), payload)
 
     def evaluate_now(step: int) -> None:
@@ -441,7 +466,8 @@ def run_stage(stage: int, network: nn.Module, cfg: Config, data: Data, device: t
 
     train_steps(wrap_for_training(model, device), optimizer, scheduler, scaler, batches, cfg=cfg, stage=stage,
                 start_step=start_step, device=device, save=save, evaluate_now=evaluate_now, metrics=metrics,
-                stop=stop, stop_after=stop_after)
+                stop=stop, stop_after=stop_after,
+                evaluate_first=resume is not None and bool(resume.get("evaluation_pending")))
     batches.close()
     return model, s.iterations - start_step
 
@@ -506,6 +532,32 @@ def check_resumable(resume: dict[str, Any], network: nn.Module, cfg: Config) -> 
                               f"stage options changed?): {' '.join(first[:2])[:300]}") from e
 
 
+@contextlib.contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the directory ``out`` (created if missing) while this run writes there, so that
+    a second train.py started into it (a second ``--resume`` of the run, a new run started at the same moment) is
+    refused instead of interleaving its checkpoints and records with this run's. The lock is the kernel's
+    (``flock`` on the directory itself: no lock file, and a killed run leaves none behind).
+
+    Raises:
+        UsageError: another process holds the lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # no flock on Windows: a run there is not guarded against a second one
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another train.py is writing to {out} (it holds a lock on the directory): wait until "
+                             f"it has finished, or choose another out_dir") from None
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
     """With ``overwrite``: removes a previous run's files (:data:`RUN_FILES`, nothing else) from ``out``."""
     if not (overwrite and out.is_dir()):
@@ -539,7 +591,9 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
     network = use_sync_batchnorm(build_network(cfg), device).to(device)
     resume_stage = resume["stage"] if resume is not None else 0
     init_crf = resume.get("init_crf") if resume is not None else None
-    stage_done = resume_stage == 1 and resume["step"] >= cfg.stage1.iterations
+    # (a stage-1 checkpoint written before the stage's last evaluation still has that evaluation to do)
+    stage_done = (resume_stage == 1 and resume["step"] >= cfg.stage1.iterations
+                  and not (resume.get("evaluation_pending") and resume["step"] == cfg.stage1.iterations))
     if resume is not None:  # the weights (loaded by the stage) expect the preprocessing they were trained with
         network.input_convention = InputConvention.from_dict(resume["input_convention"])
     elif cfg.model.init_from:
@@ -551,48 +605,57 @@ def run(cfg: Config, *, resume: dict[str, Any] | None = None, stop_after: int | 
     data = build_data(cfg, network.input_convention)
     if resume is not None:
         check_resumable(resume, network, cfg)
-    if dist.is_main_process():
-        prepare_out_dir(out, overwrite=overwrite)
-        save_config(cfg, out / "config.yaml")
-    metrics = MetricsWriter(out, enabled=dist.is_main_process())
-    if resume is not None and (dropped := metrics.truncate(stage=resume_stage, step=int(resume["step"]))):
-        logger.info("metrics.jsonl: dropped %d records after the resumed step", dropped)
-    baseline = resume.get("baseline") if resume_stage == 2 else None
+        if dist.is_main_process() and (out / "metrics.jsonl").is_file():  # a line it cannot place fails here
+            kept_records(out / "metrics.jsonl", stage=resume_stage, step=int(resume["step"]))
+    with contextlib.ExitStack() as held:
+        if dist.is_main_process():
+            held.enter_context(run_dir_lock(out))  # from here on, the only train.py writing there
+            if resume is None:  # a run started beside this one may have written there since check_paths
+                check_out_dir(out, new_run=True, overwrite=overwrite)
+            prepare_out_dir(out, overwrite=overwrite)
+            save_config(cfg, out / "config.yaml")
+        metrics = MetricsWriter(out, enabled=dist.is_main_process())
+        held.callback(metrics.close)
+        if resume is not None:
+            dropped = metrics.truncate(stage=resume_stage, step=int(resume["step"]),
+                                       evaluation=not resume.get("evaluation_pending"))
+            if dropped:
+                logger.info("metrics.jsonl: dropped %d records after the resumed step", dropped)
+        baseline = resume.get("baseline") if resume_stage == 2 else None
 
-    def train_stage(stage: int, **options: Any) -> tuple[nn.Module, int]:
-        # SIGINT/SIGTERM stop training at a step boundary, with a checkpoint; elsewhere (the grid search, the
-        # final evaluation) they stop the run at once, as by default: nothing is lost there but the scores
-        with StopRequest() as stop:
-            trained = run_stage(stage, network, cfg, data, device, metrics=metrics, stop=stop, elapsed=elapsed,
-                                init_crf=init_crf, **options)
-        if stop.requested:  # the signal came during the stage's last step or evaluation: last.pt is written
-            raise TrainingInterrupted(stop.signum, stage_dir(cfg.out_dir, stage) / "last.pt")
-        return trained
+        def train_stage(stage: int, **options: Any) -> tuple[nn.Module, int]:
+            # SIGINT/SIGTERM stop training at a step boundary, with a checkpoint; elsewhere (the grid search, the
+            # final evaluation) they stop the run at once, as by default: nothing is lost there but the scores
+            with StopRequest() as stop:
+                trained = run_stage(stage, network, cfg, data, device, metrics=metrics, stop=stop, elapsed=elapsed,
+                                    init_crf=init_crf, **options)
+            if stop.requested:  # the signal came during the stage's last step or evaluation: last.pt is written
+                raise TrainingInterrupted(stop.signum, stage_dir(cfg.out_dir, stage) / "last.pt")
+            return trained
 
-    if cfg.stage1.iterations and resume_stage <= 1 and not stage_done:
-        _, steps = train_stage(1, resume=resume if resume_stage == 1 else None, stop_after=stop_after)
-        stop_after = None if stop_after is None else stop_after - steps
-        if stop_after == 0:
-            raise TrainingInterrupted(None, stage_dir(cfg.out_dir, 1) / "last.pt")
-    elif resume_stage == 1:  # stage 1 finished before the interruption
-        network.load_state_dict(resume["model"])
-    if baseline is None:
-        baseline = score_baselines(network, data, cfg, device)
-    results = dict(baseline["rows"])
-    learned = None
-    if cfg.stage2.iterations:
-        joint, _ = train_stage(2, resume=resume if resume_stage == 2 else None, stop_after=stop_after,
-                               baseline=baseline)
-        results.update(evaluate(joint.network, {"joint: network alone": None, "joint: CRF-as-RNN": joint.crf},
-                                build_eval_loader(data.val, cfg), panel=out / "panels" / "joint.png"))
-        learned = {**joint.crf.bandwidths, "spatial_weight_diag": joint.crf.spatial_weight.diagonal().tolist(),
-                   "bilateral_weight_diag": joint.crf.bilateral_weight.diagonal().tolist(),
-                   "compatibility": joint.crf.compatibility.tolist()}
-    report(results, cfg, out, data, grid=baseline["grid_search"], learned=learned, minutes=elapsed() / 60)
-    metrics.write({"kind": "final", "results": {n: {k: v for k, v in r.items() if k != "iou"}
-                                                for n, r in results.items()}})
-    metrics.close()
-    return results
+        if cfg.stage1.iterations and resume_stage <= 1 and not stage_done:
+            _, steps = train_stage(1, resume=resume if resume_stage == 1 else None, stop_after=stop_after)
+            stop_after = None if stop_after is None else stop_after - steps
+            if stop_after == 0:
+                raise TrainingInterrupted(None, stage_dir(cfg.out_dir, 1) / "last.pt")
+        elif resume_stage == 1:  # stage 1 finished before the interruption
+            network.load_state_dict(resume["model"])
+        if baseline is None:
+            baseline = score_baselines(network, data, cfg, device)
+        results = dict(baseline["rows"])
+        learned = None
+        if cfg.stage2.iterations:
+            joint, _ = train_stage(2, resume=resume if resume_stage == 2 else None, stop_after=stop_after,
+                                   baseline=baseline)
+            results.update(evaluate(joint.network, {"joint: network alone": None, "joint: CRF-as-RNN": joint.crf},
+                                    build_eval_loader(data.val, cfg), panel=out / "panels" / "joint.png"))
+            learned = {**joint.crf.bandwidths, "spatial_weight_diag": joint.crf.spatial_weight.diagonal().tolist(),
+                       "bilateral_weight_diag": joint.crf.bilateral_weight.diagonal().tolist(),
+                       "compatibility": joint.crf.compatibility.tolist()}
+        report(results, cfg, out, data, grid=baseline["grid_search"], learned=learned, minutes=elapsed() / 60)
+        metrics.write({"kind": "final", "results": {n: {k: v for k, v in r.items() if k != "iou"}
+                                                    for n, r in results.items()}})
+        return results
 
 
 def run_eval_only(checkpoint: Path, cfg: Config, *, overwrite: bool = False) -> dict[str, Any]:
@@ -740,11 +803,28 @@ def check_out_dir(out: Path, *, new_run: bool, overwrite: bool, evaluation: bool
                          f"--resume {out} to continue it, or choose another out_dir (out_dir={out})")
 
 
+def check_run_files(out: Path) -> None:
+    """Refuses to resume a run in ``out`` where one of the run's files (:data:`RUN_FILES`) is a folder, or one of
+    its folders a file: the run would fail on it after training to it (or, for TensorBoard's folder, after
+    rewriting config.yaml). Raises UsageError."""
+    for name in RUN_FILES:
+        path, folder = out / name, name in RUN_FOLDERS
+        if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
+            found, wanted = ("a folder", "file") if path.is_dir() else ("not a folder", "folder")
+            raise UsageError(f"--resume: {path} is {found}, but the run writes its {name} {wanted} there; move it "
+                             f"out of the way, then resume")
+
+
 def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
     """The config of this invocation (validated), and the checkpoint to resume (if any)."""
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues a run and keeps its "
                          "history, --overwrite deletes that history to start a new run; pass one of them")
+    if args.eval_only is not None and (args.resume is not None or args.stop_after is not None):
+        other = "--resume" if args.resume is not None else "--stop-after"
+        raise UsageError(f"--eval-only and {other} contradict each other: --eval-only scores a checkpoint without "
+                         f"training, {other} {'continues' if args.resume is not None else 'stops'} a training run; "
+                         f"pass one of them")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be >= 1 (optimiser steps), got {args.stop_after}")
     if args.resume is None:
@@ -753,8 +833,11 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
             ckpt = load_checkpoint(args.eval_only)
             if isinstance(ckpt.get("config"), dict):
                 source = f"{args.eval_only} (its config)"
-                return resolve_config(config_from_dict(ckpt["config"], source=source), args.overrides,
-                                      source=source), None
+                cfg, home = config_from_dict(ckpt["config"], source=source), args.eval_only.parent.parent
+                if args.eval_only.parent.name in ("stage1", "stage2") and is_resolved_config(home / "config.yaml"):
+                    # next to its run where that is now (a run copied or moved), not where the run was written
+                    cfg = dataclasses.replace(cfg, out_dir=str(home))
+                return resolve_config(cfg, args.overrides, source=source), None
             config = DEFAULT_CONFIG
         return load_config(config, args.overrides), None
     # args.resume is the value as written ("" without one): a Path drops a leading "./" ("./lr=0.1" is a path,
@@ -813,6 +896,8 @@ def check_paths(cfg: Config, args: argparse.Namespace) -> None:
         cleared, inputs = out / f"eval_{args.eval_only.stem}", {"--eval-only": args.eval_only}
     else:
         check_out_dir(out, new_run=args.resume is None, overwrite=args.overwrite)
+        if args.resume is not None:
+            check_run_files(out)
         cleared, inputs = out, {"model.init_from": cfg.model.init_from}
     for name, path in inputs.items():  # --overwrite must not delete what this run reads
         if args.overwrite and path and (removed := removed_by_overwrite(cleared, Path(path))):
@@ -825,7 +910,7 @@ def check_paths(cfg: Config, args: argparse.Namespace) -> None:
 USER_ERRORS: tuple[tuple[type[BaseException], int], ...] = (
     (UsageError, EXIT_USAGE), (ConfigError, EXIT_USAGE), (DatasetError, EXIT_RUNTIME),
     (CheckpointError, EXIT_RUNTIME), (ConversionError, EXIT_RUNTIME), (DivergenceError, EXIT_RUNTIME),
-    (NonFiniteLogitsError, EXIT_RUNTIME),
+    (NonFiniteLogitsError, EXIT_RUNTIME), (MetricsLogError, EXIT_RUNTIME),
     (OSError, EXIT_RUNTIME),  # FileNotFoundError among them: a missing data file; a full disk
 )
 

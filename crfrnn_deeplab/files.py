@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "blocking_parent"]
+__all__ = ["atomic_write", "blocking_parent", "naming_the_file"]
 
 PathLike = str | os.PathLike
 
@@ -28,6 +28,7 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     replaces the directory entry, never the file behind it: when ``path`` is a hard link to another file, or a
     symlink, that other file (or the symlink's target) is left as it was. An error or an interrupt while writing
     removes the temporary file and leaves ``path`` untouched, so nobody ever reads a truncated file there.
+    An OSError that names no file (a full disk) is raised naming ``path``.
 
     Example::
 
@@ -35,16 +36,29 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
             image.save(f, format="PNG")
     """
     path = Path(path)
-    tmp, fd = _new_temporary(path)
+    with naming_the_file(path):
+        tmp, fd = _new_temporary(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def naming_the_file(path: PathLike) -> Iterator[None]:
+    """Raises an OSError of the block that names no file (a failed write: a full disk, ENOSPC, names none) again,
+    naming ``path``, so that a one-line error says which file could not be written."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
 
 
 #: The longest file name, in bytes, of the usual file systems (ext4, XFS, btrfs, APFS).

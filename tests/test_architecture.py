@@ -28,7 +28,7 @@ ALLOWED = {
     "data": {"images", "models", "distributed"},  # models: the input conventions the transforms apply
     "visualize": {"data", "images", "files"},
     "weights": {"images", "files", "crf", "models"},
-    "training": {"images", "crf", "models", "data", "weights", "distributed", "visualize"},
+    "training": {"images", "files", "crf", "models", "data", "weights", "distributed", "visualize"},
 }
 
 

@@ -1,5 +1,6 @@
 """crfrnn_deeplab/files.py: a file written whole, or left as it was."""
 
+import errno
 import os
 
 import pytest
@@ -68,3 +69,17 @@ def test_atomic_write_takes_every_legal_name(tmp_path, name):
     (tmp_path / temporary).touch()
     remove_stale_temporaries(tmp_path)
     assert os.listdir(tmp_path) == [name]
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path):
+    # a full disk raises "[Errno 28] No space left on device" naming no file: the error says which one
+    path = tmp_path / "results.json"
+    with pytest.raises(OSError) as e:
+        with atomic_write(path) as f:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path) and os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError) as e:  # one that names its file keeps it
+        with atomic_write(path):
+            open(tmp_path / "missing")
+    assert e.value.filename == str(tmp_path / "missing")

@@ -63,8 +63,9 @@ def _is_non_negative_int(value: Any) -> bool:
 
 def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Checks the entries of a training checkpoint that are not weights (stage, step, data position, RNG
-    states, best score, elapsed time, the stage-2 baseline), so that a hand-edited or foreign one fails before a
-    resumed run writes anything. The model, optimiser and scheduler states are checked by loading them.
+    states, best score, elapsed time, a pending evaluation, the stage-2 baseline), so that a hand-edited or
+    foreign one fails before a resumed run writes anything. The model, optimiser and scheduler states are
+    checked by loading them.
 
     Raises:
         CheckpointError: naming ``path`` and the entry.
@@ -88,6 +89,8 @@ def check_training_state(checkpoint: dict[str, Any], path: str | Path) -> None:
         raise refuse("best", "{'metric': ..., 'value': number, 'step': int >= 0}")
     if not isinstance(checkpoint.get("elapsed_s", 0.0), (int, float)):
         raise refuse("elapsed_s", "a number of seconds")
+    if not isinstance(checkpoint.get("evaluation_pending", False), bool):
+        raise refuse("evaluation_pending", "True or False (whether it was written before its step's evaluation)")
     baseline = checkpoint.get("baseline")
     if checkpoint["stage"] == 2 and not (isinstance(baseline, dict) and isinstance(baseline.get("rows"), dict)
                                          and "grid_search" in baseline):

@@ -30,6 +30,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from crfrnn_deeplab.crf import BilateralFilter, MeanFieldCRF, Normalization, fixed_crf
 from crfrnn_deeplab.data import dataset_spec, list_datasets
 from crfrnn_deeplab.data.transforms import SCALE_LIMITS  # the transform's own limits
+from crfrnn_deeplab.files import atomic_write
 from crfrnn_deeplab.models import get_model, list_models
 from crfrnn_deeplab.models.registry import builder_defaults
 from crfrnn_deeplab.weights import LAYOUTS
@@ -666,10 +667,12 @@ _RESOLVED_HEADER = "# resolved config of this run (python train.py --config <thi
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Writes the resolved config as YAML (loadable with ``--config``)."""
+    """Writes the resolved config as YAML (loadable with ``--config``), whole or not at all (:func:`atomic_write`:
+    a resumed run rewrites its run's ``config.yaml``, and a kill or a full disk then must not leave half of it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_RESOLVED_HEADER + yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    with atomic_write(path) as f:
+        f.write((_RESOLVED_HEADER + yaml.safe_dump(to_dict(config), sort_keys=False)).encode("utf-8"))
     return path
 
 

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from crfrnn_deeplab.files import atomic_write
+
 __all__ = ["format_table", "format_report", "save_results"]
 
 
@@ -63,8 +65,14 @@ def save_results(out_dir: Path, text: str, *, results: dict[str, dict[str, Any]]
                  grid: dict[str, Any] | None, learned: dict[str, Any] | None, minutes: float,
                  config: dict[str, Any]) -> None:
     """Writes ``results.md`` (``text``) and ``results.json`` (every row with per-class IoU, the grid search's
-    trials, the learned CRF, the resolved config) to ``out_dir``."""
+    trials, the learned CRF, the resolved config) to ``out_dir``, each atomically (:func:`atomic_write`).
+
+    Raises:
+        OSError: naming the file that could not be written (e.g. a full disk)."""
     payload = {"results": results, "class_names": list(class_names), "grid_search": grid, "learned_crf": learned,
                "minutes": minutes, "config": config}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    (out_dir / "results.md").write_text(text + "\n", encoding="utf-8")
+    # whole or not at all: a full disk or a kill while writing leaves a previous run's (a resumed run's) files
+    files = {"results.json": json.dumps(payload, indent=2), "results.md": text + "\n"}
+    for name, content in files.items():
+        with atomic_write(out_dir / name) as f:
+            f.write(content.encode("utf-8"))

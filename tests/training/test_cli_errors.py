@@ -5,6 +5,8 @@ byte-identical on disk (docs/errors.md)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import logging
 import math
@@ -12,6 +14,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,6 +217,30 @@ def _edited_config(section, key, value, fragment, *, eval_only=False):
     return build
 
 
+def _appended_to_metrics(line):
+    """A copy of the paused run whose metrics.jsonl holds ``line`` (edited by hand), before its last record."""
+    def build(tmp, shared):
+        run = _copy(shared, "paused", tmp / "run")
+        kept = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+        text = "".join(kept[:-1]) + line + "\n" + kept[-1]
+        (run / "metrics.jsonl").write_bytes(text.encode("utf-8", "surrogateescape"))  # ("\udcff": the byte 0xff)
+        fragments = [f"{run / 'metrics.jsonl'}, line {len(kept)}: ", "fix or delete that line"]
+        return ["--resume", str(run)], fragments, [run]
+    return build
+
+
+def _run_file_of_the_wrong_kind(name, folder):
+    """A copy of the paused run whose ``name`` is a folder (``folder``) or a file in place of the run's own."""
+    def build(tmp, shared):
+        run = _copy(shared, "paused", tmp / "run")
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        made(path, None if folder else "x")
+        found = "a folder" if folder else "not a folder"
+        return ["--resume", str(run), "stage1.lr=1e-3"], [f"--resume: {path} is {found}", "move it out of the way"], [run]
+    return build
+
+
 CASES = [
     # ---- usage and config: exit 2, nothing written
     c("unknown-key", 2, lambda t, s: (TINY + ["stage1.lrr=1", f"out_dir={t / 'r'}"], ["unknown config key 'stage1.lrr'"], [])),
@@ -301,6 +330,17 @@ CASES = [
     c("resume-took-an-override-for-the-run", 2, lambda t, s: (["--resume", "stage1.lr=1e-3"],
                                                             ["--resume stage1.lr=1e-3: no such run directory or "
                                                              "checkpoint; it reads as a KEY=VALUE override"], [])),
+    # --eval-only trains nothing: --resume's run was silently ignored (and its out_dir override evaluated into)
+    c("eval-only-with-resume", 2, lambda t, s: (["--eval-only", str(s / "done" / "stage1" / "last.pt"), "--resume",
+                                                 str(_copy(s, "paused", t / "run")), f"out_dir={t / 'run'}"],
+                                                ["--eval-only and --resume contradict each other"], [t / "run"])),
+    c("eval-only-with-stop-after", 2, lambda t, s: (["--eval-only", str(s / "done" / "stage1" / "last.pt"),
+                                                     f"out_dir={t / 'e'}", "--stop-after", "1"],
+                                                    ["--eval-only and --stop-after contradict each other"], [])),
+    # a run file of the wrong kind failed after config.yaml was rewritten ("[Errno 17] File exists: '.../tensorboard'")
+    c("resume-tensorboard-is-a-file", 2, _run_file_of_the_wrong_kind("tensorboard", folder=False)),
+    c("resume-metrics-is-a-folder", 2, _run_file_of_the_wrong_kind("metrics.jsonl", folder=True)),
+    c("resume-stage2-is-a-file", 2, _run_file_of_the_wrong_kind("stage2", folder=False)),
     c("eval-only-missing", 2, lambda t, s: (["--eval-only", str(t / "x.pt")], [f"checkpoint not found: {t / 'x.pt'}"], [])),
     # ---- data and checkpoints: exit 1, nothing destroyed
     c("resume-truncated-last", 1, _truncated),
@@ -314,6 +354,11 @@ CASES = [
     c("resume-edited-rng", 1, _edited_checkpoint("rng", {"torch": torch.zeros(3, dtype=torch.uint8)}, "'rng' entry")),
     c("resume-edited-step", 1, _edited_checkpoint("step", "3", "'step' entry")),
     c("resume-edited-scheduler", 1, _edited_checkpoint("scheduler", {"nope": 1}, "cannot resume it")),
+    # an edited metrics.jsonl: a traceback (AttributeError, TypeError), or the line dropped without a word
+    c("resume-metrics-line-not-a-record", 1, _appended_to_metrics("5")),
+    c("resume-metrics-line-with-a-text-stage", 1, _appended_to_metrics('{"kind": "train", "stage": "1", "step": 1}')),
+    c("resume-metrics-line-not-json", 1, _appended_to_metrics("# my note")),
+    c("resume-metrics-line-not-utf8", 1, _appended_to_metrics("\udcff")),
     c("eval-only-text-file", 1, lambda t, s: (["--eval-only", str(s / "notes.txt")],
                                               [f"{s / 'notes.txt'} is not a readable PyTorch checkpoint"], [s])),
     c("eval-only-empty-dict", 1, lambda t, s: (["--eval-only", str(s / "empty.pt"), f"out_dir={t / 'r'}"] + TINY,
@@ -664,3 +709,174 @@ def test_ctrl_c_during_the_baselines_stops_the_run(tmp_path, capsys, monkeypatch
     assert train.main(TINY + [f"out_dir={out}"]) == 128 + signal.SIGINT
     assert f"resume with: python train.py --resume {out}" in capsys.readouterr().err
     assert not (out / "results.json").exists() and load_checkpoint(out / "stage1" / "last.pt")["step"] == 2
+
+
+# ---- an evaluation cut short, a full disk, a second train.py in the same run directory
+
+
+def kinds_and_steps(out: Path) -> list[tuple]:
+    return [(r["kind"], r.get("step")) for r in records(out)]
+
+
+def _steps(out: Path) -> list[tuple]:
+    """What metrics.jsonl records, without the wall-clock entries."""
+    return [(r["kind"], r.get("step"), r.get("loss"), r.get("network", {}).get("miou")) for r in records(out)]
+
+
+def test_a_second_ctrl_c_during_an_evaluation_is_resumed_with_that_evaluation(tmp_path, monkeypatch):
+    # The first Ctrl-C asks for a stop after the step; a second one, during the evaluation that follows, stops at
+    # once (KeyboardInterrupt) with last.pt written before the evaluation. The resumed run skipped the evaluation:
+    # no record of it, and stage1/best.pt the step-4 checkpoint where the uninterrupted run's is step 2's.
+    args = TINY + ["stage1.iterations=4", "stage1.eval_every=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(args + [f"out_dir={straight}"]) == 0
+    build_evaluator, calls = train.build_evaluator, []
+
+    def interrupted_once(cfg, device):
+        evaluate = build_evaluator(cfg, device)
+
+        def call(*a, **k):
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return evaluate(*a, **k)
+        return call
+
+    monkeypatch.setattr(train, "build_evaluator", interrupted_once)
+    assert train.main(args + [f"out_dir={resumed}"]) == 128 + signal.SIGINT
+    assert load_checkpoint(resumed / "stage1" / "last.pt")["step"] == 2 and len(calls) == 1
+    monkeypatch.setattr(train, "build_evaluator", build_evaluator)
+    assert train.main(["--resume", str(resumed)]) == 0
+    assert _steps(resumed) == _steps(straight)
+    assert ("eval", 2) in kinds_and_steps(resumed)
+    for name in ("best.pt", "last.pt"):
+        a, b = (load_checkpoint(d / "stage1" / name) for d in (straight, resumed))
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_failed_last_evaluation_is_done_on_resume(tmp_path, capsys):
+    # the stage's last evaluation failed on a bad label; the data fixed, --resume went on to the baselines without
+    # it: no stage1/best.pt (eval_every=0: that evaluation was the stage's only one) and no record of it
+    root = voc_tree(tmp_path / "voc")
+    good = (root / "SegmentationClass" / "v.png").read_bytes()
+    Image.fromarray(np.full((33, 33), 77, np.uint8)).save(root / "SegmentationClass" / "v.png")
+    out = tmp_path / "run"
+    assert train.main(_voc_run(root, out)) == 1
+    assert not (out / "stage1" / "best.pt").exists()
+    (root / "SegmentationClass" / "v.png").write_bytes(good)
+    assert train.main(["--resume", str(out)]) == 0
+    assert (load_checkpoint(out / "stage1" / "best.pt")["step"], load_checkpoint(out / "stage1" / "last.pt")["step"]) \
+        == (2, 2)
+    assert kinds_and_steps(out) == [("train", 1), ("train", 2), ("eval", 2), ("final", None)]
+
+
+def test_a_metrics_line_cut_after_its_record_gets_its_newline_back(work, tmp_path):
+    # a kill (or a full disk) between a record and its newline: the resumed run's first record went onto that line
+    out = _copy(work, "paused", tmp_path / "run")
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().rstrip("\n"))
+    assert train.main(["--resume", str(out)]) == 0
+    assert kinds_and_steps(out) == [("train", 1), ("train", 2), ("eval", 2), ("final", None)]
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """Writing to a file named ``name`` (or to the temporary file of an atomic write of it) fails with ENOSPC, as
+    on a full disk; opening it for writing still truncates it, as on a full disk."""
+    real_open = io.open
+
+    class Full:
+        def __init__(self, file):
+            self._file = file
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, attribute):
+            return getattr(self._file, attribute)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+    def open_(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+        named = Path(path).name == name or Path(path).name.startswith(f".{name}.")
+        return Full(opened) if named and any(m in mode for m in "wax+") else opened
+
+    monkeypatch.setattr(io, "open", open_)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds a file's name in /proc/self/fd")
+@pytest.mark.parametrize("name", ["metrics.jsonl", "last.pt", "results.json", "results.md"])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(work, tmp_path, monkeypatch, capsys, name):
+    # "error: [Errno 28] No space left on device", naming no file; results.json and results.md of the run resumed
+    # (here a finished one, scored again) were emptied by the write that failed
+    out = _copy(work, "done", tmp_path / "run")
+    before = snapshot(out)
+    full_disk(monkeypatch, name)
+    assert train.main(["--resume", str(out), "stage1.iterations=3"] if name != "results.md" else
+                      ["--resume", str(out)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    path = next(out.rglob(name))
+    assert errors == [f"error: [Errno 28] No space left on device: '{path}'"]
+    if name != "metrics.jsonl":
+        assert path.read_bytes() == before[str(path.relative_to(out))]  # the previous file, whole
+
+
+@pytest.mark.slow
+def test_a_second_train_py_in_the_same_run_directory_is_refused(work, tmp_path):
+    # two --resume of one run at once (a scheduler's retry while the first still runs) both trained, interleaving
+    # their checkpoints and metrics records
+    out = _copy(work, "paused", tmp_path / "run")
+    first = subprocess.Popen([sys.executable, "train.py", "--resume", str(out), "stage1.iterations=400",
+                              "log_every=1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(records(out)) < 4 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        second = subprocess.run([sys.executable, "train.py", "--resume", str(out)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert first.poll() is None  # (still training: the refusal was not for a finished run)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 2 and errors == [f"error: another train.py is writing to {out} (it holds a lock "
+                                                 f"on the directory): wait until it has finished, or choose another "
+                                                 f"out_dir"]
+    steps = [r["step"] for r in records(out) if r["kind"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records, each step once
+
+
+def test_eval_only_of_a_moved_run_writes_next_to_it(work, tmp_path):
+    # the evaluation went to the out_dir the run was first written to (created anew if gone; here the shared run)
+    moved = _copy(work, "done", tmp_path / "moved")
+    before = snapshot(work / "done")
+    assert train.main(["--eval-only", str(moved / "stage1" / "last.pt")]) == 0
+    assert (moved / "eval_last" / "results.json").is_file() and snapshot(work / "done") == before
+
+
+def test_a_signal_during_an_evaluation_stops_after_it_not_after_another_step(tmp_path, monkeypatch, capsys):
+    # SIGTERM arrived while stage 1 evaluated at step 2: the run trained step 3 (and would have evaluated again with
+    # eval_every=1) before it stopped, where the README promises the end of the current step
+    build_evaluator = train.build_evaluator
+
+    def signalled(cfg, device):
+        evaluate = build_evaluator(cfg, device)
+
+        def call(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return evaluate(*a, **k)
+        return call
+
+    monkeypatch.setattr(train, "build_evaluator", signalled)
+    out = tmp_path / "run"
+    assert train.main(TINY + ["stage1.iterations=4", "stage1.eval_every=2", f"out_dir={out}"]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert load_checkpoint(out / "stage1" / "last.pt")["step"] == 2 and kinds_and_steps(out)[-1] == ("eval", 2)
+    monkeypatch.setattr(train, "build_evaluator", build_evaluator)
+    assert train.main(["--resume", str(out)]) == 0
+    assert [step for kind, step in kinds_and_steps(out) if kind == "train"] == [1, 2, 3, 4]
