@@ -51,12 +51,13 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
 
 @contextmanager
 def naming_the_file(path: PathLike) -> Iterator[None]:
-    """Raises an OSError of the block that names no file (a failed write: a full disk, ENOSPC, names none) again,
-    naming ``path``, so that a one-line error says which file could not be written."""
+    """Raises an OS error of the block that names no file (a failed write: a full disk, ENOSPC, names none) again,
+    naming ``path``, so that a one-line error says which file could not be written. One that names a file, or an
+    OSError with a message but no errno (not the operating system's), is raised as it is."""
     try:
         yield
     except OSError as e:
-        if e.filename is not None:
+        if e.filename is not None or e.errno is None:
             raise
         raise OSError(e.errno, e.strerror, os.fspath(path)) from e
 

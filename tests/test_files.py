@@ -83,3 +83,6 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path):
         with atomic_write(path):
             open(tmp_path / "missing")
     assert e.value.filename == str(tmp_path / "missing")
+    with pytest.raises(OSError, match="^a message of its own$"):  # no errno: not the operating system's, kept
+        with atomic_write(path):
+            raise OSError("a message of its own")
